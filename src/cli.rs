@@ -1,0 +1,284 @@
+//! Command-line interface: argument parsing (every flag also from an `OCIGC_*` variable),
+//! store and layout set-up, report output and exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::gc::{self, DeleteRepoOptions, GcOptions, RepoFilter};
+use crate::layout::{self, validate_repository_name, Layout};
+use crate::report::Report;
+use crate::store::{BucketUrl, DirStore, S3Settings, S3Store, StaticCredentials, Store};
+
+/// Exit status: every repository done.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: a fatal error (e.g. the store cannot be listed).
+pub const EXIT_FATAL: u8 = 1;
+/// Exit status: bad usage or configuration.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: some repository failed closed, timed out or was skipped.
+pub const EXIT_PARTIAL: u8 = 3;
+
+/// Attempts per S3 request (the first included).
+const S3_ATTEMPTS: u32 = 3;
+
+/// ocigc: online garbage collection for container registries stored in object-store buckets.
+#[derive(Debug, Parser)]
+#[command(name = "ocigc", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, env = "OCIGC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Delete unreferenced blobs, repository by repository, online.
+    Gc(GcArgs),
+    /// Delete whole repositories (idempotent, resumable).
+    DeleteRepo(DeleteRepoArgs),
+}
+
+/// Flags shared by every command that touches a bucket.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The bucket: s3://bucket[/prefix], file:///path or a plain directory path.
+    #[arg(long, env = "OCIGC_BUCKET")]
+    pub bucket: BucketUrl,
+    /// Bucket layout.
+    #[arg(long, env = "OCIGC_LAYOUT", default_value = "oci", value_parser = ["oci"])]
+    pub layout: String,
+    /// Report what would be deleted; delete nothing.
+    #[arg(long, env = "OCIGC_DRY_RUN")]
+    pub dry_run: bool,
+    /// Write the JSON report to FILE ('-' for stdout).
+    #[arg(long, env = "OCIGC_REPORT", value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Store requests in flight at most.
+    #[arg(long, env = "OCIGC_CONCURRENCY", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+    /// Time-out of one attempt of one store request (S3 requests are tried 3 times).
+    #[arg(long, env = "OCIGC_TIMEOUT_REQUEST", default_value = "30s", value_parser = parse_duration)]
+    pub timeout_request: Duration,
+    /// Path-style S3 addressing (endpoint/bucket/key), as MinIO and most local servers need.
+    #[arg(long, env = "OCIGC_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+}
+
+/// Flags of `ocigc gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Only repositories matching GLOB (repeatable; '*' stays within a path segment, '**' spans).
+    #[arg(long = "repo", env = "OCIGC_REPO", value_name = "GLOB", value_delimiter = ',')]
+    pub repos: Vec<String>,
+    /// Keep unreferenced blobs modified less than this long ago.
+    #[arg(long, env = "OCIGC_GRACE", default_value = "24h", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Delete only blobs seen unreferenced at observations this far apart; 0s deletes in this run.
+    #[arg(long, env = "OCIGC_DELAY", default_value = "1h", value_parser = parse_duration)]
+    pub delay: Duration,
+    /// Abandon a repository (between delete batches) after this long.
+    #[arg(long, env = "OCIGC_TIMEOUT_REPO", value_parser = parse_duration)]
+    pub timeout_repo: Option<Duration>,
+    /// Stop starting repositories, and abandon running ones, after this long.
+    #[arg(long, env = "OCIGC_TIMEOUT_RUN", value_parser = parse_duration)]
+    pub timeout_run: Option<Duration>,
+}
+
+/// Flags of `ocigc delete-repo`.
+#[derive(Debug, Args)]
+pub struct DeleteRepoArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Repositories to delete, by full name (e.g. team/app).
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 15m, 24h)"))
+}
+
+/// An error at the edge, with the exit status it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit status.
+    pub code: u8,
+    /// What went wrong, with context.
+    pub error: anyhow::Error,
+}
+
+fn usage(error: anyhow::Error) -> CliError {
+    CliError {
+        code: EXIT_USAGE,
+        error,
+    }
+}
+
+fn fatal(error: anyhow::Error) -> CliError {
+    CliError {
+        code: EXIT_FATAL,
+        error,
+    }
+}
+
+/// Installs the tracing subscriber (filter from `OCIGC_LOG`, default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OCIGC_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn open_store(args: &StoreArgs) -> Result<(Arc<dyn Store>, Duration), CliError> {
+    match &args.bucket {
+        BucketUrl::Dir(path) => {
+            let store = DirStore::open(path)
+                .with_context(|| format!("cannot use {} as a bucket", path.display()))
+                .map_err(usage)?;
+            Ok((Arc::new(store), args.timeout_request))
+        }
+        BucketUrl::S3 { bucket, prefix } => {
+            let credentials = StaticCredentials::from_env_files()
+                .map_err(|e| usage(anyhow!("reading credential files: {e}")))?;
+            let settings = S3Settings {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                endpoint: None,
+                region: None,
+                path_style: args.s3_path_style,
+                credentials,
+                connect_timeout: args.timeout_request.min(Duration::from_secs(10)),
+                attempt_timeout: args.timeout_request,
+                max_attempts: S3_ATTEMPTS,
+            };
+            // The outer bound covers every attempt plus back-off between them.
+            let total = args.timeout_request * S3_ATTEMPTS + Duration::from_secs(5);
+            Ok((Arc::new(S3Store::connect(settings).await), total))
+        }
+    }
+}
+
+fn pick_layout(name: &str) -> Result<Arc<dyn Layout>, CliError> {
+    layout::by_name(name).ok_or_else(|| usage(anyhow!("unknown layout {name:?}")))
+}
+
+fn emit(report: &Report, target: Option<&PathBuf>) -> Result<(), CliError> {
+    let mut stderr = std::io::stderr();
+    // The summary is best effort; a closed stderr must not fail the run.
+    let _ = report.write_summary(&mut stderr);
+    let Some(target) = target else {
+        return Ok(());
+    };
+    let json = serde_json::to_string_pretty(report)
+        .context("serialising the report")
+        .map_err(fatal)?;
+    if target.as_os_str() == "-" {
+        println!("{json}");
+        return Ok(());
+    }
+    std::fs::write(target, json + "\n")
+        .with_context(|| format!("writing the report to {}", target.display()))
+        .map_err(fatal)
+}
+
+fn exit_for(report: &Report) -> u8 {
+    if report.all_ok() {
+        EXIT_OK
+    } else {
+        EXIT_PARTIAL
+    }
+}
+
+/// Runs a parsed command; returns the exit status or an error carrying one.
+pub async fn run(cli: Cli) -> Result<u8, CliError> {
+    match cli.command {
+        Command::Gc(args) => {
+            let repos = RepoFilter::new(&args.repos)
+                .context("invalid --repo glob")
+                .map_err(usage)?;
+            let layout = pick_layout(&args.store.layout)?;
+            let (store, request_timeout) = open_store(&args.store).await?;
+            let opts = GcOptions {
+                grace: args.grace,
+                delay: args.delay,
+                dry_run: args.store.dry_run,
+                repos,
+                concurrency: usize::from(args.store.concurrency),
+                request_timeout,
+                repo_timeout: args.timeout_repo,
+                run_timeout: args.timeout_run,
+                now: None,
+            };
+            let report = gc::run_gc(store, layout, &opts)
+                .await
+                .map_err(|e| fatal(e.into()))?;
+            emit(&report, args.store.report.as_ref())?;
+            Ok(exit_for(&report))
+        }
+        Command::DeleteRepo(args) => {
+            for name in &args.names {
+                validate_repository_name(name).map_err(|e| usage(anyhow!(e)))?;
+            }
+            let layout = pick_layout(&args.store.layout)?;
+            let (store, request_timeout) = open_store(&args.store).await?;
+            let opts = DeleteRepoOptions {
+                dry_run: args.store.dry_run,
+                concurrency: usize::from(args.store.concurrency),
+                request_timeout,
+            };
+            let report = gc::delete_repositories(store, layout, &args.names, &opts)
+                .await
+                .map_err(|e| fatal(e.into()))?;
+            emit(&report, args.store.report.as_ref())?;
+            Ok(exit_for(&report))
+        }
+    }
+}
+
+/// Parses arguments, runs, and maps the outcome to an exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FATAL);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(CliError { code, error }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The plan: a decision, with a reason, for every object of a repository.
+//!
+//! A plan is a value. A dry run reports it; a real run executes its deletions. Both come from
+//! the same function, so a dry run shows exactly what the real run would delete.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::layout::{KeyKind, Layout, Repository};
+use crate::report::Tally;
+
+/// Why an object is kept or deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Reachable from a root.
+    Reachable,
+    /// Unreferenced, but modified less than `--grace` ago: its image may still be pushing.
+    WithinGrace,
+    /// Unreferenced and old enough, but not yet seen unreferenced `--delay` ago.
+    AwaitingSecondObservation,
+    /// Not a blob of the layout (metadata, unknown file): never swept.
+    NotABlob,
+    /// Unreferenced and older than the grace period: deleted.
+    Unreferenced,
+    /// Part of a repository deleted on request.
+    RepositoryDeleted,
+}
+
+/// Keep or delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Leave the object.
+    Keep(Reason),
+    /// Delete the object.
+    Delete(Reason),
+}
+
+/// One object and what happens to it.
+#[derive(Clone, Debug)]
+pub struct PlanItem {
+    /// The key.
+    pub key: String,
+    /// The digest, for blobs.
+    pub digest: Option<Digest>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification on the store's clock.
+    pub last_modified: SystemTime,
+    /// The decision.
+    pub decision: Decision,
+}
+
+/// The plan for one repository.
+#[derive(Clone, Debug, Default)]
+pub struct RepoPlan {
+    /// Every object of the repository with its decision.
+    pub items: Vec<PlanItem>,
+}
+
+/// Time parameters of planning.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanPolicy {
+    /// The current time on the store's clock.
+    pub now: SystemTime,
+    /// Unreferenced blobs younger than this are kept.
+    pub grace: Duration,
+    /// Unreferenced blobs must have been seen so long before; zero deletes in this run.
+    pub delay: Duration,
+}
+
+impl RepoPlan {
+    /// Items to delete.
+    pub fn deletions(&self) -> impl Iterator<Item = &PlanItem> {
+        self.items
+            .iter()
+            .filter(|i| matches!(i.decision, Decision::Delete(_)))
+    }
+
+    /// Blobs kept for one of `reasons`.
+    pub fn tally(&self, reasons: &[Reason]) -> Tally {
+        let mut t = Tally::default();
+        for i in &self.items {
+            if let Decision::Keep(r) = i.decision {
+                if reasons.contains(&r) {
+                    t.add(i.size);
+                }
+            }
+        }
+        t
+    }
+}
+
+/// Decides every object of `repo` given the reachable set.
+pub fn plan(
+    layout: &dyn Layout,
+    repo: &Repository,
+    reachable: &HashSet<Digest>,
+    policy: PlanPolicy,
+) -> RepoPlan {
+    let items = repo
+        .objects
+        .iter()
+        .map(|o| {
+            let (digest, decision) = match layout.classify(repo, &o.key) {
+                KeyKind::Other => (None, Decision::Keep(Reason::NotABlob)),
+                KeyKind::Blob(d) => {
+                    let decision = decide(reachable.contains(&d), o.last_modified, policy);
+                    (Some(d), decision)
+                }
+            };
+            PlanItem {
+                key: o.key.clone(),
+                digest,
+                size: o.size,
+                last_modified: o.last_modified,
+                decision,
+            }
+        })
+        .collect();
+    RepoPlan { items }
+}
+
+fn decide(reachable: bool, last_modified: SystemTime, policy: PlanPolicy) -> Decision {
+    if reachable {
+        return Decision::Keep(Reason::Reachable);
+    }
+    // A modification time in the future (clock skew) gives an age of zero: kept.
+    let age = policy
+        .now
+        .duration_since(last_modified)
+        .unwrap_or(Duration::ZERO);
+    if age < policy.grace {
+        return Decision::Keep(Reason::WithinGrace);
+    }
+    if !policy.delay.is_zero() {
+        // Without a recorded earlier observation a non-zero delay never deletes.
+        return Decision::Keep(Reason::AwaitingSecondObservation);
+    }
+    Decision::Delete(Reason::Unreferenced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(grace: u64, delay: u64) -> PlanPolicy {
+        PlanPolicy {
+            now: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
+            grace: Duration::from_secs(grace),
+            delay: Duration::from_secs(delay),
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let old = SystemTime::UNIX_EPOCH;
+        let young = SystemTime::UNIX_EPOCH + Duration::from_secs(999_990);
+        let future = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000);
+        assert_eq!(decide(true, old, policy(0, 0)), Decision::Keep(Reason::Reachable));
+        assert_eq!(decide(false, old, policy(60, 0)), Decision::Delete(Reason::Unreferenced));
+        assert_eq!(decide(false, young, policy(60, 0)), Decision::Keep(Reason::WithinGrace));
+        assert_eq!(decide(false, future, policy(60, 0)), Decision::Keep(Reason::WithinGrace));
+        assert_eq!(decide(false, young, policy(0, 0)), Decision::Delete(Reason::Unreferenced));
+        assert_eq!(
+            decide(false, old, policy(60, 3600)),
+            Decision::Keep(Reason::AwaitingSecondObservation)
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! ocigc: an online garbage collector for container registries stored in object-store buckets.
+//!
+//! Data flows one way: [`store`] listing → [`layout`] partition by repository → [`gc`] mark →
+//! plan → delete → [`report`].
+
+pub mod cli;
+pub mod digest;
+pub mod gc;
+pub mod layout;
+pub mod manifest;
+pub mod report;
+pub mod store;

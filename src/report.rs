@@ -1,0 +1,272 @@
+//! The JSON run report and the human summary.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::gc::plan::Reason;
+use crate::layout::Rejected;
+use crate::store::RequestCounts;
+
+/// Outcome of one repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepoStatus {
+    /// Collected (or deleted) completely.
+    Ok,
+    /// Failed closed: nothing more was deleted once the failure was seen.
+    Failed,
+    /// Not started (e.g. the run time-out passed first).
+    Skipped,
+    /// Abandoned at its time-out, between delete batches.
+    Timeout,
+}
+
+/// A count of blobs and their bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    /// Number of blobs.
+    pub blobs: u64,
+    /// Their total size.
+    pub bytes: u64,
+}
+
+impl Tally {
+    /// Adds one blob of `size` bytes.
+    pub fn add(&mut self, size: u64) {
+        self.blobs += 1;
+        self.bytes += size;
+    }
+}
+
+/// One deleted key (or, in a dry run, one key the real run would delete).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Deleted {
+    /// The key.
+    pub key: String,
+    /// The blob's digest, when the key is a blob.
+    pub digest: Option<Digest>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Why it was deleted.
+    pub reason: Reason,
+}
+
+/// Per-repository result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RepoReport {
+    /// Repository name.
+    pub name: String,
+    /// Outcome.
+    pub status: RepoStatus,
+    /// Objects the repository owns.
+    pub objects: u64,
+    /// Their total size.
+    pub bytes: u64,
+    /// Blobs reachable from the roots.
+    pub reachable: Tally,
+    /// Unreferenced blobs not deleted this run (younger than the grace period, or waiting
+    /// for a later observation).
+    pub pending: Tally,
+    /// Keys that are not blobs of the layout (metadata, unknown files): never swept.
+    pub other_keys: u64,
+    /// Manifests and other documents read while marking.
+    pub manifests_fetched: u64,
+    /// Deleted keys (would-be deleted in a dry run).
+    pub deleted: Vec<Deleted>,
+    /// Non-fatal findings, e.g. a missing layer.
+    pub warnings: Vec<String>,
+    /// What made the repository fail or time out.
+    pub errors: Vec<String>,
+}
+
+impl RepoReport {
+    /// An empty report for `name` with `status`.
+    pub fn new(name: &str, status: RepoStatus) -> RepoReport {
+        RepoReport {
+            name: name.to_string(),
+            status,
+            objects: 0,
+            bytes: 0,
+            reachable: Tally::default(),
+            pending: Tally::default(),
+            other_keys: 0,
+            manifests_fetched: 0,
+            deleted: Vec::new(),
+            warnings: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Bytes deleted (or to be deleted in a dry run).
+    pub fn bytes_deleted(&self) -> u64 {
+        self.deleted.iter().map(|d| d.size).sum()
+    }
+}
+
+/// Sums over all repositories.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Repositories in the report.
+    pub repositories: u64,
+    /// Repositories that ended `ok`.
+    pub repositories_ok: u64,
+    /// Repositories that ended `failed`, `timeout` or `skipped`.
+    pub repositories_not_ok: u64,
+    /// Objects seen in the listing.
+    pub objects: u64,
+    /// Bytes seen in the listing.
+    pub bytes: u64,
+    /// Reachable blobs.
+    pub reachable_blobs: u64,
+    /// Bytes of reachable blobs.
+    pub reachable_bytes: u64,
+    /// Pending (unreferenced, not yet deletable) blobs.
+    pub pending_blobs: u64,
+    /// Their bytes.
+    pub bytes_pending: u64,
+    /// Keys deleted (or to be deleted in a dry run).
+    pub blobs_deleted: u64,
+    /// Bytes deleted (or to be deleted in a dry run).
+    pub bytes_deleted: u64,
+    /// Manifests read.
+    pub manifests_fetched: u64,
+}
+
+/// The report of one `gc` or `delete-repo` run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Unique id of the run, also in every log line.
+    pub run_id: String,
+    /// `gc` or `delete-repo`.
+    pub command: &'static str,
+    /// The bucket, as a URL.
+    pub bucket: String,
+    /// The layout name.
+    pub layout: &'static str,
+    /// Start time (RFC 3339).
+    pub started_at: String,
+    /// End time (RFC 3339).
+    pub finished_at: String,
+    /// Whether this was a dry run: `deleted` then lists what a real run would delete.
+    pub dry_run: bool,
+    /// Grace period of a `gc` run, e.g. `24h`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace: Option<String>,
+    /// Delay between observations of a `gc` run, e.g. `1h`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<String>,
+    /// Per-repository results, sorted by name.
+    pub repositories: Vec<RepoReport>,
+    /// Repository-like prefixes left alone, and why.
+    pub rejected: Vec<Rejected>,
+    /// Objects outside any repository (left alone).
+    pub unowned_objects: u64,
+    /// Sums.
+    pub totals: Totals,
+    /// Store requests by operation.
+    pub requests: RequestCounts,
+}
+
+/// RFC 3339 in UTC with second precision.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl Report {
+    /// Recomputes `totals` from the repositories.
+    pub fn compute_totals(&mut self) {
+        let mut t = Totals::default();
+        for r in &self.repositories {
+            t.repositories += 1;
+            if r.status == RepoStatus::Ok {
+                t.repositories_ok += 1;
+            } else {
+                t.repositories_not_ok += 1;
+            }
+            t.objects += r.objects;
+            t.bytes += r.bytes;
+            t.reachable_blobs += r.reachable.blobs;
+            t.reachable_bytes += r.reachable.bytes;
+            t.pending_blobs += r.pending.blobs;
+            t.bytes_pending += r.pending.bytes;
+            t.blobs_deleted += r.deleted.len() as u64;
+            t.bytes_deleted += r.bytes_deleted();
+            t.manifests_fetched += r.manifests_fetched;
+        }
+        self.totals = t;
+    }
+
+    /// True when every repository ended `ok`.
+    pub fn all_ok(&self) -> bool {
+        self.repositories.iter().all(|r| r.status == RepoStatus::Ok)
+    }
+
+    /// Writes the short human summary (one line per repository, then totals).
+    pub fn write_summary(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let verb = if self.dry_run { "would delete" } else { "deleted" };
+        writeln!(
+            out,
+            "ocigc {} run {} on {} (layout {}){}",
+            self.command,
+            self.run_id,
+            self.bucket,
+            self.layout,
+            if self.dry_run { " [dry run]" } else { "" }
+        )?;
+        for r in &self.repositories {
+            writeln!(
+                out,
+                "  {:<40} {:<8} reachable {:>6} blobs, pending {:>5}, {verb} {:>5} ({})",
+                r.name,
+                format!("{:?}", r.status).to_lowercase(),
+                r.reachable.blobs,
+                r.pending.blobs,
+                r.deleted.len(),
+                human_bytes(r.bytes_deleted()),
+            )?;
+            for e in &r.errors {
+                writeln!(out, "      error: {e}")?;
+            }
+        }
+        for r in &self.rejected {
+            writeln!(out, "  {:<40} left alone: {}", r.prefix, r.reason)?;
+        }
+        let t = &self.totals;
+        writeln!(
+            out,
+            "total: {} repositories ({} not ok), {} objects ({}), {verb} {} ({}), pending {} ({}); \
+             requests: list {} get {} head {} put {} delete {}",
+            t.repositories,
+            t.repositories_not_ok,
+            t.objects,
+            human_bytes(t.bytes),
+            t.blobs_deleted,
+            human_bytes(t.bytes_deleted),
+            t.pending_blobs,
+            human_bytes(t.bytes_pending),
+            self.requests.list,
+            self.requests.get,
+            self.requests.head,
+            self.requests.put,
+            self.requests.delete,
+        )
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,157 @@
+//! The layer every request goes through: a bound on requests in flight (back-pressure), a
+//! time-out on each request, and counts by operation for the report and the metrics.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use super::{DeleteFailure, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult};
+
+/// Requests made, by operation (a LIST page and a batch delete count as one each).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RequestCounts {
+    /// LIST pages.
+    pub list: u64,
+    /// Whole-object GETs.
+    pub get: u64,
+    /// HEADs.
+    pub head: u64,
+    /// PUTs.
+    pub put: u64,
+    /// Batch delete requests.
+    pub delete: u64,
+}
+
+#[derive(Default)]
+struct Counters([AtomicU64; 5]);
+
+impl Counters {
+    fn bump(&self, op: Op) {
+        self.0[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    fn get(&self, op: Op) -> u64 {
+        self.0[op as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Wraps a store with a concurrency limit, a per-request time-out and request counting.
+pub struct Instrumented {
+    inner: Arc<dyn Store>,
+    permits: Semaphore,
+    timeout: Duration,
+    counters: Counters,
+}
+
+impl Instrumented {
+    /// `concurrency` requests at most in flight, each bounded by `timeout` (waiting for a
+    /// permit is not counted against it).
+    pub fn new(inner: Arc<dyn Store>, concurrency: usize, timeout: Duration) -> Instrumented {
+        Instrumented {
+            inner,
+            permits: Semaphore::new(concurrency.max(1)),
+            timeout,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Requests made so far.
+    pub fn counts(&self) -> RequestCounts {
+        RequestCounts {
+            list: self.counters.get(Op::List),
+            get: self.counters.get(Op::Get),
+            head: self.counters.get(Op::Head),
+            put: self.counters.get(Op::Put),
+            delete: self.counters.get(Op::Delete),
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        op: Op,
+        key: &str,
+        fut: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        self.counters.bump(op);
+        self.limited(op, key, fut).await
+    }
+
+    async fn limited<T>(
+        &self,
+        op: Op,
+        key: &str,
+        fut: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let _permit = self.permits.acquire().await.map_err(|_| StoreError::Request {
+            op,
+            key: key.to_string(),
+            message: "store closed".into(),
+        })?;
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout {
+                op,
+                key: key.to_string(),
+                after: self.timeout,
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Instrumented {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        let pages = self.inner.list(prefix);
+        Box::pin(futures::stream::unfold(Some(pages), move |pages| async move {
+            let mut pages = pages?;
+            let next = self
+                .limited(Op::List, prefix, async { Ok(pages.next().await) })
+                .await;
+            match next {
+                Ok(Some(page)) => {
+                    // Counted once a page arrives: the end of a listing costs no request.
+                    self.counters.bump(Op::List);
+                    Some((page, Some(pages)))
+                }
+                Ok(None) => None,
+                // A time-out ends the listing: its caller must not act on a partial view.
+                Err(e) => Some((Err(e), None)),
+            }
+        }))
+    }
+
+    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+        self.call(Op::Get, key, self.inner.get(key)).await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        self.call(Op::Head, key, self.inner.head(key)).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        condition: PutCondition,
+    ) -> StoreResult<PutOutcome> {
+        self.call(Op::Put, key, self.inner.put(key, body, condition))
+            .await
+    }
+
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
+        let first = keys.first().map(String::as_str).unwrap_or_default();
+        self.call(Op::Delete, first, self.inner.delete_batch(keys))
+            .await
+    }
+}

@@ -1,0 +1,159 @@
+//! Object stores: one trait, a directory-as-bucket and S3, plus the instrumentation layer that
+//! counts requests, bounds concurrency and enforces per-request time-outs for both.
+
+mod dir;
+mod instrumented;
+mod s3;
+mod url;
+
+use std::fmt;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+pub use dir::DirStore;
+pub use instrumented::{Instrumented, RequestCounts};
+pub use s3::{S3Settings, S3Store, StaticCredentials};
+pub use url::BucketUrl;
+
+/// Most keys a single batch delete may carry (the S3 `DeleteObjects` limit).
+pub const MAX_DELETE_BATCH: usize = 1000;
+
+/// One object as seen in a listing or a HEAD.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the store's prefix.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time, on the store's clock.
+    pub last_modified: SystemTime,
+    /// Entity tag, where the store gives one in this response.
+    pub etag: Option<String>,
+}
+
+/// Precondition of a conditional PUT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutCondition {
+    /// Write unconditionally.
+    None,
+    /// Create only if no object exists (`If-None-Match: *`).
+    IfNoneMatch,
+    /// Replace only if the current ETag is this one (`If-Match`).
+    IfMatch(String),
+}
+
+/// Result of a PUT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Written; the new object's ETag.
+    Written { etag: String },
+    /// The precondition did not hold; nothing was written.
+    PreconditionFailed,
+}
+
+/// A key a batch delete could not remove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeleteFailure {
+    /// The key that is still there (or in an unknown state).
+    pub key: String,
+    /// What the store said.
+    pub message: String,
+}
+
+/// Store operations, for error messages and request accounting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// One page of a listing.
+    List,
+    /// Read a whole object.
+    Get,
+    /// Read an object's metadata.
+    Head,
+    /// Write an object.
+    Put,
+    /// One batch delete request.
+    Delete,
+}
+
+impl Op {
+    /// Lower-case name, as used in reports and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::List => "list",
+            Op::Get => "get",
+            Op::Head => "head",
+            Op::Put => "put",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What went wrong with a store request.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist.
+    #[error("{op} {key:?}: not found")]
+    NotFound { op: Op, key: String },
+    /// The request did not finish within its time-out.
+    #[error("{op} {key:?}: timed out after {after:?}")]
+    Timeout {
+        op: Op,
+        key: String,
+        after: std::time::Duration,
+    },
+    /// The store refused the request or could not be reached.
+    #[error("{op} {key:?}: {message}")]
+    Request {
+        op: Op,
+        key: String,
+        message: String,
+    },
+    /// The key cannot be represented in this store.
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+}
+
+impl StoreError {
+    /// True for a missing object.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+/// Result alias for store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A bucket: flat keys, listing by prefix, whole-object reads, conditional writes, batch deletes.
+///
+/// Keys are relative to the store's own prefix, `/`-separated, never starting with `/`.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Human-readable location, e.g. `s3://bucket/prefix` or `file:///srv/bucket`.
+    fn describe(&self) -> String;
+
+    /// Lists every object under `prefix` in pages of at most 1000, in no particular order.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>>;
+
+    /// Reads a whole object.
+    async fn get(&self, key: &str) -> StoreResult<Bytes>;
+
+    /// Reads an object's metadata, `None` if it does not exist.
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>>;
+
+    /// Writes an object under a precondition.
+    async fn put(&self, key: &str, body: Bytes, condition: PutCondition)
+        -> StoreResult<PutOutcome>;
+
+    /// Deletes up to [`MAX_DELETE_BATCH`] keys in one request; missing keys count as deleted.
+    /// Returns the keys that could not be deleted.
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>>;
+}

@@ -1,0 +1,394 @@
+//! S3 and S3-compatible stores (R2, MinIO, Ceph, B2) through aws-sdk-s3.
+//!
+//! Every S3 detail lives here: client settings that S3-compatible stores need (checksums only
+//! when required, path-style addressing, region `auto`), time-outs, retries and error mapping.
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_sdk_s3::Client;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use super::{
+    DeleteFailure, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
+};
+
+/// Behaviour defaults are pinned so an SDK upgrade cannot silently change retries or checksums.
+fn behavior_version() -> BehaviorVersion {
+    BehaviorVersion::v2026_01_12()
+}
+
+/// How to reach an S3 bucket.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing `/`), may be empty.
+    pub prefix: String,
+    /// Endpoint URL; `None` uses `AWS_ENDPOINT_URL` or AWS itself.
+    pub endpoint: Option<String>,
+    /// Region; `None` uses `AWS_REGION`/`AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by MinIO and most local servers.
+    pub path_style: bool,
+    /// Static credentials; `None` uses the AWS default chain (environment, profile, web identity).
+    pub credentials: Option<StaticCredentials>,
+    /// Time-out for establishing a connection.
+    pub connect_timeout: Duration,
+    /// Time-out for one attempt of one request.
+    pub attempt_timeout: Duration,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+}
+
+/// An access key pair, optionally with a session token.
+#[derive(Clone)]
+pub struct StaticCredentials {
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Session token for temporary credentials.
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StaticCredentials {
+    /// Reads `AWS_ACCESS_KEY_ID_FILE`, `AWS_SECRET_ACCESS_KEY_FILE` and optionally
+    /// `AWS_SESSION_TOKEN_FILE` (mounted Kubernetes secrets); `None` when the first two are unset.
+    pub fn from_env_files() -> Result<Option<StaticCredentials>, String> {
+        let read = |var: &str| -> Result<Option<String>, String> {
+            match std::env::var_os(var) {
+                None => Ok(None),
+                Some(path) => std::fs::read_to_string(&path)
+                    .map(|s| Some(s.trim().to_string()))
+                    .map_err(|e| format!("{var}={}: {e}", path.to_string_lossy())),
+            }
+        };
+        match (
+            read("AWS_ACCESS_KEY_ID_FILE")?,
+            read("AWS_SECRET_ACCESS_KEY_FILE")?,
+        ) {
+            (Some(access_key_id), Some(secret_access_key)) => Ok(Some(StaticCredentials {
+                access_key_id,
+                secret_access_key,
+                session_token: read("AWS_SESSION_TOKEN_FILE")?,
+            })),
+            (None, None) => Ok(None),
+            _ => Err(
+                "AWS_ACCESS_KEY_ID_FILE and AWS_SECRET_ACCESS_KEY_FILE must be set together".into(),
+            ),
+        }
+    }
+}
+
+/// A bucket (and prefix) on an S3-compatible service.
+#[derive(Clone, Debug)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3Store {
+    /// Builds a client from the settings; makes no request.
+    pub async fn connect(settings: S3Settings) -> S3Store {
+        let region = settings
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".to_string());
+        let attempts = settings.max_attempts.max(1);
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(settings.connect_timeout)
+            .read_timeout(settings.attempt_timeout)
+            .operation_attempt_timeout(settings.attempt_timeout)
+            .operation_timeout(settings.attempt_timeout * attempts + Duration::from_secs(1))
+            .build();
+        // Region is resolved above so the loader never falls back to probing instance metadata.
+        let mut loader = aws_config::defaults(behavior_version())
+            .region(Region::new(region))
+            .timeout_config(timeouts)
+            .retry_config(RetryConfig::standard().with_max_attempts(attempts));
+        if let Some(endpoint) = &settings.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(c) = &settings.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                c.access_key_id.clone(),
+                c.secret_access_key.clone(),
+                c.session_token.clone(),
+                None,
+                "ocigc-static",
+            ));
+        }
+        let sdk = loader.load().await;
+        let conf = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(settings.path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        S3Store {
+            client: Client::from_conf(conf),
+            bucket: settings.bucket,
+            prefix: settings.prefix,
+        }
+    }
+
+    /// The underlying SDK client (tests use it to create buckets).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+
+    fn relative_key<'k>(&self, full: &'k str) -> Option<&'k str> {
+        if self.prefix.is_empty() {
+            Some(full)
+        } else {
+            full.strip_prefix(self.prefix.as_str())?.strip_prefix('/')
+        }
+    }
+}
+
+fn map_err<E>(op: Op, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    if status == Some(404) {
+        return StoreError::NotFound {
+            op,
+            key: key.to_string(),
+        };
+    }
+    let message = match &err {
+        SdkError::TimeoutError(_) => "timed out".to_string(),
+        _ => match status {
+            Some(s) => format!("HTTP {s}: {}", DisplayErrorContext(&err)),
+            None => DisplayErrorContext(&err).to_string(),
+        },
+    };
+    StoreError::Request {
+        op,
+        key: key.to_string(),
+        message,
+    }
+}
+
+fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
+    // A store that omits LastModified gets "now": such an object then always looks young,
+    // which can only keep it, never delete it early.
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or_else(SystemTime::now)
+}
+
+struct ListState {
+    token: Option<String>,
+    done: bool,
+}
+
+#[async_trait]
+impl Store for S3Store {
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        let full_prefix = if self.prefix.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{}/{prefix}", self.prefix)
+        };
+        let init = ListState {
+            token: None,
+            done: false,
+        };
+        Box::pin(futures::stream::try_unfold(init, move |state| {
+            let full_prefix = full_prefix.clone();
+            async move {
+                if state.done {
+                    return Ok(None);
+                }
+                let out = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&full_prefix)
+                    .max_keys(1000)
+                    .set_continuation_token(state.token)
+                    .send()
+                    .await
+                    .map_err(|e| map_err(Op::List, &full_prefix, e))?;
+                let page = out
+                    .contents()
+                    .iter()
+                    .filter_map(|o| {
+                        let key = self.relative_key(o.key()?)?;
+                        Some(ObjectMeta {
+                            key: key.to_string(),
+                            size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                            last_modified: to_system_time(o.last_modified()),
+                            etag: o.e_tag().map(str::to_string),
+                        })
+                    })
+                    .collect();
+                let token = out.next_continuation_token().map(str::to_string);
+                let next = ListState {
+                    done: !out.is_truncated().unwrap_or(false) || token.is_none(),
+                    token,
+                };
+                Ok(Some((page, next)))
+            }
+        }))
+    }
+
+    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| map_err(Op::Get, key, e))?;
+        let body = out.body.collect().await.map_err(|e| StoreError::Request {
+            op: Op::Get,
+            key: key.to_string(),
+            message: format!("reading body: {e}"),
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: out
+                    .content_length()
+                    .and_then(|s| u64::try_from(s).ok())
+                    .unwrap_or(0),
+                last_modified: to_system_time(out.last_modified()),
+                etag: out.e_tag().map(str::to_string),
+            })),
+            Err(e) => match map_err(Op::Head, key, e) {
+                StoreError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        condition: PutCondition,
+    ) -> StoreResult<PutOutcome> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .body(ByteStream::from(body));
+        req = match condition {
+            PutCondition::None => req,
+            PutCondition::IfNoneMatch => req.if_none_match("*"),
+            PutCondition::IfMatch(etag) => req.if_match(etag),
+        };
+        match req.send().await {
+            Ok(out) => Ok(PutOutcome::Written {
+                etag: out.e_tag().unwrap_or_default().to_string(),
+            }),
+            // 409 is S3's answer when a concurrent conditional write to the same key won.
+            Err(e) if matches!(e.raw_response().map(|r| r.status().as_u16()), Some(412 | 409)) => {
+                Ok(PutOutcome::PreconditionFailed)
+            }
+            Err(e) => Err(map_err(Op::Put, key, e)),
+        }
+    }
+
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = keys[0].as_str();
+        let invalid = |message: String| StoreError::Request {
+            op: Op::Delete,
+            key: first.to_string(),
+            message,
+        };
+        let objects = keys
+            .iter()
+            .map(|k| {
+                ObjectIdentifier::builder()
+                    .key(self.full_key(k))
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        let out = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| map_err(Op::Delete, first, e))?;
+        Ok(out
+            .errors()
+            .iter()
+            .map(|e| {
+                let full = e.key().unwrap_or_default();
+                DeleteFailure {
+                    key: self.relative_key(full).unwrap_or(full).to_string(),
+                    message: format!(
+                        "{}: {}",
+                        e.code().unwrap_or("error"),
+                        e.message().unwrap_or("")
+                    ),
+                }
+            })
+            .collect())
+    }
+}
