@@ -1,0 +1,304 @@
+//! Helpers shared by the integration tests: stores (directory and moto S3), a writer of real
+//! OCI content, and a way to run one scenario against both stores.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use ocigc::gc::{run_gc, GcOptions, RepoFilter};
+use ocigc::layout::oci::OciLayout;
+use ocigc::report::Report;
+use ocigc::store::{DirStore, PutCondition, S3Settings, S3Store, StaticCredentials, Store};
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// A store under test; keeps its temporary directory alive.
+pub struct TestStore {
+    pub store: Arc<dyn Store>,
+    pub kind: &'static str,
+    pub bucket: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn dir_store() -> TestStore {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = DirStore::open(dir.path()).expect("open dir store");
+    TestStore {
+        store: Arc::new(store),
+        kind: "dir",
+        bucket: dir.path().display().to_string(),
+        _dir: Some(dir),
+    }
+}
+
+/// The moto endpoint started by scripts/test.sh.
+pub fn s3_endpoint() -> String {
+    std::env::var("OCIGC_TEST_S3_ENDPOINT").expect(
+        "OCIGC_TEST_S3_ENDPOINT is not set: run the suite with ./scripts/test.sh, which starts moto",
+    )
+}
+
+pub fn s3_settings(bucket: &str, prefix: &str) -> S3Settings {
+    S3Settings {
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+        endpoint: Some(s3_endpoint()),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        credentials: Some(StaticCredentials {
+            access_key_id: "testing".into(),
+            secret_access_key: "testing".into(),
+            session_token: None,
+        }),
+        connect_timeout: Duration::from_secs(5),
+        attempt_timeout: Duration::from_secs(30),
+        max_attempts: 3,
+    }
+}
+
+/// A fresh, empty bucket on moto.
+pub async fn s3_store_with_prefix(prefix: &str) -> TestStore {
+    let bucket = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let store = S3Store::connect(s3_settings(&bucket, prefix)).await;
+    store
+        .client()
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create bucket on moto");
+    TestStore {
+        store: Arc::new(store),
+        kind: "s3",
+        bucket,
+        _dir: None,
+    }
+}
+
+pub async fn s3_store() -> TestStore {
+    s3_store_with_prefix("").await
+}
+
+/// Runs one scenario against a store kind; used by `both_stores!`.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn dir() {
+                super::$name($crate::common::dir_store()).await
+            }
+            #[tokio::test]
+            async fn s3() {
+                super::$name($crate::common::s3_store().await).await
+            }
+        }
+    )*};
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    let hash = Sha256::digest(data);
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// A descriptor written by the fixture, plus every digest of its subtree.
+#[derive(Clone, Debug)]
+pub struct Desc {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    pub subtree: Vec<String>,
+}
+
+impl Desc {
+    pub fn json(&self) -> Value {
+        json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
+    }
+}
+
+/// Writes OCI content into a store.
+pub struct Fixture<'a> {
+    pub store: &'a dyn Store,
+}
+
+pub fn blob_key(repo: &str, digest: &str) -> String {
+    format!("{repo}/blobs/{}", digest.replacen(':', "/", 1))
+}
+
+impl Fixture<'_> {
+    pub async fn put(&self, key: &str, data: &[u8]) {
+        self.store
+            .put(key, Bytes::copy_from_slice(data), PutCondition::None)
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+
+    /// A blob with a given media type.
+    pub async fn blob(&self, repo: &str, media_type: &str, data: &[u8]) -> Desc {
+        let digest = sha256(data);
+        self.put(&blob_key(repo, &digest), data).await;
+        Desc {
+            media_type: media_type.into(),
+            digest: digest.clone(),
+            size: data.len() as u64,
+            subtree: vec![digest],
+        }
+    }
+
+    /// A JSON document stored as a blob; its subtree includes the given children.
+    pub async fn doc(&self, repo: &str, media_type: &str, doc: &Value, children: &[&Desc]) -> Desc {
+        let bytes = serde_json::to_vec(doc).expect("json");
+        let mut d = self.blob(repo, media_type, &bytes).await;
+        for c in children {
+            d.subtree.extend(c.subtree.iter().cloned());
+        }
+        d
+    }
+
+    /// An OCI image (config + one layer + manifest) named `name`.
+    pub async fn image(&self, repo: &str, name: &str) -> Desc {
+        let config = self
+            .blob(repo, OCI_CONFIG, format!("{{\"name\":\"{name}\"}}").as_bytes())
+            .await;
+        let layer = self
+            .blob(repo, OCI_LAYER, format!("layer of {name}").as_bytes())
+            .await;
+        self.manifest(repo, &config, &[&layer], None).await
+    }
+
+    /// An OCI image manifest with the given config and layers, optionally a referrer.
+    pub async fn manifest(&self, repo: &str, config: &Desc, layers: &[&Desc], subject: Option<&Desc>) -> Desc {
+        let mut m = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.json(),
+            "layers": layers.iter().map(|l| l.json()).collect::<Vec<_>>(),
+        });
+        if let Some(s) = subject {
+            m["subject"] = s.json();
+            m["artifactType"] = json!("application/vnd.example.sig");
+        }
+        let mut children = vec![config];
+        children.extend_from_slice(layers);
+        self.doc(repo, OCI_MANIFEST, &m, &children).await
+    }
+
+    /// A signature-like referrer of `subject`, stored only as blobs.
+    pub async fn referrer(&self, repo: &str, subject: &Desc, name: &str) -> Desc {
+        let config = self.blob(repo, "application/vnd.oci.empty.v1+json", b"{}").await;
+        let payload = self
+            .blob(repo, "application/vnd.example.sig.v1", format!("signature {name}").as_bytes())
+            .await;
+        self.manifest(repo, &config, &[&payload], Some(subject)).await
+    }
+
+    /// An image index (OCI or Docker list) over `children`.
+    pub async fn index(&self, repo: &str, media_type: &str, children: &[&Desc]) -> Desc {
+        let doc = json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "manifests": children.iter().map(|c| c.json()).collect::<Vec<_>>(),
+        });
+        self.doc(repo, media_type, &doc, children).await
+    }
+
+    /// `oci-layout` and `index.json` listing `roots` (with an optional tag each).
+    pub async fn layout(&self, repo: &str, roots: &[(Option<&str>, &Desc)]) {
+        self.put(&format!("{repo}/oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .await;
+        let manifests: Vec<Value> = roots
+            .iter()
+            .map(|(tag, d)| {
+                let mut v = d.json();
+                if let Some(t) = tag {
+                    v["annotations"] = json!({"org.opencontainers.image.ref.name": t});
+                }
+                v
+            })
+            .collect();
+        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
+        self.put(&format!("{repo}/index.json"), &serde_json::to_vec(&index).expect("json"))
+            .await;
+    }
+}
+
+/// Every key in the store (state included).
+pub async fn keys(store: &dyn Store) -> BTreeSet<String> {
+    let pages: Vec<_> = store.list("").try_collect().await.expect("list");
+    pages.into_iter().flatten().map(|o| o.key).collect()
+}
+
+/// Options for a run that deletes unreferenced blobs immediately.
+pub fn eager() -> GcOptions {
+    GcOptions {
+        grace: Duration::ZERO,
+        delay: Duration::ZERO,
+        concurrency: 8,
+        request_timeout: Duration::from_secs(60),
+        ..GcOptions::default()
+    }
+}
+
+pub fn only(globs: &[&str]) -> RepoFilter {
+    RepoFilter::new(&globs.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("globs")
+}
+
+pub async fn gc(store: &Arc<dyn Store>, opts: &GcOptions) -> Report {
+    run_gc(store.clone(), Arc::new(OciLayout), opts)
+        .await
+        .expect("gc run")
+}
+
+/// Asserts that every digest of `desc` is stored in `repo`.
+pub fn assert_intact(keys: &BTreeSet<String>, repo: &str, desc: &Desc, what: &str) {
+    for d in &desc.subtree {
+        assert!(
+            keys.contains(&blob_key(repo, d)),
+            "{what}: blob {d} of {repo} was deleted"
+        );
+    }
+}
+
+/// Asserts that no digest of `desc` is stored in `repo`.
+pub fn assert_gone(keys: &BTreeSet<String>, repo: &str, desc: &Desc, what: &str) {
+    for d in &desc.subtree {
+        assert!(
+            !keys.contains(&blob_key(repo, d)),
+            "{what}: blob {d} of {repo} should have been deleted"
+        );
+    }
+}
+
+/// Deleted keys of one repository in a report.
+pub fn deleted_keys(report: &Report, repo: &str) -> BTreeSet<String> {
+    report
+        .repositories
+        .iter()
+        .find(|r| r.name == repo)
+        .unwrap_or_else(|| panic!("{repo} not in report"))
+        .deleted
+        .iter()
+        .map(|d| d.key.clone())
+        .collect()
+}
+
+pub fn repo_report<'r>(report: &'r Report, repo: &str) -> &'r ocigc::report::RepoReport {
+    report
+        .repositories
+        .iter()
+        .find(|r| r.name == repo)
+        .unwrap_or_else(|| panic!("{repo} not in report: {report:#?}"))
+}
