@@ -9,10 +9,13 @@ team/app/tools (each with garbage), plus a README that is not a blob and is neve
 import hashlib
 import json
 import os
+import filecmp
 import shutil
 import sys
+import tempfile
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bucket")
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bucket")
+ROOT = HERE
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -60,7 +63,32 @@ def layout(repo, tagged):
         f.write(doc({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
 
 
+def files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def check():
+    """Exit non-zero if the committed bucket differs from what this script writes."""
+    global ROOT
+    with tempfile.TemporaryDirectory() as tmp:
+        ROOT = tmp
+        write()
+        want, have = files(tmp), files(HERE)
+        if want != have:
+            sys.exit(f"examples/bucket differs: missing {sorted(set(want) - set(have))}, "
+                     f"extra {sorted(set(have) - set(want))}")
+        changed = [f for f in want if not filecmp.cmp(os.path.join(tmp, f), os.path.join(HERE, f), shallow=False)]
+        if changed:
+            sys.exit(f"examples/bucket differs in {changed}")
+    print(f"examples/bucket matches ({len(want)} files)")
+    return 0
+
+
 def main():
+    return check() if sys.argv[1:] == ["--check"] else write()
+
+
+def write():
     shutil.rmtree(ROOT, ignore_errors=True)
     shared = b"shared base layer"
 

@@ -89,7 +89,12 @@ pub struct GcArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// Only repositories matching GLOB (repeatable; '*' stays within a path segment, '**' spans).
-    #[arg(long = "repo", env = "OCIGC_REPO", value_name = "GLOB", value_delimiter = ',')]
+    #[arg(
+        long = "repo",
+        env = "OCIGC_REPO",
+        value_name = "GLOB",
+        value_delimiter = ','
+    )]
     pub repos: Vec<String>,
     /// Keep unreferenced blobs modified less than this long ago.
     #[arg(long, env = "OCIGC_GRACE", default_value = "24h", value_parser = parse_duration)]
@@ -267,7 +272,10 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

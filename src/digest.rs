@@ -80,10 +80,22 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         assert!(Digest::parse(HEX).is_none(), "no algorithm");
-        assert!(Digest::parse(&format!("md5:{HEX}")).is_none(), "unknown algorithm");
-        assert!(Digest::parse(&format!("sha256:{}", &HEX[1..])).is_none(), "short");
-        assert!(Digest::parse(&format!("sha256:{}", HEX.to_uppercase())).is_none(), "upper");
-        assert!(Digest::parse(&format!("sha512:{HEX}")).is_none(), "wrong length");
+        assert!(
+            Digest::parse(&format!("md5:{HEX}")).is_none(),
+            "unknown algorithm"
+        );
+        assert!(
+            Digest::parse(&format!("sha256:{}", &HEX[1..])).is_none(),
+            "short"
+        );
+        assert!(
+            Digest::parse(&format!("sha256:{}", HEX.to_uppercase())).is_none(),
+            "upper"
+        );
+        assert!(
+            Digest::parse(&format!("sha512:{HEX}")).is_none(),
+            "wrong length"
+        );
         assert!(Digest::parse(&format!("sha512:{HEX}{HEX}")).is_some());
     }
 }

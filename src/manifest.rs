@@ -69,7 +69,8 @@ pub fn should_read(kind: ContentKind, media_type: Option<&str>, size: Option<u64
         ContentKind::Unknown => {
             let small = size.is_none_or(|s| s <= MAX_MANIFEST_SIZE);
             // Archives and binaries are never manifests; anything JSON-ish or untyped may be.
-            let jsonish = media_type.is_none_or(|mt| mt.contains("json") || mt.contains("manifest"));
+            let jsonish =
+                media_type.is_none_or(|mt| mt.contains("json") || mt.contains("manifest"));
             small && jsonish
         }
     }
@@ -146,7 +147,12 @@ pub fn references(body: &[u8]) -> Result<References, ManifestError> {
         soft(v, "config");
     }
     for field in ["layers", "blobs"] {
-        for v in obj.get(field).and_then(Value::as_array).into_iter().flatten() {
+        for v in obj
+            .get(field)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             soft(v, if field == "layers" { "layers" } else { "blobs" });
         }
     }
@@ -157,14 +163,20 @@ pub fn references(body: &[u8]) -> Result<References, ManifestError> {
         .into_iter()
         .flatten()
     {
-        match v.get("blobSum").and_then(Value::as_str).map(|s| (s, Digest::parse(s))) {
+        match v
+            .get("blobSum")
+            .and_then(Value::as_str)
+            .map(|s| (s, Digest::parse(s)))
+        {
             Some((_, Some(digest))) => refs.children.push(Descriptor {
                 media_type: None,
                 digest,
                 size: None,
             }),
             Some((raw, None)) => refs.unsupported.push(format!("fsLayers: {raw:?}")),
-            None => refs.unsupported.push("fsLayers: entry without blobSum".into()),
+            None => refs
+                .unsupported
+                .push("fsLayers: entry without blobSum".into()),
         }
     }
     Ok(refs)
@@ -197,23 +209,36 @@ mod tests {
 
     #[test]
     fn index_artifact_and_schema1() {
-        let idx = format!(r#"{{"manifests":[{{"digest":"{}"}},{{"digest":"{}"}}]}}"#, d(1), d(2));
+        let idx = format!(
+            r#"{{"manifests":[{{"digest":"{}"}},{{"digest":"{}"}}]}}"#,
+            d(1),
+            d(2)
+        );
         assert_eq!(references(idx.as_bytes()).map(|r| r.children.len()), Ok(2));
         let art = format!(r#"{{"blobs":[{{"digest":"{}"}}]}}"#, d(5));
         assert_eq!(references(art.as_bytes()).map(|r| r.children.len()), Ok(1));
-        let s1 = format!(r#"{{"schemaVersion":1,"fsLayers":[{{"blobSum":"{}"}}]}}"#, d(7));
+        let s1 = format!(
+            r#"{{"schemaVersion":1,"fsLayers":[{{"blobSum":"{}"}}]}}"#,
+            d(7)
+        );
         let r = references(s1.as_bytes()).expect("parses");
         assert_eq!(r.children[0].digest.to_string(), d(7));
     }
 
     #[test]
     fn malformed_documents() {
-        assert!(matches!(references(b"not json"), Err(ManifestError::NotJson(_))));
+        assert!(matches!(
+            references(b"not json"),
+            Err(ManifestError::NotJson(_))
+        ));
         assert!(matches!(references(b"[1]"), Err(ManifestError::NotJson(_))));
         let bad_child = r#"{"manifests":[{"digest":"sha256:zz"}]}"#;
         assert!(matches!(
             references(bad_child.as_bytes()),
-            Err(ManifestError::BadDescriptor { field: "manifests", .. })
+            Err(ManifestError::BadDescriptor {
+                field: "manifests",
+                ..
+            })
         ));
         let bad_layer = r#"{"layers":[{"digest":"blake3:abc"}]}"#;
         let r = references(bad_layer.as_bytes()).expect("a bad layer digest is soft");
@@ -224,7 +249,9 @@ mod tests {
     #[test]
     fn kinds() {
         assert_eq!(
-            content_kind(Some("application/vnd.docker.distribution.manifest.list.v2+json")),
+            content_kind(Some(
+                "application/vnd.docker.distribution.manifest.list.v2+json"
+            )),
             ContentKind::Manifest
         );
         assert_eq!(
@@ -234,7 +261,11 @@ mod tests {
         let helm = Some("application/vnd.cncf.helm.config.v1+json");
         assert_eq!(content_kind(helm), ContentKind::Unknown);
         assert!(should_read(ContentKind::Unknown, helm, Some(100)));
-        assert!(!should_read(ContentKind::Unknown, helm, Some(MAX_MANIFEST_SIZE + 1)));
+        assert!(!should_read(
+            ContentKind::Unknown,
+            helm,
+            Some(MAX_MANIFEST_SIZE + 1)
+        ));
         assert!(!should_read(
             ContentKind::Unknown,
             Some("application/vnd.cncf.helm.chart.content.v1.tar+gzip"),

@@ -206,7 +206,11 @@ impl Report {
 
     /// Writes the short human summary (one line per repository, then totals).
     pub fn write_summary(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        let verb = if self.dry_run { "would delete" } else { "deleted" };
+        let verb = if self.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
         writeln!(
             out,
             "ocigc {} run {} on {} (layout {}){}",

@@ -10,7 +10,9 @@ use ocigc::report::RepoStatus;
 use serde_json::json;
 
 async fn multi_arch_index_children_survive(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let amd = f.image("app", "amd64").await;
     let arm = f.image("app", "arm64").await;
     let idx = f.index("app", OCI_INDEX, &[&amd, &arm]).await;
@@ -29,21 +31,32 @@ async fn multi_arch_index_children_survive(t: TestStore) {
 }
 
 async fn nested_index(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let leaf = f.image("app", "leaf").await;
     let inner = f.index("app", OCI_INDEX, &[&leaf]).await;
     let outer = f.index("app", OCI_INDEX, &[&inner]).await;
-    let garbage_inner = f.index("app", OCI_INDEX, &[&f.image("app", "gone").await]).await;
+    let garbage_inner = f
+        .index("app", OCI_INDEX, &[&f.image("app", "gone").await])
+        .await;
     f.layout("app", &[(Some("nested"), &outer)]).await;
 
     gc(&t.store, &eager()).await;
     let k = keys(t.store.as_ref()).await;
     assert_intact(&k, "app", &outer, "index in index");
-    assert_gone(&k, "app", &garbage_inner, "unreferenced index and its image");
+    assert_gone(
+        &k,
+        "app",
+        &garbage_inner,
+        "unreferenced index and its image",
+    );
 }
 
 async fn referrers_listed_unlisted_and_chained(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let img = f.image("app", "signed").await;
     let listed = f.referrer("app", &img, "listed").await;
     let unlisted = f.referrer("app", &img, "unlisted").await;
@@ -51,7 +64,8 @@ async fn referrers_listed_unlisted_and_chained(t: TestStore) {
     // A referrer whose subject is itself garbage is garbage too.
     let dead = f.image("app", "dead").await;
     let dead_sig = f.referrer("app", &dead, "dead").await;
-    f.layout("app", &[(Some("v1"), &img), (None, &listed)]).await;
+    f.layout("app", &[(Some("v1"), &img), (None, &listed)])
+        .await;
 
     let report = gc(&t.store, &eager()).await;
     let k = keys(t.store.as_ref()).await;
@@ -66,17 +80,23 @@ async fn referrers_listed_unlisted_and_chained(t: TestStore) {
         .filter(|d| !listed.subtree.contains(d))
         .collect();
     for d in dead_only {
-        assert!(!k.contains(&blob_key("app", d)), "garbage referrer blob {d} kept");
+        assert!(
+            !k.contains(&blob_key("app", d)),
+            "garbage referrer blob {d} kept"
+        );
     }
     assert_eq!(repo_report(&report, "app").status, RepoStatus::Ok);
 }
 
 async fn untagged_root_is_kept(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let tagged = f.image("app", "tagged").await;
     let untagged = f.image("app", "untagged").await;
     let garbage = f.image("app", "garbage").await;
-    f.layout("app", &[(Some("latest"), &tagged), (None, &untagged)]).await;
+    f.layout("app", &[(Some("latest"), &tagged), (None, &untagged)])
+        .await;
 
     gc(&t.store, &eager()).await;
     let k = keys(t.store.as_ref()).await;
@@ -86,16 +106,32 @@ async fn untagged_root_is_kept(t: TestStore) {
 }
 
 async fn docker_media_types(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let mut children = Vec::new();
     for arch in ["amd64", "arm64"] {
-        let config = f.blob("app", DOCKER_CONFIG, format!("{{\"a\":\"{arch}\"}}").as_bytes()).await;
-        let layer = f.blob("app", DOCKER_LAYER, format!("docker layer {arch}").as_bytes()).await;
+        let config = f
+            .blob(
+                "app",
+                DOCKER_CONFIG,
+                format!("{{\"a\":\"{arch}\"}}").as_bytes(),
+            )
+            .await;
+        let layer = f
+            .blob(
+                "app",
+                DOCKER_LAYER,
+                format!("docker layer {arch}").as_bytes(),
+            )
+            .await;
         let m = json!({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
                        "config": config.json(), "layers": [layer.json()]});
         children.push(f.doc("app", DOCKER_MANIFEST, &m, &[&config, &layer]).await);
     }
-    let list = f.index("app", DOCKER_LIST, &children.iter().collect::<Vec<_>>()).await;
+    let list = f
+        .index("app", DOCKER_LIST, &children.iter().collect::<Vec<_>>())
+        .await;
     // Docker schema 1 references layers by blobSum.
     let s1_layer = f.blob("app", DOCKER_LAYER, b"schema1 layer").await;
     let s1 = f
@@ -108,7 +144,8 @@ async fn docker_media_types(t: TestStore) {
         )
         .await;
     let garbage = f.blob("app", DOCKER_LAYER, b"orphan docker layer").await;
-    f.layout("app", &[(Some("list"), &list), (Some("s1"), &s1)]).await;
+    f.layout("app", &[(Some("list"), &list), (Some("s1"), &s1)])
+        .await;
 
     gc(&t.store, &eager()).await;
     let k = keys(t.store.as_ref()).await;
@@ -118,9 +155,15 @@ async fn docker_media_types(t: TestStore) {
 }
 
 async fn artifact_and_unknown_media_types(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
-    let a = f.blob("app", "application/vnd.example.data", b"artifact blob a").await;
-    let b = f.blob("app", "application/octet-stream", b"artifact blob b").await;
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let a = f
+        .blob("app", "application/vnd.example.data", b"artifact blob a")
+        .await;
+    let b = f
+        .blob("app", "application/octet-stream", b"artifact blob b")
+        .await;
     let artifact = f
         .doc(
             "app",
@@ -141,7 +184,11 @@ async fn artifact_and_unknown_media_types(t: TestStore) {
         )
         .await;
     let garbage = f.image("app", "garbage").await;
-    f.layout("app", &[(Some("artifact"), &artifact), (Some("bundle"), &bundle)]).await;
+    f.layout(
+        "app",
+        &[(Some("artifact"), &artifact), (Some("bundle"), &bundle)],
+    )
+    .await;
 
     gc(&t.store, &eager()).await;
     let k = keys(t.store.as_ref()).await;
@@ -151,7 +198,9 @@ async fn artifact_and_unknown_media_types(t: TestStore) {
 }
 
 async fn missing_layer_warns_but_collects(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let config = f.blob("app", OCI_CONFIG, b"{\"c\":1}").await;
     let absent = Desc {
         media_type: OCI_LAYER.into(),
@@ -167,7 +216,9 @@ async fn missing_layer_warns_but_collects(t: TestStore) {
     let r = repo_report(&report, "app");
     assert_eq!(r.status, RepoStatus::Ok);
     assert!(
-        r.warnings.iter().any(|w| w.contains(&absent.digest) && w.contains("missing")),
+        r.warnings
+            .iter()
+            .any(|w| w.contains(&absent.digest) && w.contains("missing")),
         "warnings: {:?}",
         r.warnings
     );
@@ -177,7 +228,9 @@ async fn missing_layer_warns_but_collects(t: TestStore) {
 }
 
 async fn broken_repositories_fail_closed(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     // bad-manifest: a tagged manifest that is not JSON.
     let bad = f.blob("bad-manifest", OCI_MANIFEST, b"{not json").await;
     let g1 = f.image("bad-manifest", "garbage").await;
@@ -190,7 +243,9 @@ async fn broken_repositories_fail_closed(t: TestStore) {
         size: 14,
         subtree: vec![],
     };
-    let idx = f.index("missing-manifest", OCI_INDEX, &[&present, &ghost]).await;
+    let idx = f
+        .index("missing-manifest", OCI_INDEX, &[&present, &ghost])
+        .await;
     let g2 = f.image("missing-manifest", "garbage").await;
     f.layout("missing-manifest", &[(Some("v1"), &idx)]).await;
     // bad-index: index.json is not JSON.
@@ -199,7 +254,8 @@ async fn broken_repositories_fail_closed(t: TestStore) {
     f.put("bad-index/index.json", b"]]").await;
     // no-index: index.json is absent.
     let g4 = f.image("no-index", "garbage").await;
-    f.put("no-index/oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).await;
+    f.put("no-index/oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .await;
     // healthy: collected as usual.
     let keep = f.image("healthy", "keep").await;
     let g5 = f.image("healthy", "garbage").await;
@@ -225,7 +281,9 @@ async fn broken_repositories_fail_closed(t: TestStore) {
 }
 
 async fn unknown_keys_are_never_deleted(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let img = f.image("app", "v1").await;
     f.layout("app", &[(Some("v1"), &img)]).await;
     let hex = "ab".repeat(32);
@@ -248,11 +306,16 @@ async fn unknown_keys_are_never_deleted(t: TestStore) {
         assert!(k.contains(key), "{} deleted unknown key {key}", t.kind);
     }
     assert!(repo_report(&report, "app").deleted.is_empty());
-    assert_eq!(report.unowned_objects, 1, "loose file is outside every repository");
+    assert_eq!(
+        report.unowned_objects, 1,
+        "loose file is outside every repository"
+    );
 }
 
 async fn grace_keeps_young_garbage(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let img = f.image("app", "v1").await;
     let garbage = f.image("app", "garbage").await;
     f.layout("app", &[(Some("v1"), &img)]).await;
@@ -265,7 +328,12 @@ async fn grace_keeps_young_garbage(t: TestStore) {
     let r = repo_report(&report, "app");
     assert!(r.deleted.is_empty(), "young garbage deleted");
     assert_eq!(r.pending.blobs, 3);
-    assert_intact(&keys(t.store.as_ref()).await, "app", &garbage, "young garbage");
+    assert_intact(
+        &keys(t.store.as_ref()).await,
+        "app",
+        &garbage,
+        "young garbage",
+    );
 
     // The same blobs two hours later are past the grace period.
     let later = ocigc::gc::GcOptions {
@@ -280,7 +348,9 @@ async fn grace_keeps_young_garbage(t: TestStore) {
 }
 
 async fn nonzero_delay_defers_deletion(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let img = f.image("app", "v1").await;
     let garbage = f.image("app", "garbage").await;
     f.layout("app", &[(Some("v1"), &img)]).await;
@@ -292,21 +362,40 @@ async fn nonzero_delay_defers_deletion(t: TestStore) {
     let r = repo_report(&report, "app");
     assert!(r.deleted.is_empty());
     assert_eq!(r.pending.blobs, 3);
-    assert_intact(&keys(t.store.as_ref()).await, "app", &garbage, "first observation");
+    assert_intact(
+        &keys(t.store.as_ref()).await,
+        "app",
+        &garbage,
+        "first observation",
+    );
 }
 
 async fn nested_and_colliding_repositories(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let mut kept = Vec::new();
     let mut garbage = Vec::new();
-    for repo in ["library/alpine", "library/alpine-edge", "team/app", "team/app/tools"] {
+    for repo in [
+        "library/alpine",
+        "library/alpine-edge",
+        "team/app",
+        "team/app/tools",
+    ] {
         let img = f.image(repo, repo).await;
         f.layout(repo, &[(Some("latest"), &img)]).await;
         kept.push((repo, img));
         garbage.push((repo, f.image(repo, &format!("{repo} garbage")).await));
     }
     // Only team/app: its nested repository and the neighbours are untouched.
-    let report = gc(&t.store, &ocigc::gc::GcOptions { repos: only(&["team/app"]), ..eager() }).await;
+    let report = gc(
+        &t.store,
+        &ocigc::gc::GcOptions {
+            repos: only(&["team/app"]),
+            ..eager()
+        },
+    )
+    .await;
     assert_eq!(report.repositories.len(), 1);
     let k = keys(t.store.as_ref()).await;
     for (repo, g) in &garbage {
@@ -328,7 +417,9 @@ async fn nested_and_colliding_repositories(t: TestStore) {
 }
 
 async fn invalid_repository_names_are_left_alone(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let img = f.image("Team/App", "v1").await;
     f.layout("Team/App", &[(Some("v1"), &img)]).await;
     let garbage = f.image("Team/App", "garbage").await;
@@ -336,11 +427,18 @@ async fn invalid_repository_names_are_left_alone(t: TestStore) {
     assert!(report.repositories.is_empty());
     assert_eq!(report.rejected.len(), 1);
     assert_eq!(report.rejected[0].prefix, "Team/App/");
-    assert_intact(&keys(t.store.as_ref()).await, "Team/App", &garbage, "invalid name");
+    assert_intact(
+        &keys(t.store.as_ref()).await,
+        "Team/App",
+        &garbage,
+        "invalid name",
+    );
 }
 
 async fn dry_run_lists_exactly_what_the_real_run_deletes(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     for repo in ["a", "b/c"] {
         let img = f.image(repo, "v1").await;
         let idx = f.index(repo, OCI_INDEX, &[&img]).await;
@@ -349,15 +447,30 @@ async fn dry_run_lists_exactly_what_the_real_run_deletes(t: TestStore) {
         f.blob(repo, OCI_LAYER, b"lonely layer").await;
     }
     let before = keys(t.store.as_ref()).await;
-    let dry = gc(&t.store, &ocigc::gc::GcOptions { dry_run: true, ..eager() }).await;
+    let dry = gc(
+        &t.store,
+        &ocigc::gc::GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+    )
+    .await;
     assert!(dry.dry_run);
-    assert_eq!(keys(t.store.as_ref()).await, before, "dry run changed the bucket");
+    assert_eq!(
+        keys(t.store.as_ref()).await,
+        before,
+        "dry run changed the bucket"
+    );
     let real = gc(&t.store, &eager()).await;
     let after = keys(t.store.as_ref()).await;
     for repo in ["a", "b/c"] {
         let planned = deleted_keys(&dry, repo);
         assert_eq!(planned.len(), 4, "{repo}");
-        assert_eq!(planned, deleted_keys(&real, repo), "{repo}: dry run differs from real run");
+        assert_eq!(
+            planned,
+            deleted_keys(&real, repo),
+            "{repo}: dry run differs from real run"
+        );
         let removed: std::collections::BTreeSet<_> = before
             .difference(&after)
             .filter(|k| k.starts_with(&format!("{repo}/")))
@@ -375,7 +488,9 @@ async fn dry_run_lists_exactly_what_the_real_run_deletes(t: TestStore) {
 }
 
 async fn request_counts_are_close_to_the_minimum(t: TestStore) {
-    let f = Fixture { store: t.store.as_ref() };
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
     let img = f.image("app", "v1").await;
     f.layout("app", &[(Some("v1"), &img)]).await;
     let big = vec![7u8; 5 * 1024 * 1024];

@@ -44,13 +44,20 @@ pub async fn delete_repositories(
     Ok(report)
 }
 
-async fn delete_one(store: &Instrumented, layout: &dyn Layout, name: &str, dry_run: bool) -> RepoReport {
+async fn delete_one(
+    store: &Instrumented,
+    layout: &dyn Layout,
+    name: &str,
+    dry_run: bool,
+) -> RepoReport {
     let mut report = RepoReport::new(name, RepoStatus::Ok);
     let objects = match list_all(store, &layout.repository_prefix(name)).await {
         Ok(o) => o,
         Err(e) => {
             report.status = RepoStatus::Failed;
-            report.errors.push(format!("listing failed, nothing deleted: {e}"));
+            report
+                .errors
+                .push(format!("listing failed, nothing deleted: {e}"));
             return report;
         }
     };

@@ -130,7 +130,8 @@ pub async fn mark(ctx: &MarkContext<'_>, roots: &Roots) -> Result<Marked, FailCl
                 if manifest::should_read(kind, d.media_type.as_deref(), size) {
                     wanted.push((d.digest, kind == ContentKind::Manifest));
                 } else if listed.is_none() {
-                    out.warnings.push(format!("blob {} is referenced but missing", d.digest));
+                    out.warnings
+                        .push(format!("blob {} is referenced but missing", d.digest));
                 }
             }
             out.manifests_fetched += wanted.len() as u64;

@@ -29,7 +29,7 @@ pub use delete_repo::{delete_repositories, DeleteRepoOptions};
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     /// The bucket listing failed, so no repository can be judged.
-    #[error("listing {bucket} failed: {source}")]
+    #[error("listing {bucket} failed")]
     List {
         bucket: String,
         #[source]
@@ -105,7 +105,10 @@ impl Default for GcOptions {
 }
 
 /// Lists every object under `prefix`, leaving out ocigc's own state.
-pub(crate) async fn list_all(store: &dyn Store, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+pub(crate) async fn list_all(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<Vec<ObjectMeta>, StoreError> {
     let pages: Vec<Vec<ObjectMeta>> = store.list(prefix).try_collect().await?;
     Ok(pages
         .into_iter()
@@ -231,7 +234,9 @@ impl RepoRun<'_> {
         let now = Instant::now();
         if self.run_deadline.is_some_and(|d| now >= d) {
             report.status = RepoStatus::Skipped;
-            report.errors.push("run time-out reached before this repository started".into());
+            report
+                .errors
+                .push("run time-out reached before this repository started".into());
             return report;
         }
         let deadline = match (self.run_deadline, self.repo_timeout.map(|t| now + t)) {
@@ -245,7 +250,9 @@ impl RepoRun<'_> {
                 Ok(r) => r,
                 Err(_) => {
                     report.status = RepoStatus::Timeout;
-                    report.errors.push("timed out while marking; nothing deleted".into());
+                    report
+                        .errors
+                        .push("timed out while marking; nothing deleted".into());
                     return report;
                 }
             },
@@ -256,7 +263,9 @@ impl RepoRun<'_> {
             Err(reason) => {
                 tracing::error!(repo = %repo.name, %reason, "repository failed closed");
                 report.status = RepoStatus::Failed;
-                report.errors.push(format!("failed closed, nothing deleted: {reason}"));
+                report
+                    .errors
+                    .push(format!("failed closed, nothing deleted: {reason}"));
                 return report;
             }
         };
@@ -289,7 +298,9 @@ impl RepoRun<'_> {
         report.deleted = swept.deleted;
         if swept.timed_out {
             report.status = RepoStatus::Timeout;
-            report.errors.push("timed out between delete batches".into());
+            report
+                .errors
+                .push("timed out between delete batches".into());
         }
         if !swept.errors.is_empty() {
             report.status = RepoStatus::Failed;

@@ -160,11 +160,26 @@ mod tests {
         let old = SystemTime::UNIX_EPOCH;
         let young = SystemTime::UNIX_EPOCH + Duration::from_secs(999_990);
         let future = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000);
-        assert_eq!(decide(true, old, policy(0, 0)), Decision::Keep(Reason::Reachable));
-        assert_eq!(decide(false, old, policy(60, 0)), Decision::Delete(Reason::Unreferenced));
-        assert_eq!(decide(false, young, policy(60, 0)), Decision::Keep(Reason::WithinGrace));
-        assert_eq!(decide(false, future, policy(60, 0)), Decision::Keep(Reason::WithinGrace));
-        assert_eq!(decide(false, young, policy(0, 0)), Decision::Delete(Reason::Unreferenced));
+        assert_eq!(
+            decide(true, old, policy(0, 0)),
+            Decision::Keep(Reason::Reachable)
+        );
+        assert_eq!(
+            decide(false, old, policy(60, 0)),
+            Decision::Delete(Reason::Unreferenced)
+        );
+        assert_eq!(
+            decide(false, young, policy(60, 0)),
+            Decision::Keep(Reason::WithinGrace)
+        );
+        assert_eq!(
+            decide(false, future, policy(60, 0)),
+            Decision::Keep(Reason::WithinGrace)
+        );
+        assert_eq!(
+            decide(false, young, policy(0, 0)),
+            Decision::Delete(Reason::Unreferenced)
+        );
         assert_eq!(
             decide(false, old, policy(60, 3600)),
             Decision::Keep(Reason::AwaitingSecondObservation)

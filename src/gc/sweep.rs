@@ -22,7 +22,11 @@ pub struct SweepOutcome {
 
 /// Deletes `items` in batches of at most [`MAX_DELETE_BATCH`], stopping before a batch if
 /// `deadline` has passed or after a batch that failed as a whole.
-pub async fn sweep(store: &dyn Store, items: Vec<Deleted>, deadline: Option<Instant>) -> SweepOutcome {
+pub async fn sweep(
+    store: &dyn Store,
+    items: Vec<Deleted>,
+    deadline: Option<Instant>,
+) -> SweepOutcome {
     let mut out = SweepOutcome::default();
     let mut rest = items.into_iter().peekable();
     while rest.peek().is_some() {
@@ -48,7 +52,8 @@ pub async fn sweep(store: &dyn Store, items: Vec<Deleted>, deadline: Option<Inst
             Err(e) => {
                 // The batch may or may not have been applied; stop rather than push on
                 // against a failing store. The next run sees what is left.
-                out.errors.push(format!("delete batch of {} keys: {e}", keys.len()));
+                out.errors
+                    .push(format!("delete batch of {} keys: {e}", keys.len()));
                 break;
             }
         }

@@ -50,10 +50,21 @@ mod tests {
 
     #[test]
     fn grammar() {
-        for ok in ["a", "library/alpine", "team/app/tools", "a.b", "a_b", "a__b", "a---b", "0x"] {
+        for ok in [
+            "a",
+            "library/alpine",
+            "team/app/tools",
+            "a.b",
+            "a_b",
+            "a__b",
+            "a---b",
+            "0x",
+        ] {
             assert!(validate_repository_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "A", "a/", "/a", "a//b", "-a", "a-", "a..b", "a___b", "a._b", "a b", "ä"] {
+        for bad in [
+            "", "A", "a/", "/a", "a//b", "-a", "a-", "a..b", "a___b", "a._b", "a b", "ä",
+        ] {
             assert!(validate_repository_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -20,7 +20,7 @@ const INDEX: &str = "index.json";
 pub struct OciLayout;
 
 /// The longest registered repository prefix that owns `key`.
-fn owner<'k>(key: &'k str, prefixes: &HashMap<String, usize>) -> Option<usize> {
+fn owner(key: &str, prefixes: &HashMap<String, usize>) -> Option<usize> {
     let mut end = key.len();
     while let Some(i) = key[..end].rfind('/') {
         if let Some(&idx) = prefixes.get(&key[..=i]) {
@@ -106,7 +106,12 @@ impl Layout for OciLayout {
     }
 
     fn blob_key(&self, repo: &Repository, digest: &Digest) -> String {
-        format!("{}blobs/{}/{}", repo.prefix, digest.algorithm(), digest.hex())
+        format!(
+            "{}blobs/{}/{}",
+            repo.prefix,
+            digest.algorithm(),
+            digest.hex()
+        )
     }
 
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
@@ -198,7 +203,10 @@ mod tests {
         );
         assert_eq!(
             keys(&p.repositories[2]),
-            ["team/app/tools/blobs/sha256/bb", "team/app/tools/oci-layout"]
+            [
+                "team/app/tools/blobs/sha256/bb",
+                "team/app/tools/oci-layout"
+            ]
         );
         assert_eq!(p.unowned, 1);
         assert_eq!(p.rejected.len(), 1);

@@ -305,7 +305,9 @@ impl Store for DirStore {
         let path = self.path_of(key)?;
         let k = key.to_string();
         blocking(Op::Get, key, move || {
-            fs::read(&path).map(Bytes::from).map_err(|e| io_err(Op::Get, &k, e))
+            fs::read(&path)
+                .map(Bytes::from)
+                .map_err(|e| io_err(Op::Get, &k, e))
         })
         .await
     }
@@ -374,7 +376,16 @@ mod tests {
 
     #[test]
     fn key_validation() {
-        for bad in ["", "/a", "a/", "a//b", "a/../b", "./a", ".ocigc-tmp/x", "a\0b"] {
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            "a/../b",
+            "./a",
+            ".ocigc-tmp/x",
+            "a\0b",
+        ] {
             assert!(validate_key(bad).is_err(), "{bad:?} should be rejected");
         }
         for good in ["a", "a/b/c", "repo/blobs/sha256/00", ".hidden/x"] {

@@ -13,7 +13,9 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use super::{DeleteFailure, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult};
+use super::{
+    DeleteFailure, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
+};
 
 /// Requests made, by operation (a LIST page and a batch delete count as one each).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -89,11 +91,15 @@ impl Instrumented {
         key: &str,
         fut: impl Future<Output = StoreResult<T>>,
     ) -> StoreResult<T> {
-        let _permit = self.permits.acquire().await.map_err(|_| StoreError::Request {
-            op,
-            key: key.to_string(),
-            message: "store closed".into(),
-        })?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Request {
+                op,
+                key: key.to_string(),
+                message: "store closed".into(),
+            })?;
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout {
@@ -113,22 +119,25 @@ impl Store for Instrumented {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         let pages = self.inner.list(prefix);
-        Box::pin(futures::stream::unfold(Some(pages), move |pages| async move {
-            let mut pages = pages?;
-            let next = self
-                .limited(Op::List, prefix, async { Ok(pages.next().await) })
-                .await;
-            match next {
-                Ok(Some(page)) => {
-                    // Counted once a page arrives: the end of a listing costs no request.
-                    self.counters.bump(Op::List);
-                    Some((page, Some(pages)))
+        Box::pin(futures::stream::unfold(
+            Some(pages),
+            move |pages| async move {
+                let mut pages = pages?;
+                let next = self
+                    .limited(Op::List, prefix, async { Ok(pages.next().await) })
+                    .await;
+                match next {
+                    Ok(Some(page)) => {
+                        // Counted once a page arrives: the end of a listing costs no request.
+                        self.counters.bump(Op::List);
+                        Some((page, Some(pages)))
+                    }
+                    Ok(None) => None,
+                    // A time-out ends the listing: its caller must not act on a partial view.
+                    Err(e) => Some((Err(e), None)),
                 }
-                Ok(None) => None,
-                // A time-out ends the listing: its caller must not act on a partial view.
-                Err(e) => Some((Err(e), None)),
-            }
-        }))
+            },
+        ))
     }
 
     async fn get(&self, key: &str) -> StoreResult<Bytes> {

@@ -7,11 +7,11 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
@@ -178,7 +178,7 @@ impl S3Store {
 
 fn map_err<E>(op: Op, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
 {
     let status = err.raw_response().map(|r| r.status().as_u16());
     if status == Some(404) {
@@ -187,18 +187,37 @@ where
             key: key.to_string(),
         };
     }
-    let message = match &err {
-        SdkError::TimeoutError(_) => "timed out".to_string(),
-        _ => match status {
-            Some(s) => format!("HTTP {s}: {}", DisplayErrorContext(&err)),
-            None => DisplayErrorContext(&err).to_string(),
-        },
+    let message = match (&err, status) {
+        (SdkError::TimeoutError(_), _) => "timed out".to_string(),
+        (SdkError::ServiceError(ctx), Some(s)) => {
+            let e = ctx.err();
+            match (e.code(), e.message()) {
+                (Some(code), Some(msg)) => format!("HTTP {s} {code}: {msg}"),
+                (Some(code), None) => format!("HTTP {s} {code}"),
+                _ => format!("HTTP {s}"),
+            }
+        }
+        _ => error_chain(&err),
     };
     StoreError::Request {
         op,
         key: key.to_string(),
         message,
     }
+}
+
+/// The error and its causes on one line, without the SDK's Debug dumps.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
 }
 
 fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
@@ -326,6 +345,7 @@ impl Store for S3Store {
             .bucket(&self.bucket)
             .key(self.full_key(key))
             .body(ByteStream::from(body));
+        let if_match = matches!(condition, PutCondition::IfMatch(_));
         req = match condition {
             PutCondition::None => req,
             PutCondition::IfNoneMatch => req.if_none_match("*"),
@@ -335,11 +355,13 @@ impl Store for S3Store {
             Ok(out) => Ok(PutOutcome::Written {
                 etag: out.e_tag().unwrap_or_default().to_string(),
             }),
-            // 409 is S3's answer when a concurrent conditional write to the same key won.
-            Err(e) if matches!(e.raw_response().map(|r| r.status().as_u16()), Some(412 | 409)) => {
-                Ok(PutOutcome::PreconditionFailed)
-            }
-            Err(e) => Err(map_err(Op::Put, key, e)),
+            Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+                // 409: a concurrent conditional write to the same key won.
+                Some(412 | 409) => Ok(PutOutcome::PreconditionFailed),
+                // If-Match on a key that does not exist: S3 answers 404.
+                Some(404) if if_match => Ok(PutOutcome::PreconditionFailed),
+                _ => Err(map_err(Op::Put, key, e)),
+            },
         }
     }
 

@@ -39,10 +39,10 @@ impl FromStr for BucketUrl {
                 ));
             }
             let prefix = prefix.trim_matches('/');
-            if prefix.split('/').any(|c| c == "." || c == "..")
-                || prefix.contains("//")
-            {
-                return Err(err("the prefix must not contain empty, '.' or '..' segments"));
+            if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+                return Err(err(
+                    "the prefix must not contain empty, '.' or '..' segments",
+                ));
             }
             return Ok(BucketUrl::S3 {
                 bucket: bucket.to_string(),
@@ -56,7 +56,9 @@ impl FromStr for BucketUrl {
             return Ok(BucketUrl::Dir(PathBuf::from(path)));
         }
         if url.contains("://") {
-            return Err(err("unsupported scheme: use s3://, file:// or a plain path"));
+            return Err(err(
+                "unsupported scheme: use s3://, file:// or a plain path",
+            ));
         }
         Ok(BucketUrl::Dir(PathBuf::from(url)))
     }
@@ -64,8 +66,7 @@ impl FromStr for BucketUrl {
 
 fn valid_bucket_name(b: &str) -> bool {
     (3..=63).contains(&b.len())
-        && b
-            .bytes()
+        && b.bytes()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
         && !b.starts_with(['.', '-'])
         && !b.ends_with(['.', '-'])
@@ -91,10 +92,7 @@ mod tests {
                 prefix: "".into()
             })
         );
-        assert_eq!(
-            "file:///srv/b".parse(),
-            Ok(BucketUrl::Dir("/srv/b".into()))
-        );
+        assert_eq!("file:///srv/b".parse(), Ok(BucketUrl::Dir("/srv/b".into())));
         assert_eq!(
             "examples/bucket".parse(),
             Ok(BucketUrl::Dir("examples/bucket".into()))
@@ -103,8 +101,18 @@ mod tests {
 
     #[test]
     fn rejects_bad() {
-        for bad in ["", "s3://", "s3://A_B", "s3://ok-bucket/a/../b", "gs://x", "file://rel"] {
-            assert!(bad.parse::<BucketUrl>().is_err(), "{bad} should be rejected");
+        for bad in [
+            "",
+            "s3://",
+            "s3://A_B",
+            "s3://ok-bucket/a/../b",
+            "gs://x",
+            "file://rel",
+        ] {
+            assert!(
+                bad.parse::<BucketUrl>().is_err(),
+                "{bad} should be rejected"
+            );
         }
     }
 }

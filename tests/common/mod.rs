@@ -171,7 +171,11 @@ impl Fixture<'_> {
     /// An OCI image (config + one layer + manifest) named `name`.
     pub async fn image(&self, repo: &str, name: &str) -> Desc {
         let config = self
-            .blob(repo, OCI_CONFIG, format!("{{\"name\":\"{name}\"}}").as_bytes())
+            .blob(
+                repo,
+                OCI_CONFIG,
+                format!("{{\"name\":\"{name}\"}}").as_bytes(),
+            )
             .await;
         let layer = self
             .blob(repo, OCI_LAYER, format!("layer of {name}").as_bytes())
@@ -180,7 +184,13 @@ impl Fixture<'_> {
     }
 
     /// An OCI image manifest with the given config and layers, optionally a referrer.
-    pub async fn manifest(&self, repo: &str, config: &Desc, layers: &[&Desc], subject: Option<&Desc>) -> Desc {
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        config: &Desc,
+        layers: &[&Desc],
+        subject: Option<&Desc>,
+    ) -> Desc {
         let mut m = json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
@@ -198,11 +208,18 @@ impl Fixture<'_> {
 
     /// A signature-like referrer of `subject`, stored only as blobs.
     pub async fn referrer(&self, repo: &str, subject: &Desc, name: &str) -> Desc {
-        let config = self.blob(repo, "application/vnd.oci.empty.v1+json", b"{}").await;
-        let payload = self
-            .blob(repo, "application/vnd.example.sig.v1", format!("signature {name}").as_bytes())
+        let config = self
+            .blob(repo, "application/vnd.oci.empty.v1+json", b"{}")
             .await;
-        self.manifest(repo, &config, &[&payload], Some(subject)).await
+        let payload = self
+            .blob(
+                repo,
+                "application/vnd.example.sig.v1",
+                format!("signature {name}").as_bytes(),
+            )
+            .await;
+        self.manifest(repo, &config, &[&payload], Some(subject))
+            .await
     }
 
     /// An image index (OCI or Docker list) over `children`.
@@ -217,8 +234,11 @@ impl Fixture<'_> {
 
     /// `oci-layout` and `index.json` listing `roots` (with an optional tag each).
     pub async fn layout(&self, repo: &str, roots: &[(Option<&str>, &Desc)]) {
-        self.put(&format!("{repo}/oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
-            .await;
+        self.put(
+            &format!("{repo}/oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .await;
         let manifests: Vec<Value> = roots
             .iter()
             .map(|(tag, d)| {
@@ -230,8 +250,11 @@ impl Fixture<'_> {
             })
             .collect();
         let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
-        self.put(&format!("{repo}/index.json"), &serde_json::to_vec(&index).expect("json"))
-            .await;
+        self.put(
+            &format!("{repo}/index.json"),
+            &serde_json::to_vec(&index).expect("json"),
+        )
+        .await;
     }
 }
 

@@ -1,0 +1,270 @@
+//! The `ocigc` binary: exit codes, flags and their environment fallbacks, reports, and the
+//! example bucket on both stores.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use futures::TryStreamExt;
+use serde_json::Value;
+
+fn ocigc(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocigc"));
+    cmd.args(args).env("OCIGC_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run ocigc")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exit code")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn copy_example(to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bucket");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+}
+
+fn read_report(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).expect("report written")).expect("report is JSON")
+}
+
+#[test]
+fn bad_usage_exits_2_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "Usage"),
+        (&["gc"], "--bucket"),
+        (&["gc", "--bucket", "gs://elsewhere"], "unsupported scheme"),
+        (
+            &["gc", "--bucket", "/nonexistent/ocigc/bucket"],
+            "cannot use",
+        ),
+        (&["gc", "--bucket", d, "--grace", "banana"], "--grace"),
+        (
+            &["gc", "--bucket", d, "--concurrency", "0"],
+            "--concurrency",
+        ),
+        (&["gc", "--bucket", d, "--layout", "zot"], "--layout"),
+        (&["gc", "--bucket", d, "--repo", "team/[app"], "--repo"),
+        (&["delete-repo", "--bucket", d], "NAME"),
+        (
+            &["delete-repo", "--bucket", d, "Team/App"],
+            "invalid repository name",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = ocigc(args, &[]);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn unreachable_store_exits_1_without_panicking() {
+    let started = std::time::Instant::now();
+    let out = ocigc(
+        &[
+            "gc",
+            "--bucket",
+            "s3://nowhere-bucket",
+            "--timeout-request",
+            "2s",
+            "--s3-path-style",
+        ],
+        &[
+            // Port 1 on loopback: nothing listens, the connection is refused at once.
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:1"),
+            ("AWS_ACCESS_KEY_ID", "x"),
+            ("AWS_SECRET_ACCESS_KEY", "x"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(code(&out), 1, "{err}");
+    assert!(err.contains("listing s3://nowhere-bucket failed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn example_bucket_via_environment_and_report_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    let report_path = dir.path().join("report.json");
+    let report_path_s = report_path.to_str().expect("utf-8");
+    let bucket = dir.path().to_str().expect("utf-8");
+    // Flags from the environment only.
+    let env = [
+        ("OCIGC_BUCKET", bucket),
+        ("OCIGC_GRACE", "0s"),
+        ("OCIGC_DELAY", "0s"),
+        ("OCIGC_REPORT", report_path_s),
+    ];
+    let out = ocigc(&["gc", "--dry-run"], &env);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let dry = read_report(&report_path);
+    assert_eq!(dry["dry_run"], Value::Bool(true));
+    assert_eq!(dry["totals"]["blobs_deleted"], 6);
+    assert!(stderr(&out).contains("would delete"), "{}", stderr(&out));
+
+    let out = ocigc(&["gc"], &env);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let real = read_report(&report_path);
+    assert_eq!(real["dry_run"], Value::Bool(false));
+    assert_eq!(real["totals"], dry["totals"]);
+    let repos = real["repositories"].as_array().expect("repositories");
+    let names: Vec<&str> = repos.iter().filter_map(|r| r["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "library/alpine",
+            "library/alpine-edge",
+            "team/app",
+            "team/app/tools"
+        ]
+    );
+    for r in repos {
+        assert_eq!(r["status"], "ok");
+        for d in r["deleted"].as_array().expect("deleted") {
+            let key = d["key"].as_str().expect("key");
+            assert!(!dir.path().join(key).exists(), "{key} still there");
+            assert_eq!(d["reason"], "unreferenced");
+            assert!(d["digest"].as_str().is_some_and(|s| key.ends_with(&s[7..])));
+        }
+    }
+    let sum: u64 = repos
+        .iter()
+        .flat_map(|r| r["deleted"].as_array().into_iter().flatten())
+        .filter_map(|d| d["size"].as_u64())
+        .sum();
+    assert_eq!(real["totals"]["bytes_deleted"].as_u64(), Some(sum));
+    assert!(dir.path().join("team/app/README").exists());
+
+    // The JSON report can also go to stdout.
+    let out = ocigc(&["gc", "--report", "-"], &env[..3]);
+    let again: Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON report");
+    assert_eq!(again["totals"]["blobs_deleted"], 0);
+}
+
+#[test]
+fn failed_closed_repository_exits_3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    std::fs::write(dir.path().join("team/app/index.json"), "{").expect("corrupt index");
+    let report_path = dir.path().join("r.json");
+    let out = ocigc(
+        &[
+            "gc",
+            "--bucket",
+            dir.path().to_str().expect("utf-8"),
+            "--grace",
+            "0s",
+            "--delay",
+            "0s",
+            "--report",
+            report_path.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let report = read_report(&report_path);
+    let app = report["repositories"]
+        .as_array()
+        .expect("repositories")
+        .iter()
+        .find(|r| r["name"] == "team/app")
+        .expect("team/app");
+    assert_eq!(app["status"], "failed");
+    assert_eq!(app["deleted"].as_array().map(Vec::len), Some(0));
+    assert!(
+        dir.path()
+            .join("team/app/blobs/sha256")
+            .read_dir()
+            .expect("blobs")
+            .count()
+            == 4
+    );
+    assert_eq!(report["totals"]["repositories_not_ok"], 1);
+}
+
+#[tokio::test]
+async fn example_bucket_on_s3_request_counts() {
+    let t = s3_store().await;
+    let example =
+        ocigc::store::DirStore::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bucket"))
+            .expect("example bucket");
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let pages: Vec<_> = ocigc::store::Store::list(&example, "")
+        .try_collect()
+        .await
+        .expect("list example");
+    for o in pages.into_iter().flatten() {
+        let body = ocigc::store::Store::get(&example, &o.key)
+            .await
+            .expect("read example");
+        f.put(&o.key, &body).await;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report_path = dir.path().join("r.json");
+    let bucket = format!("s3://{}", t.bucket);
+    let args = [
+        "gc",
+        "--bucket",
+        &bucket,
+        "--s3-path-style",
+        "--grace",
+        "0s",
+        "--delay",
+        "0s",
+        "--report",
+        report_path.to_str().expect("utf-8"),
+    ];
+    let endpoint = s3_endpoint();
+    let env = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let out = ocigc(&args, &env);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report = read_report(&report_path);
+    let req = &report["requests"];
+    eprintln!("example bucket on moto: requests {req}");
+    assert_eq!(report["totals"]["blobs_deleted"], 6);
+    // One LIST page for 41 objects; 4 index.json + 17 documents read; one delete batch for
+    // each of the 4 repositories with garbage.
+    assert_eq!(req["list"], 1);
+    assert_eq!(req["get"], 21);
+    assert_eq!(req["delete"], 4);
+    assert_eq!(req["put"], 0);
+    assert_eq!(req["head"], 0);
+    let left = keys(t.store.as_ref()).await;
+    assert_eq!(left.len(), 41 - 6);
+}
