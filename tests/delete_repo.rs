@@ -24,16 +24,7 @@ async fn delete(store: &Arc<dyn Store>, names: &[&str], dry_run: bool) -> Report
 }
 
 async fn populate(f: &Fixture<'_>) {
-    for repo in [
-        "library/alpine",
-        "library/alpine-edge",
-        "team/app",
-        "team/app/tools",
-    ] {
-        let img = f.image(repo, repo).await;
-        f.layout(repo, &[(Some("latest"), &img)]).await;
-        f.image(repo, &format!("{repo} garbage")).await;
-    }
+    f.neighbours().await;
     f.put("team/app/README", b"docs").await;
     f.put("_ocigc/unrelated", b"state").await;
 }

@@ -374,19 +374,7 @@ async fn nested_and_colliding_repositories(t: TestStore) {
     let f = Fixture {
         store: t.store.as_ref(),
     };
-    let mut kept = Vec::new();
-    let mut garbage = Vec::new();
-    for repo in [
-        "library/alpine",
-        "library/alpine-edge",
-        "team/app",
-        "team/app/tools",
-    ] {
-        let img = f.image(repo, repo).await;
-        f.layout(repo, &[(Some("latest"), &img)]).await;
-        kept.push((repo, img));
-        garbage.push((repo, f.image(repo, &format!("{repo} garbage")).await));
-    }
+    let repos = f.neighbours().await;
     // Only team/app: its nested repository and the neighbours are untouched.
     let report = gc(
         &t.store,
@@ -398,7 +386,7 @@ async fn nested_and_colliding_repositories(t: TestStore) {
     .await;
     assert_eq!(report.repositories.len(), 1);
     let k = keys(t.store.as_ref()).await;
-    for (repo, g) in &garbage {
+    for (repo, _, g) in &repos {
         if *repo == "team/app" {
             assert_gone(&k, repo, g, "selected repository");
         } else {
@@ -408,10 +396,8 @@ async fn nested_and_colliding_repositories(t: TestStore) {
     // Everything: blobs of nested repositories are never garbage of their parent.
     gc(&t.store, &eager()).await;
     let k = keys(t.store.as_ref()).await;
-    for (repo, img) in &kept {
+    for (repo, img, g) in &repos {
         assert_intact(&k, repo, img, "reachable image");
-    }
-    for (repo, g) in &garbage {
         assert_gone(&k, repo, g, "garbage");
     }
 }

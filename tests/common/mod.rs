@@ -24,6 +24,14 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
+/// Repositories that collide by prefix or nest.
+pub const NEIGHBOURS: [&str; 4] = [
+    "library/alpine",
+    "library/alpine-edge",
+    "team/app",
+    "team/app/tools",
+];
+
 /// A store under test; keeps its temporary directory alive.
 pub struct TestStore {
     pub store: Arc<dyn Store>,
@@ -230,6 +238,20 @@ impl Fixture<'_> {
             "manifests": children.iter().map(|c| c.json()).collect::<Vec<_>>(),
         });
         self.doc(repo, media_type, &doc, children).await
+    }
+
+    /// Four repositories whose names collide by prefix or nest (`library/alpine` and
+    /// `library/alpine-edge`, `team/app` and `team/app/tools`), each with one tagged image and
+    /// one garbage image. Returns (repository, kept image, garbage image).
+    pub async fn neighbours(&self) -> Vec<(&'static str, Desc, Desc)> {
+        let mut out = Vec::new();
+        for repo in NEIGHBOURS {
+            let img = self.image(repo, repo).await;
+            self.layout(repo, &[(Some("latest"), &img)]).await;
+            let garbage = self.image(repo, &format!("{repo} garbage")).await;
+            out.push((repo, img, garbage));
+        }
+        out
     }
 
     /// `oci-layout` and `index.json` listing `roots` (with an optional tag each).
