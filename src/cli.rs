@@ -240,7 +240,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 request_timeout,
                 repo_timeout: args.timeout_repo,
                 run_timeout: args.timeout_run,
-                now: None,
+                clock_offset: Duration::ZERO,
             };
             let report = gc::run_gc(store, layout, &opts)
                 .await

@@ -28,9 +28,12 @@ async fn get_head_put_roundtrip(t: TestStore) {
     let PutOutcome::Written { etag } = out else {
         panic!("unconditional put not written: {out:?}")
     };
+    let got = s.get("a/b").await.expect("get");
+    assert_eq!(got.body, Bytes::from_static(b"hello"));
     assert_eq!(
-        s.get("a/b").await.expect("get"),
-        Bytes::from_static(b"hello")
+        got.etag.as_deref(),
+        Some(etag.as_str()),
+        "GET and PUT ETags differ"
     );
     let head = s.head("a/b").await.expect("head").expect("exists");
     assert_eq!(head.size, 5);
@@ -77,7 +80,7 @@ async fn conditional_put(t: TestStore) {
         .expect("if-match wrong");
     assert_eq!(wrong, PutOutcome::PreconditionFailed);
     assert_eq!(
-        s.get("lease").await.expect("get"),
+        s.get("lease").await.expect("get").body,
         Bytes::from_static(b"one")
     );
     let right = s

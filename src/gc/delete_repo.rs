@@ -8,10 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::clock::BucketClock;
 use super::{finish_report, list_all, new_report, sweep, GcError};
 use crate::gc::plan::Reason;
 use crate::layout::{KeyKind, Layout};
-use crate::report::{Deleted, RepoReport, RepoStatus, Report};
+use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, Store};
 
 /// Settings of a `delete-repo` run.
@@ -35,12 +36,19 @@ pub async fn delete_repositories(
 ) -> Result<Report, GcError> {
     let store = Instrumented::new(store, opts.concurrency, opts.request_timeout);
     let mut report = new_report("delete-repo", &store, layout.as_ref(), opts.dry_run);
+    let clock = BucketClock::probe(&store, &report.run_id)
+        .await
+        .map_err(|source| GcError::Clock {
+            bucket: store.describe(),
+            source,
+        })?;
+    report.started_at = timestamp(clock.now());
     for name in names {
         let r = delete_one(&store, layout.as_ref(), name, opts.dry_run).await;
         tracing::info!(run_id = %report.run_id, repo = %name, status = ?r.status, deleted = r.deleted.len(), "repository deletion");
         report.repositories.push(r);
     }
-    finish_report(&mut report, &store);
+    finish_report(&mut report, &store, &clock);
     Ok(report)
 }
 

@@ -57,7 +57,7 @@ impl MarkContext<'_> {
     async fn read(&self, digest: &Digest, must_parse: bool) -> Result<Read, FailClosed> {
         let key = self.layout.blob_key(self.repo, digest);
         let body = match self.store.get(&key).await {
-            Ok(b) => b,
+            Ok(o) => o.body,
             Err(StoreError::NotFound { .. }) => return Ok(Read::Missing),
             // An unreadable document might reference anything: nothing is safe to delete.
             Err(e) => return Err(FailClosed(format!("cannot read {key}: {e}"))),

@@ -3,6 +3,7 @@
 //! Layout- and store-agnostic: everything layout-specific goes through [`Layout`], every request
 //! through [`Instrumented`] (concurrency bound, time-out, counts).
 
+pub mod clock;
 mod delete_repo;
 pub mod mark;
 pub mod plan;
@@ -34,6 +35,13 @@ pub enum GcError {
         bucket: String,
         #[source]
         source: StoreError,
+    },
+    /// The store's time could not be read (the first request of every run).
+    #[error("cannot use {bucket}")]
+    Clock {
+        bucket: String,
+        #[source]
+        source: clock::ClockError,
     },
     /// The run time-out passed while the bucket was still being listed.
     #[error("run time-out of {0:?} reached while listing the bucket")]
@@ -84,8 +92,8 @@ pub struct GcOptions {
     pub repo_timeout: Option<Duration>,
     /// Time-out of the whole run.
     pub run_timeout: Option<Duration>,
-    /// The current time; `None` uses the system clock.
-    pub now: Option<SystemTime>,
+    /// Added to the bucket clock: simulates the passage of time (tests, drills). Zero in use.
+    pub clock_offset: Duration,
 }
 
 impl Default for GcOptions {
@@ -99,7 +107,7 @@ impl Default for GcOptions {
             request_timeout: Duration::from_secs(60),
             repo_timeout: None,
             run_timeout: None,
-            now: None,
+            clock_offset: Duration::ZERO,
         }
     }
 }
@@ -141,9 +149,9 @@ pub(crate) fn new_report(
     }
 }
 
-pub(crate) fn finish_report(report: &mut Report, store: &Instrumented) {
+pub(crate) fn finish_report(report: &mut Report, store: &Instrumented, clock: &clock::BucketClock) {
     report.repositories.sort_by(|a, b| a.name.cmp(&b.name));
-    report.finished_at = timestamp(SystemTime::now());
+    report.finished_at = timestamp(clock.now());
     report.requests = store.counts();
     report.compute_totals();
 }
@@ -161,6 +169,14 @@ pub async fn run_gc(
     let run_deadline = opts.run_timeout.map(|t| Instant::now() + t);
     tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
 
+    let clock = clock::BucketClock::probe(&store, &report.run_id)
+        .await
+        .map_err(|source| GcError::Clock {
+            bucket: store.describe(),
+            source,
+        })?
+        .ahead_by(opts.clock_offset);
+    report.started_at = timestamp(clock.now());
     let listing = list_all(&store, "");
     let objects = match run_deadline {
         Some(d) => tokio::time::timeout_at(d, listing)
@@ -180,7 +196,7 @@ pub async fn run_gc(
         tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
     }
     let policy = PlanPolicy {
-        now: opts.now.unwrap_or_else(SystemTime::now),
+        now: clock.now(),
         grace: opts.grace,
         delay: opts.delay,
     };
@@ -203,7 +219,7 @@ pub async fn run_gc(
         .buffer_unordered(opts.concurrency.max(1))
         .collect()
         .await;
-    finish_report(&mut report, &store);
+    finish_report(&mut report, &store, &clock);
     tracing::info!(
         run_id = %report.run_id,
         repositories = report.totals.repositories,

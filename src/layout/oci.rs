@@ -116,8 +116,8 @@ impl Layout for OciLayout {
 
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
         let key = format!("{}{INDEX}", repo.prefix);
-        let body = match store.get(&key).await {
-            Ok(b) => b,
+        let object = match store.get(&key).await {
+            Ok(o) => o,
             Err(StoreError::NotFound { .. }) => return Err(RootsError::Missing(key)),
             Err(e) => return Err(e.into()),
         };
@@ -125,17 +125,18 @@ impl Layout for OciLayout {
             key: key.clone(),
             reason,
         };
-        let has_manifests = serde_json::from_slice::<serde_json::Value>(&body)
+        let body = &object.body;
+        let has_manifests = serde_json::from_slice::<serde_json::Value>(body)
             .map_err(|e| invalid(e.to_string()))?
             .get("manifests")
             .is_some_and(serde_json::Value::is_array);
         if !has_manifests {
             return Err(invalid("no \"manifests\" array".into()));
         }
-        let refs = manifest::references(&body).map_err(|e| invalid(e.to_string()))?;
+        let refs = manifest::references(body).map_err(|e| invalid(e.to_string()))?;
         Ok(Roots {
             descriptors: refs.children,
-            version: None,
+            version: object.etag,
         })
     }
 

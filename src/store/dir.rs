@@ -15,7 +15,7 @@ use futures::stream::BoxStream;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    DeleteFailure, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
+    DeleteFailure, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
 };
 
 /// Directory (relative to the root) that holds temporary files and the lock; never listed.
@@ -301,13 +301,15 @@ impl Store for DirStore {
         }))
     }
 
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+    async fn get(&self, key: &str) -> StoreResult<Object> {
         let path = self.path_of(key)?;
         let k = key.to_string();
         blocking(Op::Get, key, move || {
-            fs::read(&path)
-                .map(Bytes::from)
-                .map_err(|e| io_err(Op::Get, &k, e))
+            let body = fs::read(&path).map_err(|e| io_err(Op::Get, &k, e))?;
+            Ok(Object {
+                etag: Some(etag_of(&body)),
+                body: Bytes::from(body),
+            })
         })
         .await
     }

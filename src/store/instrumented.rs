@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use super::{
-    DeleteFailure, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
+    DeleteFailure, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
 };
 
 /// Requests made, by operation (a LIST page and a batch delete count as one each).
@@ -140,7 +140,7 @@ impl Store for Instrumented {
         ))
     }
 
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+    async fn get(&self, key: &str) -> StoreResult<Object> {
         self.call(Op::Get, key, self.inner.get(key)).await
     }
 

@@ -34,6 +34,15 @@ pub struct ObjectMeta {
     pub etag: Option<String>,
 }
 
+/// A whole object as read by GET.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    /// The content.
+    pub body: Bytes,
+    /// Entity tag of exactly this content, where the store gives one.
+    pub etag: Option<String>,
+}
+
 /// Precondition of a conditional PUT.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PutCondition {
@@ -143,8 +152,8 @@ pub trait Store: Send + Sync {
     /// Lists every object under `prefix` in pages of at most 1000, in no particular order.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>>;
 
-    /// Reads a whole object.
-    async fn get(&self, key: &str) -> StoreResult<Bytes>;
+    /// Reads a whole object and its ETag.
+    async fn get(&self, key: &str) -> StoreResult<Object>;
 
     /// Reads an object's metadata, `None` if it does not exist.
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>>;

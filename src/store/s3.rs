@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use super::{
-    DeleteFailure, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
+    DeleteFailure, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
 };
 
 /// Behaviour defaults are pinned so an SDK upgrade cannot silently change retries or checksums.
@@ -291,7 +291,7 @@ impl Store for S3Store {
         }))
     }
 
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+    async fn get(&self, key: &str) -> StoreResult<Object> {
         let out = self
             .client
             .get_object()
@@ -300,12 +300,16 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| map_err(Op::Get, key, e))?;
+        let etag = out.e_tag().map(str::to_string);
         let body = out.body.collect().await.map_err(|e| StoreError::Request {
             op: Op::Get,
             key: key.to_string(),
             message: format!("reading body: {e}"),
         })?;
-        Ok(body.into_bytes())
+        Ok(Object {
+            body: body.into_bytes(),
+            etag,
+        })
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {

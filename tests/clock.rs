@@ -1,0 +1,110 @@
+//! The bucket clock: a store whose clock is hours away from the host's must not change what
+//! is deleted. The store here reports every `LastModified` shifted by a fixed skew, exactly as
+//! a store with a wrong clock would, while the host clock stays right.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::*;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use ocigc::gc::GcOptions;
+use ocigc::store::{
+    DeleteFailure, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
+};
+
+/// A store whose clock runs `ahead` (or behind) the host's.
+struct Skewed {
+    inner: Arc<dyn Store>,
+    ahead: bool,
+    by: Duration,
+}
+
+impl Skewed {
+    fn shift(&self, mut o: ObjectMeta) -> ObjectMeta {
+        o.last_modified = if self.ahead {
+            o.last_modified + self.by
+        } else {
+            o.last_modified - self.by
+        };
+        o
+    }
+}
+
+#[async_trait]
+impl Store for Skewed {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        Box::pin(
+            self.inner
+                .list(prefix)
+                .map(move |page| page.map(|p| p.into_iter().map(|o| self.shift(o)).collect())),
+        )
+    }
+    async fn get(&self, key: &str) -> StoreResult<Object> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        Ok(self.inner.head(key).await?.map(|o| self.shift(o)))
+    }
+    async fn put(&self, key: &str, body: Bytes, c: PutCondition) -> StoreResult<PutOutcome> {
+        self.inner.put(key, body, c).await
+    }
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
+        self.inner.delete_batch(keys).await
+    }
+}
+
+async fn skew_does_not_change_decisions(t: TestStore) {
+    for ahead in [false, true] {
+        let repo = if ahead { "ahead" } else { "behind" };
+        let f = Fixture {
+            store: t.store.as_ref(),
+        };
+        let img = f.image(repo, "v1").await;
+        let garbage = f.image(repo, "garbage").await;
+        f.layout(repo, &[(Some("v1"), &img)]).await;
+        let skewed: Arc<dyn Store> = Arc::new(Skewed {
+            inner: t.store.clone(),
+            ahead,
+            by: Duration::from_secs(5 * 3600),
+        });
+        let opts = GcOptions {
+            grace: Duration::from_secs(3600),
+            repos: only(&[repo]),
+            ..eager()
+        };
+        // Just written, on the store's clock: young whatever the host believes. A host-clock
+        // GC would call the garbage 5 h old with the store behind, and delete it.
+        let report = gc(&skewed, &opts).await;
+        assert!(
+            repo_report(&report, repo).deleted.is_empty(),
+            "{repo}: young garbage deleted"
+        );
+        assert_intact(
+            &keys(t.store.as_ref()).await,
+            repo,
+            &garbage,
+            "young garbage",
+        );
+        // Two hours later on the store's clock it is old: a host-clock GC with the store ahead
+        // would still see it as written in the future, and keep it for ever.
+        let later = GcOptions {
+            clock_offset: Duration::from_secs(2 * 3600),
+            ..opts
+        };
+        let report = gc(&skewed, &later).await;
+        assert_eq!(repo_report(&report, repo).deleted.len(), 3, "{repo}");
+        let k = keys(t.store.as_ref()).await;
+        assert_gone(&k, repo, &garbage, "old garbage");
+        assert_intact(&k, repo, &img, "reachable image");
+    }
+}
+
+both_stores!(skew_does_not_change_decisions);
