@@ -240,6 +240,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 request_timeout,
                 repo_timeout: args.timeout_repo,
                 run_timeout: args.timeout_run,
+                lease_ttl: Duration::from_secs(600),
                 clock_offset: Duration::ZERO,
             };
             let report = gc::run_gc(store, layout, &opts)
@@ -258,6 +259,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 dry_run: args.store.dry_run,
                 concurrency: usize::from(args.store.concurrency),
                 request_timeout,
+                lease_ttl: Duration::from_secs(600),
             };
             let report = gc::delete_repositories(store, layout, &args.names, &opts)
                 .await

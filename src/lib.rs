@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod digest;
+pub mod failpoint;
 pub mod gc;
 pub mod layout;
 pub mod manifest;

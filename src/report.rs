@@ -76,6 +76,12 @@ pub struct RepoReport {
     pub manifests_fetched: u64,
     /// Deleted keys (would-be deleted in a dry run).
     pub deleted: Vec<Deleted>,
+    /// Candidates that a re-check before their delete batch found referenced again: kept.
+    pub rescued: u64,
+    /// Digests this run deleted that the verify pass found referenced: must stay empty.
+    pub dangling_references: Vec<Digest>,
+    /// True when another collector held the repository's lease.
+    pub lease_conflict: bool,
     /// Non-fatal findings, e.g. a missing layer.
     pub warnings: Vec<String>,
     /// What made the repository fail or time out.
@@ -95,6 +101,9 @@ impl RepoReport {
             other_keys: 0,
             manifests_fetched: 0,
             deleted: Vec::new(),
+            rescued: 0,
+            dangling_references: Vec::new(),
+            lease_conflict: false,
             warnings: Vec::new(),
             errors: Vec::new(),
         }
@@ -133,6 +142,12 @@ pub struct Totals {
     pub bytes_deleted: u64,
     /// Manifests read.
     pub manifests_fetched: u64,
+    /// Candidates kept because a re-check found them referenced again.
+    pub rescued: u64,
+    /// Deleted blobs found referenced afterwards (must be 0).
+    pub dangling_references: u64,
+    /// Repositories skipped because another collector held the lease.
+    pub lease_conflicts: u64,
 }
 
 /// The report of one `gc` or `delete-repo` run.
@@ -195,6 +210,9 @@ impl Report {
             t.blobs_deleted += r.deleted.len() as u64;
             t.bytes_deleted += r.bytes_deleted();
             t.manifests_fetched += r.manifests_fetched;
+            t.rescued += r.rescued;
+            t.dangling_references += r.dangling_references.len() as u64;
+            t.lease_conflicts += u64::from(r.lease_conflict);
         }
         self.totals = t;
     }

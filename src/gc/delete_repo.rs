@@ -3,14 +3,20 @@
 //! Only the repository's own prefix is listed, and the layout separates out repositories
 //! nested below it, so `team/app` never touches `team/app/tools` or `team/app-edge`. Keys go
 //! in the layout's phases (for `oci`: `index.json` first so pulls stop resolving, the
-//! `oci-layout` marker last so an interrupted deletion is found again and resumed).
+//! `oci-layout` marker last so an interrupted deletion is found again and resumed). The work
+//! runs under the repository's lease, so it never interleaves with a collector; ocigc's own
+//! state for the repository (pending candidates, intents) goes with it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::clock::BucketClock;
-use super::{finish_report, list_all, new_report, sweep, GcError};
+use async_trait::async_trait;
+
+use super::lease::{Acquired, Lease, Leases};
+use super::sweep::Guard;
+use super::{finish_report, list_all, new_report, probe_clock, sweep, GcError};
 use crate::gc::plan::Reason;
+use crate::gc::{intent, state};
 use crate::layout::{KeyKind, Layout};
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, Store};
@@ -24,6 +30,8 @@ pub struct DeleteRepoOptions {
     pub concurrency: usize,
     /// Time-out of one store request, retries included.
     pub request_timeout: Duration,
+    /// Lifetime of the repository lease between renewals.
+    pub lease_ttl: Duration,
 }
 
 /// Deletes the named repositories (names must already be validated). A repository that no
@@ -36,15 +44,16 @@ pub async fn delete_repositories(
 ) -> Result<Report, GcError> {
     let store = Instrumented::new(store, opts.concurrency, opts.request_timeout);
     let mut report = new_report("delete-repo", &store, layout.as_ref(), opts.dry_run);
-    let clock = BucketClock::probe(&store, &report.run_id)
-        .await
-        .map_err(|source| GcError::Clock {
-            bucket: store.describe(),
-            source,
-        })?;
+    let clock = probe_clock(&store, &report.run_id).await?;
     report.started_at = timestamp(clock.now());
+    let leases = Leases {
+        store: &store,
+        clock,
+        owner: report.run_id.clone(),
+        ttl: opts.lease_ttl,
+    };
     for name in names {
-        let r = delete_one(&store, layout.as_ref(), name, opts.dry_run).await;
+        let r = delete_one(&store, layout.as_ref(), &leases, name, opts.dry_run).await;
         tracing::info!(run_id = %report.run_id, repo = %name, status = ?r.status, deleted = r.deleted.len(), "repository deletion");
         report.repositories.push(r);
     }
@@ -52,15 +61,32 @@ pub async fn delete_repositories(
     Ok(report)
 }
 
+struct LeaseGuard<'a, 'l> {
+    leases: &'a Leases<'l>,
+    lease: &'a mut Lease,
+}
+
+#[async_trait]
+impl Guard for LeaseGuard<'_, '_> {
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
+        self.leases
+            .keep(self.lease)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(batch)
+    }
+}
+
 async fn delete_one(
     store: &Instrumented,
     layout: &dyn Layout,
+    leases: &Leases<'_>,
     name: &str,
     dry_run: bool,
 ) -> RepoReport {
     let mut report = RepoReport::new(name, RepoStatus::Ok);
     let objects = match list_all(store, &layout.repository_prefix(name)).await {
-        Ok(o) => o,
+        Ok(l) => l.objects,
         Err(e) => {
             report.status = RepoStatus::Failed;
             report
@@ -82,8 +108,8 @@ async fn delete_one(
     };
     report.objects = repo.objects.len() as u64;
     report.bytes = repo.objects.iter().map(|o| o.size).sum();
-    for phase in layout.deletion_phases(&repo) {
-        let items: Vec<Deleted> = phase
+    let to_delete = |phase: Vec<crate::store::ObjectMeta>| -> Vec<Deleted> {
+        phase
             .into_iter()
             .map(|o| Deleted {
                 digest: match layout.classify(&repo, &o.key) {
@@ -94,19 +120,61 @@ async fn delete_one(
                 size: o.size,
                 reason: Reason::RepositoryDeleted,
             })
-            .collect();
-        if dry_run {
-            report.deleted.extend(items);
-            continue;
+            .collect()
+    };
+    if dry_run {
+        for phase in layout.deletion_phases(&repo) {
+            report.deleted.extend(to_delete(phase));
         }
-        let swept = sweep::sweep(store, items, None).await;
+        return report;
+    }
+    let mut lease = match leases.acquire(name).await {
+        Ok(Acquired::Ours(l)) => l,
+        Ok(Acquired::Held { owner, expires_at }) => {
+            report.status = RepoStatus::Skipped;
+            report.lease_conflict = true;
+            report.errors.push(format!(
+                "lease held by {owner} until {expires_at}; nothing deleted, run again later"
+            ));
+            return report;
+        }
+        Err(e) => {
+            report.status = RepoStatus::Failed;
+            report
+                .errors
+                .push(format!("taking the lease failed, nothing deleted: {e}"));
+            return report;
+        }
+    };
+    let mut guard = LeaseGuard {
+        leases,
+        lease: &mut lease,
+    };
+    for (i, phase) in layout.deletion_phases(&repo).into_iter().enumerate() {
+        let swept = sweep::sweep(store, to_delete(phase), None, &mut guard).await;
         report.deleted.extend(swept.deleted);
-        if !swept.errors.is_empty() {
+        let failed = !swept.errors.is_empty() || swept.stopped.is_some();
+        report.errors.extend(swept.errors);
+        report.errors.extend(swept.stopped);
+        if failed {
             // Later phases wait: the marker must outlive every other key.
             report.status = RepoStatus::Failed;
-            report.errors.extend(swept.errors);
             break;
         }
+        crate::failpoint::hit(&format!("delete-repo-phase-{i}"));
     }
+    if report.status == RepoStatus::Ok {
+        // ocigc's own state for the repository goes last: a crash before this point leaves
+        // it for the resumed deletion, which removes it then.
+        let mut keys = vec![state::pending_key(name)];
+        match intent::list_intents(store, name).await {
+            Ok(listed) => keys.extend(listed.into_iter().map(|o| o.key)),
+            Err(e) => report.warnings.push(format!("listing intents: {e}")),
+        }
+        if let Err(e) = store.delete_batch(&keys).await {
+            report.warnings.push(format!("removing state: {e}"));
+        }
+    }
+    leases.release(lease).await;
     report
 }

@@ -1,16 +1,19 @@
 //! Marking: everything reachable from a repository's roots.
 //!
-//! Breadth-first over descriptors, reading each manifest once with bounded concurrency. Then
-//! one pass over the small unreferenced blobs finds referrers that no index lists (a manifest
-//! whose `subject` is reachable is reachable too, and so are its own referrers), and marking
-//! continues from them until nothing changes.
+//! Breadth-first over descriptors, reading each document once with bounded concurrency. The
+//! first time, one pass over the small unreferenced blobs finds referrers that no index lists (a
+//! manifest whose `subject` is reachable is reachable too, and so are its own referrers), and
+//! marking continues from them until nothing changes.
+//!
+//! A [`Marker`] keeps what it has read, so the re-check before each delete batch and the verify
+//! pass after the sweep only fetch documents that are new since the first mark.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures::{stream, StreamExt};
 
 use crate::digest::Digest;
-use crate::layout::{Layout, Repository, Roots};
+use crate::layout::{Layout, Repository};
 use crate::manifest::{self, ContentKind, Descriptor, References, MAX_MANIFEST_SIZE};
 use crate::store::{ObjectMeta, Store, StoreError};
 
@@ -18,17 +21,6 @@ use crate::store::{ObjectMeta, Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct FailClosed(pub String);
-
-/// What marking found.
-#[derive(Debug, Default)]
-pub struct Marked {
-    /// Reachable digests (present in the bucket or not).
-    pub reachable: HashSet<Digest>,
-    /// Documents read.
-    pub manifests_fetched: u64,
-    /// Non-fatal findings.
-    pub warnings: Vec<String>,
-}
 
 /// Inputs that stay fixed while one repository is marked.
 pub struct MarkContext<'a> {
@@ -53,10 +45,172 @@ enum Read {
     Missing,
 }
 
-impl MarkContext<'_> {
+/// Marks a repository and remembers what it read.
+pub struct Marker<'a> {
+    ctx: MarkContext<'a>,
+    /// Documents already read: `Some(references)`, or `None` for opaque or missing blobs.
+    docs: HashMap<Digest, Option<References>>,
+    /// Referrers found among unreferenced blobs, by subject.
+    referrers: HashMap<Digest, Vec<Descriptor>>,
+    scanned: bool,
+    /// Everything found reachable by any [`Marker::mark`] call of this run (never shrinks).
+    pub reachable: HashSet<Digest>,
+    /// Documents read.
+    pub manifests_fetched: u64,
+    /// Non-fatal findings.
+    pub warnings: BTreeSet<String>,
+}
+
+impl<'a> Marker<'a> {
+    /// A marker with nothing read yet.
+    pub fn new(ctx: MarkContext<'a>) -> Marker<'a> {
+        Marker {
+            ctx,
+            docs: HashMap::new(),
+            referrers: HashMap::new(),
+            scanned: false,
+            reachable: HashSet::new(),
+            manifests_fetched: 0,
+            warnings: BTreeSet::new(),
+        }
+    }
+
+    /// Adds everything reachable from `roots` to [`Marker::reachable`].
+    pub async fn mark(&mut self, roots: &[Descriptor]) -> Result<(), FailClosed> {
+        let seen = self.closure(roots).await?;
+        self.reachable.extend(seen);
+        Ok(())
+    }
+
+    /// Everything reachable from `roots` alone (the cache is used and extended).
+    pub async fn closure(&mut self, roots: &[Descriptor]) -> Result<HashSet<Digest>, FailClosed> {
+        let mut seen = HashSet::new();
+        self.expand(&mut seen, roots.to_vec()).await?;
+        if !self.scanned {
+            self.scanned = true;
+            self.scan_for_referrers(&seen).await?;
+            let more: Vec<Descriptor> = self
+                .referrers
+                .iter()
+                .filter(|(subject, _)| seen.contains(*subject))
+                .flat_map(|(_, rs)| rs.iter().cloned())
+                .collect();
+            self.expand(&mut seen, more).await?;
+        }
+        Ok(seen)
+    }
+
+    async fn expand(
+        &mut self,
+        seen: &mut HashSet<Digest>,
+        mut frontier: Vec<Descriptor>,
+    ) -> Result<(), FailClosed> {
+        while !frontier.is_empty() {
+            let mut next = Vec::new();
+            let mut wanted = Vec::new();
+            for d in frontier.drain(..) {
+                if !seen.insert(d.digest.clone()) {
+                    continue;
+                }
+                if let Some(rs) = self.referrers.get(&d.digest) {
+                    next.extend(rs.iter().cloned());
+                }
+                let kind = manifest::content_kind(d.media_type.as_deref());
+                match self.docs.get(&d.digest) {
+                    Some(Some(doc)) => {
+                        next.extend(doc.children.iter().cloned());
+                        continue;
+                    }
+                    // Read earlier and found unparseable or gone, but a manifest after all:
+                    // the same failure as reading it here.
+                    Some(None) if kind == ContentKind::Manifest => {
+                        return Err(FailClosed(format!(
+                            "manifest {} is missing or unparseable",
+                            d.digest
+                        )));
+                    }
+                    Some(None) => continue,
+                    None => {}
+                }
+                let listed = self.ctx.blobs.get(&d.digest);
+                let size = listed.map(|o| o.size).or(d.size);
+                if manifest::should_read(kind, d.media_type.as_deref(), size) {
+                    wanted.push((d.digest, kind == ContentKind::Manifest));
+                } else if listed.is_none() {
+                    self.warnings
+                        .insert(format!("blob {} is referenced but missing", d.digest));
+                }
+            }
+            for (digest, must_parse, read) in self.read_all(wanted).await {
+                match read? {
+                    Read::Doc(refs) => {
+                        next.extend(refs.children.iter().cloned());
+                        if must_parse {
+                            for u in &refs.unsupported {
+                                self.warnings
+                                    .insert(format!("{digest}: unsupported reference kept: {u}"));
+                            }
+                        }
+                        self.docs.insert(digest, Some(refs));
+                    }
+                    Read::Opaque => {
+                        self.docs.insert(digest, None);
+                    }
+                    Read::Missing if must_parse => {
+                        return Err(FailClosed(format!(
+                            "manifest {digest} is referenced but missing"
+                        )));
+                    }
+                    Read::Missing => {
+                        self.warnings
+                            .insert(format!("blob {digest} is referenced but missing"));
+                    }
+                }
+            }
+            frontier = next;
+        }
+        Ok(())
+    }
+
+    /// Referrers may exist only as blobs: reads each small unreferenced blob once and indexes
+    /// the manifests among them by their `subject`.
+    async fn scan_for_referrers(&mut self, seen: &HashSet<Digest>) -> Result<(), FailClosed> {
+        let candidates: Vec<(Digest, bool)> = self
+            .ctx
+            .blobs
+            .iter()
+            .filter(|(d, o)| {
+                o.size <= MAX_MANIFEST_SIZE && !seen.contains(*d) && !self.docs.contains_key(*d)
+            })
+            .map(|(d, _)| ((*d).clone(), false))
+            .collect();
+        for (digest, _, read) in self.read_all(candidates).await {
+            match read? {
+                Read::Doc(refs) => {
+                    if let Some(subject) = &refs.subject {
+                        self.referrers
+                            .entry(subject.digest.clone())
+                            .or_default()
+                            .push(Descriptor {
+                                media_type: None,
+                                digest: digest.clone(),
+                                size: None,
+                            });
+                    }
+                    self.docs.insert(digest, Some(refs));
+                }
+                // Gone since the listing (another collector), or not a document.
+                Read::Opaque | Read::Missing => {
+                    self.docs.insert(digest, None);
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn read(&self, digest: &Digest, must_parse: bool) -> Result<Read, FailClosed> {
-        let key = self.layout.blob_key(self.repo, digest);
-        let body = match self.store.get(&key).await {
+        let key = self.ctx.layout.blob_key(self.ctx.repo, digest);
+        let body = match self.ctx.store.get(&key).await {
             Ok(o) => o.body,
             Err(StoreError::NotFound { .. }) => return Ok(Read::Missing),
             // An unreadable document might reference anything: nothing is safe to delete.
@@ -73,137 +227,18 @@ impl MarkContext<'_> {
     }
 
     async fn read_all(
-        &self,
+        &mut self,
         wanted: Vec<(Digest, bool)>,
     ) -> Vec<(Digest, bool, Result<Read, FailClosed>)> {
+        self.manifests_fetched += wanted.len() as u64;
+        let this = &*self;
         stream::iter(wanted)
             .map(|(d, must)| async move {
-                let r = self.read(&d, must).await;
+                let r = this.read(&d, must).await;
                 (d, must, r)
             })
-            .buffer_unordered(self.concurrency.max(1))
+            .buffer_unordered(this.ctx.concurrency.max(1))
             .collect()
             .await
-    }
-}
-
-/// Marks everything reachable from `roots`.
-pub async fn mark(ctx: &MarkContext<'_>, roots: &Roots) -> Result<Marked, FailClosed> {
-    let mut out = Marked::default();
-    // Documents already read: Some(references) or None for opaque blobs.
-    let mut docs: HashMap<Digest, Option<References>> = HashMap::new();
-    // Referrers found among unreferenced blobs, by subject.
-    let mut referrers: HashMap<Digest, Vec<Descriptor>> = HashMap::new();
-    let mut frontier: Vec<Descriptor> = roots.descriptors.clone();
-    let mut scanned = false;
-
-    loop {
-        while !frontier.is_empty() {
-            let mut next = Vec::new();
-            let mut wanted = Vec::new();
-            for d in frontier.drain(..) {
-                if !out.reachable.insert(d.digest.clone()) {
-                    continue;
-                }
-                if let Some(rs) = referrers.get(&d.digest) {
-                    next.extend(rs.iter().cloned());
-                }
-                let kind = manifest::content_kind(d.media_type.as_deref());
-                match docs.get(&d.digest) {
-                    Some(Some(doc)) => {
-                        next.extend(doc.children.iter().cloned());
-                        continue;
-                    }
-                    // Read during the referrer scan and found unparseable or gone, but a
-                    // manifest after all: the same failure as reading it here.
-                    Some(None) if kind == ContentKind::Manifest => {
-                        return Err(FailClosed(format!(
-                            "manifest {} is missing or unparseable",
-                            d.digest
-                        )));
-                    }
-                    Some(None) => continue,
-                    None => {}
-                }
-                let listed = ctx.blobs.get(&d.digest);
-                let size = listed.map(|o| o.size).or(d.size);
-                if manifest::should_read(kind, d.media_type.as_deref(), size) {
-                    wanted.push((d.digest, kind == ContentKind::Manifest));
-                } else if listed.is_none() {
-                    out.warnings
-                        .push(format!("blob {} is referenced but missing", d.digest));
-                }
-            }
-            out.manifests_fetched += wanted.len() as u64;
-            for (digest, must_parse, read) in ctx.read_all(wanted).await {
-                match read? {
-                    Read::Doc(refs) => {
-                        next.extend(refs.children.iter().cloned());
-                        if must_parse {
-                            for u in &refs.unsupported {
-                                out.warnings
-                                    .push(format!("{digest}: unsupported reference kept: {u}"));
-                            }
-                        }
-                        docs.insert(digest, Some(refs));
-                    }
-                    Read::Opaque => {
-                        docs.insert(digest, None);
-                    }
-                    Read::Missing if must_parse => {
-                        return Err(FailClosed(format!(
-                            "manifest {digest} is referenced but missing"
-                        )));
-                    }
-                    Read::Missing => {
-                        out.warnings
-                            .push(format!("blob {digest} is referenced but missing"));
-                    }
-                }
-            }
-            frontier = next;
-        }
-        if scanned {
-            return Ok(out);
-        }
-        scanned = true;
-
-        // Referrers may exist only as blobs. Read each small unreferenced blob once; manifests
-        // with a `subject` are indexed by it, and marking resumes from reachable subjects.
-        let candidates: Vec<(Digest, bool)> = ctx
-            .blobs
-            .iter()
-            .filter(|(d, o)| {
-                o.size <= MAX_MANIFEST_SIZE && !out.reachable.contains(*d) && !docs.contains_key(*d)
-            })
-            .map(|(d, _)| ((*d).clone(), false))
-            .collect();
-        out.manifests_fetched += candidates.len() as u64;
-        for (digest, _, read) in ctx.read_all(candidates).await {
-            match read? {
-                Read::Doc(refs) => {
-                    if let Some(subject) = &refs.subject {
-                        referrers
-                            .entry(subject.digest.clone())
-                            .or_default()
-                            .push(Descriptor {
-                                media_type: None,
-                                digest: digest.clone(),
-                                size: None,
-                            });
-                    }
-                    docs.insert(digest, Some(refs));
-                }
-                // Gone since the listing (another collector), or not a document.
-                Read::Opaque | Read::Missing => {
-                    docs.insert(digest, None);
-                }
-            }
-        }
-        for (subject, rs) in &referrers {
-            if out.reachable.contains(subject) {
-                frontier.extend(rs.iter().cloned());
-            }
-        }
     }
 }

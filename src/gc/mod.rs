@@ -1,28 +1,37 @@
-//! The GC engine: list → partition by repository → mark → plan → delete → report.
+//! The GC engine: list → partition by repository → mark → plan → re-check → delete → verify →
+//! report, per repository under a lease, with ages on the bucket clock (SPEC §3).
 //!
 //! Layout- and store-agnostic: everything layout-specific goes through [`Layout`], every request
 //! through [`Instrumented`] (concurrency bound, time-out, counts).
 
 pub mod clock;
 mod delete_repo;
+pub mod intent;
+pub mod lease;
 pub mod mark;
 pub mod plan;
+pub mod state;
 pub mod sweep;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use tokio::time::Instant;
 
 use crate::digest::Digest;
-use crate::layout::{KeyKind, Layout, Repository, STATE_PREFIX};
+use crate::layout::{KeyKind, Layout, Repository, RootsError, STATE_PREFIX};
+use crate::manifest::Descriptor;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
-use mark::{mark, MarkContext};
-use plan::{plan, Decision, PlanPolicy, Reason};
+use clock::BucketClock;
+use lease::{Acquired, Lease, Leases};
+use mark::{MarkContext, Marker};
+use plan::{plan, Decision, PlanPolicy, Reason, RepoPlan};
+use state::Pending;
 
 pub use delete_repo::{delete_repositories, DeleteRepoOptions};
 
@@ -92,6 +101,8 @@ pub struct GcOptions {
     pub repo_timeout: Option<Duration>,
     /// Time-out of the whole run.
     pub run_timeout: Option<Duration>,
+    /// Lifetime of a repository lease between renewals.
+    pub lease_ttl: Duration,
     /// Added to the bucket clock: simulates the passage of time (tests, drills). Zero in use.
     pub clock_offset: Duration,
 }
@@ -107,22 +118,26 @@ impl Default for GcOptions {
             request_timeout: Duration::from_secs(60),
             repo_timeout: None,
             run_timeout: None,
+            lease_ttl: Duration::from_secs(600),
             clock_offset: Duration::ZERO,
         }
     }
 }
 
-/// Lists every object under `prefix`, leaving out ocigc's own state.
-pub(crate) async fn list_all(
-    store: &dyn Store,
-    prefix: &str,
-) -> Result<Vec<ObjectMeta>, StoreError> {
+/// A bucket listing split into repository objects and ocigc's own state objects.
+pub(crate) struct Listing {
+    pub objects: Vec<ObjectMeta>,
+    pub state: Vec<ObjectMeta>,
+}
+
+/// Lists every object under `prefix`, setting ocigc's own state apart.
+pub(crate) async fn list_all(store: &dyn Store, prefix: &str) -> Result<Listing, StoreError> {
     let pages: Vec<Vec<ObjectMeta>> = store.list(prefix).try_collect().await?;
-    Ok(pages
+    let (state, objects) = pages
         .into_iter()
         .flatten()
-        .filter(|o| !o.key.starts_with(STATE_PREFIX))
-        .collect())
+        .partition(|o| o.key.starts_with(STATE_PREFIX));
+    Ok(Listing { objects, state })
 }
 
 pub(crate) fn new_report(
@@ -136,7 +151,7 @@ pub(crate) fn new_report(
         command,
         bucket: store.describe(),
         layout: layout.name(),
-        started_at: timestamp(SystemTime::now()),
+        started_at: String::new(),
         finished_at: String::new(),
         dry_run,
         grace: None,
@@ -149,7 +164,19 @@ pub(crate) fn new_report(
     }
 }
 
-pub(crate) fn finish_report(report: &mut Report, store: &Instrumented, clock: &clock::BucketClock) {
+pub(crate) async fn probe_clock(
+    store: &Instrumented,
+    run_id: &str,
+) -> Result<BucketClock, GcError> {
+    BucketClock::probe(store, run_id)
+        .await
+        .map_err(|source| GcError::Clock {
+            bucket: store.describe(),
+            source,
+        })
+}
+
+pub(crate) fn finish_report(report: &mut Report, store: &Instrumented, clock: &BucketClock) {
     report.repositories.sort_by(|a, b| a.name.cmp(&b.name));
     report.finished_at = timestamp(clock.now());
     report.requests = store.counts();
@@ -167,18 +194,14 @@ pub async fn run_gc(
     report.grace = Some(humantime::format_duration(opts.grace).to_string());
     report.delay = Some(humantime::format_duration(opts.delay).to_string());
     let run_deadline = opts.run_timeout.map(|t| Instant::now() + t);
-    tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
-
-    let clock = clock::BucketClock::probe(&store, &report.run_id)
-        .await
-        .map_err(|source| GcError::Clock {
-            bucket: store.describe(),
-            source,
-        })?
+    let clock = probe_clock(&store, &report.run_id)
+        .await?
         .ahead_by(opts.clock_offset);
     report.started_at = timestamp(clock.now());
+    tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
+
     let listing = list_all(&store, "");
-    let objects = match run_deadline {
+    let listing = match run_deadline {
         Some(d) => tokio::time::timeout_at(d, listing)
             .await
             .map_err(|_| GcError::ListTimeout(opts.run_timeout.unwrap_or_default()))?,
@@ -189,33 +212,55 @@ pub async fn run_gc(
         source,
     })?;
 
-    let partition = layout.partition(objects);
+    let pending_keys: HashSet<String> = listing
+        .state
+        .iter()
+        .filter(|o| o.key.starts_with(state::PENDING_PREFIX))
+        .map(|o| o.key.clone())
+        .collect();
+    let intents = listing.state;
+    let partition = layout.partition(listing.objects);
     report.rejected = partition.rejected;
     report.unowned_objects = partition.unowned;
     for r in &report.rejected {
         tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
     }
-    let policy = PlanPolicy {
-        now: clock.now(),
-        grace: opts.grace,
-        delay: opts.delay,
-    };
     let selected: Vec<Repository> = partition
         .repositories
         .into_iter()
         .filter(|r| opts.repos.matches(&r.name))
         .collect();
-    let ctx = RepoRun {
+    let run = RepoRun {
         store: &store,
         layout: layout.as_ref(),
-        policy,
+        policy: PlanPolicy {
+            now: clock.now(),
+            grace: opts.grace,
+            delay: opts.delay,
+        },
+        clock,
+        leases: Leases {
+            store: &store,
+            clock,
+            owner: report.run_id.clone(),
+            ttl: opts.lease_ttl,
+        },
+        run_id: report.run_id.clone(),
         dry_run: opts.dry_run,
         concurrency: opts.concurrency,
         run_deadline,
         repo_timeout: opts.repo_timeout,
     };
     report.repositories = stream::iter(selected)
-        .map(|repo| ctx.collect(repo))
+        .map(|repo| {
+            let has_pending = pending_keys.contains(&state::pending_key(&repo.name));
+            let own_intents: Vec<ObjectMeta> = intents
+                .iter()
+                .filter(|o| intent::is_own_intent(&repo.name, &o.key))
+                .cloned()
+                .collect();
+            run.collect(repo, has_pending, own_intents)
+        })
         .buffer_unordered(opts.concurrency.max(1))
         .collect()
         .await;
@@ -226,6 +271,7 @@ pub async fn run_gc(
         not_ok = report.totals.repositories_not_ok,
         deleted = report.totals.blobs_deleted,
         bytes_deleted = report.totals.bytes_deleted,
+        dangling = report.totals.dangling_references,
         "gc run finished"
     );
     Ok(report)
@@ -236,14 +282,47 @@ struct RepoRun<'a> {
     store: &'a Instrumented,
     layout: &'a dyn Layout,
     policy: PlanPolicy,
+    clock: BucketClock,
+    leases: Leases<'a>,
+    run_id: String,
     dry_run: bool,
     concurrency: usize,
     run_deadline: Option<Instant>,
     repo_timeout: Option<Duration>,
 }
 
+/// What one observation of a repository found.
+struct Observation {
+    roots_version: Option<String>,
+    intents_seen: HashSet<String>,
+    expired_intents: Vec<String>,
+    pending: Pending,
+    plan: RepoPlan,
+}
+
+fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
+    let mut out: Vec<Deleted> = plan
+        .deletions()
+        .map(|i| Deleted {
+            key: i.key.clone(),
+            digest: i.digest.clone(),
+            size: i.size,
+            reason: match i.decision {
+                Decision::Delete(r) | Decision::Keep(r) => r,
+            },
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
 impl RepoRun<'_> {
-    async fn collect(&self, repo: Repository) -> RepoReport {
+    async fn collect(
+        &self,
+        repo: Repository,
+        has_pending: bool,
+        intents: Vec<ObjectMeta>,
+    ) -> RepoReport {
         let mut report = RepoReport::new(&repo.name, RepoStatus::Ok);
         report.objects = repo.objects.len() as u64;
         report.bytes = repo.objects.iter().map(|o| o.size).sum();
@@ -259,10 +338,26 @@ impl RepoRun<'_> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let blobs: HashMap<Digest, &ObjectMeta> = repo
+            .objects
+            .iter()
+            .filter_map(|o| match self.layout.classify(&repo, &o.key) {
+                KeyKind::Blob(d) => Some((d, o)),
+                KeyKind::Other => None,
+            })
+            .collect();
+        let mut marker = Marker::new(MarkContext {
+            store: self.store,
+            layout: self.layout,
+            repo: &repo,
+            blobs: &blobs,
+            concurrency: self.concurrency,
+        });
 
-        // Marking and planning have no side effects, so a time-out may cancel them anywhere.
-        let planned = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, self.mark_and_plan(&repo)).await {
+        // Observing has no side effects, so a time-out may cancel it anywhere.
+        let observed = self.observe(&repo, &mut marker, has_pending, &intents);
+        let observed = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, observed).await {
                 Ok(r) => r,
                 Err(_) => {
                     report.status = RepoStatus::Timeout;
@@ -272,45 +367,172 @@ impl RepoRun<'_> {
                     return report;
                 }
             },
-            None => self.mark_and_plan(&repo).await,
+            None => observed.await,
         };
-        let (repo_plan, marked) = match planned {
-            Ok(p) => p,
+        let mut obs = match observed {
+            Ok(o) => o,
             Err(reason) => {
                 tracing::error!(repo = %repo.name, %reason, "repository failed closed");
                 report.status = RepoStatus::Failed;
                 report
                     .errors
                     .push(format!("failed closed, nothing deleted: {reason}"));
+                report.warnings.extend(marker.warnings.iter().cloned());
                 return report;
             }
         };
-        report.manifests_fetched = marked.manifests_fetched;
-        report.warnings = marked.warnings;
-        report.reachable = repo_plan.tally(&[Reason::Reachable]);
-        report.pending = repo_plan.tally(&[Reason::WithinGrace, Reason::AwaitingSecondObservation]);
-        report.other_keys = repo_plan
+        self.summarise(&mut report, &obs.plan);
+        if self.dry_run {
+            report.deleted = deletions_of(&obs.plan);
+            report.manifests_fetched = marker.manifests_fetched;
+            report.warnings.extend(marker.warnings.iter().cloned());
+            return report;
+        }
+        let has_candidates = obs.plan.items.iter().any(|i| {
+            matches!(
+                i.decision,
+                Decision::Delete(_) | Decision::Keep(Reason::AwaitingSecondObservation)
+            )
+        });
+        if has_candidates || obs.pending.etag.is_some() || !obs.expired_intents.is_empty() {
+            self.act(&repo, &mut marker, &mut obs, deadline, &mut report)
+                .await;
+        }
+        report.manifests_fetched = marker.manifests_fetched;
+        report.warnings.extend(marker.warnings.iter().cloned());
+        tracing::info!(
+            run_id = %self.run_id,
+            repo = %repo.name,
+            status = ?report.status,
+            deleted = report.deleted.len(),
+            pending = report.pending.blobs,
+            rescued = report.rescued,
+            "repository collected"
+        );
+        report
+    }
+
+    fn summarise(&self, report: &mut RepoReport, plan: &RepoPlan) {
+        report.reachable = plan.tally(&[Reason::Reachable]);
+        report.pending = plan.tally(&[Reason::WithinGrace, Reason::AwaitingSecondObservation]);
+        report.other_keys = plan
             .items
             .iter()
             .filter(|i| i.decision == Decision::Keep(Reason::NotABlob))
             .count() as u64;
-        let mut deletions: Vec<Deleted> = repo_plan
-            .deletions()
-            .map(|i| Deleted {
-                key: i.key.clone(),
-                digest: i.digest.clone(),
-                size: i.size,
-                reason: match i.decision {
-                    Decision::Delete(r) | Decision::Keep(r) => r,
-                },
-            })
-            .collect();
-        deletions.sort_by(|a, b| a.key.cmp(&b.key));
-        if self.dry_run {
-            report.deleted = deletions;
-            return report;
+    }
+
+    /// Reads roots, intents and pending state, marks, and plans.
+    async fn observe(
+        &self,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        has_pending: bool,
+        intents: &[ObjectMeta],
+    ) -> Result<Observation, String> {
+        let roots = self
+            .layout
+            .read_roots(self.store, repo)
+            .await
+            .map_err(|e| e.to_string())?;
+        let read = intent::read_intents(self.store, intents, self.clock.now()).await?;
+        let mut descriptors = roots.descriptors;
+        descriptors.extend(read.roots);
+        marker.mark(&descriptors).await.map_err(|e| e.0)?;
+        let mut warnings = Vec::new();
+        let pending = if has_pending {
+            state::read_pending(self.store, &repo.name, &mut warnings)
+                .await
+                .map_err(|e| format!("reading pending state: {e}"))?
+        } else {
+            Pending::default()
+        };
+        marker.warnings.extend(warnings);
+        let plan = plan(
+            self.layout,
+            repo,
+            &marker.reachable,
+            &pending.first_seen,
+            self.policy,
+        );
+        Ok(Observation {
+            roots_version: roots.version,
+            intents_seen: intents.iter().map(|o| o.key.clone()).collect(),
+            expired_intents: read.expired,
+            pending,
+            plan,
+        })
+    }
+
+    /// Everything with side effects, under the repository's lease.
+    async fn act(
+        &self,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        obs: &mut Observation,
+        deadline: Option<Instant>,
+        report: &mut RepoReport,
+    ) {
+        let mut lease = match self.leases.acquire(&repo.name).await {
+            Ok(Acquired::Ours(l)) => l,
+            Ok(Acquired::Held { owner, expires_at }) => {
+                tracing::warn!(repo = %repo.name, %owner, %expires_at, "lease held by another collector");
+                report.status = RepoStatus::Skipped;
+                report.lease_conflict = true;
+                report.errors.push(format!(
+                    "lease held by {owner} until {expires_at}; nothing deleted"
+                ));
+                return;
+            }
+            Err(e) => {
+                report.status = RepoStatus::Failed;
+                report
+                    .errors
+                    .push(format!("taking the lease failed, nothing deleted: {e}"));
+                return;
+            }
+        };
+        crate::failpoint::hit("lease-acquired");
+        // The state may have moved on since the listing (a collector that held the lease
+        // until just now): plan again with what is stored now.
+        let mut warnings = Vec::new();
+        match state::read_pending(self.store, &repo.name, &mut warnings).await {
+            Ok(fresh) => {
+                if fresh.etag != obs.pending.etag {
+                    obs.plan = plan(
+                        self.layout,
+                        repo,
+                        &marker.reachable,
+                        &fresh.first_seen,
+                        self.policy,
+                    );
+                    self.summarise(report, &obs.plan);
+                }
+                obs.pending = fresh;
+            }
+            Err(e) => {
+                report.status = RepoStatus::Failed;
+                report.errors.push(format!(
+                    "reading pending state failed, nothing deleted: {e}"
+                ));
+                self.leases.release(lease).await;
+                return;
+            }
         }
-        let swept = sweep::sweep(self.store, deletions, deadline).await;
+        report.warnings.extend(warnings);
+
+        let mut guard = RepoGuard {
+            run: self,
+            repo,
+            marker,
+            lease: &mut lease,
+            roots_version: obs.roots_version.clone(),
+            intents_seen: std::mem::take(&mut obs.intents_seen),
+            rescued: 0,
+        };
+        let swept = sweep::sweep(self.store, deletions_of(&obs.plan), deadline, &mut guard).await;
+        report.rescued = guard.rescued;
+        let marker = guard.marker;
         report.deleted = swept.deleted;
         if swept.timed_out {
             report.status = RepoStatus::Timeout;
@@ -318,46 +540,207 @@ impl RepoRun<'_> {
                 .errors
                 .push("timed out between delete batches".into());
         }
+        if let Some(why) = swept.stopped {
+            report.status = RepoStatus::Failed;
+            report
+                .errors
+                .push(format!("stopped before a delete batch: {why}"));
+        }
         if !swept.errors.is_empty() {
             report.status = RepoStatus::Failed;
             report.errors.extend(swept.errors);
         }
-        tracing::info!(
-            repo = %repo.name,
-            status = ?report.status,
-            deleted = report.deleted.len(),
-            pending = report.pending.blobs,
-            "repository collected"
-        );
-        report
+
+        crate::failpoint::hit("before-state-write");
+        self.write_state(repo, marker, obs, report).await;
+        crate::failpoint::hit("after-state-write");
+        if !obs.expired_intents.is_empty() {
+            match self.store.delete_batch(&obs.expired_intents).await {
+                Ok(f) if f.is_empty() => {}
+                Ok(f) => report
+                    .warnings
+                    .push(format!("{} expired intents not removed", f.len())),
+                Err(e) => report
+                    .warnings
+                    .push(format!("removing expired intents: {e}")),
+            }
+        }
+        if !report.deleted.is_empty() {
+            self.verify(repo, marker, report).await;
+        }
+        self.leases.release(lease).await;
     }
 
-    async fn mark_and_plan(
+    /// Persists the candidates still pending after the sweep, keeping first-seen times.
+    async fn write_state(
         &self,
         repo: &Repository,
-    ) -> Result<(plan::RepoPlan, mark::Marked), String> {
-        let blobs: HashMap<Digest, &ObjectMeta> = repo
-            .objects
+        marker: &Marker<'_>,
+        obs: &Observation,
+        report: &mut RepoReport,
+    ) {
+        let deleted: HashSet<&str> = report.deleted.iter().map(|d| d.key.as_str()).collect();
+        let now = self.clock.now();
+        let candidates: Vec<(Digest, SystemTime, u64)> = obs
+            .plan
+            .items
             .iter()
-            .filter_map(|o| match self.layout.classify(repo, &o.key) {
-                KeyKind::Blob(d) => Some((d, o)),
-                KeyKind::Other => None,
+            .filter(|i| match i.decision {
+                Decision::Keep(Reason::AwaitingSecondObservation) => true,
+                Decision::Delete(_) => !deleted.contains(i.key.as_str()),
+                Decision::Keep(_) => false,
+            })
+            .filter_map(|i| {
+                let d = i.digest.clone()?;
+                // Referenced again since the plan was made: no longer a candidate.
+                if marker.reachable.contains(&d) {
+                    return None;
+                }
+                let first = obs.pending.first_seen.get(&d).copied().unwrap_or(now);
+                Some((d, first, i.size))
             })
             .collect();
-        let roots = self
-            .layout
-            .read_roots(self.store, repo)
+        match state::write_pending(
+            self.store,
+            &repo.name,
+            &self.run_id,
+            now,
+            &obs.pending,
+            &candidates,
+        )
+        .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                report.status = RepoStatus::Failed;
+                report
+                    .errors
+                    .push("pending state changed underneath this run (lease lost?)".into());
+            }
+            Err(e) => {
+                report.status = RepoStatus::Failed;
+                report.errors.push(format!("writing pending state: {e}"));
+            }
+        }
+    }
+
+    /// Re-reads the roots after the sweep: a deleted blob that is now reachable is a dangling
+    /// reference, logged, counted and failing the repository.
+    async fn verify(&self, repo: &Repository, marker: &mut Marker<'_>, report: &mut RepoReport) {
+        crate::failpoint::hit("before-verify");
+        let roots = match self.layout.read_roots(self.store, repo).await {
+            Ok(r) => r,
+            Err(RootsError::Missing(_)) => {
+                report.warnings.push(
+                    "roots vanished after the sweep (repository deleted?); not verified".into(),
+                );
+                return;
+            }
+            Err(e) => {
+                report
+                    .warnings
+                    .push(format!("verify could not read roots: {e}"));
+                return;
+            }
+        };
+        let mut descriptors = roots.descriptors;
+        match self.fresh_intents(repo).await {
+            Ok(read) => descriptors.extend(read.roots),
+            Err(e) => report
+                .warnings
+                .push(format!("verify could not read intents: {e}")),
+        }
+        let reachable = match marker.closure(&descriptors).await {
+            Ok(r) => r,
+            Err(e) => {
+                report.warnings.push(format!("verify could not mark: {e}"));
+                return;
+            }
+        };
+        let dangling: Vec<Digest> = report
+            .deleted
+            .iter()
+            .filter_map(|d| d.digest.clone())
+            .filter(|d| reachable.contains(d))
+            .collect();
+        for d in &dangling {
+            tracing::error!(repo = %repo.name, digest = %d, "dangling reference: a deleted blob is referenced");
+        }
+        if !dangling.is_empty() {
+            report.status = RepoStatus::Failed;
+            report.errors.push(format!(
+                "{} deleted blobs are referenced: dangling references",
+                dangling.len()
+            ));
+            report.dangling_references = dangling;
+        }
+    }
+
+    async fn fresh_intents(&self, repo: &Repository) -> Result<intent::Intents, String> {
+        let listed = intent::list_intents(self.store, &repo.name)
             .await
             .map_err(|e| e.to_string())?;
-        let ctx = MarkContext {
-            store: self.store,
-            layout: self.layout,
-            repo,
-            blobs: &blobs,
-            concurrency: self.concurrency,
-        };
-        let marked = mark(&ctx, &roots).await.map_err(|e| e.0)?;
-        let repo_plan = plan(self.layout, repo, &marked.reachable, self.policy);
-        Ok((repo_plan, marked))
+        intent::read_intents(self.store, &listed, self.clock.now()).await
+    }
+}
+
+/// The re-check before each delete batch (SPEC §3.5) and the lease renewal (§3.7).
+struct RepoGuard<'g, 'm, 'r> {
+    run: &'g RepoRun<'r>,
+    repo: &'g Repository,
+    marker: &'g mut Marker<'m>,
+    lease: &'g mut Lease,
+    roots_version: Option<String>,
+    intents_seen: HashSet<String>,
+    rescued: u64,
+}
+
+#[async_trait]
+impl sweep::Guard for RepoGuard<'_, '_, '_> {
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
+        let run = self.run;
+        run.leases
+            .keep(self.lease)
+            .await
+            .map_err(|e| e.to_string())?;
+        let version = run
+            .layout
+            .roots_version(run.store, self.repo)
+            .await
+            .map_err(|e| format!("re-reading roots: {e}"))?;
+        let mut more: Vec<Descriptor> = Vec::new();
+        if version.is_none() || version != self.roots_version {
+            let roots = run
+                .layout
+                .read_roots(run.store, self.repo)
+                .await
+                .map_err(|e| format!("re-reading roots: {e}"))?;
+            self.roots_version = roots.version;
+            more.extend(roots.descriptors);
+        }
+        let listed = intent::list_intents(run.store, &self.repo.name)
+            .await
+            .map_err(|e| format!("re-listing intents: {e}"))?;
+        let new: Vec<ObjectMeta> = listed
+            .into_iter()
+            .filter(|o| !self.intents_seen.contains(&o.key))
+            .collect();
+        let read = intent::read_intents(run.store, &new, run.clock.now()).await?;
+        self.intents_seen.extend(new.into_iter().map(|o| o.key));
+        more.extend(read.roots);
+        if !more.is_empty() {
+            self.marker.mark(&more).await.map_err(|e| e.0)?;
+        }
+        let before = batch.len();
+        let safe: Vec<Deleted> = batch
+            .into_iter()
+            .filter(|d| {
+                d.digest
+                    .as_ref()
+                    .is_none_or(|g| !self.marker.reachable.contains(g))
+            })
+            .collect();
+        self.rescued += (before - safe.len()) as u64;
+        Ok(safe)
     }
 }

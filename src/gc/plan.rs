@@ -3,7 +3,7 @@
 //! A plan is a value. A dry run reports it; a real run executes its deletions. Both come from
 //! the same function, so a dry run shows exactly what the real run would delete.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -94,11 +94,13 @@ impl RepoPlan {
     }
 }
 
-/// Decides every object of `repo` given the reachable set.
+/// Decides every object of `repo` given the reachable set and when each candidate was first
+/// seen at an earlier observation.
 pub fn plan(
     layout: &dyn Layout,
     repo: &Repository,
     reachable: &HashSet<Digest>,
+    first_seen: &HashMap<Digest, SystemTime>,
     policy: PlanPolicy,
 ) -> RepoPlan {
     let items = repo
@@ -108,7 +110,12 @@ pub fn plan(
             let (digest, decision) = match layout.classify(repo, &o.key) {
                 KeyKind::Other => (None, Decision::Keep(Reason::NotABlob)),
                 KeyKind::Blob(d) => {
-                    let decision = decide(reachable.contains(&d), o.last_modified, policy);
+                    let decision = decide(
+                        reachable.contains(&d),
+                        o.last_modified,
+                        first_seen.get(&d).copied(),
+                        policy,
+                    );
                     (Some(d), decision)
                 }
             };
@@ -124,7 +131,12 @@ pub fn plan(
     RepoPlan { items }
 }
 
-fn decide(reachable: bool, last_modified: SystemTime, policy: PlanPolicy) -> Decision {
+fn decide(
+    reachable: bool,
+    last_modified: SystemTime,
+    first_seen: Option<SystemTime>,
+    policy: PlanPolicy,
+) -> Decision {
     if reachable {
         return Decision::Keep(Reason::Reachable);
     }
@@ -136,11 +148,15 @@ fn decide(reachable: bool, last_modified: SystemTime, policy: PlanPolicy) -> Dec
     if age < policy.grace {
         return Decision::Keep(Reason::WithinGrace);
     }
-    if !policy.delay.is_zero() {
-        // Without a recorded earlier observation a non-zero delay never deletes.
-        return Decision::Keep(Reason::AwaitingSecondObservation);
+    let observed_long_enough = policy.delay.is_zero()
+        || first_seen.is_some_and(|t| {
+            policy.now.duration_since(t).unwrap_or(Duration::ZERO) >= policy.delay
+        });
+    if observed_long_enough {
+        Decision::Delete(Reason::Unreferenced)
+    } else {
+        Decision::Keep(Reason::AwaitingSecondObservation)
     }
-    Decision::Delete(Reason::Unreferenced)
 }
 
 #[cfg(test)]
@@ -160,6 +176,7 @@ mod tests {
         let old = SystemTime::UNIX_EPOCH;
         let young = SystemTime::UNIX_EPOCH + Duration::from_secs(999_990);
         let future = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000);
+        let decide = |r, t, p| decide(r, t, None, p);
         assert_eq!(
             decide(true, old, policy(0, 0)),
             Decision::Keep(Reason::Reachable)
@@ -183,6 +200,26 @@ mod tests {
         assert_eq!(
             decide(false, old, policy(60, 3600)),
             Decision::Keep(Reason::AwaitingSecondObservation)
+        );
+    }
+
+    #[test]
+    fn second_observation() {
+        let old = SystemTime::UNIX_EPOCH;
+        let p = policy(60, 3600);
+        let long_ago = p.now - Duration::from_secs(3600);
+        let recently = p.now - Duration::from_secs(3599);
+        assert_eq!(
+            decide(false, old, Some(long_ago), p),
+            Decision::Delete(Reason::Unreferenced)
+        );
+        assert_eq!(
+            decide(false, old, Some(recently), p),
+            Decision::Keep(Reason::AwaitingSecondObservation)
+        );
+        assert_eq!(
+            decide(true, old, Some(long_ago), p),
+            Decision::Keep(Reason::Reachable)
         );
     }
 }

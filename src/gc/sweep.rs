@@ -4,10 +4,29 @@
 //! online-safety protocol, a re-check of the roots) is honoured between any two of them.
 //! Parallelism comes from collecting several repositories at once.
 
+use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::report::Deleted;
 use crate::store::{Store, MAX_DELETE_BATCH};
+
+/// Runs immediately before each delete batch: renews the lease, re-checks the roots, and
+/// returns the part of the batch that is still safe to delete, or why the sweep must stop.
+#[async_trait]
+pub trait Guard: Send {
+    /// Filters `batch`; an error stops the sweep before this batch.
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String>;
+}
+
+/// A guard that lets every batch through.
+pub struct NoGuard;
+
+#[async_trait]
+impl Guard for NoGuard {
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
+        Ok(batch)
+    }
+}
 
 /// What a sweep did.
 #[derive(Debug, Default)]
@@ -18,14 +37,17 @@ pub struct SweepOutcome {
     pub errors: Vec<String>,
     /// True when the deadline passed before every batch was sent.
     pub timed_out: bool,
+    /// Why the guard stopped the sweep, if it did.
+    pub stopped: Option<String>,
 }
 
 /// Deletes `items` in batches of at most [`MAX_DELETE_BATCH`], stopping before a batch if
-/// `deadline` has passed or after a batch that failed as a whole.
+/// `deadline` has passed or `guard` says so, and after a batch that failed as a whole.
 pub async fn sweep(
     store: &dyn Store,
     items: Vec<Deleted>,
     deadline: Option<Instant>,
+    guard: &mut dyn Guard,
 ) -> SweepOutcome {
     let mut out = SweepOutcome::default();
     let mut rest = items.into_iter().peekable();
@@ -35,6 +57,17 @@ pub async fn sweep(
             break;
         }
         let batch: Vec<Deleted> = rest.by_ref().take(MAX_DELETE_BATCH).collect();
+        let batch = match guard.before_batch(batch).await {
+            Ok(b) => b,
+            Err(why) => {
+                out.stopped = Some(why);
+                break;
+            }
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        crate::failpoint::hit("before-delete-batch");
         let keys: Vec<String> = batch.iter().map(|d| d.key.clone()).collect();
         match store.delete_batch(&keys).await {
             Ok(failures) => {
@@ -48,6 +81,7 @@ pub async fn sweep(
                         .into_iter()
                         .filter(|d| !failed.contains(d.key.as_str())),
                 );
+                crate::failpoint::hit("after-delete-batch");
             }
             Err(e) => {
                 // The batch may or may not have been applied; stop rather than push on

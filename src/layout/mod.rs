@@ -104,6 +104,14 @@ pub trait Layout: Send + Sync {
     /// Reads the roots of `repo`.
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError>;
 
+    /// The current version of the roots (e.g. the ETag of `index.json`) in one cheap request;
+    /// `None` when the store gives none (the caller must then re-read the roots).
+    async fn roots_version(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+    ) -> Result<Option<String>, RootsError>;
+
     /// The keys of `repo` in the order whole-repository deletion removes them: each inner list
     /// is finished before the next starts (e.g. the index first, so pulls stop resolving).
     fn deletion_phases(&self, repo: &Repository) -> Vec<Vec<ObjectMeta>>;

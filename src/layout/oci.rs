@@ -140,6 +140,18 @@ impl Layout for OciLayout {
         })
     }
 
+    async fn roots_version(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+    ) -> Result<Option<String>, RootsError> {
+        let key = format!("{}{INDEX}", repo.prefix);
+        match store.head(&key).await? {
+            Some(meta) => Ok(meta.etag),
+            None => Err(RootsError::Missing(key)),
+        }
+    }
+
     fn deletion_phases(&self, repo: &Repository) -> Vec<Vec<ObjectMeta>> {
         let index = format!("{}{INDEX}", repo.prefix);
         let marker = format!("{}{MARKER}", repo.prefix);

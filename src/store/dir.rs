@@ -121,6 +121,7 @@ fn walk(
     tx: &tokio::sync::mpsc::Sender<StoreResult<Vec<ObjectMeta>>>,
 ) -> Result<(), ()> {
     let mut page = Vec::with_capacity(PAGE);
+    let mut sent_any = false;
     let mut stack = vec![start.to_path_buf()];
     let send = |item| tx.blocking_send(item).map_err(|_| ());
     while let Some(dir) = stack.pop() {
@@ -172,10 +173,12 @@ fn walk(
             });
             if page.len() == PAGE {
                 send(Ok(std::mem::replace(&mut page, Vec::with_capacity(PAGE))))?;
+                sent_any = true;
             }
         }
     }
-    if !page.is_empty() {
+    // Like S3, a listing is at least one (possibly empty) page.
+    if !page.is_empty() || !sent_any {
         send(Ok(page))?;
     }
     Ok(())

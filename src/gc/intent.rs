@@ -1,0 +1,132 @@
+//! Push intents: a pusher's promise to reuse blobs, honoured as roots while unexpired.
+//!
+//! A pusher that is about to reuse blobs already in the bucket (skipping their upload because a
+//! HEAD found them) first writes `_ocigc/intents/<repo>/<id>.json`:
+//!
+//! ```json
+//! {"version": 1, "digests": ["sha256:…"], "ttl_seconds": 3600}
+//! ```
+//!
+//! While `LastModified + ttl_seconds` (bucket clock) is in the future, every listed digest is a
+//! root of the repository. The collector re-lists intents immediately before each delete batch,
+//! so an intent written before the pusher's HEAD protects the blob. Expired intents are removed.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::manifest::Descriptor;
+use crate::store::{ObjectMeta, PutCondition, Store, StoreError};
+
+/// Where intents live.
+pub const INTENT_PREFIX: &str = "_ocigc/intents/";
+
+/// Longest lifetime honoured, whatever an intent asks for.
+pub const MAX_INTENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The listing prefix of a repository's intents.
+pub fn intents_prefix(repo: &str) -> String {
+    format!("{INTENT_PREFIX}{repo}/")
+}
+
+/// An intent as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// Format version (1).
+    pub version: u32,
+    /// Digests the pusher will reference.
+    pub digests: Vec<String>,
+    /// Lifetime from the object's `LastModified`.
+    pub ttl_seconds: u64,
+}
+
+/// Writes an intent for `repo` and returns its key. Remove it (or let it expire) once the
+/// manifest that references the digests is written.
+pub async fn write_intent(
+    store: &dyn Store,
+    repo: &str,
+    digests: &[Digest],
+    ttl: Duration,
+) -> Result<String, StoreError> {
+    let key = format!("{}{}.json", intents_prefix(repo), uuid::Uuid::new_v4());
+    let intent = Intent {
+        version: 1,
+        digests: digests.iter().map(Digest::to_string).collect(),
+        ttl_seconds: ttl.as_secs().max(1),
+    };
+    let body = serde_json::to_vec(&intent).unwrap_or_default();
+    store
+        .put(&key, Bytes::from(body), PutCondition::IfNoneMatch)
+        .await?;
+    Ok(key)
+}
+
+/// Intents of one repository as read at one moment.
+#[derive(Debug, Default)]
+pub struct Intents {
+    /// Roots contributed by unexpired intents.
+    pub roots: Vec<Descriptor>,
+    /// Keys of expired intents (to be removed).
+    pub expired: Vec<String>,
+}
+
+/// Whether `key` is an intent of `repo` itself (not of a nested repository).
+pub fn is_own_intent(repo: &str, key: &str) -> bool {
+    key.strip_prefix(&intents_prefix(repo))
+        .is_some_and(|rest| !rest.contains('/') && rest.ends_with(".json"))
+}
+
+/// Lists the intents of `repo` (one LIST).
+pub async fn list_intents(store: &dyn Store, repo: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+    let pages: Vec<Vec<ObjectMeta>> = store.list(&intents_prefix(repo)).try_collect().await?;
+    Ok(pages
+        .into_iter()
+        .flatten()
+        .filter(|o| is_own_intent(repo, &o.key))
+        .collect())
+}
+
+/// Reads listed intents. An unreadable intent that is not yet past [`MAX_INTENT_TTL`] fails
+/// the repository closed: it may protect anything.
+pub async fn read_intents(
+    store: &dyn Store,
+    listed: &[ObjectMeta],
+    now: SystemTime,
+) -> Result<Intents, String> {
+    let mut out = Intents::default();
+    for meta in listed {
+        let age = now
+            .duration_since(meta.last_modified)
+            .unwrap_or(Duration::ZERO);
+        if age >= MAX_INTENT_TTL {
+            out.expired.push(meta.key.clone());
+            continue;
+        }
+        let body = match store.get(&meta.key).await {
+            Ok(o) => o.body,
+            // Removed by its pusher since the listing: done with.
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(format!("cannot read intent {}: {e}", meta.key)),
+        };
+        let intent: Intent = serde_json::from_slice(&body)
+            .map_err(|e| format!("intent {} is unreadable: {e}", meta.key))?;
+        let ttl = Duration::from_secs(intent.ttl_seconds).min(MAX_INTENT_TTL);
+        if age >= ttl {
+            out.expired.push(meta.key.clone());
+            continue;
+        }
+        for raw in &intent.digests {
+            let digest = Digest::parse(raw)
+                .ok_or_else(|| format!("intent {} names an invalid digest {raw:?}", meta.key))?;
+            out.roots.push(Descriptor {
+                media_type: None,
+                digest,
+                size: None,
+            });
+        }
+    }
+    Ok(out)
+}
