@@ -130,3 +130,104 @@ pub async fn read_intents(
     }
     Ok(out)
 }
+
+/// Where a collector announces the batch it is about to delete.
+pub const DELETING_PREFIX: &str = "_ocigc/deleting/";
+
+/// The key of a repository's deletion announcement.
+pub fn deleting_key(repo: &str) -> String {
+    format!("{DELETING_PREFIX}{repo}.json")
+}
+
+/// A deletion announcement: the digests of the batch in flight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleting {
+    /// The collecting run.
+    pub run_id: String,
+    /// Digests that may be deleted until the announcement is removed.
+    pub digests: Vec<String>,
+    /// After this (bucket clock, RFC 3339) the announcement is stale: its writer died.
+    pub expires_at: String,
+}
+
+/// Announces a batch (written before the collector's last intent check, removed after the
+/// delete returns). Together with [`begin_reuse`] this is a two-sided handshake: of a pusher
+/// and a collector acting at the same moment, at least one sees the other's object.
+pub async fn announce_deletion(
+    store: &dyn Store,
+    repo: &str,
+    run_id: &str,
+    digests: &[&Digest],
+    expires_at: SystemTime,
+) -> Result<(), StoreError> {
+    let body = Deleting {
+        run_id: run_id.to_string(),
+        digests: digests.iter().map(|d| d.to_string()).collect(),
+        expires_at: crate::report::timestamp(expires_at),
+    };
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    store
+        .put(&deleting_key(repo), Bytes::from(body), PutCondition::None)
+        .await
+        .map(|_| ())
+}
+
+/// Removes a batch announcement.
+pub async fn clear_deletion(store: &dyn Store, repo: &str) -> Result<(), StoreError> {
+    store.delete_batch(&[deleting_key(repo)]).await.map(|_| ())
+}
+
+/// Why [`begin_reuse`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum ReuseError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A collector kept deleting some of the digests for longer than the wait allowed.
+    #[error("a collector is deleting {0} in {1}; gave up waiting (intent {2} left to expire)")]
+    Busy(String, String, String),
+}
+
+/// The pusher's side of the protocol, to call before relying on blobs already in the bucket:
+/// writes an intent for `digests`, then waits (at most `wait`) while a collector's batch in
+/// flight names any of them. When it returns `Ok(key)`, HEAD the blobs: those present stay
+/// until the intent expires or is removed (delete `key` once the manifest is written); upload
+/// those that are missing.
+pub async fn begin_reuse(
+    store: &dyn Store,
+    repo: &str,
+    digests: &[Digest],
+    ttl: Duration,
+    wait: Duration,
+) -> Result<String, ReuseError> {
+    let key = write_intent(store, repo, digests, ttl).await?;
+    // The intent's LastModified is "now" on the bucket clock, to judge stale announcements.
+    let written = store.head(&key).await?.map(|m| m.last_modified);
+    let wanted: std::collections::HashSet<String> = digests.iter().map(Digest::to_string).collect();
+    let started = tokio::time::Instant::now();
+    loop {
+        let announced = match store.get(&deleting_key(repo)).await {
+            Ok(o) => serde_json::from_slice::<Deleting>(&o.body).ok(),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let conflict = announced.and_then(|a| {
+            let expires = humantime::parse_rfc3339(&a.expires_at).ok();
+            let stale =
+                matches!((written, expires), (Some(w), Some(e)) if w + started.elapsed() > e);
+            let hit = a.digests.into_iter().find(|d| wanted.contains(d));
+            if stale {
+                None
+            } else {
+                hit
+            }
+        });
+        let Some(digest) = conflict else {
+            return Ok(key);
+        };
+        if started.elapsed() >= wait {
+            return Err(ReuseError::Busy(digest, repo.to_string(), key));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

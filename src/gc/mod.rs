@@ -529,6 +529,7 @@ impl RepoRun<'_> {
             roots_version: obs.roots_version.clone(),
             intents_seen: std::mem::take(&mut obs.intents_seen),
             rescued: 0,
+            announced: false,
         };
         let swept = sweep::sweep(self.store, deletions_of(&obs.plan), deadline, &mut guard).await;
         report.rescued = guard.rescued;
@@ -693,6 +694,7 @@ struct RepoGuard<'g, 'm, 'r> {
     roots_version: Option<String>,
     intents_seen: HashSet<String>,
     rescued: u64,
+    announced: bool,
 }
 
 #[async_trait]
@@ -718,6 +720,26 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
             self.roots_version = roots.version;
             more.extend(roots.descriptors);
         }
+        // Announce the batch before the last look at intents: a pusher that writes its
+        // intent after that look will see the announcement and wait (the handshake of
+        // `intent::begin_reuse`).
+        let candidates: Vec<&Digest> = batch
+            .iter()
+            .filter_map(|d| d.digest.as_ref())
+            .filter(|d| !self.marker.reachable.contains(*d))
+            .collect();
+        if !candidates.is_empty() {
+            intent::announce_deletion(
+                run.store,
+                &self.repo.name,
+                &run.run_id,
+                &candidates,
+                run.clock.now() + run.leases.ttl,
+            )
+            .await
+            .map_err(|e| format!("announcing the batch: {e}"))?;
+            self.announced = true;
+        }
         let listed = intent::list_intents(run.store, &self.repo.name)
             .await
             .map_err(|e| format!("re-listing intents: {e}"))?;
@@ -742,5 +764,14 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
             .collect();
         self.rescued += (before - safe.len()) as u64;
         Ok(safe)
+    }
+
+    async fn after_batch(&mut self) {
+        if std::mem::take(&mut self.announced) {
+            if let Err(e) = intent::clear_deletion(self.run.store, &self.repo.name).await {
+                // Pushers treat it as stale once its expiry passes.
+                tracing::warn!(repo = %self.repo.name, error = %e, "could not remove the batch announcement");
+            }
+        }
     }
 }

@@ -16,6 +16,9 @@ use crate::store::{Store, MAX_DELETE_BATCH};
 pub trait Guard: Send {
     /// Filters `batch`; an error stops the sweep before this batch.
     async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String>;
+
+    /// Runs after each delete request returned, whatever its outcome.
+    async fn after_batch(&mut self) {}
 }
 
 /// A guard that lets every batch through.
@@ -60,16 +63,20 @@ pub async fn sweep(
         let batch = match guard.before_batch(batch).await {
             Ok(b) => b,
             Err(why) => {
+                guard.after_batch().await;
                 out.stopped = Some(why);
                 break;
             }
         };
         if batch.is_empty() {
+            guard.after_batch().await;
             continue;
         }
         crate::failpoint::hit("before-delete-batch");
         let keys: Vec<String> = batch.iter().map(|d| d.key.clone()).collect();
-        match store.delete_batch(&keys).await {
+        let result = store.delete_batch(&keys).await;
+        guard.after_batch().await;
+        match result {
             Ok(failures) => {
                 let failed: std::collections::HashSet<&str> =
                     failures.iter().map(|f| f.key.as_str()).collect();
