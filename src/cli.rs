@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::gc::{self, DeleteRepoOptions, GcOptions, RepoFilter};
+use crate::digest::Digest;
+use crate::gc::{self, intent, DeleteRepoOptions, GcOptions, RepoFilter};
 use crate::layout::{self, validate_repository_name, Layout};
 use crate::report::Report;
 use crate::store::{BucketUrl, DirStore, S3Settings, S3Store, StaticCredentials, Store};
@@ -54,6 +55,8 @@ pub enum Command {
     Gc(GcArgs),
     /// Delete whole repositories (idempotent, resumable).
     DeleteRepo(DeleteRepoArgs),
+    /// For pushers: declare blobs about to be reused so no collector deletes them meanwhile.
+    Intent(IntentArgs),
 }
 
 /// Flags shared by every command that touches a bucket.
@@ -81,6 +84,12 @@ pub struct StoreArgs {
     /// Path-style S3 addressing (endpoint/bucket/key), as MinIO and most local servers need.
     #[arg(long, env = "OCIGC_S3_PATH_STYLE")]
     pub s3_path_style: bool,
+    /// Lifetime of a repository lease between renewals; at least 4 request time-outs.
+    #[arg(long, env = "OCIGC_LEASE_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// Pretend the bucket clock is this far ahead (drills and crash tests only).
+    #[arg(long, hide = true, default_value = "0s", value_parser = parse_duration)]
+    pub clock_offset: Duration,
 }
 
 /// Flags of `ocigc gc`.
@@ -118,6 +127,32 @@ pub struct DeleteRepoArgs {
     /// Repositories to delete, by full name (e.g. team/app).
     #[arg(required = true, value_name = "NAME")]
     pub names: Vec<String>,
+}
+
+/// Flags of `ocigc intent`.
+#[derive(Debug, Args)]
+pub struct IntentArgs {
+    /// The bucket: s3://bucket[/prefix], file:///path or a plain directory path.
+    #[arg(long, env = "OCIGC_BUCKET")]
+    pub bucket: BucketUrl,
+    /// Repository the digests will be referenced from.
+    #[arg(long, required_unless_present = "release")]
+    pub repo: Option<String>,
+    /// How long the intent protects the digests.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// How long to wait for a collector's batch in flight that names one of the digests.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// Remove an intent written earlier (its key, as printed) instead of writing one.
+    #[arg(long, value_name = "KEY", conflicts_with_all = ["repo", "digests"])]
+    pub release: Option<String>,
+    /// Path-style S3 addressing.
+    #[arg(long, env = "OCIGC_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+    /// Digests to protect (sha256:…).
+    #[arg(value_name = "DIGEST", required_unless_present = "release")]
+    pub digests: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -163,12 +198,20 @@ pub fn init_logging(format: LogFormat) {
 }
 
 async fn open_store(args: &StoreArgs) -> Result<(Arc<dyn Store>, Duration), CliError> {
-    match &args.bucket {
+    open_bucket(&args.bucket, args.s3_path_style, args.timeout_request).await
+}
+
+async fn open_bucket(
+    bucket: &BucketUrl,
+    path_style: bool,
+    timeout_request: Duration,
+) -> Result<(Arc<dyn Store>, Duration), CliError> {
+    match bucket {
         BucketUrl::Dir(path) => {
             let store = DirStore::open(path)
                 .with_context(|| format!("cannot use {} as a bucket", path.display()))
                 .map_err(usage)?;
-            Ok((Arc::new(store), args.timeout_request))
+            Ok((Arc::new(store), timeout_request))
         }
         BucketUrl::S3 { bucket, prefix } => {
             let credentials = StaticCredentials::from_env_files()
@@ -178,17 +221,30 @@ async fn open_store(args: &StoreArgs) -> Result<(Arc<dyn Store>, Duration), CliE
                 prefix: prefix.clone(),
                 endpoint: None,
                 region: None,
-                path_style: args.s3_path_style,
+                path_style,
                 credentials,
-                connect_timeout: args.timeout_request.min(Duration::from_secs(10)),
-                attempt_timeout: args.timeout_request,
+                connect_timeout: timeout_request.min(Duration::from_secs(10)),
+                attempt_timeout: timeout_request,
                 max_attempts: S3_ATTEMPTS,
             };
             // The outer bound covers every attempt plus back-off between them.
-            let total = args.timeout_request * S3_ATTEMPTS + Duration::from_secs(5);
+            let total = timeout_request * S3_ATTEMPTS + Duration::from_secs(5);
             Ok((Arc::new(S3Store::connect(settings).await), total))
         }
     }
+}
+
+/// A lease must outlive any one request many times over: it is renewed only between batches.
+fn check_lease_ttl(ttl: Duration, request_timeout: Duration) -> Result<(), CliError> {
+    if ttl < request_timeout * 4 {
+        return Err(usage(anyhow!(
+            "--lease-ttl {} is too short: it must be at least 4 times the whole request \
+             time-out ({} with retries)",
+            humantime::format_duration(ttl),
+            humantime::format_duration(request_timeout)
+        )));
+    }
+    Ok(())
 }
 
 fn pick_layout(name: &str) -> Result<Arc<dyn Layout>, CliError> {
@@ -231,6 +287,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 .map_err(usage)?;
             let layout = pick_layout(&args.store.layout)?;
             let (store, request_timeout) = open_store(&args.store).await?;
+            check_lease_ttl(args.store.lease_ttl, request_timeout)?;
             let opts = GcOptions {
                 grace: args.grace,
                 delay: args.delay,
@@ -240,8 +297,8 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 request_timeout,
                 repo_timeout: args.timeout_repo,
                 run_timeout: args.timeout_run,
-                lease_ttl: Duration::from_secs(600),
-                clock_offset: Duration::ZERO,
+                lease_ttl: args.store.lease_ttl,
+                clock_offset: args.store.clock_offset,
             };
             let report = gc::run_gc(store, layout, &opts)
                 .await
@@ -255,11 +312,13 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             }
             let layout = pick_layout(&args.store.layout)?;
             let (store, request_timeout) = open_store(&args.store).await?;
+            check_lease_ttl(args.store.lease_ttl, request_timeout)?;
             let opts = DeleteRepoOptions {
                 dry_run: args.store.dry_run,
                 concurrency: usize::from(args.store.concurrency),
                 request_timeout,
-                lease_ttl: Duration::from_secs(600),
+                lease_ttl: args.store.lease_ttl,
+                clock_offset: args.store.clock_offset,
             };
             let report = gc::delete_repositories(store, layout, &args.names, &opts)
                 .await
@@ -267,7 +326,36 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             emit(&report, args.store.report.as_ref())?;
             Ok(exit_for(&report))
         }
+        Command::Intent(args) => intent_command(args).await,
     }
+}
+
+async fn intent_command(args: IntentArgs) -> Result<u8, CliError> {
+    let (store, _) = open_bucket(&args.bucket, args.s3_path_style, Duration::from_secs(30)).await?;
+    if let Some(key) = &args.release {
+        if !key.starts_with(intent::INTENT_PREFIX) {
+            return Err(usage(anyhow!("{key:?} is not an intent key")));
+        }
+        store
+            .delete_batch(std::slice::from_ref(key))
+            .await
+            .with_context(|| format!("removing intent {key}"))
+            .map_err(fatal)?;
+        return Ok(EXIT_OK);
+    }
+    let repo = args.repo.unwrap_or_default();
+    validate_repository_name(&repo).map_err(|e| usage(anyhow!(e)))?;
+    let digests = args
+        .digests
+        .iter()
+        .map(|d| Digest::parse(d).ok_or_else(|| usage(anyhow!("invalid digest {d:?}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = intent::begin_reuse(store.as_ref(), &repo, &digests, args.ttl, args.wait)
+        .await
+        .context("writing the intent")
+        .map_err(fatal)?;
+    println!("{key}");
+    Ok(EXIT_OK)
 }
 
 /// Parses arguments, runs, and maps the outcome to an exit status.

@@ -32,6 +32,8 @@ pub struct DeleteRepoOptions {
     pub request_timeout: Duration,
     /// Lifetime of the repository lease between renewals.
     pub lease_ttl: Duration,
+    /// Added to the bucket clock (tests, drills). Zero in use.
+    pub clock_offset: Duration,
 }
 
 /// Deletes the named repositories (names must already be validated). A repository that no
@@ -44,7 +46,9 @@ pub async fn delete_repositories(
 ) -> Result<Report, GcError> {
     let store = Instrumented::new(store, opts.concurrency, opts.request_timeout);
     let mut report = new_report("delete-repo", &store, layout.as_ref(), opts.dry_run);
-    let clock = probe_clock(&store, &report.run_id).await?;
+    let clock = probe_clock(&store, &report.run_id)
+        .await?
+        .ahead_by(opts.clock_offset);
     report.started_at = timestamp(clock.now());
     let leases = Leases {
         store: &store,

@@ -39,6 +39,14 @@ pub struct Lease {
     etag: String,
     acquired_at: SystemTime,
     expires_at: SystemTime,
+    lost: bool,
+}
+
+impl Lease {
+    /// True once a renewal found the lease taken over.
+    pub fn is_lost(&self) -> bool {
+        self.lost
+    }
 }
 
 /// Outcome of trying to take a lease.
@@ -150,6 +158,7 @@ impl Leases<'_> {
             etag,
             acquired_at,
             expires_at,
+            lost: false,
         }
     }
 
@@ -171,17 +180,35 @@ impl Leases<'_> {
                 lease.expires_at = expires_at;
                 Ok(())
             }
-            PutOutcome::PreconditionFailed => Err(LeaseError::Lost(lease.key.clone())),
+            PutOutcome::PreconditionFailed => {
+                lease.lost = true;
+                Err(LeaseError::Lost(lease.key.clone()))
+            }
         }
     }
 
-    /// Releases `lease` (best effort: an unreleased lease simply expires).
+    /// Releases `lease` (best effort: an unreleased lease simply expires). A lost lease is left
+    /// to its new holder. While clearly unexpired nobody else can hold it, so it is deleted;
+    /// near or past its expiry it is only marked expired, conditionally on its ETag.
     pub async fn release(&self, lease: Lease) {
-        if let Err(e) = self
-            .store
-            .delete_batch(std::slice::from_ref(&lease.key))
-            .await
-        {
+        if lease.lost {
+            return;
+        }
+        let now = self.clock.now();
+        let margin = (self.ttl / 4).min(Duration::from_secs(30));
+        let result = if now + margin < lease.expires_at {
+            self.store
+                .delete_batch(std::slice::from_ref(&lease.key))
+                .await
+                .map(|_| ())
+        } else {
+            let body = self.body(&lease.repo, lease.acquired_at, now);
+            self.store
+                .put(&lease.key, body, PutCondition::IfMatch(lease.etag.clone()))
+                .await
+                .map(|_| ())
+        };
+        if let Err(e) = result {
             tracing::warn!(lease = %lease.key, error = %e, "could not release lease; it will expire");
         }
     }

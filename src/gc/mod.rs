@@ -473,7 +473,7 @@ impl RepoRun<'_> {
         deadline: Option<Instant>,
         report: &mut RepoReport,
     ) {
-        let mut lease = match self.leases.acquire(&repo.name).await {
+        let lease = match self.leases.acquire(&repo.name).await {
             Ok(Acquired::Ours(l)) => l,
             Ok(Acquired::Held { owner, expires_at }) => {
                 tracing::warn!(repo = %repo.name, %owner, %expires_at, "lease held by another collector");
@@ -525,15 +525,20 @@ impl RepoRun<'_> {
             run: self,
             repo,
             marker,
-            lease: &mut lease,
+            lease,
             roots_version: obs.roots_version.clone(),
             intents_seen: std::mem::take(&mut obs.intents_seen),
             rescued: 0,
             announced: false,
         };
         let swept = sweep::sweep(self.store, deletions_of(&obs.plan), deadline, &mut guard).await;
-        report.rescued = guard.rescued;
-        let marker = guard.marker;
+        let RepoGuard {
+            marker,
+            rescued,
+            lease,
+            ..
+        } = guard;
+        report.rescued = rescued;
         report.deleted = swept.deleted;
         if swept.timed_out {
             report.status = RepoStatus::Timeout;
@@ -552,6 +557,11 @@ impl RepoRun<'_> {
             report.errors.extend(swept.errors);
         }
 
+        if lease.is_lost() {
+            // The repository is another collector's now: its state is not ours to write.
+            self.verify_if_deleted(repo, marker, report).await;
+            return;
+        }
         crate::failpoint::hit("before-state-write");
         self.write_state(repo, marker, obs, report).await;
         crate::failpoint::hit("after-state-write");
@@ -566,10 +576,19 @@ impl RepoRun<'_> {
                     .push(format!("removing expired intents: {e}")),
             }
         }
+        self.verify_if_deleted(repo, marker, report).await;
+        self.leases.release(lease).await;
+    }
+
+    async fn verify_if_deleted(
+        &self,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        report: &mut RepoReport,
+    ) {
         if !report.deleted.is_empty() {
             self.verify(repo, marker, report).await;
         }
-        self.leases.release(lease).await;
     }
 
     /// Persists the candidates still pending after the sweep, keeping first-seen times.
@@ -690,7 +709,7 @@ struct RepoGuard<'g, 'm, 'r> {
     run: &'g RepoRun<'r>,
     repo: &'g Repository,
     marker: &'g mut Marker<'m>,
-    lease: &'g mut Lease,
+    lease: Lease,
     roots_version: Option<String>,
     intents_seen: HashSet<String>,
     rescued: u64,
@@ -702,7 +721,7 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
     async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
         let run = self.run;
         run.leases
-            .keep(self.lease)
+            .keep(&mut self.lease)
             .await
             .map_err(|e| e.to_string())?;
         let version = run

@@ -2,6 +2,8 @@
 //! OCI content, and a way to run one scenario against both stores.
 #![allow(dead_code)]
 
+pub mod hooked;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,92 @@
+//! A store that runs one injected action at an exact protocol step, as a concurrent pusher or
+//! collector would act at that instant.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use ocigc::store::{
+    DeleteFailure, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
+};
+
+/// When the action runs (once).
+#[derive(Clone, Copy, Debug)]
+pub enum When {
+    /// Before the first HEAD of a key ending with this.
+    BeforeHead(&'static str),
+    /// Before the first LIST whose prefix starts with this.
+    BeforeList(&'static str),
+    /// After the first batch delete that removes a key containing this.
+    AfterDelete(&'static str),
+}
+
+pub struct Hooked {
+    pub inner: Arc<dyn Store>,
+    when: When,
+    action: Mutex<Option<BoxFuture<'static, ()>>>,
+}
+
+impl Hooked {
+    pub fn new(inner: Arc<dyn Store>, when: When, action: BoxFuture<'static, ()>) -> Hooked {
+        Hooked {
+            inner,
+            when,
+            action: Mutex::new(Some(action)),
+        }
+    }
+
+    async fn fire(&self) {
+        let action = self.action.lock().expect("hook lock").take();
+        if let Some(a) = action {
+            a.await;
+        }
+    }
+
+    pub fn fired(&self) -> bool {
+        self.action.lock().expect("hook lock").is_none()
+    }
+}
+
+#[async_trait]
+impl Store for Hooked {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        if let When::BeforeList(p) = self.when {
+            if prefix.starts_with(p) {
+                return Box::pin(
+                    futures::stream::once(self.fire()).flat_map(move |_| self.inner.list(prefix)),
+                );
+            }
+        }
+        self.inner.list(prefix)
+    }
+    async fn get(&self, key: &str) -> StoreResult<Object> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        if let When::BeforeHead(suffix) = self.when {
+            if key.ends_with(suffix) {
+                self.fire().await;
+            }
+        }
+        self.inner.head(key).await
+    }
+    async fn put(&self, key: &str, body: Bytes, c: PutCondition) -> StoreResult<PutOutcome> {
+        self.inner.put(key, body, c).await
+    }
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
+        let out = self.inner.delete_batch(keys).await;
+        if let When::AfterDelete(needle) = self.when {
+            if keys.iter().any(|k| k.contains(needle)) {
+                self.fire().await;
+            }
+        }
+        out
+    }
+}
+
+use futures::StreamExt;
