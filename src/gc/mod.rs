@@ -212,10 +212,16 @@ pub async fn run_gc(
         source,
     })?;
 
-    let pending_keys: HashSet<String> = listing
+    // Pending state and batch announcements by key; a repository with either needs its lease
+    // even when nothing is left to delete (to update or clear them).
+    let state_keys: HashSet<String> = listing
         .state
         .iter()
-        .filter(|o| o.key.starts_with(state::PENDING_PREFIX))
+        .filter(|o| {
+            o.key.starts_with(state::PENDING_PREFIX)
+                || o.key.starts_with(intent::DELETING_PREFIX)
+                || o.key.starts_with(lease::LEASE_PREFIX)
+        })
         .map(|o| o.key.clone())
         .collect();
     let intents = listing.state;
@@ -253,13 +259,17 @@ pub async fn run_gc(
     };
     report.repositories = stream::iter(selected)
         .map(|repo| {
-            let has_pending = pending_keys.contains(&state::pending_key(&repo.name));
+            let leftovers = Leftovers {
+                pending: state_keys.contains(&state::pending_key(&repo.name)),
+                announcement: state_keys.contains(&intent::deleting_key(&repo.name)),
+                lease: state_keys.contains(&lease::lease_key(&repo.name)),
+            };
             let own_intents: Vec<ObjectMeta> = intents
                 .iter()
                 .filter(|o| intent::is_own_intent(&repo.name, &o.key))
                 .cloned()
                 .collect();
-            run.collect(repo, has_pending, own_intents)
+            run.collect(repo, leftovers, own_intents)
         })
         .buffer_unordered(opts.concurrency.max(1))
         .collect()
@@ -291,8 +301,30 @@ struct RepoRun<'a> {
     repo_timeout: Option<Duration>,
 }
 
-/// What one observation of a repository found.
+/// ocigc state of a repository seen in the listing.
+#[derive(Clone, Copy, Debug, Default)]
+struct Leftovers {
+    /// Pending candidates are stored.
+    pending: bool,
+    /// A batch announcement is stored (its run died mid-batch).
+    announcement: bool,
+    /// A lease is stored: held by a live collector, or left by a dead one.
+    lease: bool,
+}
+
+/// Why a repository's lease is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// To delete, or to update ocigc's state.
+    Work,
+    /// Only to remove a lease a dead run left behind.
+    TidyLease,
+}
+
+/// What one observation of a repository found, and the limits it is acted on under.
 struct Observation {
+    deadline: Option<Instant>,
+    leftovers: Leftovers,
     roots_version: Option<String>,
     intents_seen: HashSet<String>,
     expired_intents: Vec<String>,
@@ -320,7 +352,7 @@ impl RepoRun<'_> {
     async fn collect(
         &self,
         repo: Repository,
-        has_pending: bool,
+        leftovers: Leftovers,
         intents: Vec<ObjectMeta>,
     ) -> RepoReport {
         let mut report = RepoReport::new(&repo.name, RepoStatus::Ok);
@@ -355,7 +387,7 @@ impl RepoRun<'_> {
         });
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
-        let observed = self.observe(&repo, &mut marker, has_pending, &intents);
+        let observed = self.observe(&repo, &mut marker, leftovers.pending, &intents);
         let observed = match deadline {
             Some(d) => match tokio::time::timeout_at(d, observed).await {
                 Ok(r) => r,
@@ -381,6 +413,8 @@ impl RepoRun<'_> {
                 return report;
             }
         };
+        obs.deadline = deadline;
+        obs.leftovers = leftovers;
         self.summarise(&mut report, &obs.plan);
         if self.dry_run {
             report.deleted = deletions_of(&obs.plan);
@@ -394,8 +428,15 @@ impl RepoRun<'_> {
                 Decision::Delete(_) | Decision::Keep(Reason::AwaitingSecondObservation)
             )
         });
-        if has_candidates || obs.pending.etag.is_some() || !obs.expired_intents.is_empty() {
-            self.act(&repo, &mut marker, &mut obs, deadline, &mut report)
+        let work = has_candidates
+            || obs.pending.etag.is_some()
+            || !obs.expired_intents.is_empty()
+            || leftovers.announcement;
+        if work || leftovers.lease {
+            // With nothing else to do, the lease is only taken to tidy one a dead run left;
+            // one a live collector holds is none of this run's business then.
+            let mode = if work { Mode::Work } else { Mode::TidyLease };
+            self.act(&repo, &mut marker, &mut obs, mode, &mut report)
                 .await;
         }
         report.manifests_fetched = marker.manifests_fetched;
@@ -456,6 +497,8 @@ impl RepoRun<'_> {
             self.policy,
         );
         Ok(Observation {
+            deadline: None,
+            leftovers: Leftovers::default(),
             roots_version: roots.version,
             intents_seen: intents.iter().map(|o| o.key.clone()).collect(),
             expired_intents: read.expired,
@@ -470,11 +513,12 @@ impl RepoRun<'_> {
         repo: &Repository,
         marker: &mut Marker<'_>,
         obs: &mut Observation,
-        deadline: Option<Instant>,
+        mode: Mode,
         report: &mut RepoReport,
     ) {
         let lease = match self.leases.acquire(&repo.name).await {
             Ok(Acquired::Ours(l)) => l,
+            Ok(Acquired::Held { .. }) if mode == Mode::TidyLease => return,
             Ok(Acquired::Held { owner, expires_at }) => {
                 tracing::warn!(repo = %repo.name, %owner, %expires_at, "lease held by another collector");
                 report.status = RepoStatus::Skipped;
@@ -531,7 +575,13 @@ impl RepoRun<'_> {
             rescued: 0,
             announced: false,
         };
-        let swept = sweep::sweep(self.store, deletions_of(&obs.plan), deadline, &mut guard).await;
+        let swept = sweep::sweep(
+            self.store,
+            deletions_of(&obs.plan),
+            obs.deadline,
+            &mut guard,
+        )
+        .await;
         let RepoGuard {
             marker,
             rescued,
@@ -574,6 +624,14 @@ impl RepoRun<'_> {
                 Err(e) => report
                     .warnings
                     .push(format!("removing expired intents: {e}")),
+            }
+        }
+        // An announcement left by a run that died mid-batch: that batch is long over.
+        if obs.leftovers.announcement {
+            if let Err(e) = intent::clear_deletion(self.store, &repo.name).await {
+                report
+                    .warnings
+                    .push(format!("removing a stale batch announcement: {e}"));
             }
         }
         self.verify_if_deleted(repo, marker, report).await;

@@ -349,3 +349,76 @@ pub fn repo_report<'r>(report: &'r Report, repo: &str) -> &'r ocigc::report::Rep
         .find(|r| r.name == repo)
         .unwrap_or_else(|| panic!("{repo} not in report: {report:#?}"))
 }
+
+/// Every blob referenced from any repository's `index.json` (walked with a parser independent
+/// of ocigc's) that is missing from the store, as "repo: digest". Empty means every image that
+/// any tag or root points at is complete.
+pub async fn dangling(store: &dyn Store) -> Vec<String> {
+    let all = keys(store).await;
+    let mut missing = Vec::new();
+    for index in all.iter().filter(|k| k.ends_with("/index.json")) {
+        let repo = index.trim_end_matches("/index.json");
+        let Ok(obj) = store.get(index).await else {
+            continue;
+        };
+        let Ok(doc) = serde_json::from_slice::<Value>(&obj.body) else {
+            continue;
+        };
+        let mut stack: Vec<Value> = doc["manifests"].as_array().cloned().unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        while let Some(desc) = stack.pop() {
+            let Some(digest) = desc["digest"].as_str().map(str::to_string) else {
+                continue;
+            };
+            if !seen.insert(digest.clone()) {
+                continue;
+            }
+            let key = blob_key(repo, &digest);
+            if !all.contains(&key) {
+                missing.push(format!("{repo}: {digest}"));
+                continue;
+            }
+            let is_doc = desc["mediaType"]
+                .as_str()
+                .is_none_or(|m| m.contains("manifest") || m.contains("index"));
+            if !is_doc {
+                continue;
+            }
+            let Ok(body) = store.get(&key).await else {
+                missing.push(format!("{repo}: {digest} (unreadable)"));
+                continue;
+            };
+            if let Ok(child) = serde_json::from_slice::<Value>(&body.body) {
+                for field in ["manifests", "layers", "blobs"] {
+                    stack.extend(child[field].as_array().cloned().unwrap_or_default());
+                }
+                for field in ["config", "subject"] {
+                    if child[field].is_object() {
+                        stack.push(child[field].clone());
+                    }
+                }
+            }
+        }
+    }
+    missing
+}
+
+/// Command-line arguments and environment that point the `ocigc` binary at a test store.
+pub fn cli_target(t: &TestStore) -> (Vec<String>, Vec<(String, String)>) {
+    match t.kind {
+        "s3" => (
+            vec![
+                "--bucket".into(),
+                format!("s3://{}", t.bucket),
+                "--s3-path-style".into(),
+            ],
+            vec![
+                ("AWS_ENDPOINT_URL".into(), s3_endpoint()),
+                ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+                ("AWS_REGION".into(), "us-east-1".into()),
+            ],
+        ),
+        _ => (vec!["--bucket".into(), t.bucket.clone()], vec![]),
+    }
+}
