@@ -422,3 +422,37 @@ pub fn cli_target(t: &TestStore) -> (Vec<String>, Vec<(String, String)>) {
         _ => (vec!["--bucket".into(), t.bucket.clone()], vec![]),
     }
 }
+
+/// Keys of every blob referenced from any `index.json` (independent walker, see [`dangling`]).
+pub async fn referenced_blob_keys(store: &dyn Store) -> BTreeSet<String> {
+    let all = keys(store).await;
+    let mut out = BTreeSet::new();
+    for index in all.iter().filter(|k| k.ends_with("/index.json")) {
+        let repo = index.trim_end_matches("/index.json");
+        let Ok(obj) = store.get(index).await else {
+            continue;
+        };
+        let doc: Value = serde_json::from_slice(&obj.body).unwrap_or(Value::Null);
+        let mut stack: Vec<Value> = doc["manifests"].as_array().cloned().unwrap_or_default();
+        while let Some(desc) = stack.pop() {
+            let Some(digest) = desc["digest"].as_str() else {
+                continue;
+            };
+            let key = blob_key(repo, digest);
+            if !out.insert(key.clone()) {
+                continue;
+            }
+            if let Ok(body) = store.get(&key).await {
+                if let Ok(child) = serde_json::from_slice::<Value>(&body.body) {
+                    for field in ["manifests", "layers", "blobs"] {
+                        stack.extend(child[field].as_array().cloned().unwrap_or_default());
+                    }
+                    if child["config"].is_object() {
+                        stack.push(child["config"].clone());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
