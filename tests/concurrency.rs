@@ -23,9 +23,9 @@ const REPOS: [&str; 3] = ["c/app", "c/app/tools", "c/web"];
 const PUSHERS: u64 = 4;
 /// Each pusher pushes at least this many images, then goes on (up to the maximum) until the
 /// collectors have deleted something, so that deletions certainly overlap pushes.
-const MIN_PUSHES_EACH: u64 = 12;
+const MIN_PUSHES_EACH: u64 = 8;
 const MAX_PUSHES_EACH: u64 = 60;
-const MAX_COLLECTOR_RUNS: u64 = 60;
+const MAX_COLLECTOR_RUNS: u64 = 150;
 
 /// Layer contents by digest, so a pusher can upload a reused layer that has vanished.
 type Contents = Arc<Mutex<HashMap<String, Bytes>>>;
@@ -65,7 +65,10 @@ async fn tagged_layer(store: &dyn Store, repo: &str, rng: &mut Rng) -> Option<St
         .await
         .ok()?;
     let m: Value = serde_json::from_slice(&manifest.body).ok()?;
-    m["layers"][0]["digest"].as_str().map(str::to_string)
+    // The image's own (last) layer: referenced by that image alone unless reused already.
+    m["layers"].as_array()?.last()?["digest"]
+        .as_str()
+        .map(str::to_string)
 }
 
 async fn push(
@@ -78,6 +81,8 @@ async fn push(
 ) {
     // Reuse a layer of an image tagged at the time: announce it first, then check it exists.
     let reused = tagged_layer(store, repo, rng).await;
+    // Think time: the layer's image may be untagged meanwhile, and collected.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut intent_key = None;
     let mut layers = Vec::new();
     if let Some(digest) = &reused {
@@ -120,8 +125,9 @@ async fn push(
     )
     .await;
     layers.push(put_blob(store, repo, contents, Bytes::from(format!("layer {name}"))).await);
-    // The rest of the build: the blobs sit unreferenced meanwhile (grace protects them).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The rest of the build: the blobs sit unreferenced meanwhile, longer than the delay
+    // between two observations, shorter than the grace period that protects them.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, "digest": config["digest"], "size": config["size"]},
         "layers": layers});
@@ -206,8 +212,8 @@ async fn pushes_and_collections_race(t: TestStore) {
         );
         collectors.push(tokio::spawn(async move {
             let opts = GcOptions {
-                grace: Duration::from_secs(2),
-                delay: Duration::from_secs(1),
+                grace: Duration::from_millis(1500),
+                delay: Duration::from_millis(300),
                 concurrency: 4,
                 lease_ttl: Duration::from_secs(60),
                 ..GcOptions::default()
@@ -224,8 +230,8 @@ async fn pushes_and_collections_race(t: TestStore) {
                 deleted.fetch_add(r.totals.blobs_deleted, Ordering::SeqCst);
                 conflicts.fetch_add(r.totals.lease_conflicts, Ordering::SeqCst);
                 dangling_seen += r.totals.dangling_references;
-                // The collectors' schedule: a run every 100 ms.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // The collectors' schedule: a run every 50 ms.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             dangling_seen
         }));
