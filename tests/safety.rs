@@ -108,27 +108,39 @@ async fn referenced_again_starts_over(t: TestStore) {
     );
 }
 
-async fn recheck_keeps_a_blob_tagged_before_the_batch(t: TestStore) {
+/// Repository `app` with a tagged image and an untagged one (garbage until tagged).
+async fn tagged_and_untagged(t: &TestStore) -> (Desc, Desc) {
     let f = Fixture {
         store: t.store.as_ref(),
     };
     let img = f.image("app", "v1").await;
-    let g = f.image("app", "tagged-late").await;
+    let g = f.image("app", "untagged").await;
     f.layout("app", &[(Some("v1"), &img)]).await;
-    // A pusher tags the "garbage" image after the plan, just before the re-check.
+    (img, g)
+}
+
+/// A pusher's action for a hook: tag `g` next to `img`.
+fn tag_later(t: &TestStore, img: &Desc, g: &Desc) -> futures::future::BoxFuture<'static, ()> {
     let inner = t.store.clone();
-    let (img2, g2) = (img.clone(), g.clone());
-    let push = async move {
+    let (img, g) = (img.clone(), g.clone());
+    async move {
         let f = Fixture {
             store: inner.as_ref(),
         };
-        f.layout("app", &[(Some("v1"), &img2), (Some("late"), &g2)])
+        f.layout("app", &[(Some("v1"), &img), (Some("late"), &g)])
             .await;
-    };
+    }
+    .boxed()
+}
+
+async fn recheck_keeps_a_blob_tagged_before_the_batch(t: TestStore) {
+    let (img, g) = tagged_and_untagged(&t).await;
+    // A pusher tags the "garbage" image after the plan, just before the re-check.
+    let push = tag_later(&t, &img, &g);
     let hooked = Arc::new(Hooked::new(
         t.store.clone(),
         When::BeforeHead("app/index.json"),
-        push.boxed(),
+        push,
     ));
     let store: Arc<dyn Store> = hooked.clone();
     let report = gc(&store, &eager()).await;
@@ -146,26 +158,13 @@ async fn recheck_keeps_a_blob_tagged_before_the_batch(t: TestStore) {
 }
 
 async fn verify_reports_a_reference_to_a_deleted_blob(t: TestStore) {
-    let f = Fixture {
-        store: t.store.as_ref(),
-    };
-    let img = f.image("app", "v1").await;
-    let g = f.image("app", "too-late").await;
-    f.layout("app", &[(Some("v1"), &img)]).await;
+    let (img, g) = tagged_and_untagged(&t).await;
     // A (non-cooperating) pusher tags the image right after its blobs were deleted.
-    let inner = t.store.clone();
-    let (img2, g2) = (img.clone(), g.clone());
-    let push = async move {
-        let f = Fixture {
-            store: inner.as_ref(),
-        };
-        f.layout("app", &[(Some("v1"), &img2), (Some("late"), &g2)])
-            .await;
-    };
+    let push = tag_later(&t, &img, &g);
     let store: Arc<dyn Store> = Arc::new(Hooked::new(
         t.store.clone(),
         When::AfterDelete("/blobs/"),
-        push.boxed(),
+        push,
     ));
     let report = gc(&store, &eager()).await;
     let r = repo_report(&report, "app");
