@@ -63,6 +63,29 @@ fn bad_usage_exits_2_with_a_clear_message() {
         (&["gc", "--bucket", d, "--repo", "team/[app"], "--repo"),
         (&["delete-repo", "--bucket", d], "NAME"),
         (
+            &["gc", "--bucket", d, "--lease-ttl", "1m"],
+            "--lease-ttl 1m is too short",
+        ),
+        (
+            &["intent", "--bucket", d, "--repo", "app", "sha256:nope"],
+            "invalid digest",
+        ),
+        (
+            &[
+                "intent",
+                "--bucket",
+                d,
+                "--repo",
+                "App",
+                &format!("sha256:{}", "a".repeat(64)),
+            ],
+            "invalid repository name",
+        ),
+        (
+            &["intent", "--bucket", d, "--release", "app/index.json"],
+            "not an intent key",
+        ),
+        (
             &["delete-repo", "--bucket", d, "Team/App"],
             "invalid repository name",
         ),
@@ -273,4 +296,66 @@ async fn example_bucket_on_s3_request_counts() {
     assert_eq!(req["head"], 1 + per_repo);
     let left = keys(t.store.as_ref()).await;
     assert_eq!(left.len(), 41 - 6);
+}
+
+#[test]
+fn intent_subcommand_protects_and_releases() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    let bucket = dir.path().to_str().expect("utf-8");
+    // The garbage layer of team/app, announced for reuse.
+    let dry = ocigc(
+        &[
+            "gc",
+            "--bucket",
+            bucket,
+            "--grace",
+            "0s",
+            "--delay",
+            "0s",
+            "--dry-run",
+            "--repo",
+            "team/app",
+            "--report",
+            "-",
+        ],
+        &[],
+    );
+    let plan: Value = serde_json::from_slice(&dry.stdout).expect("report");
+    let digest = plan["repositories"][0]["deleted"][0]["digest"]
+        .as_str()
+        .expect("a garbage digest")
+        .to_string();
+    let out = ocigc(
+        &[
+            "intent", "--bucket", bucket, "--repo", "team/app", "--ttl", "1h", &digest,
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        key.starts_with("_ocigc/intents/team/app/") && key.ends_with(".json"),
+        "{key}"
+    );
+    assert!(dir.path().join(&key).exists());
+
+    let gc = [
+        "gc", "--bucket", bucket, "--grace", "0s", "--delay", "0s", "--repo", "team/app",
+        "--report", "-",
+    ];
+    let kept: Value = serde_json::from_slice(&ocigc(&gc, &[]).stdout).expect("report");
+    assert_eq!(kept["totals"]["blobs_deleted"], 0, "the intent was ignored");
+    let blob = dir
+        .path()
+        .join("team/app/blobs")
+        .join(digest.replacen(':', "/", 1));
+    assert!(blob.exists());
+
+    let out = ocigc(&["intent", "--bucket", bucket, "--release", &key], &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(!dir.path().join(&key).exists());
+    let gone: Value = serde_json::from_slice(&ocigc(&gc, &[]).stdout).expect("report");
+    assert_eq!(gone["totals"]["blobs_deleted"], 1);
+    assert!(!blob.exists());
 }
