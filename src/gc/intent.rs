@@ -79,6 +79,25 @@ pub fn is_own_intent(repo: &str, key: &str) -> bool {
         .is_some_and(|rest| !rest.contains('/') && rest.ends_with(".json"))
 }
 
+/// Groups intent objects of a bucket listing by repository (other state keys are dropped).
+pub fn by_repository(
+    state: impl IntoIterator<Item = ObjectMeta>,
+) -> std::collections::HashMap<String, Vec<ObjectMeta>> {
+    let mut out: std::collections::HashMap<String, Vec<ObjectMeta>> = Default::default();
+    for o in state {
+        let repo = o
+            .key
+            .strip_prefix(INTENT_PREFIX)
+            .and_then(|rest| rest.rsplit_once('/'))
+            .filter(|(_, file)| file.ends_with(".json"))
+            .map(|(repo, _)| repo.to_string());
+        if let Some(repo) = repo {
+            out.entry(repo).or_default().push(o);
+        }
+    }
+    out
+}
+
 /// Lists the intents of `repo` (one LIST).
 pub async fn list_intents(store: &dyn Store, repo: &str) -> Result<Vec<ObjectMeta>, StoreError> {
     let pages: Vec<Vec<ObjectMeta>> = store.list(&intents_prefix(repo)).try_collect().await?;
@@ -87,6 +106,38 @@ pub async fn list_intents(store: &dyn Store, repo: &str) -> Result<Vec<ObjectMet
         .flatten()
         .filter(|o| is_own_intent(repo, &o.key))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intents_belong_to_their_own_repository() {
+        let meta = |key: &str| ObjectMeta {
+            key: key.into(),
+            size: 1,
+            last_modified: SystemTime::UNIX_EPOCH,
+            etag: None,
+        };
+        let grouped = by_repository(
+            [
+                "_ocigc/intents/team/app/1.json",
+                "_ocigc/intents/team/app/tools/2.json",
+                "_ocigc/intents/team/app/3.txt",
+                "_ocigc/pending/team/app.json",
+            ]
+            .map(meta),
+        );
+        assert_eq!(grouped["team/app"].len(), 1);
+        assert_eq!(grouped["team/app/tools"].len(), 1);
+        assert_eq!(grouped.len(), 2);
+        assert!(is_own_intent("team/app", "_ocigc/intents/team/app/1.json"));
+        assert!(!is_own_intent(
+            "team/app",
+            "_ocigc/intents/team/app/tools/2.json"
+        ));
+    }
 }
 
 /// Reads listed intents. An unreadable intent that is not yet past [`MAX_INTENT_TTL`] fails

@@ -224,7 +224,7 @@ pub async fn run_gc(
         })
         .map(|o| o.key.clone())
         .collect();
-    let intents = listing.state;
+    let mut intents = intent::by_repository(listing.state);
     let partition = layout.partition(listing.objects);
     report.rejected = partition.rejected;
     report.unowned_objects = partition.unowned;
@@ -264,11 +264,7 @@ pub async fn run_gc(
                 announcement: state_keys.contains(&intent::deleting_key(&repo.name)),
                 lease: state_keys.contains(&lease::lease_key(&repo.name)),
             };
-            let own_intents: Vec<ObjectMeta> = intents
-                .iter()
-                .filter(|o| intent::is_own_intent(&repo.name, &o.key))
-                .cloned()
-                .collect();
+            let own_intents = intents.remove(&repo.name).unwrap_or_default();
             run.collect(repo, leftovers, own_intents)
         })
         .buffer_unordered(opts.concurrency.max(1))
