@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::digest::Digest;
 use crate::gc::{self, intent, DeleteRepoOptions, GcOptions, RepoFilter};
 use crate::layout::{self, validate_repository_name, Layout};
+use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::store::{BucketUrl, DirStore, S3Settings, S3Store, StaticCredentials, Store};
 
@@ -87,6 +88,10 @@ pub struct StoreArgs {
     /// Lifetime of a repository lease between renewals; at least 4 request time-outs.
     #[arg(long, env = "OCIGC_LEASE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+    /// Push the run's metrics to this Prometheus Pushgateway at the end (job `ocigc`, grouped
+    /// by bucket), whatever the outcome.
+    #[arg(long, env = "OCIGC_PUSHGATEWAY", value_name = "URL")]
+    pub pushgateway: Option<String>,
     /// Pretend the bucket clock is this far ahead (drills and crash tests only).
     #[arg(long, hide = true, default_value = "0s", value_parser = parse_duration)]
     pub clock_offset: Duration,
@@ -270,6 +275,21 @@ fn emit(report: &Report, target: Option<&PathBuf>) -> Result<(), CliError> {
         .map_err(fatal)
 }
 
+/// Pushes to the Pushgateway, if one is configured. A failed push is logged, not fatal: the
+/// run's own outcome stands, and a missing push shows as a stale last-run metric.
+async fn push_metrics(args: &StoreArgs, store: &dyn Store, metrics: &Metrics) {
+    let Some(gateway) = &args.pushgateway else {
+        return;
+    };
+    match metrics
+        .push(gateway, &store.describe(), args.timeout_request)
+        .await
+    {
+        Ok(()) => tracing::info!(%gateway, "metrics pushed"),
+        Err(e) => tracing::error!(error = %e, "metrics push failed"),
+    }
+}
+
 fn exit_for(report: &Report) -> u8 {
     if report.all_ok() {
         EXIT_OK
@@ -288,6 +308,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             let layout = pick_layout(&args.store.layout)?;
             let (store, request_timeout) = open_store(&args.store).await?;
             check_lease_ttl(args.store.lease_ttl, request_timeout)?;
+            let metrics = Arc::new(Metrics::new());
             let opts = GcOptions {
                 grace: args.grace,
                 delay: args.delay,
@@ -299,10 +320,11 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 run_timeout: args.timeout_run,
                 lease_ttl: args.store.lease_ttl,
                 clock_offset: args.store.clock_offset,
+                metrics: Some(metrics.clone()),
             };
-            let report = gc::run_gc(store, layout, &opts)
-                .await
-                .map_err(|e| fatal(e.into()))?;
+            let result = gc::run_gc(store.clone(), layout, &opts).await;
+            push_metrics(&args.store, store.as_ref(), &metrics).await;
+            let report = result.map_err(|e| fatal(e.into()))?;
             emit(&report, args.store.report.as_ref())?;
             Ok(exit_for(&report))
         }
@@ -313,16 +335,18 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             let layout = pick_layout(&args.store.layout)?;
             let (store, request_timeout) = open_store(&args.store).await?;
             check_lease_ttl(args.store.lease_ttl, request_timeout)?;
+            let metrics = Arc::new(Metrics::new());
             let opts = DeleteRepoOptions {
                 dry_run: args.store.dry_run,
                 concurrency: usize::from(args.store.concurrency),
                 request_timeout,
                 lease_ttl: args.store.lease_ttl,
                 clock_offset: args.store.clock_offset,
+                metrics: Some(metrics.clone()),
             };
-            let report = gc::delete_repositories(store, layout, &args.names, &opts)
-                .await
-                .map_err(|e| fatal(e.into()))?;
+            let result = gc::delete_repositories(store.clone(), layout, &args.names, &opts).await;
+            push_metrics(&args.store, store.as_ref(), &metrics).await;
+            let report = result.map_err(|e| fatal(e.into()))?;
             emit(&report, args.store.report.as_ref())?;
             Ok(exit_for(&report))
         }

@@ -9,5 +9,6 @@ pub mod failpoint;
 pub mod gc;
 pub mod layout;
 pub mod manifest;
+pub mod metrics;
 pub mod report;
 pub mod store;

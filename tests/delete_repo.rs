@@ -19,6 +19,7 @@ async fn delete(store: &Arc<dyn Store>, names: &[&str], dry_run: bool) -> Report
         request_timeout: Duration::from_secs(60),
         lease_ttl: Duration::from_secs(600),
         clock_offset: Duration::ZERO,
+        metrics: None,
     };
     delete_repositories(store.clone(), Arc::new(OciLayout), &names, &opts)
         .await

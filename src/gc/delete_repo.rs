@@ -18,6 +18,7 @@ use super::{finish_report, list_all, new_report, probe_clock, sweep, GcError};
 use crate::gc::plan::Reason;
 use crate::gc::{intent, state};
 use crate::layout::{KeyKind, Layout};
+use crate::metrics::Metrics;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, Store};
 
@@ -34,6 +35,8 @@ pub struct DeleteRepoOptions {
     pub lease_ttl: Duration,
     /// Added to the bucket clock (tests, drills). Zero in use.
     pub clock_offset: Duration,
+    /// Where to record metrics, if anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Deletes the named repositories (names must already be validated). A repository that no
@@ -44,7 +47,8 @@ pub async fn delete_repositories(
     names: &[String],
     opts: &DeleteRepoOptions,
 ) -> Result<Report, GcError> {
-    let store = Instrumented::new(store, opts.concurrency, opts.request_timeout);
+    let store = Instrumented::new(store, opts.concurrency, opts.request_timeout)
+        .with_metrics(opts.metrics.clone());
     let mut report = new_report("delete-repo", &store, layout.as_ref(), opts.dry_run);
     let clock = probe_clock(&store, &report.run_id)
         .await?
@@ -62,6 +66,9 @@ pub async fn delete_repositories(
         report.repositories.push(r);
     }
     finish_report(&mut report, &store, &clock);
+    if let Some(m) = &opts.metrics {
+        m.observe_deletion(&report);
+    }
     Ok(report)
 }
 

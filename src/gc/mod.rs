@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::digest::Digest;
 use crate::layout::{KeyKind, Layout, Repository, RootsError, STATE_PREFIX};
 use crate::manifest::Descriptor;
+use crate::metrics::Metrics;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
 use clock::BucketClock;
@@ -105,6 +106,8 @@ pub struct GcOptions {
     pub lease_ttl: Duration,
     /// Added to the bucket clock: simulates the passage of time (tests, drills). Zero in use.
     pub clock_offset: Duration,
+    /// Where to record metrics, if anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for GcOptions {
@@ -120,6 +123,7 @@ impl Default for GcOptions {
             run_timeout: None,
             lease_ttl: Duration::from_secs(600),
             clock_offset: Duration::ZERO,
+            metrics: None,
         }
     }
 }
@@ -183,17 +187,34 @@ pub(crate) fn finish_report(report: &mut Report, store: &Instrumented, clock: &B
     report.compute_totals();
 }
 
-/// Runs garbage collection over every selected repository of the bucket.
+/// Runs garbage collection over every selected repository of the bucket, recording the run in
+/// `opts.metrics` whatever its outcome.
 pub async fn run_gc(
     store: Arc<dyn Store>,
     layout: Arc<dyn Layout>,
     opts: &GcOptions,
 ) -> Result<Report, GcError> {
-    let store = Instrumented::new(store, opts.concurrency, opts.request_timeout);
+    let started = Instant::now();
+    let run_deadline = opts.run_timeout.map(|t| started + t);
+    let result = collect_all(store, layout, opts, run_deadline).await;
+    if let Some(m) = &opts.metrics {
+        let timed_out = run_deadline.is_some_and(|d| Instant::now() >= d);
+        m.observe_gc(result.as_ref().ok(), started.elapsed(), timed_out);
+    }
+    result
+}
+
+async fn collect_all(
+    store: Arc<dyn Store>,
+    layout: Arc<dyn Layout>,
+    opts: &GcOptions,
+    run_deadline: Option<Instant>,
+) -> Result<Report, GcError> {
+    let store = Instrumented::new(store, opts.concurrency, opts.request_timeout)
+        .with_metrics(opts.metrics.clone());
     let mut report = new_report("gc", &store, layout.as_ref(), opts.dry_run);
     report.grace = Some(humantime::format_duration(opts.grace).to_string());
     report.delay = Some(humantime::format_duration(opts.delay).to_string());
-    let run_deadline = opts.run_timeout.map(|t| Instant::now() + t);
     let clock = probe_clock(&store, &report.run_id)
         .await?
         .ahead_by(opts.clock_offset);

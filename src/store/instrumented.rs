@@ -13,6 +13,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::metrics::Metrics;
+
 use super::{
     DeleteFailure, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
 };
@@ -50,6 +52,7 @@ pub struct Instrumented {
     permits: Semaphore,
     timeout: Duration,
     counters: Counters,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Instrumented {
@@ -61,7 +64,14 @@ impl Instrumented {
             permits: Semaphore::new(concurrency.max(1)),
             timeout,
             counters: Counters::default(),
+            metrics: None,
         }
+    }
+
+    /// Also records every request in `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Instrumented {
+        self.metrics = metrics;
+        self
     }
 
     /// Requests made so far.
@@ -82,7 +92,22 @@ impl Instrumented {
         fut: impl Future<Output = StoreResult<T>>,
     ) -> StoreResult<T> {
         self.counters.bump(op);
-        self.limited(op, key, fut).await
+        let started = std::time::Instant::now();
+        let result = self.limited(op, key, fut).await;
+        self.record(op, &result, started);
+        result
+    }
+
+    fn record<T>(&self, op: Op, result: &StoreResult<T>, started: std::time::Instant) {
+        if let Some(m) = &self.metrics {
+            let label = match result {
+                Ok(_) => "ok",
+                Err(StoreError::NotFound { .. }) => "not_found",
+                Err(StoreError::Timeout { .. }) => "timeout",
+                Err(_) => "error",
+            };
+            m.request(op, label, started.elapsed());
+        }
     }
 
     async fn limited<T>(
@@ -123,6 +148,7 @@ impl Store for Instrumented {
             Some(pages),
             move |pages| async move {
                 let mut pages = pages?;
+                let started = std::time::Instant::now();
                 let next = self
                     .limited(Op::List, prefix, async { Ok(pages.next().await) })
                     .await;
@@ -130,11 +156,16 @@ impl Store for Instrumented {
                     Ok(Some(page)) => {
                         // Counted once a page arrives: the end of a listing costs no request.
                         self.counters.bump(Op::List);
+                        self.record(Op::List, &page, started);
                         Some((page, Some(pages)))
                     }
                     Ok(None) => None,
                     // A time-out ends the listing: its caller must not act on a partial view.
-                    Err(e) => Some((Err(e), None)),
+                    Err(e) => {
+                        let failed: StoreResult<()> = Err(e);
+                        self.record(Op::List, &failed, started);
+                        failed.err().map(|e| (Err(e), None))
+                    }
                 }
             },
         ))
