@@ -1,14 +1,18 @@
-//! Command-line interface: argument parsing (every flag also from an `OCIGC_*` variable),
-//! store and layout set-up, report output and exit codes.
+//! Command-line interface: argument parsing (every flag also from an `OCIGC_*` variable and
+//! the `--config` file), store and layout set-up, report output, metrics push and exit codes.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::config::FileConfig;
+use crate::daemon::{self, ServeOptions};
 use crate::digest::Digest;
 use crate::gc::{self, intent, DeleteRepoOptions, GcOptions, RepoFilter};
 use crate::layout::{self, validate_repository_name, Layout};
@@ -35,6 +39,10 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, env = "OCIGC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// TOML file with any of the flags below (long names, `-` as `_`); flags and OCIGC_*
+    /// variables win over it; unknown keys are rejected.
+    #[arg(long, env = "OCIGC_CONFIG", value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -58,14 +66,16 @@ pub enum Command {
     DeleteRepo(DeleteRepoArgs),
     /// For pushers: declare blobs about to be reused so no collector deletes them meanwhile.
     Intent(IntentArgs),
+    /// Run as a service: scheduled GC, the deletion and GC hooks, /metrics.
+    Serve(ServeArgs),
 }
 
 /// Flags shared by every command that touches a bucket.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// The bucket: s3://bucket[/prefix], file:///path or a plain directory path.
+    /// The bucket: s3://bucket[/prefix], file:///path or a plain directory path (required).
     #[arg(long, env = "OCIGC_BUCKET")]
-    pub bucket: BucketUrl,
+    pub bucket: Option<BucketUrl>,
     /// Bucket layout.
     #[arg(long, env = "OCIGC_LAYOUT", default_value = "oci", value_parser = ["oci"])]
     pub layout: String,
@@ -105,6 +115,7 @@ pub struct GcArgs {
     /// Only repositories matching GLOB (repeatable; '*' stays within a path segment, '**' spans).
     #[arg(
         long = "repo",
+        id = "repos",
         env = "OCIGC_REPO",
         value_name = "GLOB",
         value_delimiter = ','
@@ -132,6 +143,29 @@ pub struct DeleteRepoArgs {
     /// Repositories to delete, by full name (e.g. team/app).
     #[arg(required = true, value_name = "NAME")]
     pub names: Vec<String>,
+}
+
+/// Flags of `ocigc serve` (plus every flag of `gc`). The hook token comes from `--token-file`
+/// or the `OCIGC_TOKEN` variable, never from the command line.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub gc: GcArgs,
+    /// Address of the HTTP API and /metrics.
+    #[arg(long, env = "OCIGC_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Run a full GC at start and then every DURATION; without it, only on request.
+    #[arg(long, env = "OCIGC_INTERVAL", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// File holding the bearer token of the hook API.
+    #[arg(long, env = "OCIGC_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve the hook API without authentication (for a trusted local network only).
+    #[arg(long, env = "OCIGC_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// On SIGTERM/SIGINT, wait at most this long for running work before exiting.
+    #[arg(long, env = "OCIGC_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 /// Flags of `ocigc intent`.
@@ -202,8 +236,127 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// True when the user gave `id` on the command line or in the environment.
+fn explicit(m: &ArgMatches, id: &str) -> bool {
+    matches!(
+        m.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+fn config_duration(key: &str, value: &str) -> Result<Duration, CliError> {
+    parse_duration(value).map_err(|e| usage(anyhow!("config key {key}: {e}")))
+}
+
+/// Fills every setting not given as a flag or variable from the configuration file.
+fn apply_store_config(cfg: &FileConfig, m: &ArgMatches, s: &mut StoreArgs) -> Result<(), CliError> {
+    if let (false, Some(b)) = (explicit(m, "bucket"), &cfg.bucket) {
+        s.bucket = Some(
+            b.parse()
+                .map_err(|e| usage(anyhow!("config key bucket: {e}")))?,
+        );
+    }
+    if let (false, Some(l)) = (explicit(m, "layout"), &cfg.layout) {
+        if layout::by_name(l).is_none() {
+            return Err(usage(anyhow!("config key layout: unknown layout {l:?}")));
+        }
+        s.layout = l.clone();
+    }
+    if let (false, Some(v)) = (explicit(m, "dry_run"), cfg.dry_run) {
+        s.dry_run = v;
+    }
+    if let (false, Some(v)) = (explicit(m, "report"), &cfg.report) {
+        s.report = Some(v.clone());
+    }
+    if let (false, Some(v)) = (explicit(m, "concurrency"), cfg.concurrency) {
+        if !(1..=1024).contains(&v) {
+            return Err(usage(anyhow!(
+                "config key concurrency: {v} is not in 1..=1024"
+            )));
+        }
+        s.concurrency = v;
+    }
+    if let (false, Some(v)) = (explicit(m, "timeout_request"), &cfg.timeout_request) {
+        s.timeout_request = config_duration("timeout_request", v)?;
+    }
+    if let (false, Some(v)) = (explicit(m, "s3_path_style"), cfg.s3_path_style) {
+        s.s3_path_style = v;
+    }
+    if let (false, Some(v)) = (explicit(m, "lease_ttl"), &cfg.lease_ttl) {
+        s.lease_ttl = config_duration("lease_ttl", v)?;
+    }
+    if let (false, Some(v)) = (explicit(m, "pushgateway"), &cfg.pushgateway) {
+        s.pushgateway = Some(v.clone());
+    }
+    Ok(())
+}
+
+fn apply_gc_config(cfg: &FileConfig, m: &ArgMatches, g: &mut GcArgs) -> Result<(), CliError> {
+    apply_store_config(cfg, m, &mut g.store)?;
+    if let (false, Some(v)) = (explicit(m, "repos"), &cfg.repos) {
+        g.repos = v.clone();
+    }
+    if let (false, Some(v)) = (explicit(m, "grace"), &cfg.grace) {
+        g.grace = config_duration("grace", v)?;
+    }
+    if let (false, Some(v)) = (explicit(m, "delay"), &cfg.delay) {
+        g.delay = config_duration("delay", v)?;
+    }
+    if let (false, Some(v)) = (explicit(m, "timeout_repo"), &cfg.timeout_repo) {
+        g.timeout_repo = Some(config_duration("timeout_repo", v)?);
+    }
+    if let (false, Some(v)) = (explicit(m, "timeout_run"), &cfg.timeout_run) {
+        g.timeout_run = Some(config_duration("timeout_run", v)?);
+    }
+    Ok(())
+}
+
+fn apply_serve_config(cfg: &FileConfig, m: &ArgMatches, s: &mut ServeArgs) -> Result<(), CliError> {
+    apply_gc_config(cfg, m, &mut s.gc)?;
+    if let (false, Some(v)) = (explicit(m, "listen"), &cfg.listen) {
+        s.listen = v
+            .parse()
+            .map_err(|e| usage(anyhow!("config key listen: {v:?}: {e}")))?;
+    }
+    if let (false, Some(v)) = (explicit(m, "interval"), &cfg.interval) {
+        s.interval = Some(config_duration("interval", v)?);
+    }
+    if let (false, Some(v)) = (explicit(m, "token_file"), &cfg.token_file) {
+        s.token_file = Some(v.clone());
+    }
+    if let (false, Some(v)) = (explicit(m, "insecure_no_auth"), cfg.insecure_no_auth) {
+        s.insecure_no_auth = v;
+    }
+    if let (false, Some(v)) = (explicit(m, "drain_timeout"), &cfg.drain_timeout) {
+        s.drain_timeout = config_duration("drain_timeout", v)?;
+    }
+    Ok(())
+}
+
+/// Applies `--config` to the parsed command.
+fn apply_config(cli: &mut Cli, matches: &ArgMatches) -> Result<(), CliError> {
+    let Some(path) = &cli.config else {
+        return Ok(());
+    };
+    let cfg = FileConfig::load(path).map_err(|e| usage(e.into()))?;
+    let Some((_, m)) = matches.subcommand() else {
+        return Ok(());
+    };
+    match &mut cli.command {
+        Command::Gc(g) => apply_gc_config(&cfg, m, g),
+        Command::DeleteRepo(d) => apply_store_config(&cfg, m, &mut d.store),
+        Command::Serve(s) => apply_serve_config(&cfg, m, s),
+        Command::Intent(_) => Ok(()),
+    }
+}
+
 async fn open_store(args: &StoreArgs) -> Result<(Arc<dyn Store>, Duration), CliError> {
-    open_bucket(&args.bucket, args.s3_path_style, args.timeout_request).await
+    let bucket = args.bucket.as_ref().ok_or_else(|| {
+        usage(anyhow!(
+            "--bucket is required (or OCIGC_BUCKET, or `bucket` in the config file)"
+        ))
+    })?;
+    open_bucket(bucket, args.s3_path_style, args.timeout_request).await
 }
 
 async fn open_bucket(
@@ -256,23 +409,48 @@ fn pick_layout(name: &str) -> Result<Arc<dyn Layout>, CliError> {
     layout::by_name(name).ok_or_else(|| usage(anyhow!("unknown layout {name:?}")))
 }
 
-fn emit(report: &Report, target: Option<&PathBuf>) -> Result<(), CliError> {
-    let mut stderr = std::io::stderr();
-    // The summary is best effort; a closed stderr must not fail the run.
-    let _ = report.write_summary(&mut stderr);
-    let Some(target) = target else {
-        return Ok(());
+/// Everything a gc run (one-shot or in the daemon) needs, from the flags.
+async fn gc_setup(
+    args: &GcArgs,
+) -> Result<
+    (
+        Arc<dyn Store>,
+        Arc<dyn Layout>,
+        GcOptions,
+        DeleteRepoOptions,
+    ),
+    CliError,
+> {
+    let repos = RepoFilter::new(&args.repos)
+        .context("invalid --repo glob")
+        .map_err(usage)?;
+    let layout = pick_layout(&args.store.layout)?;
+    let (store, request_timeout) = open_store(&args.store).await?;
+    check_lease_ttl(args.store.lease_ttl, request_timeout)?;
+    let concurrency = usize::from(args.store.concurrency);
+    let gc = GcOptions {
+        grace: args.grace,
+        delay: args.delay,
+        dry_run: args.store.dry_run,
+        repos,
+        concurrency,
+        request_timeout,
+        repo_timeout: args.timeout_repo,
+        run_timeout: args.timeout_run,
+        lease_ttl: args.store.lease_ttl,
+        clock_offset: args.store.clock_offset,
+        metrics: None,
+        stop: Default::default(),
     };
-    let json = serde_json::to_string_pretty(report)
-        .context("serialising the report")
-        .map_err(fatal)?;
-    if target.as_os_str() == "-" {
-        println!("{json}");
-        return Ok(());
-    }
-    std::fs::write(target, json + "\n")
-        .with_context(|| format!("writing the report to {}", target.display()))
-        .map_err(fatal)
+    let delete = DeleteRepoOptions {
+        dry_run: args.store.dry_run,
+        concurrency,
+        request_timeout,
+        lease_ttl: args.store.lease_ttl,
+        clock_offset: args.store.clock_offset,
+        metrics: None,
+    };
+    Ok((store, layout, gc, delete))
 }
 
 /// Pushes to the Pushgateway, if one is configured. A failed push is logged, not fatal: the
@@ -302,26 +480,9 @@ fn exit_for(report: &Report) -> u8 {
 pub async fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Gc(args) => {
-            let repos = RepoFilter::new(&args.repos)
-                .context("invalid --repo glob")
-                .map_err(usage)?;
-            let layout = pick_layout(&args.store.layout)?;
-            let (store, request_timeout) = open_store(&args.store).await?;
-            check_lease_ttl(args.store.lease_ttl, request_timeout)?;
+            let (store, layout, mut opts, _) = gc_setup(&args).await?;
             let metrics = Arc::new(Metrics::new());
-            let opts = GcOptions {
-                grace: args.grace,
-                delay: args.delay,
-                dry_run: args.store.dry_run,
-                repos,
-                concurrency: usize::from(args.store.concurrency),
-                request_timeout,
-                repo_timeout: args.timeout_repo,
-                run_timeout: args.timeout_run,
-                lease_ttl: args.store.lease_ttl,
-                clock_offset: args.store.clock_offset,
-                metrics: Some(metrics.clone()),
-            };
+            opts.metrics = Some(metrics.clone());
             let result = gc::run_gc(store.clone(), layout, &opts).await;
             push_metrics(&args.store, store.as_ref(), &metrics).await;
             let report = result.map_err(|e| fatal(e.into()))?;
@@ -351,7 +512,125 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             Ok(exit_for(&report))
         }
         Command::Intent(args) => intent_command(args).await,
+        Command::Serve(args) => serve_command(args).await,
     }
+}
+
+fn read_token(args: &ServeArgs) -> Result<Option<String>, CliError> {
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the token file {}", path.display()))
+                .map_err(usage)?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("OCIGC_TOKEN").ok(),
+    };
+    match token {
+        Some(t) if t.is_empty() => Err(usage(anyhow!("the hook token is empty"))),
+        Some(t) => Ok(Some(t)),
+        None if args.insecure_no_auth => {
+            tracing::warn!("the hook API runs WITHOUT authentication (--insecure-no-auth)");
+            Ok(None)
+        }
+        None => Err(usage(anyhow!(
+            "refusing to serve the hook API without a token: set --token-file or OCIGC_TOKEN \
+             (or pass --insecure-no-auth on a trusted network)"
+        ))),
+    }
+}
+
+async fn serve_command(args: ServeArgs) -> Result<u8, CliError> {
+    let token = read_token(&args)?;
+    let (store, layout, gc, delete) = gc_setup(&args.gc).await?;
+    let opts = ServeOptions {
+        listen: args.listen,
+        interval: args.interval,
+        token,
+        drain_timeout: args.drain_timeout,
+        gc,
+        delete,
+        pushgateway: args.gc.store.pushgateway.clone(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    daemon::serve(store, layout, metrics, opts, shutdown_signal())
+        .await
+        .with_context(|| format!("serving on {}", args.listen))
+        .map_err(fatal)?;
+    Ok(EXIT_OK)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// Parses arguments and the configuration file, runs, and maps the outcome to an exit status.
+pub fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    init_logging(cli.log_format);
+    if let Err(CliError { code, error }) = apply_config(&mut cli, &matches) {
+        eprintln!("error: {error:#}");
+        return ExitCode::from(code);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FATAL);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(CliError { code, error }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn emit(report: &Report, target: Option<&PathBuf>) -> Result<(), CliError> {
+    let mut stderr = std::io::stderr();
+    // The summary is best effort; a closed stderr must not fail the run.
+    let _ = report.write_summary(&mut stderr);
+    let Some(target) = target else {
+        return Ok(());
+    };
+    let json = serde_json::to_string_pretty(report)
+        .context("serialising the report")
+        .map_err(fatal)?;
+    if target.as_os_str() == "-" {
+        println!("{json}");
+        return Ok(());
+    }
+    std::fs::write(target, json + "\n")
+        .with_context(|| format!("writing the report to {}", target.display()))
+        .map_err(fatal)
 }
 
 async fn intent_command(args: IntentArgs) -> Result<u8, CliError> {
@@ -380,27 +659,4 @@ async fn intent_command(args: IntentArgs) -> Result<u8, CliError> {
         .map_err(fatal)?;
     println!("{key}");
     Ok(EXIT_OK)
-}
-
-/// Parses arguments, runs, and maps the outcome to an exit status.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FATAL);
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(code) => ExitCode::from(code),
-        Err(CliError { code, error }) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(code)
-        }
-    }
 }

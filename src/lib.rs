@@ -4,6 +4,8 @@
 //! plan → delete → [`report`].
 
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod digest;
 pub mod failpoint;
 pub mod gc;

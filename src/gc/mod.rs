@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::digest::Digest;
 use crate::layout::{KeyKind, Layout, Repository, RootsError, STATE_PREFIX};
@@ -108,7 +109,13 @@ pub struct GcOptions {
     pub clock_offset: Duration,
     /// Where to record metrics, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
+    /// Cancelled on shutdown: no repository starts after it, marking is abandoned, deleting
+    /// stops before the next batch.
+    pub stop: CancellationToken,
 }
+
+/// Why a guard stopped a sweep on shutdown.
+const SHUTTING_DOWN: &str = "shutting down";
 
 impl Default for GcOptions {
     fn default() -> Self {
@@ -124,6 +131,7 @@ impl Default for GcOptions {
             lease_ttl: Duration::from_secs(600),
             clock_offset: Duration::ZERO,
             metrics: None,
+            stop: CancellationToken::new(),
         }
     }
 }
@@ -277,6 +285,7 @@ async fn collect_all(
         concurrency: opts.concurrency,
         run_deadline,
         repo_timeout: opts.repo_timeout,
+        stop: opts.stop.clone(),
     };
     report.repositories = stream::iter(selected)
         .map(|repo| {
@@ -316,6 +325,7 @@ struct RepoRun<'a> {
     concurrency: usize,
     run_deadline: Option<Instant>,
     repo_timeout: Option<Duration>,
+    stop: CancellationToken,
 }
 
 /// ocigc state of a repository seen in the listing.
@@ -383,6 +393,11 @@ impl RepoRun<'_> {
                 .push("run time-out reached before this repository started".into());
             return report;
         }
+        if self.stop.is_cancelled() {
+            report.status = RepoStatus::Skipped;
+            report.errors.push("shutting down; not started".into());
+            return report;
+        }
         let deadline = match (self.run_deadline, self.repo_timeout.map(|t| now + t)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -405,18 +420,26 @@ impl RepoRun<'_> {
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
         let observed = self.observe(&repo, &mut marker, leftovers.pending, &intents);
-        let observed = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, observed).await {
-                Ok(r) => r,
-                Err(_) => {
-                    report.status = RepoStatus::Timeout;
-                    report
-                        .errors
-                        .push("timed out while marking; nothing deleted".into());
-                    return report;
-                }
-            },
-            None => observed.await,
+        let limit = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let observed = tokio::select! {
+            r = observed => r,
+            () = limit => {
+                report.status = RepoStatus::Timeout;
+                report
+                    .errors
+                    .push("timed out while marking; nothing deleted".into());
+                return report;
+            }
+            () = self.stop.cancelled() => {
+                report.status = RepoStatus::Skipped;
+                report.errors.push("shutting down while marking; nothing deleted".into());
+                return report;
+            }
         };
         let mut obs = match observed {
             Ok(o) => o,
@@ -614,7 +637,11 @@ impl RepoRun<'_> {
                 .push("timed out between delete batches".into());
         }
         if let Some(why) = swept.stopped {
-            report.status = RepoStatus::Failed;
+            report.status = if why == SHUTTING_DOWN {
+                RepoStatus::Skipped
+            } else {
+                RepoStatus::Failed
+            };
             report
                 .errors
                 .push(format!("stopped before a delete batch: {why}"));
@@ -795,6 +822,9 @@ struct RepoGuard<'g, 'm, 'r> {
 impl sweep::Guard for RepoGuard<'_, '_, '_> {
     async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
         let run = self.run;
+        if run.stop.is_cancelled() {
+            return Err(SHUTTING_DOWN.into());
+        }
         run.leases
             .keep(&mut self.lease)
             .await

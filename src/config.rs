@@ -1,0 +1,98 @@
+//! The TOML configuration file (`--config FILE`): every flag may be set there, under its long
+//! name with underscores (`timeout_request = "30s"`). Flags and `OCIGC_*` variables win over
+//! the file; unknown keys are rejected so a typo never silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Settings read from the configuration file; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `--bucket`.
+    pub bucket: Option<String>,
+    /// `--layout`.
+    pub layout: Option<String>,
+    /// `--dry-run`.
+    pub dry_run: Option<bool>,
+    /// `--report`.
+    pub report: Option<PathBuf>,
+    /// `--concurrency`.
+    pub concurrency: Option<u16>,
+    /// `--timeout-request`.
+    pub timeout_request: Option<String>,
+    /// `--s3-path-style`.
+    pub s3_path_style: Option<bool>,
+    /// `--lease-ttl`.
+    pub lease_ttl: Option<String>,
+    /// `--pushgateway`.
+    pub pushgateway: Option<String>,
+    /// `--repo` (list of globs).
+    pub repos: Option<Vec<String>>,
+    /// `--grace`.
+    pub grace: Option<String>,
+    /// `--delay`.
+    pub delay: Option<String>,
+    /// `--timeout-repo`.
+    pub timeout_repo: Option<String>,
+    /// `--timeout-run`.
+    pub timeout_run: Option<String>,
+    /// `serve --listen`.
+    pub listen: Option<String>,
+    /// `serve --interval`.
+    pub interval: Option<String>,
+    /// `serve --token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `serve --insecure-no-auth`.
+    pub insecure_no_auth: Option<bool>,
+    /// `serve --drain-timeout`.
+    pub drain_timeout: Option<String>,
+}
+
+/// Why the configuration file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+impl FileConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown,
+            message: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<FileConfig>("grace = \"1h\"\ngrase = \"2h\"\n")
+            .expect_err("typo must be rejected");
+        assert!(err.to_string().contains("grase"), "{err}");
+        let ok: FileConfig =
+            toml::from_str("bucket = \"s3://b\"\nrepos = [\"a/*\"]\nconcurrency = 4\n")
+                .expect("valid");
+        assert_eq!(ok.concurrency, Some(4));
+        assert!(toml::from_str::<FileConfig>("concurrency = \"many\"").is_err());
+    }
+}
