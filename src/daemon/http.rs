@@ -35,24 +35,24 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-/// `Err` carries the response to send: 401 without a token, 403 with a wrong one.
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(expected) = &app.token else {
-        return Ok(());
-    };
+/// The rejection to send, if any: 401 without a token, 403 with a wrong one.
+fn rejection(app: &App, headers: &HeaderMap) -> Option<Response> {
+    let expected = app.token.as_ref()?;
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        None => Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({ "error": "missing bearer token" })),
-        )
-            .into_response()),
-        Some(t) if bool::from(t.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
-        Some(_) => Err(error(StatusCode::FORBIDDEN, "wrong token")),
+        None => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({ "error": "missing bearer token" })),
+            )
+                .into_response(),
+        ),
+        Some(t) if bool::from(t.as_bytes().ct_eq(expected.as_bytes())) => None,
+        Some(_) => Some(error(StatusCode::FORBIDDEN, "wrong token")),
     }
 }
 
@@ -113,7 +113,7 @@ async fn delete_repo(
     headers: HeaderMap,
     Path(rest): Path<String>,
 ) -> Response {
-    if let Err(r) = authorize(&app, &headers) {
+    if let Some(r) = rejection(&app, &headers) {
         return r;
     }
     accept(&app, JobKind::DeleteRepo, &rest)
@@ -124,7 +124,7 @@ async fn post_repo(
     headers: HeaderMap,
     Path(rest): Path<String>,
 ) -> Response {
-    if let Err(r) = authorize(&app, &headers) {
+    if let Some(r) = rejection(&app, &headers) {
         return r;
     }
     match rest.strip_suffix("/gc") {
@@ -134,7 +134,7 @@ async fn post_repo(
 }
 
 async fn job(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorize(&app, &headers) {
+    if let Some(r) = rejection(&app, &headers) {
         return r;
     }
     match app.jobs.get(&id) {
