@@ -595,8 +595,11 @@ pub fn main() -> ExitCode {
         eprintln!("error: {error:#}");
         return ExitCode::from(code);
     }
+    // Blocking threads serve the directory store's file I/O; more of them than requests in
+    // flight would only compete for the CPU with the HTTP thread and the workers.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(64)
         .build()
     {
         Ok(rt) => rt,

@@ -63,6 +63,9 @@ pub(crate) struct App {
     pub job_slots: Semaphore,
     pub tasks: TaskTracker,
     pub stop: CancellationToken,
+    /// The runtime GC work runs on (the HTTP server has its own, so that health checks never
+    /// queue behind marking).
+    pub work: tokio::runtime::Handle,
 }
 
 impl App {
@@ -86,20 +89,23 @@ impl App {
     pub fn start_job(self: &Arc<Self>, kind: JobKind, repository: &str) -> String {
         let id = self.jobs.create(kind, repository);
         let (app, job, repo) = (self.clone(), id.clone(), repository.to_string());
-        self.tasks.spawn(async move {
-            let Ok(_slot) = app.job_slots.acquire().await else {
-                return;
-            };
-            if app.stop.is_cancelled() {
-                app.jobs.update(&job, |j| {
-                    j.status = JobStatus::Failed;
-                    j.error = Some("shutting down before the job started".into());
-                });
-                return;
-            }
-            app.jobs.update(&job, |j| j.status = JobStatus::Running);
-            app.run_job(&job, kind, &repo).await;
-        });
+        self.tasks.spawn_on(
+            async move {
+                let Ok(_slot) = app.job_slots.acquire().await else {
+                    return;
+                };
+                if app.stop.is_cancelled() {
+                    app.jobs.update(&job, |j| {
+                        j.status = JobStatus::Failed;
+                        j.error = Some("shutting down before the job started".into());
+                    });
+                    return;
+                }
+                app.jobs.update(&job, |j| j.status = JobStatus::Running);
+                app.run_job(&job, kind, &repo).await;
+            },
+            &self.work,
+        );
         id
     }
 
@@ -158,7 +164,7 @@ pub async fn serve(
     layout: Arc<dyn Layout>,
     metrics: Arc<Metrics>,
     mut opts: ServeOptions,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
     opts.gc.stop = stop.clone();
@@ -184,8 +190,10 @@ pub async fn serve(
         job_slots: Semaphore::new(MAX_PARALLEL_JOBS),
         tasks: TaskTracker::new(),
         stop: stop.clone(),
+        work: tokio::runtime::Handle::current(),
     });
-    let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+    let listener = std::net::TcpListener::bind(opts.listen)?;
+    listener.set_nonblocking(true)?;
     tracing::info!(listen = %listener.local_addr()?, interval = ?opts.interval, "serving");
 
     if let Some(interval) = opts.interval {
@@ -201,14 +209,34 @@ pub async fn serve(
         });
     }
 
+    // The HTTP server runs on a runtime of its own, on its own thread: however busy GC keeps
+    // the work runtime, /healthz and /metrics answer at once.
     let router = http::router(app.clone());
-    let stop2 = stop.clone();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: refusing new work, draining");
-        stop2.cancel();
-    });
-    server.await?;
+    let http_stop = stop.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ocigc-http".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        axum::serve(listener, router)
+                            .with_graceful_shutdown(http_stop.cancelled_owned())
+                            .await
+                    })
+                });
+            let _ = done_tx.send(result);
+        })?;
+    shutdown.await;
+    tracing::info!("shutdown requested: refusing new work, draining");
+    stop.cancel();
+    match done_rx.await {
+        Ok(result) => result?,
+        Err(_) => tracing::error!("the HTTP server thread died"),
+    }
 
     app.tasks.close();
     if tokio::time::timeout(opts.drain_timeout, app.tasks.wait())
