@@ -359,3 +359,54 @@ fn intent_subcommand_protects_and_releases() {
     assert_eq!(gone["totals"]["blobs_deleted"], 1);
     assert!(!blob.exists());
 }
+
+#[test]
+fn config_file_sets_flags_and_flags_win() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir(&bucket).expect("mkdir");
+    copy_example(&bucket);
+    let cfg = dir.path().join("ocigc.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "bucket = \"{}\"\ngrace = \"0s\"\ndelay = \"0s\"\nrepos = [\"team/**\"]\ndry_run = true\n",
+            bucket.display()
+        ),
+    )
+    .expect("config");
+    let cfg_s = cfg.to_str().expect("utf-8");
+    // Everything from the file: a dry run over team/app and team/app/tools only.
+    let out = ocigc(&["gc", "--config", cfg_s, "--report", "-"], &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(r["dry_run"], true);
+    assert_eq!(r["repositories"].as_array().map(Vec::len), Some(2));
+    assert_eq!(r["totals"]["blobs_deleted"], 2);
+    // A flag wins over the file, and so does the environment.
+    let out = ocigc(
+        &[
+            "gc",
+            "--config",
+            cfg_s,
+            "--repo",
+            "library/*",
+            "--report",
+            "-",
+        ],
+        &[("OCIGC_GRACE", "24h")],
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(r["repositories"].as_array().map(Vec::len), Some(2));
+    assert_eq!(r["repositories"][0]["name"], "library/alpine");
+    assert_eq!(r["grace"], "1day");
+    assert_eq!(
+        r["totals"]["blobs_deleted"], 0,
+        "grace from the environment ignored"
+    );
+
+    std::fs::write(&cfg, "bucket = \"/tmp\"\ngrase = \"1h\"\n").expect("config");
+    let out = ocigc(&["gc", "--config", cfg_s], &[]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("grase"), "{}", stderr(&out));
+}
