@@ -14,6 +14,16 @@ if ! "$VENV/bin/python" -c "import moto, boto3; assert moto.__version__ == '$MOT
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" boto3
 fi
 
+# Real Prometheus components for the end-to-end metrics test, from Debian.
+if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then
+  echo "== installing Debian's prometheus and prometheus-pushgateway"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends prometheus prometheus-pushgateway
+fi
+
 # Child processes must not inherit a CA bundle meant for other traffic, and must never probe
 # cloud metadata endpoints: everything here talks to 127.0.0.1 only.
 unset AWS_CA_BUNDLE
