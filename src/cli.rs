@@ -441,6 +441,7 @@ async fn gc_setup(
         clock_offset: args.store.clock_offset,
         metrics: None,
         stop: Default::default(),
+        progress: None,
     };
     let delete = DeleteRepoOptions {
         dry_run: args.store.dry_run,
@@ -468,6 +469,54 @@ async fn push_metrics(args: &StoreArgs, store: &dyn Store, metrics: &Metrics) {
     }
 }
 
+/// A progress bar on stderr, drawn only when stderr is a terminal.
+struct TerminalProgress {
+    bar: indicatif::ProgressBar,
+    deleted: std::sync::atomic::AtomicU64,
+}
+
+impl TerminalProgress {
+    fn new() -> Option<TerminalProgress> {
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} repositories, {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.set_message("listing the bucket");
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(TerminalProgress {
+            bar,
+            deleted: Default::default(),
+        })
+    }
+}
+
+impl gc::Progress for TerminalProgress {
+    fn start(&self, repositories: u64) {
+        self.bar.set_length(repositories);
+        self.bar.set_message("0 deleted");
+    }
+
+    fn repository_done(&self, name: &str, deleted: u64) {
+        use std::sync::atomic::Ordering;
+        let total = self.deleted.fetch_add(deleted, Ordering::Relaxed) + deleted;
+        self.bar.inc(1);
+        self.bar
+            .set_message(format!("{total} deleted (last: {name})"));
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 fn exit_for(report: &Report) -> u8 {
     if report.all_ok() {
         EXIT_OK
@@ -483,6 +532,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             let (store, layout, mut opts, _) = gc_setup(&args).await?;
             let metrics = Arc::new(Metrics::new());
             opts.metrics = Some(metrics.clone());
+            opts.progress = TerminalProgress::new().map(|p| Arc::new(p) as Arc<dyn gc::Progress>);
             let result = gc::run_gc(store.clone(), layout, &opts).await;
             push_metrics(&args.store, store.as_ref(), &metrics).await;
             let report = result.map_err(|e| fatal(e.into()))?;

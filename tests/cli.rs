@@ -410,3 +410,42 @@ fn config_file_sets_flags_and_flags_win() {
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("grase"), "{}", stderr(&out));
 }
+
+#[test]
+fn progress_bar_only_on_a_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    let cmd = format!(
+        "OCIGC_LOG=warn {} gc --bucket {} --dry-run --grace 0s --delay 0s",
+        env!("CARGO_BIN_EXE_ocigc"),
+        dir.path().display()
+    );
+    // `script` runs the command in a pseudo-terminal and records what it draws.
+    let tty = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .expect("script (util-linux)");
+    let drawn = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{drawn}");
+    assert!(
+        drawn.contains("/4 repositories"),
+        "no progress bar on a terminal: {drawn}"
+    );
+    let plain = ocigc(
+        &[
+            "gc",
+            "--bucket",
+            dir.path().to_str().expect("utf-8"),
+            "--dry-run",
+            "--grace",
+            "0s",
+            "--delay",
+            "0s",
+        ],
+        &[],
+    );
+    assert!(
+        !stderr(&plain).contains("/4 repositories"),
+        "progress bar drawn off a terminal"
+    );
+}

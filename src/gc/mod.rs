@@ -112,6 +112,24 @@ pub struct GcOptions {
     /// Cancelled on shutdown: no repository starts after it, marking is abandoned, deleting
     /// stops before the next batch.
     pub stop: CancellationToken,
+    /// Progress receiver, if any.
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+impl std::fmt::Debug for dyn Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
+/// Receives progress of a run (the CLI draws a progress bar from it on a terminal).
+pub trait Progress: Send + Sync {
+    /// The run is about to collect `repositories` repositories.
+    fn start(&self, repositories: u64);
+    /// One repository is done.
+    fn repository_done(&self, name: &str, deleted: u64);
+    /// The run is over.
+    fn finish(&self);
 }
 
 /// Why a guard stopped a sweep on shutdown.
@@ -132,6 +150,7 @@ impl Default for GcOptions {
             clock_offset: Duration::ZERO,
             metrics: None,
             stop: CancellationToken::new(),
+            progress: None,
         }
     }
 }
@@ -287,6 +306,9 @@ async fn collect_all(
         repo_timeout: opts.repo_timeout,
         stop: opts.stop.clone(),
     };
+    if let Some(p) = &opts.progress {
+        p.start(selected.len() as u64);
+    }
     report.repositories = stream::iter(selected)
         .map(|repo| {
             let leftovers = Leftovers {
@@ -298,8 +320,16 @@ async fn collect_all(
             run.collect(repo, leftovers, own_intents)
         })
         .buffer_unordered(opts.concurrency.max(1))
+        .inspect(|r| {
+            if let Some(p) = &opts.progress {
+                p.repository_done(&r.name, r.deleted.len() as u64);
+            }
+        })
         .collect()
         .await;
+    if let Some(p) = &opts.progress {
+        p.finish();
+    }
     finish_report(&mut report, &store, &clock);
     tracing::info!(
         run_id = %report.run_id,
