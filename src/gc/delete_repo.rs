@@ -61,8 +61,17 @@ pub async fn delete_repositories(
         ttl: opts.lease_ttl,
     };
     for name in names {
+        let started = std::time::Instant::now();
         let r = delete_one(&store, layout.as_ref(), &leases, name, opts.dry_run).await;
-        tracing::info!(run_id = %report.run_id, repo = %name, status = ?r.status, deleted = r.deleted.len(), "repository deletion");
+        tracing::info!(
+            run_id = %report.run_id,
+            repo = %name,
+            status = ?r.status,
+            deleted = r.deleted.len(),
+            bytes_deleted = r.bytes_deleted(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "repository deletion"
+        );
         report.repositories.push(r);
     }
     finish_report(&mut report, &store, &clock);

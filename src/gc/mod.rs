@@ -237,6 +237,7 @@ async fn collect_all(
     opts: &GcOptions,
     run_deadline: Option<Instant>,
 ) -> Result<Report, GcError> {
+    let run_started = Instant::now();
     let store = Instrumented::new(store, opts.concurrency, opts.request_timeout)
         .with_metrics(opts.metrics.clone());
     let mut report = new_report("gc", &store, layout.as_ref(), opts.dry_run);
@@ -335,9 +336,13 @@ async fn collect_all(
         run_id = %report.run_id,
         repositories = report.totals.repositories,
         not_ok = report.totals.repositories_not_ok,
+        objects = report.totals.objects,
+        bytes = report.totals.bytes,
         deleted = report.totals.blobs_deleted,
         bytes_deleted = report.totals.bytes_deleted,
+        bytes_pending = report.totals.bytes_pending,
         dangling = report.totals.dangling_references,
+        duration_ms = run_started.elapsed().as_millis() as u64,
         "gc run finished"
     );
     Ok(report)
