@@ -133,6 +133,9 @@ pub struct GcArgs {
     /// Stop starting repositories, and abandon running ones, after this long.
     #[arg(long, env = "OCIGC_TIMEOUT_RUN", value_parser = parse_duration)]
     pub timeout_run: Option<Duration>,
+    /// Collect only shard I of N (a stable hash of the repository name decides).
+    #[arg(long, env = "OCIGC_SHARD", value_name = "I/N", value_parser = gc::Shard::parse)]
+    pub shard: Option<gc::Shard>,
 }
 
 /// Flags of `ocigc delete-repo`.
@@ -308,6 +311,9 @@ fn apply_gc_config(cfg: &FileConfig, m: &ArgMatches, g: &mut GcArgs) -> Result<(
     if let (false, Some(v)) = (explicit(m, "timeout_run"), &cfg.timeout_run) {
         g.timeout_run = Some(config_duration("timeout_run", v)?);
     }
+    if let (false, Some(v)) = (explicit(m, "shard"), &cfg.shard) {
+        g.shard = Some(gc::Shard::parse(v).map_err(|e| usage(anyhow!("config key shard: {e}")))?);
+    }
     Ok(())
 }
 
@@ -433,6 +439,7 @@ async fn gc_setup(
         delay: args.delay,
         dry_run: args.store.dry_run,
         repos,
+        shard: args.shard,
         concurrency,
         request_timeout,
         repo_timeout: args.timeout_repo,

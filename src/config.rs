@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub timeout_repo: Option<String>,
     /// `--timeout-run`.
     pub timeout_run: Option<String>,
+    /// `--shard` (`I/N`).
+    pub shard: Option<String>,
     /// `serve --listen`.
     pub listen: Option<String>,
     /// `serve --interval`.

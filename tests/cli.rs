@@ -449,3 +449,43 @@ fn progress_bar_only_on_a_terminal() {
         "progress bar drawn off a terminal"
     );
 }
+
+#[test]
+fn shards_split_the_repositories() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    let bucket = dir.path().to_str().expect("utf-8");
+    let mut seen = Vec::new();
+    for shard in ["0/3", "1/3", "2/3"] {
+        let out = ocigc(
+            &[
+                "gc",
+                "--bucket",
+                bucket,
+                "--dry-run",
+                "--shard",
+                shard,
+                "--report",
+                "-",
+            ],
+            &[],
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let r: Value = serde_json::from_slice(&out.stdout).expect("report");
+        for repo in r["repositories"].as_array().expect("repositories") {
+            seen.push(repo["name"].as_str().expect("name").to_string());
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "library/alpine",
+            "library/alpine-edge",
+            "team/app",
+            "team/app/tools"
+        ]
+    );
+    let bad = ocigc(&["gc", "--bucket", bucket, "--shard", "3/3"], &[]);
+    assert_eq!(code(&bad), 2);
+}

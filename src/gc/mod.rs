@@ -84,6 +84,45 @@ impl RepoFilter {
     }
 }
 
+/// One shard of a sharded run: this process collects the repositories whose stable hash falls
+/// in `index` out of `count`. The union of all shards is every repository exactly once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// This shard, `0..count`.
+    pub index: u32,
+    /// How many shards there are.
+    pub count: u32,
+}
+
+impl Shard {
+    /// Parses `I/N` with `I < N`.
+    pub fn parse(s: &str) -> Result<Shard, String> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected I/N, e.g. 0/4"))?;
+        let index: u32 = i.trim().parse().map_err(|_| format!("{s:?}: bad index"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: bad shard count"))?;
+        if count == 0 || index >= count {
+            return Err(format!("{s:?}: need 0 <= I < N"));
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// Whether this shard owns `repository`. FNV-1a: fixed forever, so every process and
+    /// every version agrees on the split.
+    pub fn owns(&self, repository: &str) -> bool {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in repository.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h % u64::from(self.count) == u64::from(self.index)
+    }
+}
+
 /// Settings of a `gc` run.
 #[derive(Clone, Debug)]
 pub struct GcOptions {
@@ -95,6 +134,8 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// Repositories to collect.
     pub repos: RepoFilter,
+    /// Only this shard's repositories, if set.
+    pub shard: Option<Shard>,
     /// Store requests in flight at most (also repositories collected at once).
     pub concurrency: usize,
     /// Time-out of one store request, retries included.
@@ -142,6 +183,7 @@ impl Default for GcOptions {
             delay: Duration::from_secs(3600),
             dry_run: false,
             repos: RepoFilter::default(),
+            shard: None,
             concurrency: 16,
             request_timeout: Duration::from_secs(60),
             repo_timeout: None,
@@ -284,6 +326,7 @@ async fn collect_all(
         .repositories
         .into_iter()
         .filter(|r| opts.repos.matches(&r.name))
+        .filter(|r| opts.shard.is_none_or(|s| s.owns(&r.name)))
         .collect();
     let run = RepoRun {
         store: &store,
@@ -375,6 +418,43 @@ struct Leftovers {
 }
 
 /// Why a repository's lease is taken.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_every_repository_exactly_once() {
+        let names: Vec<String> = (0..5000)
+            .map(|i| format!("team-{}/app-{i}", i % 37))
+            .collect();
+        for count in [1u32, 2, 3, 7, 16] {
+            let shards: Vec<Shard> = (0..count).map(|index| Shard { index, count }).collect();
+            let mut sizes = vec![0usize; count as usize];
+            for n in &names {
+                let owners: Vec<_> = shards.iter().filter(|s| s.owns(n)).collect();
+                assert_eq!(owners.len(), 1, "{n} with {count} shards");
+                sizes[owners[0].index as usize] += 1;
+            }
+            // Balanced within 20% of the mean.
+            let mean = names.len() / count as usize;
+            assert!(
+                sizes
+                    .iter()
+                    .all(|&s| s * 5 >= mean * 4 && s * 5 <= mean * 6),
+                "{sizes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shard_syntax() {
+        assert_eq!(Shard::parse("2/4"), Ok(Shard { index: 2, count: 4 }));
+        for bad in ["4/4", "1/0", "x/2", "3", "-1/2"] {
+            assert!(Shard::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// To delete, or to update ocigc's state.
