@@ -6,22 +6,35 @@ cd "$(dirname "$0")/.."
 
 VENV=.venv-test
 MOTO_VERSION=5.2.1
+KV_VERSION=1.37.0
 
-# moto's server from PyPI, in a project-local venv so nothing global is touched.
-if ! "$VENV/bin/python" -c "import moto, boto3; assert moto.__version__ == '$MOTO_VERSION'" 2>/dev/null; then
-  echo "== installing moto $MOTO_VERSION into $VENV"
+# moto's server and the manifest validator from PyPI, in a project-local venv so nothing
+# global is touched.
+if ! "$VENV/bin/python" -c "
+import moto, boto3, yaml, kubernetes_validate
+from importlib.metadata import version
+assert moto.__version__ == '$MOTO_VERSION' and version('kubernetes-validate') == '$KV_VERSION'
+" 2>/dev/null; then
+  echo "== installing moto $MOTO_VERSION and kubernetes-validate $KV_VERSION into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" boto3
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+    "moto[server]==$MOTO_VERSION" boto3 "kubernetes-validate==$KV_VERSION" pyyaml
 fi
 
-# Real Prometheus components for the end-to-end metrics test, from Debian.
-if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then
-  echo "== installing Debian's prometheus and prometheus-pushgateway"
+# Real Prometheus components for the end-to-end metrics test and promtool for the alert
+# rules, from Debian; kubectl (for kustomize) only if the machine has none.
+packages=""
+command -v prometheus >/dev/null || packages="$packages prometheus"
+command -v prometheus-pushgateway >/dev/null || packages="$packages prometheus-pushgateway"
+command -v kubectl >/dev/null || packages="$packages kubernetes-client"
+if [ -n "$packages" ]; then
+  echo "== installing Debian packages:$packages"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO=sudo
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -q
-  $SUDO apt-get install -y -q --no-install-recommends prometheus prometheus-pushgateway
+  # shellcheck disable=SC2086
+  $SUDO apt-get install -y -q --no-install-recommends $packages
 fi
 
 # Child processes must not inherit a CA bundle meant for other traffic, and must never probe
@@ -59,8 +72,10 @@ echo "== example bucket is what examples/make-bucket.py writes"
 python3 examples/make-bucket.py --check
 echo "== cargo test"
 cargo test --all-targets 2>&1 | tee target/test.log
-# cargo test's own summary lines are the record; add one plain closing line for CI readers.
-passed=$(grep -Eo '[0-9]+ passed' target/test.log | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' target/test.log | awk '{s+=$1} END {print s+0}')
+echo "== deploy/: render, validate, promtool, container args"
+"$VENV/bin/python" deploy/test/validate.py | tee target/deploy.log
+# The runners' own summary lines are the record; add one plain closing line for CI readers.
+passed=$(cat target/test.log target/deploy.log | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(cat target/test.log target/deploy.log | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
