@@ -63,14 +63,16 @@ async fn json(resp: reqwest::Response) -> Value {
     serde_json::from_str(&resp.text().await.expect("body")).expect("json body")
 }
 
-/// Polls Prometheus until `query` returns one sample (bounded), and returns its value.
+/// Polls Prometheus until `query` returns data (bounded), and returns the first sample's value
+/// (NaN is a value too: a quantile over all-zero rates). A query Prometheus rejects fails at once.
 async fn query(prom: &str, q: &str) -> f64 {
     let url = format!("{prom}/api/v1/query?query={}", urlencode(q));
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Some(v) = get_json(&url).await {
+            assert_ne!(v["status"], "error", "{q}: {v}");
             if let Some(s) = v["data"]["result"][0]["value"][1].as_str() {
-                return s.parse().expect("sample value");
+                return s.parse().unwrap_or(f64::NAN);
             }
         }
         assert!(Instant::now() < deadline, "Prometheus never returned {q}");
@@ -236,4 +238,23 @@ async fn pushgateway_and_scrape_reach_prometheus() {
     eprintln!(
         "prometheus: pushed bytes_deleted {pushed} (report {bytes_deleted}), scraped {scraped} (job {daemon_bytes})"
     );
+
+    // Every query of the Grafana dashboard in deploy/ runs and returns data.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/dashboard.json"),
+        )
+        .expect("dashboard.json"),
+    )
+    .expect("dashboard JSON");
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            query(&prom, expr).await;
+            queries += 1;
+        }
+    }
+    assert!(queries >= 12, "{queries} dashboard queries");
+    eprintln!("prometheus: {queries} dashboard queries returned data");
 }
