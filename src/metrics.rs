@@ -22,6 +22,27 @@ pub const TIMEOUT_SCOPES: [&str; 3] = ["request", "repo", "run"];
 pub const REQUEST_RESULTS: [&str; 4] = ["ok", "not_found", "timeout", "error"];
 const OPS: [Op; 5] = [Op::List, Op::Get, Op::Head, Op::Put, Op::Delete];
 
+/// Every metric name of SPEC §5 (the dashboard and alerts rely on them).
+pub const NAMES: [&str; 17] = [
+    "ocigc_runs_total",
+    "ocigc_run_duration_seconds",
+    "ocigc_last_run_timestamp_seconds",
+    "ocigc_last_success_timestamp_seconds",
+    "ocigc_repos_total",
+    "ocigc_objects_scanned_total",
+    "ocigc_bytes_scanned_total",
+    "ocigc_blobs_deleted_total",
+    "ocigc_bytes_deleted_total",
+    "ocigc_bytes_pending",
+    "ocigc_manifests_fetched_total",
+    "ocigc_store_requests_total",
+    "ocigc_store_request_duration_seconds",
+    "ocigc_timeouts_total",
+    "ocigc_lease_conflicts_total",
+    "ocigc_dangling_references_total",
+    "ocigc_repo_deletions_total",
+];
+
 /// Every ocigc metric, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -346,27 +367,6 @@ fn unix_now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every name of SPEC §5.
-    pub const NAMES: [&str; 17] = [
-        "ocigc_runs_total",
-        "ocigc_run_duration_seconds",
-        "ocigc_last_run_timestamp_seconds",
-        "ocigc_last_success_timestamp_seconds",
-        "ocigc_repos_total",
-        "ocigc_objects_scanned_total",
-        "ocigc_bytes_scanned_total",
-        "ocigc_blobs_deleted_total",
-        "ocigc_bytes_deleted_total",
-        "ocigc_bytes_pending",
-        "ocigc_manifests_fetched_total",
-        "ocigc_store_requests_total",
-        "ocigc_store_request_duration_seconds",
-        "ocigc_timeouts_total",
-        "ocigc_lease_conflicts_total",
-        "ocigc_dangling_references_total",
-        "ocigc_repo_deletions_total",
-    ];
 
     #[test]
     fn every_spec_name_is_exposed_from_the_start() {

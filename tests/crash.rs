@@ -11,16 +11,22 @@ use std::time::Duration;
 
 use common::*;
 
-/// Runs `ocigc ARGS` until it reaches `failpoint`, then SIGKILLs it.
-fn kill_at(t: &TestStore, args: &[&str], failpoint: &str) {
+/// `ocigc SUBCOMMAND <target store> REST...`, quiet.
+fn ocigc(t: &TestStore, args: &[&str]) -> Command {
     let (target, env) = cli_target(t);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocigc"));
     cmd.args(&args[..1])
         .args(&target)
         .args(&args[1..])
         .envs(env)
-        .env("OCIGC_FAILPOINT", failpoint)
-        .env("OCIGC_LOG", "warn")
+        .env("OCIGC_LOG", "warn");
+    cmd
+}
+
+/// Runs `ocigc ARGS` until it reaches `failpoint`, then SIGKILLs it.
+fn kill_at(t: &TestStore, args: &[&str], failpoint: &str) {
+    let mut cmd = ocigc(t, args);
+    cmd.env("OCIGC_FAILPOINT", failpoint)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn ocigc");
@@ -50,15 +56,7 @@ fn kill_at(t: &TestStore, args: &[&str], failpoint: &str) {
 }
 
 fn run(t: &TestStore, args: &[&str]) -> i32 {
-    let (target, env) = cli_target(t);
-    let out = Command::new(env!("CARGO_BIN_EXE_ocigc"))
-        .args(&args[..1])
-        .args(&target)
-        .args(&args[1..])
-        .envs(env)
-        .env("OCIGC_LOG", "warn")
-        .output()
-        .expect("run ocigc");
+    let out = ocigc(t, args).output().expect("run ocigc");
     if !out.status.success() {
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     }

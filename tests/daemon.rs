@@ -189,25 +189,7 @@ async fn hook_api_authentication_jobs_and_metrics() {
         .text()
         .await
         .expect("text");
-    for name in [
-        "ocigc_runs_total",
-        "ocigc_run_duration_seconds",
-        "ocigc_last_run_timestamp_seconds",
-        "ocigc_last_success_timestamp_seconds",
-        "ocigc_repos_total",
-        "ocigc_objects_scanned_total",
-        "ocigc_bytes_scanned_total",
-        "ocigc_blobs_deleted_total",
-        "ocigc_bytes_deleted_total",
-        "ocigc_bytes_pending",
-        "ocigc_manifests_fetched_total",
-        "ocigc_store_requests_total",
-        "ocigc_store_request_duration_seconds",
-        "ocigc_timeouts_total",
-        "ocigc_lease_conflicts_total",
-        "ocigc_dangling_references_total",
-        "ocigc_repo_deletions_total",
-    ] {
+    for name in ocigc::metrics::NAMES {
         assert!(
             metrics.contains(&format!("# TYPE {name} ")),
             "{name} missing"
