@@ -27,6 +27,11 @@ packages=""
 command -v prometheus >/dev/null || packages="$packages prometheus"
 command -v prometheus-pushgateway >/dev/null || packages="$packages prometheus-pushgateway"
 command -v kubectl >/dev/null || packages="$packages kubernetes-client"
+# The classic registry and skopeo, for real images through a real registry on moto.
+command -v docker-registry >/dev/null || packages="$packages docker-registry"
+command -v skopeo >/dev/null || packages="$packages skopeo"
+# GNU time measures the benchmark's peak RSS of one process.
+[ -x /usr/bin/time ] || packages="$packages time"
 if [ -n "$packages" ]; then
   echo "== installing Debian packages:$packages"
   SUDO=""
@@ -72,10 +77,15 @@ echo "== example bucket is what examples/make-bucket.py writes"
 python3 examples/make-bucket.py --check
 echo "== cargo test"
 cargo test --all-targets 2>&1 | tee target/test.log
+echo "== real images: docker-registry on moto, skopeo push and pull, ocigc in between"
+"$VENV/bin/python" tests/real/registry_e2e.py target/debug/ocigc | tee target/real.log
+echo "== benchmark smoke: every layout on moto, the raw floor, docker-registry garbage-collect"
+cargo build --quiet --example floor
+"$VENV/bin/python" bench/bench.py --smoke --bin target/debug | tee target/bench.log
 echo "== deploy/: render, validate, promtool, container args"
 "$VENV/bin/python" deploy/test/validate.py | tee target/deploy.log
 # The runners' own summary lines are the record; add one plain closing line for CI readers.
-passed=$(cat target/test.log target/deploy.log | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
-failed=$(cat target/test.log target/deploy.log | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+passed=$(cat target/test.log target/real.log target/bench.log target/deploy.log | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(cat target/test.log target/real.log target/bench.log target/deploy.log | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

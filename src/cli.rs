@@ -15,7 +15,7 @@ use crate::config::FileConfig;
 use crate::daemon::{self, ServeOptions};
 use crate::digest::Digest;
 use crate::gc::{self, intent, DeleteRepoOptions, GcOptions, RepoFilter};
-use crate::layout::{self, validate_repository_name, Layout};
+use crate::layout::{self, validate_repository_name, Layout, LayoutOptions};
 use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::store::{BucketUrl, DirStore, S3Settings, S3Store, StaticCredentials, Store};
@@ -77,7 +77,7 @@ pub struct StoreArgs {
     #[arg(long, env = "OCIGC_BUCKET")]
     pub bucket: Option<BucketUrl>,
     /// Bucket layout.
-    #[arg(long, env = "OCIGC_LAYOUT", default_value = "oci", value_parser = ["oci"])]
+    #[arg(long, env = "OCIGC_LAYOUT", default_value = "oci", value_parser = layout::NAMES)]
     pub layout: String,
     /// Report what would be deleted; delete nothing.
     #[arg(long, env = "OCIGC_DRY_RUN")]
@@ -136,6 +136,10 @@ pub struct GcArgs {
     /// Collect only shard I of N (a stable hash of the repository name decides).
     #[arg(long, env = "OCIGC_SHARD", value_name = "I/N", value_parser = gc::Shard::parse)]
     pub shard: Option<gc::Shard>,
+    /// Also delete manifests no tag reaches (serverless-registry and distribution layouts);
+    /// an index's children and the referrers of a kept manifest are always kept.
+    #[arg(long, env = "OCIGC_DELETE_UNTAGGED")]
+    pub delete_untagged: bool,
 }
 
 /// Flags of `ocigc delete-repo`.
@@ -260,7 +264,7 @@ fn apply_store_config(cfg: &FileConfig, m: &ArgMatches, s: &mut StoreArgs) -> Re
         );
     }
     if let (false, Some(l)) = (explicit(m, "layout"), &cfg.layout) {
-        if layout::by_name(l).is_none() {
+        if !layout::NAMES.contains(&l.as_str()) {
             return Err(usage(anyhow!("config key layout: unknown layout {l:?}")));
         }
         s.layout = l.clone();
@@ -314,6 +318,9 @@ fn apply_gc_config(cfg: &FileConfig, m: &ArgMatches, g: &mut GcArgs) -> Result<(
     if let (false, Some(v)) = (explicit(m, "shard"), &cfg.shard) {
         g.shard = Some(gc::Shard::parse(v).map_err(|e| usage(anyhow!("config key shard: {e}")))?);
     }
+    if let (false, Some(v)) = (explicit(m, "delete_untagged"), cfg.delete_untagged) {
+        g.delete_untagged = v;
+    }
     Ok(())
 }
 
@@ -365,7 +372,9 @@ async fn open_store(args: &StoreArgs) -> Result<(Arc<dyn Store>, Duration), CliE
     open_bucket(bucket, args.s3_path_style, args.timeout_request).await
 }
 
-async fn open_bucket(
+/// Opens a bucket as `gc` does; also the benchmark's raw-floor client. Returns the store and
+/// the whole time-out of one request (retries included).
+pub async fn open_bucket(
     bucket: &BucketUrl,
     path_style: bool,
     timeout_request: Duration,
@@ -411,8 +420,8 @@ fn check_lease_ttl(ttl: Duration, request_timeout: Duration) -> Result<(), CliEr
     Ok(())
 }
 
-fn pick_layout(name: &str) -> Result<Arc<dyn Layout>, CliError> {
-    layout::by_name(name).ok_or_else(|| usage(anyhow!("unknown layout {name:?}")))
+fn pick_layout(name: &str, opts: LayoutOptions) -> Result<Arc<dyn Layout>, CliError> {
+    layout::by_name(name, opts).map_err(|e| usage(anyhow!(e)))
 }
 
 /// Everything a gc run (one-shot or in the daemon) needs, from the flags.
@@ -430,7 +439,12 @@ async fn gc_setup(
     let repos = RepoFilter::new(&args.repos)
         .context("invalid --repo glob")
         .map_err(usage)?;
-    let layout = pick_layout(&args.store.layout)?;
+    let layout = pick_layout(
+        &args.store.layout,
+        LayoutOptions {
+            delete_untagged: args.delete_untagged,
+        },
+    )?;
     let (store, request_timeout) = open_store(&args.store).await?;
     check_lease_ttl(args.store.lease_ttl, request_timeout)?;
     let concurrency = usize::from(args.store.concurrency);
@@ -550,7 +564,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             for name in &args.names {
                 validate_repository_name(name).map_err(|e| usage(anyhow!(e)))?;
             }
-            let layout = pick_layout(&args.store.layout)?;
+            let layout = pick_layout(&args.store.layout, LayoutOptions::default())?;
             let (store, request_timeout) = open_store(&args.store).await?;
             check_lease_ttl(args.store.lease_ttl, request_timeout)?;
             let metrics = Arc::new(Metrics::new());

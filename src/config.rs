@@ -40,6 +40,8 @@ pub struct FileConfig {
     pub timeout_run: Option<String>,
     /// `--shard` (`I/N`).
     pub shard: Option<String>,
+    /// `--delete-untagged`.
+    pub delete_untagged: Option<bool>,
     /// `serve --listen`.
     pub listen: Option<String>,
     /// `serve --interval`.

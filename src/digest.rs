@@ -29,6 +29,16 @@ impl Digest {
         (hex.len() == len && lower_hex).then(|| Digest(format!("{alg}:{hex}").into_boxed_str()))
     }
 
+    /// The sha256 digest of `data`.
+    pub fn sha256_of(data: &[u8]) -> Digest {
+        use sha2::Digest as _;
+        let hex: String = sha2::Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Digest(format!("sha256:{hex}").into_boxed_str())
+    }
+
     /// The algorithm, e.g. `sha256`.
     pub fn algorithm(&self) -> &str {
         self.0.split_once(':').map_or("", |(a, _)| a)

@@ -33,7 +33,13 @@ pub enum ContentKind {
     Unknown,
 }
 
+/// The media type ocigc gives a root that is known to be a manifest or index of unknown kind
+/// (a distribution revision link names only a digest): it must be read, and failing to read it
+/// fails the repository closed, as for any manifest.
+pub const UNTYPED_MANIFEST: &str = "application/vnd.ocigc.untyped-manifest";
+
 const MANIFEST_TYPES: &[&str] = &[
+    UNTYPED_MANIFEST,
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.artifact.manifest.v1+json",

@@ -60,6 +60,10 @@ fn bad_usage_exits_2_with_a_clear_message() {
             "--concurrency",
         ),
         (&["gc", "--bucket", d, "--layout", "zot"], "--layout"),
+        (
+            &["gc", "--bucket", d, "--delete-untagged"],
+            "--delete-untagged",
+        ),
         (&["gc", "--bucket", d, "--repo", "team/[app"], "--repo"),
         (&["delete-repo", "--bucket", d], "NAME"),
         (
@@ -99,6 +103,26 @@ fn bad_usage_exits_2_with_a_clear_message() {
             "{args:?}: expected {needle:?} in {err}"
         );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn every_layout_runs_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    for (layout, untagged) in [
+        ("oci", false),
+        ("serverless-registry", true),
+        ("distribution", true),
+    ] {
+        let mut args = vec!["gc", "--bucket", d, "--layout", layout, "--report", "-"];
+        if untagged {
+            args.push("--delete-untagged");
+        }
+        let out = ocigc(&args, &[]);
+        assert_eq!(code(&out), 0, "{layout}: {}", stderr(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("report");
+        assert_eq!(report["layout"], layout);
     }
 }
 

@@ -262,6 +262,17 @@ async fn reuse_waits_for_a_batch_in_flight(t: TestStore) {
     intent::begin_reuse(s, "app", std::slice::from_ref(&d), HOUR, Duration::ZERO)
         .await
         .expect("after the batch");
+    // The global sweep of shared blobs (distribution layout) holds up every repository.
+    intent::announce_deletion(s, ocigc::layout::GLOBAL_REPOSITORY, "run-2", &[&d], soon)
+        .await
+        .expect("announce");
+    let err = intent::begin_reuse(s, "app", std::slice::from_ref(&d), HOUR, Duration::ZERO)
+        .await
+        .expect_err("must wait while the global sweep deletes the digest");
+    assert!(matches!(err, ReuseError::Busy(..)), "{err}");
+    intent::clear_deletion(s, ocigc::layout::GLOBAL_REPOSITORY)
+        .await
+        .expect("clear");
     // An announcement whose writer died is stale after its expiry.
     let past = std::time::SystemTime::now() - HOUR;
     intent::announce_deletion(s, "app", "dead-run", &[&d], past)

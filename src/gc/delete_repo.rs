@@ -62,7 +62,7 @@ pub async fn delete_repositories(
     };
     for name in names {
         let started = std::time::Instant::now();
-        let r = delete_one(&store, layout.as_ref(), &leases, name, opts.dry_run).await;
+        let r = delete_one(&store, layout.as_ref(), &leases, name, opts).await;
         tracing::info!(
             run_id = %report.run_id,
             repo = %name,
@@ -102,8 +102,9 @@ async fn delete_one(
     layout: &dyn Layout,
     leases: &Leases<'_>,
     name: &str,
-    dry_run: bool,
+    opts: &DeleteRepoOptions,
 ) -> RepoReport {
+    let dry_run = opts.dry_run;
     let mut report = RepoReport::new(name, RepoStatus::Ok);
     let objects = match list_all(store, &layout.repository_prefix(name)).await {
         Ok(l) => l.objects,
@@ -128,24 +129,46 @@ async fn delete_one(
     };
     report.objects = repo.objects.len() as u64;
     report.bytes = repo.objects.iter().map(|o| o.size).sum();
+    // Blobs that other repositories link to stay until those links go; a later gc of the
+    // (then blob-only) repository collects them.
+    let linked = match linked_here(store, layout, name, opts.concurrency).await {
+        Ok(l) => l,
+        Err(e) => {
+            report.status = RepoStatus::Failed;
+            report.errors.push(format!(
+                "reading cross-repository links failed, nothing deleted: {e}"
+            ));
+            return report;
+        }
+    };
+    if !linked.is_empty() {
+        report.warnings.push(format!(
+            "{} blobs kept: other repositories link to them",
+            linked.len()
+        ));
+    }
     let to_delete = |phase: Vec<crate::store::ObjectMeta>| -> Vec<Deleted> {
         phase
             .into_iter()
             .map(|o| Deleted {
                 digest: match layout.classify(&repo, &o.key) {
                     KeyKind::Blob(d) => Some(d),
-                    KeyKind::Other => None,
+                    KeyKind::Scratch | KeyKind::Other => None,
                 },
                 key: o.key,
                 size: o.size,
                 reason: Reason::RepositoryDeleted,
             })
+            .filter(|d| d.digest.as_ref().is_none_or(|g| !linked.contains(g)))
             .collect()
     };
+    let phases: Vec<Vec<Deleted>> = layout
+        .deletion_phases(&repo)
+        .into_iter()
+        .map(to_delete)
+        .collect();
     if dry_run {
-        for phase in layout.deletion_phases(&repo) {
-            report.deleted.extend(to_delete(phase));
-        }
+        report.deleted.extend(phases.into_iter().flatten());
         return report;
     }
     let mut lease = match leases.acquire(name).await {
@@ -170,8 +193,8 @@ async fn delete_one(
         leases,
         lease: &mut lease,
     };
-    for (i, phase) in layout.deletion_phases(&repo).into_iter().enumerate() {
-        let swept = sweep::sweep(store, to_delete(phase), None, &mut guard).await;
+    for (i, phase) in phases.into_iter().enumerate() {
+        let swept = sweep::sweep(store, phase, None, 1, &mut guard).await;
         report.deleted.extend(swept.deleted);
         let failed = !swept.errors.is_empty() || swept.stopped.is_some();
         report.errors.extend(swept.errors);
@@ -197,4 +220,25 @@ async fn delete_one(
     }
     leases.release(lease).await;
     report
+}
+
+/// Digests of repository `name` that links elsewhere in the bucket keep alive (one listing of
+/// the whole bucket, only for layouts that have such links).
+async fn linked_here(
+    store: &Instrumented,
+    layout: &dyn Layout,
+    name: &str,
+    concurrency: usize,
+) -> Result<std::collections::HashSet<crate::digest::Digest>, crate::store::StoreError> {
+    if !layout.links_across_repositories() {
+        return Ok(Default::default());
+    }
+    let listing = list_all(store, "").await?;
+    let partition = layout.partition(listing.objects);
+    let mut linked = layout.linked_blobs(store, &partition, concurrency).await?;
+    Ok(linked
+        .remove(name)
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
 }

@@ -18,6 +18,7 @@ use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::layout::GLOBAL_REPOSITORY;
 use crate::manifest::Descriptor;
 use crate::store::{ObjectMeta, PutCondition, Store, StoreError};
 
@@ -73,8 +74,12 @@ pub struct Intents {
     pub expired: Vec<String>,
 }
 
-/// Whether `key` is an intent of `repo` itself (not of a nested repository).
+/// Whether `key` is an intent of `repo` itself (not of a nested repository). Every intent
+/// protects the global blobs of [`GLOBAL_REPOSITORY`].
 pub fn is_own_intent(repo: &str, key: &str) -> bool {
+    if repo == GLOBAL_REPOSITORY {
+        return key.starts_with(INTENT_PREFIX) && key.ends_with(".json");
+    }
     key.strip_prefix(&intents_prefix(repo))
         .is_some_and(|rest| !rest.contains('/') && rest.ends_with(".json"))
 }
@@ -100,7 +105,12 @@ pub fn by_repository(
 
 /// Lists the intents of `repo` (one LIST).
 pub async fn list_intents(store: &dyn Store, repo: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-    let pages: Vec<Vec<ObjectMeta>> = store.list(&intents_prefix(repo)).try_collect().await?;
+    let prefix = if repo == GLOBAL_REPOSITORY {
+        INTENT_PREFIX.to_string()
+    } else {
+        intents_prefix(repo)
+    };
+    let pages: Vec<Vec<ObjectMeta>> = store.list(&prefix).try_collect().await?;
     Ok(pages
         .into_iter()
         .flatten()
@@ -257,22 +267,26 @@ pub async fn begin_reuse(
     let wanted: std::collections::HashSet<String> = digests.iter().map(Digest::to_string).collect();
     let started = tokio::time::Instant::now();
     loop {
-        let announced = match store.get(&deleting_key(repo)).await {
-            Ok(o) => serde_json::from_slice::<Deleting>(&o.body).ok(),
-            Err(StoreError::NotFound { .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let conflict = announced.and_then(|a| {
-            let expires = humantime::parse_rfc3339(&a.expires_at).ok();
-            let stale =
-                matches!((written, expires), (Some(w), Some(e)) if w + started.elapsed() > e);
-            let hit = a.digests.into_iter().find(|d| wanted.contains(d));
-            if stale {
-                None
-            } else {
-                hit
-            }
-        });
+        // Shared blobs (the distribution layout) are deleted under the global announcement.
+        let mut conflict = None;
+        for announcement in [deleting_key(repo), deleting_key(GLOBAL_REPOSITORY)] {
+            let announced = match store.get(&announcement).await {
+                Ok(o) => serde_json::from_slice::<Deleting>(&o.body).ok(),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            conflict = conflict.or(announced.and_then(|a| {
+                let expires = humantime::parse_rfc3339(&a.expires_at).ok();
+                let stale =
+                    matches!((written, expires), (Some(w), Some(e)) if w + started.elapsed() > e);
+                let hit = a.digests.into_iter().find(|d| wanted.contains(d));
+                if stale {
+                    None
+                } else {
+                    hit
+                }
+            }));
+        }
         let Some(digest) = conflict else {
             return Ok(key);
         };

@@ -64,14 +64,31 @@ pub struct Marker<'a> {
 impl<'a> Marker<'a> {
     /// A marker with nothing read yet.
     pub fn new(ctx: MarkContext<'a>) -> Marker<'a> {
+        let mut referrers: HashMap<Digest, Vec<Descriptor>> = HashMap::new();
+        for (subject, referrer) in ctx.layout.referrer_links(ctx.repo) {
+            referrers.entry(subject).or_default().push(Descriptor {
+                media_type: None,
+                digest: referrer,
+                size: None,
+            });
+        }
         Marker {
+            // A layout that cannot hold referrers as bare blobs needs no scan.
+            scanned: !ctx.layout.scans_for_referrers(ctx.repo),
             ctx,
             docs: HashMap::new(),
-            referrers: HashMap::new(),
-            scanned: false,
+            referrers,
             reachable: HashSet::new(),
             manifests_fetched: 0,
             warnings: BTreeSet::new(),
+        }
+    }
+
+    /// Remembers documents the layout already read (and counts them as fetched).
+    pub fn prime(&mut self, documents: Vec<(Digest, References)>) {
+        self.manifests_fetched += documents.len() as u64;
+        for (digest, refs) in documents {
+            self.docs.entry(digest).or_insert(Some(refs));
         }
     }
 
@@ -84,8 +101,27 @@ impl<'a> Marker<'a> {
 
     /// Everything reachable from `roots` alone (the cache is used and extended).
     pub async fn closure(&mut self, roots: &[Descriptor]) -> Result<HashSet<Digest>, FailClosed> {
+        self.closure_with(roots, false).await
+    }
+
+    /// Like [`Marker::closure`], but a missing manifest is part of the result instead of an
+    /// error: after a sweep, a manifest that is referenced and gone is exactly what the verify
+    /// pass is looking for.
+    pub async fn closure_allowing_missing(
+        &mut self,
+        roots: &[Descriptor],
+    ) -> Result<HashSet<Digest>, FailClosed> {
+        self.closure_with(roots, true).await
+    }
+
+    async fn closure_with(
+        &mut self,
+        roots: &[Descriptor],
+        allow_missing: bool,
+    ) -> Result<HashSet<Digest>, FailClosed> {
         let mut seen = HashSet::new();
-        self.expand(&mut seen, roots.to_vec()).await?;
+        self.expand(&mut seen, roots.to_vec(), allow_missing)
+            .await?;
         if !self.scanned {
             self.scanned = true;
             self.scan_for_referrers(&seen).await?;
@@ -95,7 +131,7 @@ impl<'a> Marker<'a> {
                 .filter(|(subject, _)| seen.contains(*subject))
                 .flat_map(|(_, rs)| rs.iter().cloned())
                 .collect();
-            self.expand(&mut seen, more).await?;
+            self.expand(&mut seen, more, allow_missing).await?;
         }
         Ok(seen)
     }
@@ -104,6 +140,7 @@ impl<'a> Marker<'a> {
         &mut self,
         seen: &mut HashSet<Digest>,
         mut frontier: Vec<Descriptor>,
+        allow_missing: bool,
     ) -> Result<(), FailClosed> {
         while !frontier.is_empty() {
             let mut next = Vec::new();
@@ -123,7 +160,7 @@ impl<'a> Marker<'a> {
                     }
                     // Read earlier and found unparseable or gone, but a manifest after all:
                     // the same failure as reading it here.
-                    Some(None) if kind == ContentKind::Manifest => {
+                    Some(None) if kind == ContentKind::Manifest && !allow_missing => {
                         return Err(FailClosed(format!(
                             "manifest {} is missing or unparseable",
                             d.digest
@@ -156,7 +193,7 @@ impl<'a> Marker<'a> {
                     Read::Opaque => {
                         self.docs.insert(digest, None);
                     }
-                    Read::Missing if must_parse => {
+                    Read::Missing if must_parse && !allow_missing => {
                         return Err(FailClosed(format!(
                             "manifest {digest} is referenced but missing"
                         )));
@@ -180,7 +217,10 @@ impl<'a> Marker<'a> {
             .blobs
             .iter()
             .filter(|(d, o)| {
-                o.size <= MAX_MANIFEST_SIZE && !seen.contains(*d) && !self.docs.contains_key(*d)
+                o.size <= MAX_MANIFEST_SIZE
+                    && !seen.contains(*d)
+                    && !self.docs.contains_key(*d)
+                    && self.ctx.layout.may_hold_manifest(self.ctx.repo, &o.key)
             })
             .map(|(d, _)| ((*d).clone(), false))
             .collect();
@@ -209,7 +249,8 @@ impl<'a> Marker<'a> {
     }
 
     async fn read(&self, digest: &Digest, must_parse: bool) -> Result<Read, FailClosed> {
-        let key = self.ctx.layout.blob_key(self.ctx.repo, digest);
+        let listed = self.ctx.blobs.get(digest).copied();
+        let key = self.ctx.layout.content_key(self.ctx.repo, digest, listed);
         let body = match self.ctx.store.get(&key).await {
             Ok(o) => o.body,
             Err(StoreError::NotFound { .. }) => return Ok(Read::Missing),

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::digest::Digest;
-use crate::layout::{KeyKind, Layout, Repository, RootsError, STATE_PREFIX};
+use crate::layout::{KeyKind, Layout, Repository, Roots, RootsError, STATE_PREFIX};
 use crate::manifest::Descriptor;
 use crate::metrics::Metrics;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
@@ -53,6 +53,13 @@ pub enum GcError {
         bucket: String,
         #[source]
         source: clock::ClockError,
+    },
+    /// Cross-repository links could not be read, so no repository's roots are complete.
+    #[error("reading cross-repository links in {bucket} failed")]
+    Links {
+        bucket: String,
+        #[source]
+        source: StoreError,
     },
     /// The run time-out passed while the bucket was still being listed.
     #[error("run time-out of {0:?} reached while listing the bucket")]
@@ -317,17 +324,40 @@ async fn collect_all(
         .collect();
     let mut intents = intent::by_repository(listing.state);
     let partition = layout.partition(listing.objects);
+    let mut linked = if layout.links_across_repositories() {
+        let links = layout.linked_blobs(&store, &partition, opts.concurrency);
+        match run_deadline {
+            Some(d) => tokio::time::timeout_at(d, links)
+                .await
+                .map_err(|_| GcError::ListTimeout(opts.run_timeout.unwrap_or_default()))?,
+            None => links.await,
+        }
+        .map_err(|source| GcError::Links {
+            bucket: store.describe(),
+            source,
+        })?
+    } else {
+        HashMap::new()
+    };
     report.rejected = partition.rejected;
     report.unowned_objects = partition.unowned;
     for r in &report.rejected {
         tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
     }
+    let wanted =
+        |r: &Repository| opts.repos.matches(&r.name) && opts.shard.is_none_or(|s| s.owns(&r.name));
     let selected: Vec<Repository> = partition
         .repositories
         .into_iter()
-        .filter(|r| opts.repos.matches(&r.name))
-        .filter(|r| opts.shard.is_none_or(|s| s.owns(&r.name)))
+        .filter(|_| layout.per_repository_gc())
+        .filter(|r| wanted(r))
         .collect();
+    // Global blobs are shared by every repository: any repository's intent protects them.
+    let global_roots = partition.global_roots;
+    let global = partition.global.filter(|g| wanted(g)).map(|g| {
+        let all_intents: Vec<ObjectMeta> = intents.values().flatten().cloned().collect();
+        (g, all_intents)
+    });
     let run = RepoRun {
         store: &store,
         layout: layout.as_ref(),
@@ -351,26 +381,54 @@ async fn collect_all(
         stop: opts.stop.clone(),
     };
     if let Some(p) = &opts.progress {
-        p.start(selected.len() as u64);
+        p.start((selected.len() + usize::from(global.is_some())) as u64);
     }
+    let leftovers = |name: &str| Leftovers {
+        pending: state_keys.contains(&state::pending_key(name)),
+        announcement: state_keys.contains(&intent::deleting_key(name)),
+        lease: state_keys.contains(&lease::lease_key(name)),
+    };
+    let done = |r: &RepoReport| {
+        if let Some(p) = &opts.progress {
+            p.repository_done(&r.name, r.deleted.len() as u64);
+        }
+    };
     report.repositories = stream::iter(selected)
         .map(|repo| {
-            let leftovers = Leftovers {
-                pending: state_keys.contains(&state::pending_key(&repo.name)),
-                announcement: state_keys.contains(&intent::deleting_key(&repo.name)),
-                lease: state_keys.contains(&lease::lease_key(&repo.name)),
+            let inputs = RepoInputs {
+                leftovers: leftovers(&repo.name),
+                intents: intents.remove(&repo.name).unwrap_or_default(),
+                dropped_roots: HashSet::new(),
+                linked: linked.remove(&repo.name).unwrap_or_default(),
+                roots: None,
             };
-            let own_intents = intents.remove(&repo.name).unwrap_or_default();
-            run.collect(repo, leftovers, own_intents)
+            run.collect(repo, inputs)
         })
         .buffer_unordered(opts.concurrency.max(1))
-        .inspect(|r| {
-            if let Some(p) = &opts.progress {
-                p.repository_done(&r.name, r.deleted.len() as u64);
-            }
-        })
+        .inspect(done)
         .collect()
         .await;
+    // Last, so that its roots are read after the repositories dropped what they dropped
+    // (untagged manifests), and what only those used goes in this same run.
+    if let Some((repo, all_intents)) = global {
+        // Roots the repositories dropped (a dry run: would have dropped) are not roots here
+        // either, so that the dry run reports what the real run does.
+        let dropped_roots: HashSet<String> = report
+            .repositories
+            .iter()
+            .flat_map(|r| r.deleted.iter().map(|d| d.key.clone()))
+            .collect();
+        let inputs = RepoInputs {
+            leftovers: leftovers(&repo.name),
+            intents: all_intents,
+            dropped_roots,
+            linked: Vec::new(),
+            roots: global_roots,
+        };
+        let r = run.collect(repo, inputs).await;
+        done(&r);
+        report.repositories.push(r);
+    }
     if let Some(p) = &opts.progress {
         p.finish();
     }
@@ -405,6 +463,26 @@ struct RepoRun<'a> {
     repo_timeout: Option<Duration>,
     stop: CancellationToken,
 }
+
+/// What the run found for one repository before collecting it.
+#[derive(Debug)]
+struct RepoInputs {
+    /// ocigc state of the repository in the listing.
+    leftovers: Leftovers,
+    /// Its push intents in the listing.
+    intents: Vec<ObjectMeta>,
+    /// Keys of roots that repositories collected earlier in this run deleted (or, in a dry
+    /// run, would have deleted).
+    dropped_roots: HashSet<String>,
+    /// Its blobs that links in other repositories keep alive.
+    linked: Vec<Digest>,
+    /// Its roots as the bucket listing showed them, where the layout could read them there
+    /// (saving a second pass); otherwise they are read when the repository is collected.
+    roots: Option<Roots>,
+}
+
+/// The media type given to a linked blob's root: a layer is never read.
+const LINKED_BLOB: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// ocigc state of a repository seen in the listing.
 #[derive(Clone, Copy, Debug, Default)]
@@ -491,12 +569,8 @@ fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
 }
 
 impl RepoRun<'_> {
-    async fn collect(
-        &self,
-        repo: Repository,
-        leftovers: Leftovers,
-        intents: Vec<ObjectMeta>,
-    ) -> RepoReport {
+    async fn collect(&self, repo: Repository, inputs: RepoInputs) -> RepoReport {
+        let leftovers = inputs.leftovers;
         let mut report = RepoReport::new(&repo.name, RepoStatus::Ok);
         report.objects = repo.objects.len() as u64;
         report.bytes = repo.objects.iter().map(|o| o.size).sum();
@@ -522,7 +596,7 @@ impl RepoRun<'_> {
             .iter()
             .filter_map(|o| match self.layout.classify(&repo, &o.key) {
                 KeyKind::Blob(d) => Some((d, o)),
-                KeyKind::Other => None,
+                KeyKind::Scratch | KeyKind::Other => None,
             })
             .collect();
         let mut marker = Marker::new(MarkContext {
@@ -534,7 +608,7 @@ impl RepoRun<'_> {
         });
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
-        let observed = self.observe(&repo, &mut marker, leftovers.pending, &intents);
+        let observed = self.observe(&repo, &mut marker, leftovers.pending, inputs);
         let limit = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -624,16 +698,39 @@ impl RepoRun<'_> {
         repo: &Repository,
         marker: &mut Marker<'_>,
         has_pending: bool,
-        intents: &[ObjectMeta],
+        inputs: RepoInputs,
     ) -> Result<Observation, String> {
-        let roots = self
-            .layout
-            .read_roots(self.store, repo)
-            .await
-            .map_err(|e| e.to_string())?;
+        let RepoInputs {
+            intents,
+            dropped_roots,
+            linked,
+            roots,
+            ..
+        } = inputs;
+        let intents = intents.as_slice();
+        let mut roots = match roots {
+            Some(r) => r,
+            None => self
+                .layout
+                .read_roots(self.store, repo)
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        if !dropped_roots.is_empty() && roots.sources.len() == roots.descriptors.len() {
+            let mut sources = roots.sources.iter();
+            roots
+                .descriptors
+                .retain(|_| sources.next().is_some_and(|k| !dropped_roots.contains(k)));
+        }
         let read = intent::read_intents(self.store, intents, self.clock.now()).await?;
+        marker.prime(roots.documents);
         let mut descriptors = roots.descriptors;
         descriptors.extend(read.roots);
+        descriptors.extend(linked.iter().map(|d| Descriptor {
+            media_type: Some(LINKED_BLOB.into()),
+            digest: d.clone(),
+            size: None,
+        }));
         marker.mark(&descriptors).await.map_err(|e| e.0)?;
         let mut warnings = Vec::new();
         let pending = if has_pending {
@@ -734,6 +831,7 @@ impl RepoRun<'_> {
             self.store,
             deletions_of(&obs.plan),
             obs.deadline,
+            self.layout.batches_per_recheck(repo),
             &mut guard,
         )
         .await;
@@ -880,6 +978,7 @@ impl RepoRun<'_> {
                 return;
             }
         };
+        marker.prime(roots.documents);
         let mut descriptors = roots.descriptors;
         match self.fresh_intents(repo).await {
             Ok(read) => descriptors.extend(read.roots),
@@ -887,7 +986,7 @@ impl RepoRun<'_> {
                 .warnings
                 .push(format!("verify could not read intents: {e}")),
         }
-        let reachable = match marker.closure(&descriptors).await {
+        let reachable = match marker.closure_allowing_missing(&descriptors).await {
             Ok(r) => r,
             Err(e) => {
                 report.warnings.push(format!("verify could not mark: {e}"));
@@ -957,6 +1056,7 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
                 .await
                 .map_err(|e| format!("re-reading roots: {e}"))?;
             self.roots_version = roots.version;
+            self.marker.prime(roots.documents);
             more.extend(roots.descriptors);
         }
         // Announce the batch before the last look at intents: a pusher that writes its

@@ -28,6 +28,8 @@ pub enum Reason {
     Unreferenced,
     /// Part of a repository deleted on request.
     RepositoryDeleted,
+    /// Left by an upload that was abandoned (older than the grace period, no longer open).
+    AbandonedUpload,
 }
 
 /// Keep or delete.
@@ -109,6 +111,14 @@ pub fn plan(
         .map(|o| {
             let (digest, decision) = match layout.classify(repo, &o.key) {
                 KeyKind::Other => (None, Decision::Keep(Reason::NotABlob)),
+                KeyKind::Scratch => {
+                    let decision = if age(policy, o.last_modified) < policy.grace {
+                        Decision::Keep(Reason::WithinGrace)
+                    } else {
+                        Decision::Delete(Reason::AbandonedUpload)
+                    };
+                    (None, decision)
+                }
                 KeyKind::Blob(d) => {
                     let decision = decide(
                         reachable.contains(&d),
@@ -131,6 +141,14 @@ pub fn plan(
     RepoPlan { items }
 }
 
+/// Age on the store's clock; a modification time in the future (clock skew) is age zero.
+fn age(policy: PlanPolicy, last_modified: SystemTime) -> Duration {
+    policy
+        .now
+        .duration_since(last_modified)
+        .unwrap_or(Duration::ZERO)
+}
+
 fn decide(
     reachable: bool,
     last_modified: SystemTime,
@@ -141,11 +159,7 @@ fn decide(
         return Decision::Keep(Reason::Reachable);
     }
     // A modification time in the future (clock skew) gives an age of zero: kept.
-    let age = policy
-        .now
-        .duration_since(last_modified)
-        .unwrap_or(Duration::ZERO);
-    if age < policy.grace {
+    if age(policy, last_modified) < policy.grace {
         return Decision::Keep(Reason::WithinGrace);
     }
     let observed_long_enough = policy.delay.is_zero()

@@ -1,10 +1,13 @@
 //! Sweeping: executing a plan's deletions in batches.
 //!
-//! Batches run one after another within a repository, so that a deadline (and, with the
-//! online-safety protocol, a re-check of the roots) is honoured between any two of them.
-//! Parallelism comes from collecting several repositories at once.
+//! Rounds of batches run one after another within a repository, so that a deadline (and, with
+//! the online-safety protocol, a re-check of the roots) is honoured between any two of them.
+//! A round is one batch unless the layout's re-check is costly (a whole LIST, for global
+//! blobs); then a few batches share one re-check and go out together. Parallelism otherwise
+//! comes from collecting several repositories at once.
 
 use async_trait::async_trait;
+use futures::future::join_all;
 use tokio::time::Instant;
 
 use crate::report::Deleted;
@@ -44,23 +47,27 @@ pub struct SweepOutcome {
     pub stopped: Option<String>,
 }
 
-/// Deletes `items` in batches of at most [`MAX_DELETE_BATCH`], stopping before a batch if
-/// `deadline` has passed or `guard` says so, and after a batch that failed as a whole.
+/// Deletes `items` in rounds of `batches_per_round` batches of at most [`MAX_DELETE_BATCH`]
+/// keys: the guard sees each round before any of its batches is sent, and the batches of a
+/// round go out concurrently. Stops before a round if `deadline` has passed or `guard` says so,
+/// and after a batch that failed as a whole.
 pub async fn sweep(
     store: &dyn Store,
     items: Vec<Deleted>,
     deadline: Option<Instant>,
+    batches_per_round: usize,
     guard: &mut dyn Guard,
 ) -> SweepOutcome {
     let mut out = SweepOutcome::default();
+    let round_size = MAX_DELETE_BATCH * batches_per_round.max(1);
     let mut rest = items.into_iter().peekable();
     while rest.peek().is_some() {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             out.timed_out = true;
             break;
         }
-        let batch: Vec<Deleted> = rest.by_ref().take(MAX_DELETE_BATCH).collect();
-        let batch = match guard.before_batch(batch).await {
+        let round: Vec<Deleted> = rest.by_ref().take(round_size).collect();
+        let round = match guard.before_batch(round).await {
             Ok(b) => b,
             Err(why) => {
                 guard.after_batch().await;
@@ -68,35 +75,45 @@ pub async fn sweep(
                 break;
             }
         };
-        if batch.is_empty() {
+        if round.is_empty() {
             guard.after_batch().await;
             continue;
         }
         crate::failpoint::hit("before-delete-batch");
-        let keys: Vec<String> = batch.iter().map(|d| d.key.clone()).collect();
-        let result = store.delete_batch(&keys).await;
+        let results = join_all(round.chunks(MAX_DELETE_BATCH).map(|batch| async move {
+            let keys: Vec<String> = batch.iter().map(|d| d.key.clone()).collect();
+            (batch, store.delete_batch(&keys).await)
+        }))
+        .await;
         guard.after_batch().await;
-        match result {
-            Ok(failures) => {
-                let failed: std::collections::HashSet<&str> =
-                    failures.iter().map(|f| f.key.as_str()).collect();
-                for f in &failures {
-                    out.errors.push(format!("delete {}: {}", f.key, f.message));
+        let mut failed_whole = false;
+        for (batch, result) in results {
+            match result {
+                Ok(failures) => {
+                    let failed: std::collections::HashSet<&str> =
+                        failures.iter().map(|f| f.key.as_str()).collect();
+                    for f in &failures {
+                        out.errors.push(format!("delete {}: {}", f.key, f.message));
+                    }
+                    out.deleted.extend(
+                        batch
+                            .iter()
+                            .filter(|d| !failed.contains(d.key.as_str()))
+                            .cloned(),
+                    );
+                    crate::failpoint::hit("after-delete-batch");
                 }
-                out.deleted.extend(
-                    batch
-                        .into_iter()
-                        .filter(|d| !failed.contains(d.key.as_str())),
-                );
-                crate::failpoint::hit("after-delete-batch");
+                Err(e) => {
+                    // The batch may or may not have been applied; stop rather than push on
+                    // against a failing store. The next run sees what is left.
+                    out.errors
+                        .push(format!("delete batch of {} keys: {e}", batch.len()));
+                    failed_whole = true;
+                }
             }
-            Err(e) => {
-                // The batch may or may not have been applied; stop rather than push on
-                // against a failing store. The next run sees what is left.
-                out.errors
-                    .push(format!("delete batch of {} keys: {e}", keys.len()));
-                break;
-            }
+        }
+        if failed_whole {
+            break;
         }
     }
     out

@@ -3,19 +3,27 @@
 //! The GC engine knows nothing about a particular layout; it asks the layout to partition the
 //! listing, to classify keys, to read roots and to name the key a digest lives at.
 
+pub mod distribution;
 mod name;
 pub mod oci;
+pub mod serverless_registry;
+
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 
 use crate::digest::Digest;
-use crate::manifest::Descriptor;
+use crate::manifest::{Descriptor, References};
 use crate::store::{ObjectMeta, Store, StoreError};
 
 pub use name::validate_repository_name;
 
 /// Prefix of ocigc's own state; never part of a repository, never swept.
 pub const STATE_PREFIX: &str = "_ocigc/";
+
+/// Name of the pseudo-repository that holds a layout's global blobs (`distribution`). The
+/// repository grammar forbids a leading `_`, so it never collides with a real repository.
+pub const GLOBAL_REPOSITORY: &str = "_global";
 
 /// One repository and the objects it owns.
 #[derive(Clone, Debug)]
@@ -48,6 +56,30 @@ pub struct Partition {
     pub rejected: Vec<Rejected>,
     /// Objects that belong to no repository (left untouched).
     pub unowned: u64,
+    /// Blobs shared by every repository ([`GLOBAL_REPOSITORY`]), for layouts that store them
+    /// globally; collected after the repositories, with every repository's manifests as roots.
+    pub global: Option<Repository>,
+    /// The roots of [`Partition::global`] as the listing shows them, where the layout can
+    /// read them there (one LIST pass instead of two).
+    pub global_roots: Option<Roots>,
+}
+
+impl Partition {
+    /// Adds a repository found at `prefix`, or, if its name does not parse, a rejected prefix.
+    pub(crate) fn add(&mut self, name: String, prefix: String, objects: Vec<ObjectMeta>) {
+        match validate_repository_name(&name) {
+            Ok(()) => self.repositories.push(Repository {
+                name,
+                prefix,
+                objects,
+            }),
+            Err(reason) => self.rejected.push(Rejected {
+                prefix,
+                reason,
+                objects: objects.len() as u64,
+            }),
+        }
+    }
 }
 
 /// What a key inside a repository is.
@@ -55,6 +87,9 @@ pub struct Partition {
 pub enum KeyKind {
     /// A content-addressed blob (layers, configs and manifests alike).
     Blob(Digest),
+    /// Leftovers of an abandoned upload: referenced by nothing, deleted once older than the
+    /// grace period.
+    Scratch,
     /// Anything else: metadata, unknown files. Never swept.
     Other,
 }
@@ -66,6 +101,12 @@ pub struct Roots {
     pub descriptors: Vec<Descriptor>,
     /// Version marker of the roots (e.g. the ETag of `index.json`), when the store gives one.
     pub version: Option<String>,
+    /// The key each descriptor was read from, where roots are objects of their own
+    /// (distribution revision links); empty otherwise.
+    pub sources: Vec<String>,
+    /// Documents read while finding the roots (a tag that is a copy of its manifest), so
+    /// that marking does not read them again.
+    pub documents: Vec<(Digest, References)>,
 }
 
 /// Why the roots of a repository could not be read; the repository fails closed.
@@ -91,6 +132,54 @@ pub trait Layout: Send + Sync {
     /// Splits a listing (state keys already removed) into repositories.
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition;
 
+    /// Whether repositories are collected one by one (false where only the global blobs are
+    /// swept and a repository has nothing of its own to delete).
+    fn per_repository_gc(&self) -> bool {
+        true
+    }
+
+    /// Whether manifests may sit in `repo` as bare blobs that only their `subject` makes
+    /// reachable, so that marking must read the small unreferenced blobs to find them.
+    fn scans_for_referrers(&self, _repo: &Repository) -> bool {
+        true
+    }
+
+    /// Whether the object at `key` (a blob of `repo`) can be a manifest, so that the
+    /// referrer scan must read it; false where manifests are stored apart from other blobs.
+    fn may_hold_manifest(&self, _repo: &Repository, _key: &str) -> bool {
+        true
+    }
+
+    /// How many delete batches of `repo` one re-check of its roots covers: 1 where the
+    /// re-check is one cheap request; more where it is a whole LIST, so that its cost stays a
+    /// fraction of the deletes' (the batches of a round are sent together, right after it).
+    fn batches_per_recheck(&self, _repo: &Repository) -> usize {
+        1
+    }
+
+    /// Whether an object of one repository can keep a blob of another alive (a
+    /// cross-repository mount stored as a link), so that [`Layout::linked_blobs`] must be read.
+    fn links_across_repositories(&self) -> bool {
+        false
+    }
+
+    /// Blobs that links elsewhere in the bucket keep alive, by the repository that stores
+    /// them: roots of that repository that none of its manifests names.
+    async fn linked_blobs(
+        &self,
+        _store: &dyn Store,
+        _partition: &Partition,
+        _concurrency: usize,
+    ) -> Result<HashMap<String, Vec<Digest>>, StoreError> {
+        Ok(HashMap::new())
+    }
+
+    /// Referrers recorded by key rather than by content, as `(subject, referrer)`: the
+    /// referrer is reachable while its subject is.
+    fn referrer_links(&self, _repo: &Repository) -> Vec<(Digest, Digest)> {
+        Vec::new()
+    }
+
     /// The listing prefix that holds everything of repository `name` (and of repositories
     /// nested in it, which [`Layout::partition`] separates out).
     fn repository_prefix(&self, name: &str) -> String;
@@ -98,8 +187,14 @@ pub trait Layout: Send + Sync {
     /// Classifies a key owned by `repo`.
     fn classify(&self, repo: &Repository, key: &str) -> KeyKind;
 
-    /// The key at which `digest` is stored in `repo`.
-    fn blob_key(&self, repo: &Repository, digest: &Digest) -> String;
+    /// The key the content of `digest` is read from when marking `repo`; `listed` is the
+    /// object of `repo` that the listing classified as that digest, if any.
+    fn content_key(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        listed: Option<&ObjectMeta>,
+    ) -> String;
 
     /// Reads the roots of `repo`.
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError>;
@@ -117,10 +212,77 @@ pub trait Layout: Send + Sync {
     fn deletion_phases(&self, repo: &Repository) -> Vec<Vec<ObjectMeta>>;
 }
 
-/// The layouts ocigc knows, by `--layout` name.
-pub fn by_name(name: &str) -> Option<std::sync::Arc<dyn Layout>> {
+/// Every object under `prefix`, listed now.
+pub(crate) async fn list_prefix(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<Vec<ObjectMeta>, StoreError> {
+    use futures::TryStreamExt;
+    let pages: Vec<Vec<ObjectMeta>> = store.list(prefix).try_collect().await?;
+    Ok(pages.into_iter().flatten().collect())
+}
+
+/// A version of a set of listed objects, for roots that are objects of their own: it changes
+/// whenever one is added, removed or rewritten (key, size, ETag or modification time).
+pub(crate) fn listing_version<'a>(objects: impl Iterator<Item = &'a ObjectMeta>) -> String {
+    let mut lines: Vec<String> = objects
+        .map(|o| {
+            let modified = o
+                .last_modified
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let etag = o.etag.as_deref().unwrap_or("");
+            format!("{} {} {etag} {modified}", o.key, o.size)
+        })
+        .collect();
+    lines.sort_unstable();
+    Digest::sha256_of(lines.join("\n").as_bytes())
+        .hex()
+        .to_string()
+}
+
+/// A listed object with only a key, for the layouts' unit tests.
+#[cfg(test)]
+pub(crate) fn test_object(key: &str) -> ObjectMeta {
+    ObjectMeta {
+        key: key.into(),
+        size: 1,
+        last_modified: std::time::SystemTime::UNIX_EPOCH,
+        etag: None,
+    }
+}
+
+/// Names accepted by `--layout`.
+pub const NAMES: [&str; 3] = ["oci", "serverless-registry", "distribution"];
+
+/// Settings that change what a layout treats as garbage.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LayoutOptions {
+    /// Manifests no tag reaches are garbage too (not for `oci`, whose roots are explicit).
+    pub delete_untagged: bool,
+}
+
+/// The layout called `name`, or why it cannot be had with these options.
+pub fn by_name(name: &str, opts: LayoutOptions) -> Result<std::sync::Arc<dyn Layout>, String> {
     match name {
-        "oci" => Some(std::sync::Arc::new(oci::OciLayout)),
-        _ => None,
+        "oci" if opts.delete_untagged => Err(
+            "--delete-untagged does not apply to the oci layout (every index.json entry is a \
+             root there)"
+                .into(),
+        ),
+        "oci" => Ok(std::sync::Arc::new(oci::OciLayout)),
+        "serverless-registry" => Ok(std::sync::Arc::new(
+            serverless_registry::ServerlessRegistryLayout {
+                delete_untagged: opts.delete_untagged,
+            },
+        )),
+        "distribution" => Ok(std::sync::Arc::new(distribution::DistributionLayout {
+            delete_untagged: opts.delete_untagged,
+        })),
+        _ => Err(format!(
+            "unknown layout {name:?} (expected one of {})",
+            NAMES.join(", ")
+        )),
     }
 }

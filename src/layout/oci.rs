@@ -5,9 +5,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
-use super::{
-    validate_repository_name, KeyKind, Layout, Partition, Rejected, Repository, Roots, RootsError,
-};
+use super::{KeyKind, Layout, Partition, Repository, Roots, RootsError};
 use crate::digest::Digest;
 use crate::manifest;
 use crate::store::{ObjectMeta, Store, StoreError};
@@ -68,18 +66,7 @@ impl Layout for OciLayout {
         for (prefix, idx) in prefixes {
             let objects = std::mem::take(&mut groups[idx]);
             let name = prefix.trim_end_matches('/').to_string();
-            match validate_repository_name(&name) {
-                Ok(()) => partition.repositories.push(Repository {
-                    name,
-                    prefix,
-                    objects,
-                }),
-                Err(reason) => partition.rejected.push(Rejected {
-                    prefix,
-                    reason,
-                    objects: objects.len() as u64,
-                }),
-            }
+            partition.add(name, prefix, objects);
         }
         partition.repositories.sort_by(|a, b| a.name.cmp(&b.name));
         partition.rejected.sort_by(|a, b| a.prefix.cmp(&b.prefix));
@@ -105,7 +92,12 @@ impl Layout for OciLayout {
         }
     }
 
-    fn blob_key(&self, repo: &Repository, digest: &Digest) -> String {
+    fn content_key(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        _listed: Option<&ObjectMeta>,
+    ) -> String {
         format!(
             "{}blobs/{}/{}",
             repo.prefix,
@@ -137,6 +129,7 @@ impl Layout for OciLayout {
         Ok(Roots {
             descriptors: refs.children,
             version: object.etag,
+            ..Roots::default()
         })
     }
 
@@ -173,17 +166,8 @@ impl Layout for OciLayout {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_object as obj;
     use super::*;
-    use std::time::SystemTime;
-
-    fn obj(key: &str) -> ObjectMeta {
-        ObjectMeta {
-            key: key.into(),
-            size: 1,
-            last_modified: SystemTime::UNIX_EPOCH,
-            etag: None,
-        }
-    }
 
     fn keys(r: &Repository) -> Vec<&str> {
         let mut k: Vec<_> = r.objects.iter().map(|o| o.key.as_str()).collect();

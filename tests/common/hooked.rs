@@ -18,6 +18,8 @@ pub enum When {
     BeforeHead(&'static str),
     /// Before the first LIST whose prefix starts with this.
     BeforeList(&'static str),
+    /// Before the n-th (from 1) LIST whose prefix starts with this.
+    BeforeNthList(&'static str, usize),
     /// After the first batch delete that removes a key containing this.
     AfterDelete(&'static str),
 }
@@ -25,6 +27,7 @@ pub enum When {
 pub struct Hooked {
     pub inner: Arc<dyn Store>,
     when: When,
+    lists: std::sync::atomic::AtomicUsize,
     action: Mutex<Option<BoxFuture<'static, ()>>>,
 }
 
@@ -33,6 +36,7 @@ impl Hooked {
         Hooked {
             inner,
             when,
+            lists: Default::default(),
             action: Mutex::new(Some(action)),
         }
     }
@@ -55,8 +59,14 @@ impl Store for Hooked {
         self.inner.describe()
     }
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
-        if let When::BeforeList(p) = self.when {
-            if prefix.starts_with(p) {
+        let (p, n) = match self.when {
+            When::BeforeList(p) => (p, 1),
+            When::BeforeNthList(p, n) => (p, n),
+            _ => return self.inner.list(prefix),
+        };
+        if prefix.starts_with(p) {
+            let seen = 1 + self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if seen == n {
                 return Box::pin(
                     futures::stream::once(self.fire()).flat_map(move |_| self.inner.list(prefix)),
                 );

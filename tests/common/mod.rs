@@ -2,7 +2,9 @@
 //! OCI content, and a way to run one scenario against both stores.
 #![allow(dead_code)]
 
+pub mod dist;
 pub mod hooked;
+pub mod serverless;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

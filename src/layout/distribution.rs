@@ -1,0 +1,333 @@
+//! The `distribution` layout: the on-bucket format of distribution/distribution (the classic
+//! registry) under `docker/registry/v2/`.
+//!
+//! Blobs are global (`blobs/<alg>/<2 hex>/<hex>/data`) and shared by every repository, so the
+//! blob sweep is one pseudo-repository, [`GLOBAL_REPOSITORY`], whose roots are every
+//! repository's manifest revisions, read from a fresh LIST of `repositories/`. Repositories
+//! (`repositories/<name>/_manifests|_layers|_uploads/…`) matter for whole-repository deletion
+//! and, with `--delete-untagged`, are collected first: there a revision link is the thing that
+//! is swept when no tag reaches its manifest (directly, through an index, or as a referrer of a
+//! kept manifest), and the global sweep then reclaims what only that manifest used.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use super::{
+    list_prefix as list, listing_version, KeyKind, Layout, Partition, Repository, Roots,
+    RootsError, GLOBAL_REPOSITORY,
+};
+use crate::digest::Digest;
+use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
+use crate::store::{ObjectMeta, Store, StoreError};
+
+/// Everything the classic registry stores lives under this prefix.
+pub const ROOT: &str = "docker/registry/v2/";
+const BLOBS: &str = "docker/registry/v2/blobs/";
+const REPOSITORIES: &str = "docker/registry/v2/repositories/";
+/// Path components that end a repository name (a name component never starts with `_`).
+const REPO_DIRS: [&str; 3] = ["_manifests", "_layers", "_uploads"];
+const TAGS: &str = "_manifests/tags/";
+/// Delete batches per re-check of the global roots (8 × 1000 keys, sent together).
+const RECHECK_ROUND: usize = 8;
+const REVISIONS: &str = "_manifests/revisions/";
+
+/// The classic registry's layout.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DistributionLayout {
+    /// Sweep manifest revisions that no tag reaches (`--delete-untagged`).
+    pub delete_untagged: bool,
+}
+
+/// The repository a key under `repositories/` belongs to: the path before its first
+/// `_manifests`, `_layers` or `_uploads` component.
+fn repository_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(REPOSITORIES)?;
+    let mut end = 0;
+    for component in rest.split('/') {
+        if REPO_DIRS.contains(&component) {
+            return (end > 0).then(|| &rest[..end - 1]);
+        }
+        end += component.len() + 1;
+    }
+    None
+}
+
+/// The digest a global blob key names: `<alg>/<2 hex>/<hex>/data`.
+fn global_blob(rest: &str) -> Option<Digest> {
+    let mut parts = rest.split('/');
+    let (alg, dir, hex, data) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if data != "data" || parts.next().is_some() || hex.get(..2) != Some(dir) {
+        return None;
+    }
+    Digest::from_parts(alg, hex)
+}
+
+/// The digest a revision link names: `<alg>/<hex>/link` below `_manifests/revisions/`.
+fn revision(rest: &str) -> Option<Digest> {
+    let (alg, tail) = rest.split_once('/')?;
+    let hex = tail.strip_suffix("/link")?;
+    Digest::from_parts(alg, hex)
+}
+
+/// The digest a revision link of any repository names.
+fn revision_link(key: &str) -> Option<Digest> {
+    let name = repository_of(key)?;
+    let rest = key[REPOSITORIES.len() + name.len() + 1..].strip_prefix(REVISIONS)?;
+    revision(rest)
+}
+
+/// The roots of the global sweep, from the revision links of every repository.
+fn revision_roots(revisions: Vec<(ObjectMeta, Digest)>) -> Roots {
+    Roots {
+        version: Some(listing_version(revisions.iter().map(|(o, _)| o))),
+        sources: revisions.iter().map(|(o, _)| o.key.clone()).collect(),
+        documents: Vec::new(),
+        descriptors: revisions
+            .into_iter()
+            .map(|(_, d)| untyped_root(d))
+            .collect(),
+    }
+}
+
+fn untyped_root(digest: Digest) -> Descriptor {
+    Descriptor {
+        media_type: Some(UNTYPED_MANIFEST.into()),
+        digest,
+        size: None,
+    }
+}
+
+impl DistributionLayout {
+    /// Every manifest revision of every repository, read now: the roots of the global sweep.
+    async fn current_revision_roots(&self, store: &dyn Store) -> Result<Roots, RootsError> {
+        let links = list(store, REPOSITORIES).await?;
+        Ok(revision_roots(
+            links
+                .into_iter()
+                .filter_map(|o| revision_link(&o.key).map(|d| (o, d)))
+                .collect(),
+        ))
+    }
+
+    /// The manifests a repository's tags point at now (one GET per tag).
+    async fn tag_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
+        let tags = list(store, &format!("{}{TAGS}", repo.prefix)).await?;
+        let current: Vec<&ObjectMeta> = tags
+            .iter()
+            .filter(|o| o.key.ends_with("/current/link"))
+            .collect();
+        let mut descriptors = Vec::with_capacity(current.len());
+        for o in &current {
+            let body = match store.get(&o.key).await {
+                Ok(b) => b.body,
+                // Untagged since the listing: that tag roots nothing any more.
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let text = String::from_utf8_lossy(&body);
+            let digest = Digest::parse(text.trim()).ok_or_else(|| RootsError::Invalid {
+                key: o.key.clone(),
+                reason: format!("not a digest: {:?}", text.trim()),
+            })?;
+            descriptors.push(untyped_root(digest));
+        }
+        Ok(Roots {
+            descriptors,
+            version: Some(listing_version(current.into_iter())),
+            ..Roots::default()
+        })
+    }
+}
+
+#[async_trait]
+impl Layout for DistributionLayout {
+    fn name(&self) -> &'static str {
+        "distribution"
+    }
+
+    fn partition(&self, objects: Vec<ObjectMeta>) -> Partition {
+        let mut global = Vec::new();
+        let mut repos: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
+        let mut partition = Partition::default();
+        let mut revisions: Vec<(ObjectMeta, Digest)> = Vec::new();
+        for o in objects {
+            if o.key.starts_with(BLOBS) {
+                global.push(o);
+            } else if let Some(name) = repository_of(&o.key) {
+                if let Some(d) = revision_link(&o.key) {
+                    revisions.push((o.clone(), d));
+                }
+                repos.entry(name.to_string()).or_default().push(o);
+            } else {
+                partition.unowned += 1;
+            }
+        }
+        for (name, objects) in repos {
+            let prefix = self.repository_prefix(&name);
+            partition.add(name, prefix, objects);
+        }
+        // Nothing to sweep globally without blobs: skip the marking it would cost.
+        if !global.is_empty() {
+            partition.global_roots = Some(revision_roots(revisions));
+            partition.global = Some(Repository {
+                name: GLOBAL_REPOSITORY.into(),
+                prefix: BLOBS.into(),
+                objects: global,
+            });
+        }
+        partition
+    }
+
+    fn per_repository_gc(&self) -> bool {
+        self.delete_untagged
+    }
+
+    fn scans_for_referrers(&self, repo: &Repository) -> bool {
+        // The registry serves only manifests that have a revision link, and every revision is
+        // a root of the global sweep; among a repository's untagged revisions (only swept with
+        // --delete-untagged), referrers of a kept manifest must be found.
+        repo.name != GLOBAL_REPOSITORY
+    }
+
+    fn batches_per_recheck(&self, repo: &Repository) -> usize {
+        // The global re-check lists every link file of every repository.
+        if repo.name == GLOBAL_REPOSITORY {
+            RECHECK_ROUND
+        } else {
+            1
+        }
+    }
+
+    fn repository_prefix(&self, name: &str) -> String {
+        format!("{REPOSITORIES}{name}/")
+    }
+
+    fn classify(&self, repo: &Repository, key: &str) -> KeyKind {
+        let Some(rest) = key.strip_prefix(repo.prefix.as_str()) else {
+            return KeyKind::Other;
+        };
+        let digest = if repo.name == GLOBAL_REPOSITORY {
+            global_blob(rest)
+        } else if self.delete_untagged {
+            rest.strip_prefix(REVISIONS).and_then(revision)
+        } else {
+            None
+        };
+        digest.map_or(KeyKind::Other, KeyKind::Blob)
+    }
+
+    fn content_key(
+        &self,
+        _repo: &Repository,
+        digest: &Digest,
+        _listed: Option<&ObjectMeta>,
+    ) -> String {
+        // A revision link listed for the digest is not its content: that is always global.
+        let hex = digest.hex();
+        format!(
+            "{BLOBS}{}/{}/{hex}/data",
+            digest.algorithm(),
+            hex.get(..2).unwrap_or(hex)
+        )
+    }
+
+    async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
+        if repo.name == GLOBAL_REPOSITORY {
+            self.current_revision_roots(store).await
+        } else {
+            self.tag_roots(store, repo).await
+        }
+    }
+
+    async fn roots_version(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+    ) -> Result<Option<String>, RootsError> {
+        // Listing is the cheapest way to see a new revision or a moved tag; the links' own
+        // contents never change without their listing entry changing too.
+        if repo.name == GLOBAL_REPOSITORY {
+            let links = list(store, REPOSITORIES).await?;
+            Ok(Some(listing_version(
+                links.iter().filter(|o| revision_link(&o.key).is_some()),
+            )))
+        } else {
+            let tags = list(store, &format!("{}{TAGS}", repo.prefix)).await?;
+            Ok(Some(listing_version(
+                tags.iter().filter(|o| o.key.ends_with("/current/link")),
+            )))
+        }
+    }
+
+    fn deletion_phases(&self, repo: &Repository) -> Vec<Vec<ObjectMeta>> {
+        // Tags first, so pulls by tag stop resolving before anything else goes; the blobs the
+        // repository alone used are reclaimed by the next gc run's global sweep.
+        let tags = format!("{}{TAGS}", repo.prefix);
+        let (first, rest) = repo
+            .objects
+            .iter()
+            .cloned()
+            .partition(|o| o.key.starts_with(&tags));
+        vec![first, rest]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_object as obj;
+    use super::*;
+
+    #[test]
+    fn keys_to_repositories_and_blobs() {
+        let hex = "ab".repeat(32);
+        let p = DistributionLayout::default().partition(
+            [
+                format!("{BLOBS}sha256/ab/{hex}/data"),
+                format!("{REPOSITORIES}team/app/_manifests/revisions/sha256/{hex}/link"),
+                format!("{REPOSITORIES}team/app/tools/_layers/sha256/{hex}/link"),
+                format!("{REPOSITORIES}team/app-edge/_uploads/u1/startedat"),
+                format!("{REPOSITORIES}Bad/_manifests/tags/x/current/link"),
+                format!("{REPOSITORIES}team/README"),
+                "elsewhere/file".to_string(),
+            ]
+            .iter()
+            .map(|k| obj(k))
+            .collect(),
+        );
+        let names: Vec<_> = p.repositories.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["team/app", "team/app-edge", "team/app/tools"]);
+        assert_eq!(p.rejected.len(), 1);
+        assert_eq!(p.unowned, 2);
+        let global = p.global.expect("global blobs");
+        assert_eq!(global.objects.len(), 1);
+        let layout = DistributionLayout::default();
+        assert!(matches!(
+            layout.classify(&global, &global.objects[0].key),
+            KeyKind::Blob(_)
+        ));
+        for other in [
+            format!("{BLOBS}sha256/cd/{hex}/data"),
+            format!("{BLOBS}sha256/ab/{hex}/other"),
+            format!("{BLOBS}sha256/ab/{hex}"),
+        ] {
+            assert_eq!(layout.classify(&global, &other), KeyKind::Other, "{other}");
+        }
+        // Revisions are blobs of a repository only when untagged manifests may go.
+        let app = &p.repositories[0];
+        let rev = &app.objects[0].key;
+        assert_eq!(layout.classify(app, rev), KeyKind::Other);
+        let untagged = DistributionLayout {
+            delete_untagged: true,
+        };
+        assert!(matches!(untagged.classify(app, rev), KeyKind::Blob(_)));
+        assert_eq!(
+            layout.content_key(
+                app,
+                &Digest::parse(&format!("sha256:{hex}")).expect("digest"),
+                Some(&app.objects[0])
+            ),
+            format!("{BLOBS}sha256/ab/{hex}/data")
+        );
+    }
+}

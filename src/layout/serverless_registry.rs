@@ -1,0 +1,432 @@
+//! The `serverless-registry` layout: the R2 bucket of cloudflare/serverless-registry.
+//!
+//! Per repository: `<repo>/blobs/<alg>:<hex>`, `<repo>/manifests/<tag>` (a full copy of the
+//! manifest) and `<repo>/manifests/<alg>:<hex>`, `<repo>/_referrers/<subject>/<referrer>`,
+//! upload state `<repo>/uploads/<uuid>`, and the registry's own GC markers (`<repo>/gc/…`,
+//! `<repo>/insertion/…`), which are never touched. A cross-repository mount is a tiny object
+//! `<dest>/blobs/<digest>` whose content is the source key `<src>/blobs/<digest>`: the source
+//! blob is a root of its repository while the link exists. Multipart temp objects (`<uuid>`,
+//! `<uuid>-helper`) sit at the bucket root; they are swept as the pseudo-repository
+//! [`GLOBAL_REPOSITORY`] once older than the grace period, unless an upload of that id is
+//! still open.
+//!
+//! Roots are every manifest under `manifests/` (tags and digests alike), or with
+//! `--delete-untagged` the tags only, so that untagged manifests are swept like blobs unless an
+//! index or a kept manifest's referrer needs them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use async_trait::async_trait;
+use futures::{stream, StreamExt, TryStreamExt};
+
+use super::{
+    list_prefix, listing_version, KeyKind, Layout, Partition, Repository, Roots, RootsError,
+    GLOBAL_REPOSITORY,
+};
+use crate::digest::Digest;
+use crate::manifest::{self, Descriptor, UNTYPED_MANIFEST};
+use crate::store::{ObjectMeta, Store, StoreError};
+
+/// Second-to-last path components that end a repository name.
+const KINDS: [&str; 5] = ["blobs", "manifests", "uploads", "gc", "insertion"];
+const REFERRERS: &str = "/_referrers/";
+/// Added to a source repository's name length to give the size of a link to one of its blobs:
+/// `/blobs/` (7) and `sha256:<64 hex>` (71).
+const LINK_OVERHEAD: u64 = 7 + 71;
+
+/// cloudflare/serverless-registry's R2 layout.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerlessRegistryLayout {
+    /// Only tags are roots; untagged manifests are swept (`--delete-untagged`).
+    pub delete_untagged: bool,
+}
+
+/// What a key of the layout is, with the repository it belongs to.
+#[derive(Debug, PartialEq, Eq)]
+enum Key<'a> {
+    Blob(&'a str, Digest),
+    Manifest(&'a str, &'a str),
+    Referrer(&'a str, Digest, Digest),
+    /// Upload state, by upload id.
+    Upload(&'a str, &'a str),
+    /// Registry GC markers, anything else under a known directory.
+    Other(&'a str),
+    /// A multipart temp object at the bucket root, by upload id.
+    Temp(&'a str),
+    Unknown,
+}
+
+fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+fn parse(key: &str) -> Key<'_> {
+    if let Some((repo, rest)) = key.split_once(REFERRERS) {
+        let pair = rest
+            .split_once('/')
+            .and_then(|(s, r)| Some((Digest::parse(s)?, Digest::parse(r)?)));
+        return match pair {
+            Some((s, r)) if !repo.is_empty() => Key::Referrer(repo, s, r),
+            _ if !repo.is_empty() => Key::Other(repo),
+            _ => Key::Unknown,
+        };
+    }
+    let Some((dir, leaf)) = key.rsplit_once('/') else {
+        let id = key.strip_suffix("-helper").unwrap_or(key);
+        return if is_uuid(id) {
+            Key::Temp(id)
+        } else {
+            Key::Unknown
+        };
+    };
+    let (repo, kind) = dir.rsplit_once('/').unwrap_or(("", dir));
+    if repo.is_empty() || leaf.is_empty() || !KINDS.contains(&kind) {
+        return Key::Unknown;
+    }
+    match kind {
+        "blobs" => Digest::parse(leaf).map_or(Key::Other(repo), |d| Key::Blob(repo, d)),
+        "manifests" => Key::Manifest(repo, leaf),
+        "uploads" => Key::Upload(repo, leaf),
+        _ => Key::Other(repo),
+    }
+}
+
+/// The repository whose blob `key` (in repository `name`) links to, if it is a link.
+async fn read_link(
+    store: &dyn Store,
+    name: String,
+    key: String,
+    digest: Digest,
+) -> Result<Option<(String, Digest)>, StoreError> {
+    let body = match store.get(&key).await {
+        Ok(b) => b.body,
+        // Deleted since the listing: it links nothing any more.
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // Content that hashes to its own digest is a real blob, whatever it says.
+    if Digest::sha256_of(&body) == digest {
+        return Ok(None);
+    }
+    let target = std::str::from_utf8(&body).ok().and_then(|text| {
+        let (src, d) = text.split_once("/blobs/")?;
+        (Digest::parse(d)? == digest && src != name).then(|| src.to_string())
+    });
+    Ok(target.map(|src| (src, digest)))
+}
+
+impl ServerlessRegistryLayout {
+    /// The manifests of `repo` as listed now (nested repositories' keys left out).
+    async fn list_manifests(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+    ) -> Result<Vec<ObjectMeta>, StoreError> {
+        Ok(list_prefix(store, &format!("{}manifests/", repo.prefix))
+            .await?
+            .into_iter()
+            .filter(|o| matches!(parse(&o.key), Key::Manifest(r, _) if r == repo.name))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Layout for ServerlessRegistryLayout {
+    fn name(&self) -> &'static str {
+        "serverless-registry"
+    }
+
+    fn partition(&self, objects: Vec<ObjectMeta>) -> Partition {
+        let mut repos: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
+        let mut temps = Vec::new();
+        let mut open_uploads: HashSet<String> = HashSet::new();
+        let mut partition = Partition::default();
+        for o in objects {
+            match parse(&o.key) {
+                Key::Temp(_) => temps.push(o),
+                Key::Unknown => partition.unowned += 1,
+                Key::Upload(r, id) => {
+                    open_uploads.insert(id.to_string());
+                    repos.entry(r.to_string()).or_default().push(o);
+                }
+                Key::Blob(r, _) | Key::Manifest(r, _) | Key::Referrer(r, ..) | Key::Other(r) => {
+                    repos.entry(r.to_string()).or_default().push(o);
+                }
+            }
+        }
+        for (name, objects) in repos {
+            let prefix = self.repository_prefix(&name);
+            partition.add(name, prefix, objects);
+        }
+        // Temp objects of an upload that is still open are the registry's business.
+        let (open, stale): (Vec<ObjectMeta>, Vec<ObjectMeta>) =
+            temps.into_iter().partition(|o| match parse(&o.key) {
+                Key::Temp(id) => open_uploads.contains(id),
+                _ => true,
+            });
+        partition.unowned += open.len() as u64;
+        if !stale.is_empty() {
+            partition.global = Some(Repository {
+                name: GLOBAL_REPOSITORY.into(),
+                prefix: String::new(),
+                objects: stale,
+            });
+        }
+        partition
+    }
+
+    fn scans_for_referrers(&self, repo: &Repository) -> bool {
+        // Manifests live under manifests/, never among the blobs; only untagged ones can be
+        // unreferenced referrers.
+        self.delete_untagged && repo.name != GLOBAL_REPOSITORY
+    }
+
+    fn may_hold_manifest(&self, _repo: &Repository, key: &str) -> bool {
+        matches!(parse(key), Key::Manifest(..))
+    }
+
+    fn links_across_repositories(&self) -> bool {
+        true
+    }
+
+    fn repository_prefix(&self, name: &str) -> String {
+        format!("{name}/")
+    }
+
+    fn classify(&self, repo: &Repository, key: &str) -> KeyKind {
+        if repo.name == GLOBAL_REPOSITORY {
+            return match parse(key) {
+                Key::Temp(_) => KeyKind::Scratch,
+                _ => KeyKind::Other,
+            };
+        }
+        match parse(key) {
+            Key::Blob(r, d) if r == repo.name => KeyKind::Blob(d),
+            Key::Manifest(r, leaf) if r == repo.name && self.delete_untagged => {
+                Digest::parse(leaf).map_or(KeyKind::Other, KeyKind::Blob)
+            }
+            // Upload state outlives its upload only when the upload was abandoned (its token
+            // expires after two hours); the temp objects go once it is gone.
+            Key::Upload(r, _) if r == repo.name => KeyKind::Scratch,
+            _ => KeyKind::Other,
+        }
+    }
+
+    fn content_key(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        listed: Option<&ObjectMeta>,
+    ) -> String {
+        // Unlisted content is a manifest pushed since the listing: manifests are only ever
+        // stored under manifests/.
+        listed.map_or_else(
+            || format!("{}manifests/{digest}", repo.prefix),
+            |o| o.key.clone(),
+        )
+    }
+
+    fn referrer_links(&self, repo: &Repository) -> Vec<(Digest, Digest)> {
+        repo.objects
+            .iter()
+            .filter_map(|o| match parse(&o.key) {
+                Key::Referrer(r, subject, referrer) if r == repo.name => Some((subject, referrer)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn linked_blobs(
+        &self,
+        store: &dyn Store,
+        partition: &Partition,
+        concurrency: usize,
+    ) -> Result<HashMap<String, Vec<Digest>>, StoreError> {
+        // A link is as long as its target key: only blobs of exactly such a size are read.
+        let lengths: HashSet<u64> = partition
+            .repositories
+            .iter()
+            .map(|r| r.name.len() as u64 + LINK_OVERHEAD)
+            .collect();
+        let candidates: Vec<(String, String, Digest)> = partition
+            .repositories
+            .iter()
+            .flat_map(|r| r.objects.iter().map(move |o| (r, o)))
+            .filter(|(_, o)| lengths.contains(&o.size))
+            .filter_map(|(r, o)| match parse(&o.key) {
+                Key::Blob(_, d) => Some((r.name.clone(), o.key.clone(), d)),
+                _ => None,
+            })
+            .collect();
+        let read: Vec<Option<(String, Digest)>> = stream::iter(candidates)
+            .map(|(name, key, digest)| read_link(store, name, key, digest))
+            .buffer_unordered(concurrency.max(1))
+            .try_collect()
+            .await?;
+        let mut out: HashMap<String, Vec<Digest>> = HashMap::new();
+        for (src, d) in read.into_iter().flatten() {
+            out.entry(src).or_default().push(d);
+        }
+        Ok(out)
+    }
+
+    async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
+        if repo.name == GLOBAL_REPOSITORY {
+            return Ok(Roots {
+                version: Some(String::new()),
+                ..Roots::default()
+            });
+        }
+        let listed = self.list_manifests(store, repo).await?;
+        let mut roots = Roots {
+            version: Some(listing_version(listed.iter())),
+            ..Roots::default()
+        };
+        let mut seen = HashSet::new();
+        // Tags are read (their digest is that of their content); digests are roots by name
+        // unless untagged manifests may go.
+        let mut tags = Vec::new();
+        for o in &listed {
+            let Key::Manifest(_, leaf) = parse(&o.key) else {
+                continue;
+            };
+            match Digest::parse(leaf) {
+                Some(d) if !self.delete_untagged => {
+                    if seen.insert(d.clone()) {
+                        roots.descriptors.push(Descriptor {
+                            media_type: Some(UNTYPED_MANIFEST.into()),
+                            digest: d,
+                            size: Some(o.size),
+                        });
+                    }
+                }
+                Some(_) => {}
+                None => tags.push(o.key.clone()),
+            }
+        }
+        for key in tags {
+            let body = match store.get(&key).await {
+                Ok(b) => b.body,
+                // Untagged since the listing.
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let invalid = |reason: String| RootsError::Invalid {
+                key: key.clone(),
+                reason,
+            };
+            let refs = manifest::references(&body).map_err(|e| invalid(e.to_string()))?;
+            let digest = Digest::sha256_of(&body);
+            if seen.insert(digest.clone()) {
+                roots.descriptors.push(Descriptor {
+                    media_type: Some(UNTYPED_MANIFEST.into()),
+                    digest: digest.clone(),
+                    size: Some(body.len() as u64),
+                });
+            }
+            roots.documents.push((digest, refs));
+        }
+        Ok(roots)
+    }
+
+    async fn roots_version(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+    ) -> Result<Option<String>, RootsError> {
+        if repo.name == GLOBAL_REPOSITORY {
+            return Ok(Some(String::new()));
+        }
+        let listed = self.list_manifests(store, repo).await?;
+        Ok(Some(listing_version(listed.iter())))
+    }
+
+    fn deletion_phases(&self, repo: &Repository) -> Vec<Vec<ObjectMeta>> {
+        // Tags first, then digests (pulls stop resolving), then everything else.
+        let (mut tags, mut digests, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+        for o in &repo.objects {
+            match parse(&o.key) {
+                Key::Manifest(_, leaf) if Digest::parse(leaf).is_none() => tags.push(o.clone()),
+                Key::Manifest(..) => digests.push(o.clone()),
+                _ => rest.push(o.clone()),
+            }
+        }
+        vec![tags, digests, rest]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_object as obj;
+    use super::*;
+
+    #[test]
+    fn keys() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let e = format!("sha256:{}", "cd".repeat(32));
+        let id = "0f0e0d0c-0b0a-4909-8807-060504030201";
+        assert_eq!(
+            parse(&format!("team/app/blobs/{d}")),
+            Key::Blob("team/app", Digest::parse(&d).expect("d"))
+        );
+        assert_eq!(
+            parse("team/blobs/manifests/latest"),
+            Key::Manifest("team/blobs", "latest")
+        );
+        assert_eq!(
+            parse(&format!("a/_referrers/{d}/{e}")),
+            Key::Referrer(
+                "a",
+                Digest::parse(&d).expect("d"),
+                Digest::parse(&e).expect("e")
+            )
+        );
+        assert_eq!(parse("a/gc/marker"), Key::Other("a"));
+        assert_eq!(parse("a/insertion/last_update"), Key::Other("a"));
+        assert_eq!(parse(&format!("a/uploads/{id}")), Key::Upload("a", id));
+        assert_eq!(parse("a/uploads/gc/marker"), Key::Other("a/uploads"));
+        assert_eq!(parse("a/blobs/not-a-digest"), Key::Other("a"));
+        assert_eq!(parse(id), Key::Temp(id));
+        assert_eq!(parse(&format!("{id}-helper")), Key::Temp(id));
+        for unknown in ["README", "a/README", "blobs/x", "a/other/x", "a/manifests/"] {
+            assert_eq!(parse(unknown), Key::Unknown, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn partition_keeps_open_uploads_temp_objects() {
+        let open = "0f0e0d0c-0b0a-4909-8807-060504030201";
+        let done = "1f0e0d0c-0b0a-4909-8807-060504030201";
+        let p = ServerlessRegistryLayout::default().partition(
+            [
+                "team/app/manifests/latest".to_string(),
+                "team/app/tools/manifests/latest".to_string(),
+                "team/app-edge/blobs/x".to_string(),
+                format!("team/app/uploads/{open}"),
+                open.to_string(),
+                format!("{open}-helper"),
+                done.to_string(),
+                "Bad/manifests/latest".to_string(),
+                "README".to_string(),
+            ]
+            .iter()
+            .map(|k| obj(k))
+            .collect(),
+        );
+        let names: Vec<_> = p.repositories.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["team/app", "team/app-edge", "team/app/tools"]);
+        assert_eq!(p.rejected.len(), 1);
+        assert_eq!(
+            p.unowned, 3,
+            "README and the open upload's two temp objects"
+        );
+        let global = p.global.expect("stale temp objects");
+        assert_eq!(global.objects.len(), 1);
+        assert_eq!(global.objects[0].key, done);
+    }
+}
