@@ -195,12 +195,30 @@ fn write_tmp(root: &Path, key: &str, body: &[u8]) -> StoreResult<PathBuf> {
     Ok(tmp)
 }
 
-/// Renames `tmp` to `dest`, re-creating parents that a concurrent delete may have just removed.
+/// Renames `tmp` to `dest`, re-creating parents that a concurrent delete may have just pruned.
+///
+/// A prune can remove a parent between `mkdir` reporting "exists" and the check that it is a
+/// directory, so `create_dir_all` may fail with `AlreadyExists` as well as `NotFound`; both mean
+/// "try again", not "give up".
 fn install(tmp: &Path, dest: &Path, key: &str) -> StoreResult<()> {
+    const ATTEMPTS: usize = 16;
+    let racing = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::AlreadyExists
+        )
+    };
     let mut last = None;
-    for _ in 0..3 {
+    for _ in 0..ATTEMPTS {
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(|e| io_err(Op::Put, key, e))?;
+            match fs::create_dir_all(parent) {
+                Ok(()) => {}
+                Err(e) if racing(&e) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(io_err(Op::Put, key, e)),
+            }
         }
         match fs::rename(tmp, dest) {
             Ok(()) => return Ok(()),
@@ -396,5 +414,35 @@ mod tests {
         for good in ["a", "a/b/c", "repo/blobs/sha256/00", ".hidden/x"] {
             assert!(validate_key(good).is_ok(), "{good:?} should be accepted");
         }
+    }
+
+    /// A delete prunes empty parents; a put into the same directory at that moment must still
+    /// succeed (it once failed with "File exists" when the directory vanished mid-create).
+    #[test]
+    fn puts_survive_concurrent_pruning() {
+        const ROUNDS: usize = 2000;
+        const WORKERS: usize = 4;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let root = root.clone();
+                std::thread::spawn(move || {
+                    for i in 0..ROUNDS {
+                        let key = format!("_ocigc/clock/w{w}-{i}");
+                        let dest = root.join(&key);
+                        put_sync(&root, &key, &dest, b"{}", &PutCondition::None)
+                            .map_err(|e| format!("put {key}: {e}"))?;
+                        delete_sync(&root, &key).map_err(|e| format!("delete {key}: {e}"))?;
+                    }
+                    Ok::<(), String>(())
+                })
+            })
+            .collect();
+        for w in workers {
+            let outcome = w.join().expect("worker thread");
+            assert_eq!(outcome, Ok(()));
+        }
+        assert!(!root.join("_ocigc").exists(), "empty parents are pruned");
     }
 }
