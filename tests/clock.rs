@@ -4,18 +4,17 @@
 
 mod common;
 
+use common::wrap::{Intercept, Wrapped};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use common::*;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use ocigc::gc::GcOptions;
-use ocigc::store::{
-    DeleteFailure, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
-};
+use ocigc::store::{ObjectMeta, Store, StoreResult};
 
 /// A store whose clock runs `ahead` (or behind) the host's.
 struct Skewed {
@@ -36,9 +35,9 @@ impl Skewed {
 }
 
 #[async_trait]
-impl Store for Skewed {
-    fn describe(&self) -> String {
-        self.inner.describe()
+impl Intercept for Skewed {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
     }
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         Box::pin(
@@ -47,17 +46,8 @@ impl Store for Skewed {
                 .map(move |page| page.map(|p| p.into_iter().map(|o| self.shift(o)).collect())),
         )
     }
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.inner.get(key).await
-    }
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         Ok(self.inner.head(key).await?.map(|o| self.shift(o)))
-    }
-    async fn put(&self, key: &str, body: Bytes, c: PutCondition) -> StoreResult<PutOutcome> {
-        self.inner.put(key, body, c).await
-    }
-    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
-        self.inner.delete_batch(keys).await
     }
 }
 
@@ -70,11 +60,11 @@ async fn skew_does_not_change_decisions(t: TestStore) {
         let img = f.image(repo, "v1").await;
         let garbage = f.image(repo, "garbage").await;
         f.layout(repo, &[(Some("v1"), &img)]).await;
-        let skewed: Arc<dyn Store> = Arc::new(Skewed {
+        let skewed: Arc<dyn Store> = Arc::new(Wrapped(Skewed {
             inner: t.store.clone(),
             ahead,
             by: Duration::from_secs(5 * 3600),
-        });
+        }));
         let opts = GcOptions {
             grace: Duration::from_secs(3600),
             repos: only(&[repo]),

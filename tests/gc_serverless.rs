@@ -42,21 +42,11 @@ fn assert_all(k: &BTreeSet<String>, repo: &str, desc: &Desc, present: bool, what
     }
 }
 
-fn deleted(report: &Report) -> BTreeSet<String> {
-    report
-        .repositories
-        .iter()
-        .flat_map(|r| r.deleted.iter().map(|d| d.key.clone()))
-        .collect()
-}
-
 const OPEN: &str = "0f0e0d0c-0b0a-4909-8807-060504030201";
 const STALE: &str = "1f0e0d0c-0b0a-4909-8807-060504030201";
 
 async fn tags_and_digests_are_roots(t: TestStore) {
-    let w = SrWriter {
-        inner: t.store.clone(),
-    };
+    let w = SrWriter::new(t.store.clone());
     let f = Fixture { store: &w };
     let amd = f.image("a", "amd64").await;
     let arm = f.image("a", "arm64").await;
@@ -78,7 +68,7 @@ async fn tags_and_digests_are_roots(t: TestStore) {
     assert_all(&k, "a", &idx, true, "multi-arch index");
     assert_all(&k, "a", &untagged, true, "untagged manifest is a root");
     assert_eq!(
-        deleted(&report),
+        all_deleted_keys(&report),
         BTreeSet::from([sr_blob("a", &garbage.digest)]),
         "{}",
         t.kind
@@ -94,9 +84,7 @@ async fn tags_and_digests_are_roots(t: TestStore) {
 }
 
 async fn untagged_manifests_only_on_request(t: TestStore) {
-    let w = SrWriter {
-        inner: t.store.clone(),
-    };
+    let w = SrWriter::new(t.store.clone());
     let f = Fixture { store: &w };
     let img = f.image("a", "v1").await;
     w.tag("a", "v1", &img).await;
@@ -118,7 +106,7 @@ async fn untagged_manifests_only_on_request(t: TestStore) {
     w.tag("a", "moving", &newer).await;
 
     let kept = srgc(&t.store, &eager(), false).await;
-    assert!(deleted(&kept).is_empty(), "{kept:#?}");
+    assert!(all_deleted_keys(&kept).is_empty(), "{kept:#?}");
 
     let report = srgc(&t.store, &eager(), true).await;
     let k = keys(t.store.as_ref()).await;
@@ -144,9 +132,7 @@ async fn untagged_manifests_only_on_request(t: TestStore) {
 }
 
 async fn mounts_nested_repositories_and_delete_repo(t: TestStore) {
-    let w = SrWriter {
-        inner: t.store.clone(),
-    };
+    let w = SrWriter::new(t.store.clone());
     let f = Fixture { store: &w };
     let mut own = Vec::new();
     for repo in NEIGHBOURS {
@@ -166,7 +152,7 @@ async fn mounts_nested_repositories_and_delete_repo(t: TestStore) {
     let link = sr_blob("team/app/tools", &base.digest);
 
     let report = srgc(&t.store, &eager(), false).await;
-    assert!(deleted(&report).is_empty(), "{report:#?}");
+    assert!(all_deleted_keys(&report).is_empty(), "{report:#?}");
     let k = keys(t.store.as_ref()).await;
     assert!(k.contains(&target) && k.contains(&link));
     assert!(sr_dangling(t.store.as_ref()).await.is_empty());
@@ -213,10 +199,10 @@ async fn mounts_nested_repositories_and_delete_repo(t: TestStore) {
         .await
         .expect("untag");
     let first = srgc(&t.store, &eager(), false).await;
-    assert!(deleted(&first).contains(&link));
+    assert!(all_deleted_keys(&first).contains(&link));
     assert!(keys(t.store.as_ref()).await.contains(&target));
     let second = srgc(&t.store, &eager(), false).await;
-    assert_eq!(deleted(&second), BTreeSet::from([target.clone()]));
+    assert_eq!(all_deleted_keys(&second), BTreeSet::from([target.clone()]));
     let k = keys(t.store.as_ref()).await;
     for (repo, img) in &own {
         if *repo != "team/app" {
@@ -227,9 +213,7 @@ async fn mounts_nested_repositories_and_delete_repo(t: TestStore) {
 }
 
 async fn temp_objects_of_uploads(t: TestStore) {
-    let w = SrWriter {
-        inner: t.store.clone(),
-    };
+    let w = SrWriter::new(t.store.clone());
     let f = Fixture { store: &w };
     let img = f.image("a", "v1").await;
     w.tag("a", "v1", &img).await;
@@ -248,12 +232,12 @@ async fn temp_objects_of_uploads(t: TestStore) {
         grace: Duration::from_secs(3600),
         ..eager()
     };
-    assert!(deleted(&srgc(&t.store, &young, false).await).is_empty());
+    assert!(all_deleted_keys(&srgc(&t.store, &young, false).await).is_empty());
     assert_eq!(keys(t.store.as_ref()).await, before, "grace");
 
     let report = srgc(&t.store, &eager(), false).await;
     assert_eq!(
-        deleted(&report),
+        all_deleted_keys(&report),
         BTreeSet::from([
             STALE.to_string(),
             format!("{STALE}-helper"),
@@ -268,16 +252,14 @@ async fn temp_objects_of_uploads(t: TestStore) {
     // The upload's state was there when the bucket was listed; the next run frees its parts.
     let next = srgc(&t.store, &eager(), false).await;
     assert_eq!(
-        deleted(&next),
+        all_deleted_keys(&next),
         BTreeSet::from([OPEN.to_string(), format!("{OPEN}-helper")])
     );
     assert!(keys(t.store.as_ref()).await.contains("not-an-upload"));
 }
 
 async fn broken_repositories_fail_closed(t: TestStore) {
-    let w = SrWriter {
-        inner: t.store.clone(),
-    };
+    let w = SrWriter::new(t.store.clone());
     let f = Fixture { store: &w };
     for repo in ["a", "b", "c"] {
         let img = f.image(repo, "v1").await;
@@ -308,9 +290,7 @@ async fn broken_repositories_fail_closed(t: TestStore) {
 }
 
 async fn dry_run_lists_exactly_what_the_real_run_deletes(t: TestStore) {
-    let w = SrWriter {
-        inner: t.store.clone(),
-    };
+    let w = SrWriter::new(t.store.clone());
     let f = Fixture { store: &w };
     for repo in ["a", "b/c"] {
         let img = f.image(repo, "v1").await;
@@ -319,35 +299,23 @@ async fn dry_run_lists_exactly_what_the_real_run_deletes(t: TestStore) {
         f.blob(repo, OCI_LAYER, b"lonely layer").await;
     }
     f.put(STALE, b"chunk").await;
-    let before = keys(t.store.as_ref()).await;
-    let dry = srgc(
-        &t.store,
-        &GcOptions {
-            dry_run: true,
-            ..eager()
-        },
-        true,
+    let store = &t.store;
+    let removed = dry_run_equals_real(
+        store.as_ref(),
+        |o| async move { srgc(store, &o, true).await },
     )
     .await;
-    assert_eq!(keys(t.store.as_ref()).await, before, "dry run");
-    let real = srgc(&t.store, &eager(), true).await;
-    let after = keys(t.store.as_ref()).await;
-    let removed: BTreeSet<String> = before.difference(&after).cloned().collect();
-    assert_eq!(deleted(&dry), deleted(&real));
-    assert_eq!(deleted(&real), removed);
     // Per repository: the untagged manifest, its config and layer, the lonely layer; and
     // the stale temp object.
     assert_eq!(removed.len(), 2 * 4 + 1, "{removed:#?}");
     assert!(sr_dangling(t.store.as_ref()).await.is_empty());
-    assert!(deleted(&srgc(&t.store, &eager(), true).await).is_empty());
+    assert!(all_deleted_keys(&srgc(&t.store, &eager(), true).await).is_empty());
 }
 
 /// A pusher writes an image's manifest and tag after the plan, just before the first delete
 /// batch: the re-check (a LIST of `manifests/`) must see it and keep every blob of the image.
 async fn recheck_keeps_an_image_pushed_during_the_run(t: TestStore) {
-    let w = SrWriter {
-        inner: t.store.clone(),
-    };
+    let w = SrWriter::new(t.store.clone());
     let f = Fixture { store: &w };
     let img = f.image("a", "v1").await;
     w.tag("a", "v1", &img).await;

@@ -3,21 +3,19 @@
 
 mod common;
 
+use common::wrap::{Intercept, Wrapped};
+
 use std::net::TcpListener;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use common::*;
-use futures::stream::BoxStream;
 use ocigc::gc::GcOptions;
 use ocigc::metrics::Metrics;
 use ocigc::report::RepoStatus;
-use ocigc::store::{
-    DeleteFailure, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
-};
+use ocigc::store::{Object, Store, StoreResult};
 
 /// Reads of keys under `prefix` never answer.
 struct Stall {
@@ -26,27 +24,15 @@ struct Stall {
 }
 
 #[async_trait]
-impl Store for Stall {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
-        self.inner.list(prefix)
+impl Intercept for Stall {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
     }
     async fn get(&self, key: &str) -> StoreResult<Object> {
         if key.starts_with(self.prefix) && !key.ends_with("index.json") {
             futures::future::pending::<()>().await;
         }
         self.inner.get(key).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.inner.head(key).await
-    }
-    async fn put(&self, key: &str, body: Bytes, c: PutCondition) -> StoreResult<PutOutcome> {
-        self.inner.put(key, body, c).await
-    }
-    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
-        self.inner.delete_batch(keys).await
     }
 }
 
@@ -71,10 +57,10 @@ fn metric(text: &str, series: &str) -> f64 {
 
 async fn repo_timeout_abandons_only_the_stalled_repository(t: TestStore) {
     let garbage = populate(&t, &["fast", "slow"]).await;
-    let stalled: Arc<dyn Store> = Arc::new(Stall {
+    let stalled: Arc<dyn Store> = Arc::new(Wrapped(Stall {
         inner: t.store.clone(),
         prefix: "slow/",
-    });
+    }));
     let metrics = Arc::new(Metrics::new());
     let opts = GcOptions {
         repo_timeout: Some(Duration::from_millis(500)),
@@ -108,10 +94,10 @@ async fn repo_timeout_abandons_only_the_stalled_repository(t: TestStore) {
 
 async fn run_timeout_stops_new_work(t: TestStore) {
     let garbage = populate(&t, &["a-slow", "b", "c"]).await;
-    let stalled: Arc<dyn Store> = Arc::new(Stall {
+    let stalled: Arc<dyn Store> = Arc::new(Wrapped(Stall {
         inner: t.store.clone(),
         prefix: "a-slow/",
-    });
+    }));
     let metrics = Arc::new(Metrics::new());
     // One repository at a time, in name order: the stalled one holds the run until its end.
     let opts = GcOptions {
@@ -138,10 +124,10 @@ async fn run_timeout_stops_new_work(t: TestStore) {
 
 async fn request_timeout_fails_the_repository_closed(t: TestStore) {
     let garbage = populate(&t, &["fast", "slow"]).await;
-    let stalled: Arc<dyn Store> = Arc::new(Stall {
+    let stalled: Arc<dyn Store> = Arc::new(Wrapped(Stall {
         inner: t.store.clone(),
         prefix: "slow/",
-    });
+    }));
     let metrics = Arc::new(Metrics::new());
     let opts = GcOptions {
         request_timeout: Duration::from_millis(300),

@@ -10,12 +10,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
-use ocigc::store::{
-    DeleteFailure, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
-};
+use ocigc::store::{PutCondition, PutOutcome, Store, StoreResult};
 use serde_json::Value;
 
+use super::wrap::{Intercept, Wrapped};
 use super::{keys, Desc};
 
 pub const V2: &str = "docker/registry/v2";
@@ -42,6 +40,11 @@ pub struct DistWriter {
 }
 
 impl DistWriter {
+    /// The writer, usable as a store.
+    pub fn new(inner: Arc<dyn Store>) -> Wrapped<DistWriter> {
+        Wrapped(DistWriter { inner })
+    }
+
     async fn write(&self, key: &str, data: &[u8]) {
         self.inner
             .put(key, Bytes::copy_from_slice(data), PutCondition::None)
@@ -73,18 +76,9 @@ impl DistWriter {
 }
 
 #[async_trait]
-impl Store for DistWriter {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
-        self.inner.list(prefix)
-    }
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.inner.get(key).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.inner.head(key).await
+impl Intercept for DistWriter {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
     }
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> StoreResult<PutOutcome> {
         let blob = key
@@ -102,9 +96,6 @@ impl Store for DistWriter {
             )
             .await?;
         self.inner.put(&data_key(&digest), body, cond).await
-    }
-    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
-        self.inner.delete_batch(keys).await
     }
 }
 

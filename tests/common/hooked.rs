@@ -4,12 +4,11 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use ocigc::store::{
-    DeleteFailure, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
-};
+use ocigc::store::{DeleteFailure, ObjectMeta, Store, StoreResult};
+
+use super::wrap::{Intercept, Wrapped};
 
 /// When the action runs (once).
 #[derive(Clone, Copy, Debug)]
@@ -32,13 +31,17 @@ pub struct Hooked {
 }
 
 impl Hooked {
-    pub fn new(inner: Arc<dyn Store>, when: When, action: BoxFuture<'static, ()>) -> Hooked {
-        Hooked {
+    pub fn new(
+        inner: Arc<dyn Store>,
+        when: When,
+        action: BoxFuture<'static, ()>,
+    ) -> Wrapped<Hooked> {
+        Wrapped(Hooked {
             inner,
             when,
             lists: Default::default(),
             action: Mutex::new(Some(action)),
-        }
+        })
     }
 
     async fn fire(&self) {
@@ -54,9 +57,9 @@ impl Hooked {
 }
 
 #[async_trait]
-impl Store for Hooked {
-    fn describe(&self) -> String {
-        self.inner.describe()
+impl Intercept for Hooked {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
     }
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         let (p, n) = match self.when {
@@ -74,9 +77,6 @@ impl Store for Hooked {
         }
         self.inner.list(prefix)
     }
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.inner.get(key).await
-    }
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         if let When::BeforeHead(suffix) = self.when {
             if key.ends_with(suffix) {
@@ -84,9 +84,6 @@ impl Store for Hooked {
             }
         }
         self.inner.head(key).await
-    }
-    async fn put(&self, key: &str, body: Bytes, c: PutCondition) -> StoreResult<PutOutcome> {
-        self.inner.put(key, body, c).await
     }
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         let out = self.inner.delete_batch(keys).await;

@@ -5,6 +5,7 @@
 pub mod dist;
 pub mod hooked;
 pub mod serverless;
+pub mod wrap;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -329,6 +330,43 @@ pub fn assert_gone(keys: &BTreeSet<String>, repo: &str, desc: &Desc, what: &str)
             "{what}: blob {d} of {repo} should have been deleted"
         );
     }
+}
+
+/// Deleted keys of every repository in a report.
+pub fn all_deleted_keys(report: &Report) -> BTreeSet<String> {
+    report
+        .repositories
+        .iter()
+        .flat_map(|r| r.deleted.iter().map(|d| d.key.clone()))
+        .collect()
+}
+
+/// Runs `gc` as a dry run and then for real (both eager) and asserts that the dry run left the
+/// bucket alone, both runs planned the same keys, and those are exactly the keys that left the
+/// bucket. Returns them.
+pub async fn dry_run_equals_real<F, Fut>(store: &dyn Store, gc: F) -> BTreeSet<String>
+where
+    F: Fn(GcOptions) -> Fut,
+    Fut: std::future::Future<Output = Report>,
+{
+    let before = keys(store).await;
+    let dry = gc(GcOptions {
+        dry_run: true,
+        ..eager()
+    })
+    .await;
+    assert!(dry.dry_run);
+    assert_eq!(keys(store).await, before, "dry run changed the bucket");
+    let real = gc(eager()).await;
+    let removed: BTreeSet<String> = before.difference(&keys(store).await).cloned().collect();
+    let planned = all_deleted_keys(&dry);
+    assert_eq!(
+        planned,
+        all_deleted_keys(&real),
+        "dry run differs from real run"
+    );
+    assert_eq!(planned, removed, "report differs from the bucket");
+    removed
 }
 
 /// Deleted keys of one repository in a report.

@@ -10,12 +10,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
-use ocigc::store::{
-    DeleteFailure, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
-};
+use ocigc::store::{PutCondition, PutOutcome, Store, StoreResult};
 use serde_json::Value;
 
+use super::wrap::{Intercept, Wrapped};
 use super::{keys, Desc};
 
 pub fn sr_blob(repo: &str, digest: &str) -> String {
@@ -31,6 +29,11 @@ pub struct SrWriter {
 }
 
 impl SrWriter {
+    /// The writer, usable as a store.
+    pub fn new(inner: Arc<dyn Store>) -> Wrapped<SrWriter> {
+        Wrapped(SrWriter { inner })
+    }
+
     async fn write(&self, key: &str, data: Bytes) {
         self.inner
             .put(key, data, PutCondition::None)
@@ -69,18 +72,9 @@ impl SrWriter {
 }
 
 #[async_trait]
-impl Store for SrWriter {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
-        self.inner.list(prefix)
-    }
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.inner.get(key).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.inner.head(key).await
+impl Intercept for SrWriter {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
     }
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> StoreResult<PutOutcome> {
         let blob = key
@@ -98,9 +92,6 @@ impl Store for SrWriter {
             sr_blob(repo, &digest)
         };
         self.inner.put(&target, body, cond).await
-    }
-    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
-        self.inner.delete_batch(keys).await
     }
 }
 
