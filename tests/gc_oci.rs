@@ -2,11 +2,13 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
 use ocigc::gc::plan::Reason;
-use ocigc::report::RepoStatus;
+use ocigc::gc::GcOptions;
+use ocigc::report::{RepoStatus, Report};
 use serde_json::json;
 
 async fn multi_arch_index_children_survive(t: TestStore) {
@@ -496,6 +498,64 @@ async fn request_counts_are_close_to_the_minimum(t: TestStore) {
     assert_eq!((r.put, r.head), (1 + 2, 1 + 1), "{r:?}");
 }
 
+/// The referrer scan reads each small garbage blob once: its pending entry remembers that it
+/// is content-addressed and no referrer. A blob whose content does not (yet) hash to its digest
+/// is read again on every run, so a referrer whose upload completes later is still found and
+/// kept.
+async fn pending_state_spares_rereading_garbage(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let img = f.image("app", "v1").await;
+    f.layout("app", &[(Some("v1"), &img)]).await;
+    let garbage = f.image("app", "garbage").await;
+    let lonely = f.blob("app", OCI_LAYER, b"lonely layer").await;
+    let sig = f.referrer("app", &img, "late signature").await;
+    let sig_key = blob_key("app", &sig.digest);
+    let sig_body = t.store.get(&sig_key).await.expect("signature").body;
+    f.put(&sig_key, b"upload in progress").await;
+
+    let wait = GcOptions {
+        delay: Duration::from_secs(3600),
+        ..eager()
+    };
+    let first = gc(&t.store, &wait).await;
+    let second = gc(&t.store, &wait).await;
+    let fetched = |r: &Report| repo_report(r, "app").manifests_fetched;
+    // Read once and remembered: every garbage blob but the unfinished signature (its content
+    // does not match its digest).
+    let remembered: BTreeSet<&String> = garbage
+        .subtree
+        .iter()
+        .chain(&lonely.subtree)
+        .chain(&sig.subtree)
+        .filter(|d| **d != sig.digest && !img.subtree.contains(d))
+        .collect();
+    assert_eq!(
+        fetched(&first) - fetched(&second),
+        remembered.len() as u64,
+        "first {}, second {}",
+        fetched(&first),
+        fetched(&second)
+    );
+    assert!(all_deleted_keys(&second).is_empty());
+
+    // The upload completes; the next run is past the delay.
+    f.put(&sig_key, &sig_body).await;
+    let later = GcOptions {
+        clock_offset: Duration::from_secs(7200),
+        ..wait
+    };
+    let third = gc(&t.store, &later).await;
+    let k = keys(t.store.as_ref()).await;
+    assert_intact(&k, "app", &img, "tagged image");
+    assert_intact(&k, "app", &sig, "referrer completed after the first run");
+    assert_gone(&k, "app", &garbage, "garbage image");
+    assert_gone(&k, "app", &lonely, "lonely layer");
+    assert_eq!(repo_report(&third, "app").status, RepoStatus::Ok);
+    assert!(dangling(t.store.as_ref()).await.is_empty());
+}
+
 both_stores!(
     multi_arch_index_children_survive,
     nested_index,
@@ -512,4 +572,5 @@ both_stores!(
     invalid_repository_names_are_left_alone,
     dry_run_lists_exactly_what_the_real_run_deletes,
     request_counts_are_close_to_the_minimum,
+    pending_state_spares_rereading_garbage,
 );

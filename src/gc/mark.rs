@@ -36,11 +36,13 @@ pub struct MarkContext<'a> {
     pub concurrency: usize,
 }
 
+/// `addressed` says the content hashed to its digest (checked on scan reads only): such a
+/// blob can never change, and neither can what the scan learnt from it.
 enum Read {
     /// Parsed references.
-    Doc(References),
+    Doc { refs: References, addressed: bool },
     /// Read, but not a document with references.
-    Opaque,
+    Opaque { addressed: bool },
     /// Not in the bucket.
     Missing,
 }
@@ -53,6 +55,9 @@ pub struct Marker<'a> {
     /// Referrers found among unreferenced blobs, by subject.
     referrers: HashMap<Digest, Vec<Descriptor>>,
     scanned: bool,
+    /// Blobs known not to be referrers (content-addressed, and opaque or without `subject`):
+    /// the scan skips them, and adds the ones it reads and finds so.
+    not_referrers: HashSet<Digest>,
     /// Everything found reachable by any [`Marker::mark`] call of this run (never shrinks).
     pub reachable: HashSet<Digest>,
     /// Documents read.
@@ -77,6 +82,7 @@ impl<'a> Marker<'a> {
             scanned: !ctx.layout.scans_for_referrers(ctx.repo),
             ctx,
             docs: HashMap::new(),
+            not_referrers: HashSet::new(),
             referrers,
             reachable: HashSet::new(),
             manifests_fetched: 0,
@@ -90,6 +96,16 @@ impl<'a> Marker<'a> {
         for (digest, refs) in documents {
             self.docs.entry(digest).or_insert(Some(refs));
         }
+    }
+
+    /// Blobs an earlier run's scan found not to be referrers: this run's scan skips them.
+    pub fn assume_not_referrers(&mut self, digests: impl IntoIterator<Item = Digest>) {
+        self.not_referrers.extend(digests);
+    }
+
+    /// Whether `digest` is known not to be a referrer (content-addressed, so for good).
+    pub fn is_not_a_referrer(&self, digest: &Digest) -> bool {
+        self.not_referrers.contains(digest)
     }
 
     /// Adds everything reachable from `roots` to [`Marker::reachable`].
@@ -178,9 +194,9 @@ impl<'a> Marker<'a> {
                         .insert(format!("blob {} is referenced but missing", d.digest));
                 }
             }
-            for (digest, must_parse, read) in self.read_all(wanted).await {
+            for (digest, must_parse, read) in self.read_all(wanted, false).await {
                 match read? {
-                    Read::Doc(refs) => {
+                    Read::Doc { refs, .. } => {
                         next.extend(refs.children.iter().cloned());
                         if must_parse {
                             for u in &refs.unsupported {
@@ -190,7 +206,7 @@ impl<'a> Marker<'a> {
                         }
                         self.docs.insert(digest, Some(refs));
                     }
-                    Read::Opaque => {
+                    Read::Opaque { .. } => {
                         self.docs.insert(digest, None);
                     }
                     Read::Missing if must_parse && !allow_missing => {
@@ -220,13 +236,17 @@ impl<'a> Marker<'a> {
                 o.size <= MAX_MANIFEST_SIZE
                     && !seen.contains(*d)
                     && !self.docs.contains_key(*d)
+                    && !self.not_referrers.contains(*d)
                     && self.ctx.layout.may_hold_manifest(self.ctx.repo, &o.key)
             })
             .map(|(d, _)| ((*d).clone(), false))
             .collect();
-        for (digest, _, read) in self.read_all(candidates).await {
+        for (digest, _, read) in self.read_all(candidates, true).await {
             match read? {
-                Read::Doc(refs) => {
+                Read::Doc { refs, addressed } => {
+                    if addressed && refs.subject.is_none() {
+                        self.not_referrers.insert(digest.clone());
+                    }
                     if let Some(subject) = &refs.subject {
                         self.referrers
                             .entry(subject.digest.clone())
@@ -239,8 +259,14 @@ impl<'a> Marker<'a> {
                     }
                     self.docs.insert(digest, Some(refs));
                 }
-                // Gone since the listing (another collector), or not a document.
-                Read::Opaque | Read::Missing => {
+                Read::Opaque { addressed } => {
+                    if addressed {
+                        self.not_referrers.insert(digest.clone());
+                    }
+                    self.docs.insert(digest, None);
+                }
+                // Gone since the listing (another collector): nothing learnt about its content.
+                Read::Missing => {
                     self.docs.insert(digest, None);
                 }
             }
@@ -248,7 +274,12 @@ impl<'a> Marker<'a> {
         Ok(())
     }
 
-    async fn read(&self, digest: &Digest, must_parse: bool) -> Result<Read, FailClosed> {
+    async fn read(
+        &self,
+        digest: &Digest,
+        must_parse: bool,
+        scan: bool,
+    ) -> Result<Read, FailClosed> {
         let listed = self.ctx.blobs.get(digest).copied();
         let key = self.ctx.layout.content_key(self.ctx.repo, digest, listed);
         let body = match self.ctx.store.get(&key).await {
@@ -258,24 +289,28 @@ impl<'a> Marker<'a> {
             Err(e) => return Err(FailClosed(format!("cannot read {key}: {e}"))),
         };
         if body.len() as u64 > MAX_MANIFEST_SIZE && !must_parse {
-            return Ok(Read::Opaque);
+            return Ok(Read::Opaque { addressed: false });
         }
+        // Only what the scan learns is remembered across runs; anything at a digest key that
+        // does not hash to it (a mount link, an upload in progress) may still change.
+        let addressed = scan && Digest::sha256_of(&body) == *digest;
         match manifest::references(&body) {
-            Ok(refs) => Ok(Read::Doc(refs)),
+            Ok(refs) => Ok(Read::Doc { refs, addressed }),
             Err(e) if must_parse => Err(FailClosed(format!("manifest {digest} ({key}): {e}"))),
-            Err(_) => Ok(Read::Opaque),
+            Err(_) => Ok(Read::Opaque { addressed }),
         }
     }
 
     async fn read_all(
         &mut self,
         wanted: Vec<(Digest, bool)>,
+        scan: bool,
     ) -> Vec<(Digest, bool, Result<Read, FailClosed>)> {
         self.manifests_fetched += wanted.len() as u64;
         let this = &*self;
         stream::iter(wanted)
             .map(|(d, must)| async move {
-                let r = this.read(&d, must).await;
+                let r = this.read(&d, must, scan).await;
                 (d, must, r)
             })
             .buffer_unordered(this.ctx.concurrency.max(1))

@@ -15,7 +15,7 @@ pub mod sweep;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
@@ -723,15 +723,6 @@ impl RepoRun<'_> {
                 .retain(|_| sources.next().is_some_and(|k| !dropped_roots.contains(k)));
         }
         let read = intent::read_intents(self.store, intents, self.clock.now()).await?;
-        marker.prime(roots.documents);
-        let mut descriptors = roots.descriptors;
-        descriptors.extend(read.roots);
-        descriptors.extend(linked.iter().map(|d| Descriptor {
-            media_type: Some(LINKED_BLOB.into()),
-            digest: d.clone(),
-            size: None,
-        }));
-        marker.mark(&descriptors).await.map_err(|e| e.0)?;
         let mut warnings = Vec::new();
         let pending = if has_pending {
             state::read_pending(self.store, &repo.name, &mut warnings)
@@ -741,6 +732,16 @@ impl RepoRun<'_> {
             Pending::default()
         };
         marker.warnings.extend(warnings);
+        marker.assume_not_referrers(pending.not_referrers.iter().cloned());
+        marker.prime(roots.documents);
+        let mut descriptors = roots.descriptors;
+        descriptors.extend(read.roots);
+        descriptors.extend(linked.iter().map(|d| Descriptor {
+            media_type: Some(LINKED_BLOB.into()),
+            digest: d.clone(),
+            size: None,
+        }));
+        marker.mark(&descriptors).await.map_err(|e| e.0)?;
         let plan = plan(
             self.layout,
             repo,
@@ -916,7 +917,7 @@ impl RepoRun<'_> {
     ) {
         let deleted: HashSet<&str> = report.deleted.iter().map(|d| d.key.as_str()).collect();
         let now = self.clock.now();
-        let candidates: Vec<(Digest, SystemTime, u64)> = obs
+        let candidates: Vec<state::Candidate> = obs
             .plan
             .items
             .iter()
@@ -931,8 +932,13 @@ impl RepoRun<'_> {
                 if marker.reachable.contains(&d) {
                     return None;
                 }
-                let first = obs.pending.first_seen.get(&d).copied().unwrap_or(now);
-                Some((d, first, i.size))
+                let first_seen = obs.pending.first_seen.get(&d).copied().unwrap_or(now);
+                Some(state::Candidate {
+                    not_a_referrer: marker.is_not_a_referrer(&d),
+                    digest: d,
+                    first_seen,
+                    size: i.size,
+                })
             })
             .collect();
         match state::write_pending(

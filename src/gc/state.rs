@@ -5,7 +5,7 @@
 //! rewrites the file with exactly the candidates it saw, keeping their first-seen times, so a
 //! blob that was referenced at any persisted observation starts over.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -19,6 +19,10 @@ use crate::store::{PutCondition, PutOutcome, Store, StoreError};
 /// Where pending state lives.
 pub const PENDING_PREFIX: &str = "_ocigc/pending/";
 
+/// Version of the referrer scan's "not a referrer" verdict; flags written under another
+/// version are ignored, so a scan that learns to parse more kinds reads every blob again.
+pub const SCAN_VERSION: u32 = 1;
+
 /// The key of a repository's pending state.
 pub fn pending_key(repo: &str) -> String {
     format!("{PENDING_PREFIX}{repo}.json")
@@ -31,6 +35,10 @@ pub struct PendingEntry {
     pub first_seen: String,
     /// Its size when last seen.
     pub size: u64,
+    /// The referrer scan read it, its content hashes to its digest, and it is no manifest with a
+    /// `subject`: content-addressed, so that never changes and later scans need not read it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_a_referrer: bool,
 }
 
 /// The file's content.
@@ -44,6 +52,9 @@ pub struct PendingFile {
     pub run_id: String,
     /// When it was written (bucket clock).
     pub observed_at: String,
+    /// The [`SCAN_VERSION`] its `not_a_referrer` flags were written under (0: none).
+    #[serde(default)]
+    pub scan_version: u32,
     /// Candidates by digest.
     pub candidates: BTreeMap<String, PendingEntry>,
 }
@@ -53,6 +64,8 @@ pub struct PendingFile {
 pub struct Pending {
     /// First-seen time by digest.
     pub first_seen: HashMap<Digest, SystemTime>,
+    /// Candidates the referrer scan need not read again (see [`PendingEntry::not_a_referrer`]).
+    pub not_referrers: HashSet<Digest>,
     /// ETag of the stored file; `None` when there is none.
     pub etag: Option<String>,
 }
@@ -71,15 +84,19 @@ pub async fn read_pending(
         Err(e) => return Err(e),
     };
     let mut pending = Pending {
-        first_seen: HashMap::new(),
         etag: object.etag,
+        ..Pending::default()
     };
     match serde_json::from_slice::<PendingFile>(&object.body) {
         Ok(file) => {
+            let flags_valid = file.scan_version == SCAN_VERSION;
             for (digest, entry) in file.candidates {
                 let parsed =
                     Digest::parse(&digest).zip(humantime::parse_rfc3339(&entry.first_seen).ok());
                 if let Some((d, t)) = parsed {
+                    if flags_valid && entry.not_a_referrer {
+                        pending.not_referrers.insert(d.clone());
+                    }
                     pending.first_seen.insert(d, t);
                 }
             }
@@ -87,6 +104,19 @@ pub async fn read_pending(
         Err(e) => warnings.push(format!("{key} is unreadable, starting over: {e}")),
     }
     Ok(pending)
+}
+
+/// One candidate to persist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// The blob.
+    pub digest: Digest,
+    /// When it was first seen as a candidate.
+    pub first_seen: SystemTime,
+    /// Its size.
+    pub size: u64,
+    /// See [`PendingEntry::not_a_referrer`].
+    pub not_a_referrer: bool,
 }
 
 /// Replaces a repository's pending state with `candidates` (deletes the file when empty).
@@ -98,7 +128,7 @@ pub async fn write_pending(
     run_id: &str,
     now: SystemTime,
     previous: &Pending,
-    candidates: &[(Digest, SystemTime, u64)],
+    candidates: &[Candidate],
 ) -> Result<bool, StoreError> {
     let key = pending_key(repo);
     debug_assert!(key.starts_with(STATE_PREFIX));
@@ -114,14 +144,16 @@ pub async fn write_pending(
         repository: repo.to_string(),
         run_id: run_id.to_string(),
         observed_at: timestamp(now),
+        scan_version: SCAN_VERSION,
         candidates: candidates
             .iter()
-            .map(|(d, t, size)| {
+            .map(|c| {
                 (
-                    d.to_string(),
+                    c.digest.to_string(),
                     PendingEntry {
-                        first_seen: timestamp(*t),
-                        size: *size,
+                        first_seen: timestamp(c.first_seen),
+                        size: c.size,
+                        not_a_referrer: c.not_a_referrer,
                     },
                 )
             })
@@ -140,4 +172,64 @@ pub async fn write_pending(
         store.put(&key, Bytes::from(body), condition).await?,
         PutOutcome::Written { .. }
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DirStore;
+
+    fn digest(n: u8) -> Digest {
+        Digest::sha256_of(&[n])
+    }
+
+    #[tokio::test]
+    async fn not_a_referrer_flags_round_trip_under_the_current_scan_version_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("store");
+        let now = SystemTime::now();
+        let candidates = [
+            Candidate {
+                digest: digest(1),
+                first_seen: now,
+                size: 1,
+                not_a_referrer: true,
+            },
+            Candidate {
+                digest: digest(2),
+                first_seen: now,
+                size: 1,
+                not_a_referrer: false,
+            },
+        ];
+        let empty = Pending::default();
+        assert!(
+            write_pending(&store, "app", "run", now, &empty, &candidates)
+                .await
+                .expect("write")
+        );
+        let mut warnings = Vec::new();
+        let read = read_pending(&store, "app", &mut warnings)
+            .await
+            .expect("read");
+        assert_eq!(read.first_seen.len(), 2);
+        assert_eq!(read.not_referrers, HashSet::from([digest(1)]));
+        assert!(warnings.is_empty(), "{warnings:?}");
+
+        // Written by a scan of another version: the verdicts are not trusted.
+        let key = pending_key("app");
+        let mut file: PendingFile =
+            serde_json::from_slice(&store.get(&key).await.expect("get").body).expect("json");
+        file.scan_version = SCAN_VERSION + 1;
+        let body = serde_json::to_vec(&file).expect("json");
+        store
+            .put(&key, Bytes::from(body), PutCondition::None)
+            .await
+            .expect("put");
+        let read = read_pending(&store, "app", &mut warnings)
+            .await
+            .expect("read");
+        assert_eq!(read.first_seen.len(), 2);
+        assert!(read.not_referrers.is_empty());
+    }
 }
