@@ -14,6 +14,8 @@ garbage images), and knows exactly which keys are garbage. Then, on the same mot
   moto's request log, for both tools), and the two deletion sets compared; then the same with
   untagged manifests (`-m` vs `--delete-untagged`), where the classic GC's known over-deletion
   of index children is counted and reported;
+- oci only: the GETs of two observations of the same bucket (`--delay 1h`, directory store),
+  where the second run's referrer scan skips what the pending state knows is no referrer;
 - peak RSS of ocigc per million blobs, on the directory store.
 
 moto spends ~5 ms of CPU per request and scans the whole bucket on every LIST, so absolute
@@ -351,9 +353,9 @@ def total(c):
     return sum(c.values())
 
 
-def run_ocigc(bin_dir, bucket_args, env, layout, *extra, rss_file=None):
+def run_ocigc(bin_dir, bucket_args, env, layout, *extra, rss_file=None, delay="0s"):
     cmd = [os.path.join(bin_dir, "ocigc"), "gc", *bucket_args, "--layout", layout, "--grace", "0s",
-           "--delay", "0s", "--concurrency", "16", "--report", "-", *extra]
+           "--delay", delay, "--concurrency", "16", "--report", "-", *extra]
     if rss_file:
         # GNU time's %M: the peak resident set of this one process, in KiB.
         cmd = ["/usr/bin/time", "-f", "%M", "-o", rss_file] + cmd
@@ -482,15 +484,7 @@ def measure_rss(args, work, keys_target):
     repos = max(1, keys_target // (per_image * 100))
     reg = Registry(repos=repos, tags=90, layers=4, shared=0, garbage=0.1, extras=False)
     root = os.path.join(work, "rss-bucket")
-
-    def put(objects):
-        for k, v in objects.items():
-            p = os.path.join(root, k)
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(p, "wb") as f:
-                f.write(v)
-
-    keys, garbage, _, _ = generate(reg, "oci", put)
+    keys, garbage, _, _ = generate(reg, "oci", write_dir(root))
     blobs = sum(1 for k in keys if "/blobs/" in k)
     rss_file = os.path.join(work, "rss.txt")
     report, seconds = run_ocigc(args.bin, ["--bucket", root], child_env(), "oci", "--dry-run",
@@ -503,7 +497,37 @@ def measure_rss(args, work, keys_target):
             "per_million": peak_kib / 1024 / (blobs / 1e6), "seconds": seconds}
 
 
-def table(rows, classic_rows, rss, cmdline):
+def write_dir(root):
+    def put(objects):
+        for k, v in objects.items():
+            p = os.path.join(root, k)
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "wb") as f:
+                f.write(v)
+    return put
+
+
+def measure_observations(args, work):
+    """GETs of two observations of the same oci bucket (--delay 1h, directory store): the second
+    run's referrer scan skips the garbage the pending state says is no referrer."""
+    root = os.path.join(work, "observations-bucket")
+    reg = Registry(repos=max(2, args.objects // 105), tags=10, layers=5, shared=2, garbage=0.25,
+                   extras=True)
+    keys, garbage, _, _ = generate(reg, "oci", write_dir(root))
+    runs = [run_ocigc(args.bin, ["--bucket", root], child_env(), "oci", delay="1h")[0]
+            for _ in range(2)]
+    shutil.rmtree(root, ignore_errors=True)
+    first, second = (r["requests"]["get"] for r in runs)
+    pending = [sum(x["pending"]["blobs"] for x in r["repositories"]) for r in runs]
+    check(all(not deleted_keys(r) for r in runs), "observations: nothing deleted before the delay")
+    check(pending == [len(garbage)] * 2, "observations: every garbage blob pending, twice",
+          f"{pending} vs {len(garbage)}")
+    check(second < first, "observations: the second run reads less", f"{first} vs {second}")
+    return {"keys": len(keys), "garbage": len(garbage), "first_gets": first, "second_gets": second,
+            "repos": len(reg.repos)}
+
+
+def table(rows, classic_rows, rss, cmdline, obs=None):
     out = [f"Command: `{cmdline}`", ""]
     out += ["### Requests and time vs the minimum and the raw floor (moto)", "",
             "| layout | objects | manifests | deleted | ocigc requests | minimum | ocigc / minimum "
@@ -529,6 +553,12 @@ def table(rows, classic_rows, rss, cmdline):
             f"{c['mode']}: ocigc " + ", ".join(f"{k} {v}" for k, v in c["ocigc_detail"].items())
             + " — classic " + ", ".join(f"{k} {v}" for k, v in c["classic_detail"].items())
             for c in classic_rows), ""]
+    if obs:
+        out += ["### A later observation (directory store, oci layout, `--delay 1h`, two runs)", "",
+                "| keys | repositories | garbage blobs | GETs, first run | GETs, second run | second / first |",
+                "|---:|---:|---:|---:|---:|---:|",
+                f"| {obs['keys']} | {obs['repos']} | {obs['garbage']} | {obs['first_gets']} | {obs['second_gets']} "
+                f"| {obs['second_gets'] / obs['first_gets']:.2f} |", ""]
     if rss:
         out += ["### Peak RSS (directory store, oci layout, dry run)", "",
                 "| keys | blobs | peak RSS | per 1M blobs | time |", "|---:|---:|---:|---:|---:|",
@@ -567,12 +597,15 @@ def main():
     finally:
         moto.stop()
     try:
+        obs = measure_observations(args, work) if "oci" in args.layouts.split(",") else None
+        if obs:
+            print("-- observations:", json.dumps(obs), flush=True)
         rss = measure_rss(args, work, args.rss_keys) if args.rss_keys else None
         if rss:
             print("-- rss:", json.dumps(rss), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = table(rows, classic_rows, rss, "python3 bench/bench.py " + " ".join(sys.argv[1:]))
+    text = table(rows, classic_rows, rss, "python3 bench/bench.py " + " ".join(sys.argv[1:]), obs)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
