@@ -3,7 +3,8 @@
 //! Breadth-first over descriptors, reading each document once with bounded concurrency. The
 //! first time, one pass over the small unreferenced blobs finds referrers that no index lists (a
 //! manifest whose `subject` is reachable is reachable too, and so are its own referrers), and
-//! marking continues from them until nothing changes.
+//! marking continues from them until nothing changes. Blobs that scan found content-addressed
+//! and without `subject` are remembered in the pending state, so a later run skips them.
 //!
 //! A [`Marker`] keeps what it has read, so the re-check before each delete batch and the verify
 //! pass after the sweep only fetch documents that are new since the first mark.
