@@ -244,6 +244,21 @@ pub(crate) fn new_report(
     }
 }
 
+/// Runs one of the whole-bucket reads that precede any repository's work, failing the run
+/// with [`GcError::ListTimeout`] if it outlasts the run's deadline.
+async fn before_run_deadline<T>(
+    deadline: Option<tokio::time::Instant>,
+    opts: &GcOptions,
+    read: impl std::future::Future<Output = T>,
+) -> Result<T, GcError> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, read)
+            .await
+            .map_err(|_| GcError::ListTimeout(opts.run_timeout.unwrap_or_default())),
+        None => Ok(read.await),
+    }
+}
+
 pub(crate) async fn probe_clock(
     store: &Instrumented,
     run_id: &str,
@@ -298,17 +313,12 @@ async fn collect_all(
     report.started_at = timestamp(clock.now());
     tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
 
-    let listing = list_all(&store, "");
-    let listing = match run_deadline {
-        Some(d) => tokio::time::timeout_at(d, listing)
-            .await
-            .map_err(|_| GcError::ListTimeout(opts.run_timeout.unwrap_or_default()))?,
-        None => listing.await,
-    }
-    .map_err(|source| GcError::List {
-        bucket: store.describe(),
-        source,
-    })?;
+    let listing = before_run_deadline(run_deadline, opts, list_all(&store, ""))
+        .await?
+        .map_err(|source| GcError::List {
+            bucket: store.describe(),
+            source,
+        })?;
 
     // Pending state and batch announcements by key; a repository with either needs its lease
     // even when nothing is left to delete (to update or clear them).
@@ -326,16 +336,12 @@ async fn collect_all(
     let partition = layout.partition(listing.objects);
     let mut linked = if layout.links_across_repositories() {
         let links = layout.linked_blobs(&store, &partition, opts.concurrency);
-        match run_deadline {
-            Some(d) => tokio::time::timeout_at(d, links)
-                .await
-                .map_err(|_| GcError::ListTimeout(opts.run_timeout.unwrap_or_default()))?,
-            None => links.await,
-        }
-        .map_err(|source| GcError::Links {
-            bucket: store.describe(),
-            source,
-        })?
+        before_run_deadline(run_deadline, opts, links)
+            .await?
+            .map_err(|source| GcError::Links {
+                bucket: store.describe(),
+                source,
+            })?
     } else {
         HashMap::new()
     };
