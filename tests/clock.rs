@@ -14,7 +14,7 @@ use common::*;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use ocigc::gc::GcOptions;
-use ocigc::store::{ObjectMeta, Store, StoreResult};
+use ocigc::store::{Metadata, ObjectMeta, Store, StoreResult};
 
 /// A store whose clock runs `ahead` (or behind) the host's.
 struct Skewed {
@@ -46,8 +46,16 @@ impl Intercept for Skewed {
                 .map(move |page| page.map(|p| p.into_iter().map(|o| self.shift(o)).collect())),
         )
     }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        Ok(self.inner.head(key).await?.map(|o| self.shift(o)))
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
+        Ok(self
+            .inner
+            .head_with_metadata(key)
+            .await?
+            .map(|(o, m)| (self.shift(o), m)))
+    }
+    async fn server_time(&self) -> StoreResult<std::time::SystemTime> {
+        let t = self.inner.server_time().await?;
+        Ok(self.shift(ObjectMeta::new("", 0, t, None)).last_modified)
     }
 }
 

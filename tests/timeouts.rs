@@ -28,11 +28,11 @@ impl Intercept for Stall {
     fn inner(&self) -> &Arc<dyn Store> {
         &self.inner
     }
-    async fn get(&self, key: &str) -> StoreResult<Object> {
+    async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
         if key.starts_with(self.prefix) && !key.ends_with("index.json") {
             futures::future::pending::<()>().await;
         }
-        self.inner.get(key).await
+        self.inner.get_capped(key, limit).await
     }
 }
 

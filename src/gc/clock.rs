@@ -1,18 +1,17 @@
 //! The bucket clock: ages are measured on the store's time, never the host's.
 //!
-//! A run writes a probe object, reads back its `LastModified`, and from then on adds the
-//! monotonic time elapsed since that read. The host's wall clock is never consulted, so a pod
+//! A run reads the store's time from a response (the `Date` header of a HEAD that writes
+//! nothing, so a dry run works with read-only credentials) and from then on adds the monotonic
+//! time elapsed since that answer arrived. The host's wall clock is never consulted, so a pod
 //! whose clock is hours off deletes exactly what a correct one would. The estimate errs late:
-//! `LastModified` is stamped when the store received the PUT (before the HEAD returned) and
-//! S3 truncates it to whole seconds, so blobs look younger, never older, than they are.
+//! the store stamps `Date` before the answer arrives and truncates it to whole seconds, so
+//! blobs look younger, never older, than they are.
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::layout::STATE_PREFIX;
-use crate::store::{PutCondition, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The store's current time.
 #[derive(Clone, Copy, Debug)]
@@ -25,29 +24,18 @@ pub struct BucketClock {
 /// Why the store's time could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ClockError {
-    /// The probe could not be written or read.
-    #[error("probing the bucket clock")]
+    /// The store's time could not be read.
+    #[error("reading the bucket clock")]
     Store(#[from] StoreError),
-    /// The probe vanished between write and read.
-    #[error("probing the bucket clock: probe object {0} vanished")]
-    Vanished(String),
 }
 
 impl BucketClock {
-    /// Reads the store's time through a probe object under `_ocigc/clock/`, removed again.
-    pub async fn probe(store: &dyn Store, run_id: &str) -> Result<BucketClock, ClockError> {
-        let key = format!("{STATE_PREFIX}clock/{run_id}");
-        store
-            .put(&key, Bytes::from_static(b"{}"), PutCondition::None)
-            .await?;
-        let meta = store.head(&key).await?;
-        let probed = Instant::now();
-        // A probe left behind by a crash is harmless: nothing reads it, the next run ignores it.
-        let _ = store.delete_batch(std::slice::from_ref(&key)).await;
-        let meta = meta.ok_or(ClockError::Vanished(key))?;
+    /// Reads the store's time with one read request ([`Store::server_time`]).
+    pub async fn probe(store: &dyn Store) -> Result<BucketClock, ClockError> {
+        let at_probe = store.server_time().await?;
         Ok(BucketClock {
-            at_probe: meta.last_modified,
-            probed,
+            at_probe,
+            probed: Instant::now(),
             offset: Duration::ZERO,
         })
     }

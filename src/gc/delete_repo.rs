@@ -50,9 +50,7 @@ pub async fn delete_repositories(
     let store = Instrumented::new(store, opts.concurrency, opts.request_timeout)
         .with_metrics(opts.metrics.clone());
     let mut report = new_report("delete-repo", &store, layout.as_ref(), opts.dry_run);
-    let clock = probe_clock(&store, &report.run_id)
-        .await?
-        .ahead_by(opts.clock_offset);
+    let clock = probe_clock(&store).await?.ahead_by(opts.clock_offset);
     report.started_at = timestamp(clock.now());
     let leases = Leases {
         store: &store,

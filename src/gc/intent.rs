@@ -124,12 +124,7 @@ mod tests {
 
     #[test]
     fn intents_belong_to_their_own_repository() {
-        let meta = |key: &str| ObjectMeta {
-            key: key.into(),
-            size: 1,
-            last_modified: SystemTime::UNIX_EPOCH,
-            etag: None,
-        };
+        let meta = |key: &str| ObjectMeta::new(key, 1, SystemTime::UNIX_EPOCH, None);
         let grouped = by_repository(
             [
                 "_ocigc/intents/team/app/1.json",

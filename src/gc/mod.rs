@@ -259,11 +259,8 @@ async fn before_run_deadline<T>(
     }
 }
 
-pub(crate) async fn probe_clock(
-    store: &Instrumented,
-    run_id: &str,
-) -> Result<BucketClock, GcError> {
-    BucketClock::probe(store, run_id)
+pub(crate) async fn probe_clock(store: &Instrumented) -> Result<BucketClock, GcError> {
+    BucketClock::probe(store)
         .await
         .map_err(|source| GcError::Clock {
             bucket: store.describe(),
@@ -307,9 +304,7 @@ async fn collect_all(
     let mut report = new_report("gc", &store, layout.as_ref(), opts.dry_run);
     report.grace = Some(humantime::format_duration(opts.grace).to_string());
     report.delay = Some(humantime::format_duration(opts.delay).to_string());
-    let clock = probe_clock(&store, &report.run_id)
-        .await?
-        .ahead_by(opts.clock_offset);
+    let clock = probe_clock(&store).await?.ahead_by(opts.clock_offset);
     report.started_at = timestamp(clock.now());
     tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
 

@@ -245,12 +245,7 @@ pub(crate) fn listing_version<'a>(objects: impl Iterator<Item = &'a ObjectMeta>)
 /// A listed object with only a key, for the layouts' unit tests.
 #[cfg(test)]
 pub(crate) fn test_object(key: &str) -> ObjectMeta {
-    ObjectMeta {
-        key: key.into(),
-        size: 1,
-        last_modified: std::time::SystemTime::UNIX_EPOCH,
-        etag: None,
-    }
+    ObjectMeta::new(key, 1, std::time::SystemTime::UNIX_EPOCH, None)
 }
 
 /// Names accepted by `--layout`.

@@ -6,7 +6,7 @@
 //! content hashes: mtimes are too coarse to tell two quick writes apart.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read as _, Write};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -15,7 +15,8 @@ use futures::stream::BoxStream;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    DeleteFailure, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
+    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError,
+    StoreResult,
 };
 
 /// Directory (relative to the root) that holds temporary files and the lock; never listed.
@@ -165,12 +166,7 @@ fn walk(
                 Ok(t) => t,
                 Err(e) => return send(Err(io_err(Op::List, &key, e))),
             };
-            page.push(ObjectMeta {
-                key,
-                size: meta.len(),
-                last_modified,
-                etag: None,
-            });
+            page.push(ObjectMeta::new(key, meta.len(), last_modified, None));
             if page.len() == PAGE {
                 send(Ok(std::mem::replace(&mut page, Vec::with_capacity(PAGE))))?;
                 sent_any = true;
@@ -322,11 +318,22 @@ impl Store for DirStore {
         }))
     }
 
-    async fn get(&self, key: &str) -> StoreResult<Object> {
+    async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
         let path = self.path_of(key)?;
         let k = key.to_string();
         blocking(Op::Get, key, move || {
-            let body = fs::read(&path).map_err(|e| io_err(Op::Get, &k, e))?;
+            let file = File::open(&path).map_err(|e| io_err(Op::Get, &k, e))?;
+            let mut body = Vec::new();
+            io::Read::take(file, limit.saturating_add(1))
+                .read_to_end(&mut body)
+                .map_err(|e| io_err(Op::Get, &k, e))?;
+            if body.len() as u64 > limit {
+                return Err(StoreError::TooLarge {
+                    op: Op::Get,
+                    key: k,
+                    limit,
+                });
+            }
             Ok(Object {
                 etag: Some(etag_of(&body)),
                 body: Bytes::from(body),
@@ -335,7 +342,7 @@ impl Store for DirStore {
         .await
     }
 
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
         let path = self.path_of(key)?;
         let k = key.to_string();
         blocking(Op::Head, key, move || {
@@ -350,22 +357,27 @@ impl Store for DirStore {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io_err(Op::Head, &k, e)),
             };
-            Ok(Some(ObjectMeta {
-                key: k.clone(),
-                size: meta.len(),
-                last_modified: meta.modified().map_err(|e| io_err(Op::Head, &k, e))?,
-                etag: Some(etag_of(&body)),
-            }))
+            let modified = meta.modified().map_err(|e| io_err(Op::Head, &k, e))?;
+            let meta = ObjectMeta::new(k.clone(), meta.len(), modified, Some(etag_of(&body)));
+            Ok(Some((meta, Metadata::new())))
         })
         .await
     }
 
-    async fn put(
+    async fn put_with_metadata(
         &self,
         key: &str,
         body: Bytes,
         condition: PutCondition,
+        metadata: Metadata,
     ) -> StoreResult<PutOutcome> {
+        if !metadata.is_empty() {
+            return Err(StoreError::Request {
+                op: Op::Put,
+                key: key.to_string(),
+                message: "the directory store does not keep object metadata yet".into(),
+            });
+        }
         let dest = self.path_of(key)?;
         let root = self.root.clone();
         let k = key.to_string();
@@ -373,6 +385,11 @@ impl Store for DirStore {
             put_sync(&root, &k, &dest, &body, &condition)
         })
         .await
+    }
+
+    async fn server_time(&self) -> StoreResult<std::time::SystemTime> {
+        // Modification times come from this host's clock, so the bucket clock is this host's.
+        Ok(std::time::SystemTime::now())
     }
 
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {

@@ -16,7 +16,8 @@ use tokio::sync::Semaphore;
 use crate::metrics::Metrics;
 
 use super::{
-    DeleteFailure, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
+    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError,
+    StoreResult,
 };
 
 /// Requests made, by operation (a LIST page and a batch delete count as one each).
@@ -171,22 +172,34 @@ impl Store for Instrumented {
         ))
     }
 
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.call(Op::Get, key, self.inner.get(key)).await
+    async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
+        self.call(Op::Get, key, self.inner.get_capped(key, limit))
+            .await
     }
 
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.call(Op::Head, key, self.inner.head(key)).await
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
+        self.call(Op::Head, key, self.inner.head_with_metadata(key))
+            .await
     }
 
-    async fn put(
+    async fn put_with_metadata(
         &self,
         key: &str,
         body: Bytes,
         condition: PutCondition,
+        metadata: Metadata,
     ) -> StoreResult<PutOutcome> {
-        self.call(Op::Put, key, self.inner.put(key, body, condition))
-            .await
+        self.call(
+            Op::Put,
+            key,
+            self.inner.put_with_metadata(key, body, condition, metadata),
+        )
+        .await
+    }
+
+    async fn server_time(&self) -> StoreResult<std::time::SystemTime> {
+        // A read like a HEAD, and counted as one.
+        self.call(Op::Head, "", self.inner.server_time()).await
     }
 
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {

@@ -6,6 +6,7 @@ mod instrumented;
 mod s3;
 mod url;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::SystemTime;
 
@@ -21,6 +22,14 @@ pub use url::BucketUrl;
 /// Most keys a single batch delete may carry (the S3 `DeleteObjects` limit).
 pub const MAX_DELETE_BATCH: usize = 1000;
 
+/// The size cap of [`Store::get`]: larger objects are refused, never read into memory.
+/// Callers that read bigger objects of their own (state, large indexes) name their cap with
+/// [`Store::get_capped`].
+pub const DEFAULT_READ_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// User metadata of an object (`x-amz-meta-*` over S3): lower-case names without the prefix.
+pub type Metadata = BTreeMap<String, String>;
+
 /// One object as seen in a listing or a HEAD.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
@@ -32,6 +41,27 @@ pub struct ObjectMeta {
     pub last_modified: SystemTime,
     /// Entity tag, where the store gives one in this response.
     pub etag: Option<String>,
+    /// Set when the store found something at this key that it cannot serve as an object (an
+    /// unreadable directory, a name that is not UTF-8): whatever owns the key fails closed.
+    pub defect: Option<Box<str>>,
+}
+
+impl ObjectMeta {
+    /// An ordinary object.
+    pub fn new(
+        key: impl Into<String>,
+        size: u64,
+        last_modified: SystemTime,
+        etag: Option<String>,
+    ) -> ObjectMeta {
+        ObjectMeta {
+            key: key.into(),
+            size,
+            last_modified,
+            etag,
+            defect: None,
+        }
+    }
 }
 
 /// A whole object as read by GET.
@@ -129,6 +159,9 @@ pub enum StoreError {
     /// The key cannot be represented in this store.
     #[error("invalid key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
+    /// The object is larger than the caller's cap; it was not read.
+    #[error("{op} {key:?}: larger than the {limit}-byte read limit")]
+    TooLarge { op: Op, key: String, limit: u64 },
 }
 
 impl StoreError {
@@ -152,15 +185,46 @@ pub trait Store: Send + Sync {
     /// Lists every object under `prefix` in pages of at most 1000, in no particular order.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>>;
 
-    /// Reads a whole object and its ETag.
-    async fn get(&self, key: &str) -> StoreResult<Object>;
+    /// Reads a whole object and its ETag, refusing ([`StoreError::TooLarge`]) one of more
+    /// than `limit` bytes without holding more than `limit + 1` bytes of it in memory.
+    async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object>;
+
+    /// Reads a whole object of at most [`DEFAULT_READ_LIMIT`] bytes.
+    async fn get(&self, key: &str) -> StoreResult<Object> {
+        self.get_capped(key, DEFAULT_READ_LIMIT).await
+    }
+
+    /// Reads an object's listing metadata and its user metadata, `None` if it does not exist.
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>>;
 
     /// Reads an object's metadata, `None` if it does not exist.
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>>;
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        Ok(self.head_with_metadata(key).await?.map(|(meta, _)| meta))
+    }
+
+    /// Writes an object with user metadata under a precondition.
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        condition: PutCondition,
+        metadata: Metadata,
+    ) -> StoreResult<PutOutcome>;
 
     /// Writes an object under a precondition.
-    async fn put(&self, key: &str, body: Bytes, condition: PutCondition)
-        -> StoreResult<PutOutcome>;
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        condition: PutCondition,
+    ) -> StoreResult<PutOutcome> {
+        self.put_with_metadata(key, body, condition, Metadata::new())
+            .await
+    }
+
+    /// The store's current time, from a read (the `Date` of a response): the bucket clock
+    /// without writing anything.
+    async fn server_time(&self) -> StoreResult<SystemTime>;
 
     /// Deletes up to [`MAX_DELETE_BATCH`] keys in one request; missing keys count as deleted.
     /// Returns the keys that could not be deleted.

@@ -15,13 +15,15 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
+use aws_smithy_types::date_time::Format as DateFormat;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use super::{
-    DeleteFailure, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult,
+    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError,
+    StoreResult,
 };
 
 /// Behaviour defaults are pinned so an SDK upgrade cannot silently change retries or checksums.
@@ -273,12 +275,12 @@ impl Store for S3Store {
                     .iter()
                     .filter_map(|o| {
                         let key = self.relative_key(o.key()?)?;
-                        Some(ObjectMeta {
-                            key: key.to_string(),
-                            size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                            last_modified: to_system_time(o.last_modified()),
-                            etag: o.e_tag().map(str::to_string),
-                        })
+                        Some(ObjectMeta::new(
+                            key,
+                            o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                            to_system_time(o.last_modified()),
+                            o.e_tag().map(str::to_string),
+                        ))
                     })
                     .collect();
                 let token = out.next_continuation_token().map(str::to_string);
@@ -291,8 +293,8 @@ impl Store for S3Store {
         }))
     }
 
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        let out = self
+    async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
+        let mut out = self
             .client
             .get_object()
             .bucket(&self.bucket)
@@ -300,19 +302,38 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| map_err(Op::Get, key, e))?;
+        let too_large = || StoreError::TooLarge {
+            op: Op::Get,
+            key: key.to_string(),
+            limit,
+        };
+        // No Range request: stores answer 416 for a range of an empty object. The declared
+        // length refuses most oversize objects unread; the running count bounds the rest.
+        if out
+            .content_length()
+            .is_some_and(|n| u64::try_from(n).map_or(true, |n| n > limit))
+        {
+            return Err(too_large());
+        }
         let etag = out.e_tag().map(str::to_string);
-        let body = out.body.collect().await.map_err(|e| StoreError::Request {
+        let mut body = Vec::new();
+        while let Some(chunk) = out.body.try_next().await.map_err(|e| StoreError::Request {
             op: Op::Get,
             key: key.to_string(),
             message: format!("reading body: {e}"),
-        })?;
+        })? {
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
         Ok(Object {
-            body: body.into_bytes(),
+            body: Bytes::from(body),
             etag,
         })
     }
 
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
         match self
             .client
             .head_object()
@@ -321,15 +342,23 @@ impl Store for S3Store {
             .send()
             .await
         {
-            Ok(out) => Ok(Some(ObjectMeta {
-                key: key.to_string(),
-                size: out
-                    .content_length()
-                    .and_then(|s| u64::try_from(s).ok())
-                    .unwrap_or(0),
-                last_modified: to_system_time(out.last_modified()),
-                etag: out.e_tag().map(str::to_string),
-            })),
+            Ok(out) => {
+                let meta = ObjectMeta::new(
+                    key,
+                    out.content_length()
+                        .and_then(|s| u64::try_from(s).ok())
+                        .unwrap_or(0),
+                    to_system_time(out.last_modified()),
+                    out.e_tag().map(str::to_string),
+                );
+                let metadata = out
+                    .metadata()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect();
+                Ok(Some((meta, metadata)))
+            }
             Err(e) => match map_err(Op::Head, key, e) {
                 StoreError::NotFound { .. } => Ok(None),
                 other => Err(other),
@@ -337,17 +366,59 @@ impl Store for S3Store {
         }
     }
 
-    async fn put(
+    async fn server_time(&self) -> StoreResult<SystemTime> {
+        // A HEAD of a key nobody writes: the 404 carries the store's `Date`, and reading it
+        // needs no write permission.
+        let key = format!(
+            "{}clock/{}",
+            crate::layout::STATE_PREFIX,
+            uuid::Uuid::new_v4()
+        );
+        let result = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(&key))
+            .send()
+            .await;
+        let date = match &result {
+            Ok(_) => None,
+            Err(e) => e
+                .raw_response()
+                .and_then(|r| r.headers().get("date"))
+                .map(str::to_string),
+        };
+        match (date, result) {
+            (Some(d), _) => aws_smithy_types::DateTime::from_str(&d, DateFormat::HttpDate)
+                .ok()
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .ok_or_else(|| StoreError::Request {
+                    op: Op::Head,
+                    key,
+                    message: format!("unparseable Date header {d:?}"),
+                }),
+            (None, Err(e)) => Err(map_err(Op::Head, &key, e)),
+            (None, Ok(_)) => Err(StoreError::Request {
+                op: Op::Head,
+                key,
+                message: "the store sent no Date header".into(),
+            }),
+        }
+    }
+
+    async fn put_with_metadata(
         &self,
         key: &str,
         body: Bytes,
         condition: PutCondition,
+        metadata: Metadata,
     ) -> StoreResult<PutOutcome> {
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
+            .set_metadata((!metadata.is_empty()).then(|| metadata.into_iter().collect()))
             .body(ByteStream::from(body));
         let if_match = matches!(condition, PutCondition::IfMatch(_));
         req = match condition {

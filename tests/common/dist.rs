@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ocigc::store::{PutCondition, PutOutcome, Store, StoreResult};
+use ocigc::store::{Metadata, PutCondition, PutOutcome, Store, StoreResult};
 use serde_json::Value;
 
 use super::wrap::{Intercept, Wrapped};
@@ -80,12 +80,18 @@ impl Intercept for DistWriter {
     fn inner(&self) -> &Arc<dyn Store> {
         &self.inner
     }
-    async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> StoreResult<PutOutcome> {
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        cond: PutCondition,
+        meta: Metadata,
+    ) -> StoreResult<PutOutcome> {
         let blob = key
             .split_once("/blobs/")
             .filter(|(repo, rest)| !repo.starts_with(V2) && rest.matches('/').count() == 1);
         let Some((repo, rest)) = blob else {
-            return self.inner.put(key, body, cond).await;
+            return self.inner.put_with_metadata(key, body, cond, meta).await;
         };
         let digest = rest.replacen('/', ":", 1);
         self.inner
@@ -95,7 +101,9 @@ impl Intercept for DistWriter {
                 PutCondition::None,
             )
             .await?;
-        self.inner.put(&data_key(&digest), body, cond).await
+        self.inner
+            .put_with_metadata(&data_key(&digest), body, cond, meta)
+            .await
     }
 }
 

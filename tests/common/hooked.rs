@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use ocigc::store::{DeleteFailure, ObjectMeta, Store, StoreResult};
+use ocigc::store::{DeleteFailure, Metadata, ObjectMeta, Store, StoreResult};
 
 use super::wrap::{Intercept, Wrapped};
 
@@ -77,13 +77,13 @@ impl Intercept for Hooked {
         }
         self.inner.list(prefix)
     }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
         if let When::BeforeHead(suffix) = self.when {
             if key.ends_with(suffix) {
                 self.fire().await;
             }
         }
-        self.inner.head(key).await
+        self.inner.head_with_metadata(key).await
     }
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         let out = self.inner.delete_batch(keys).await;

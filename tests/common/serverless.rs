@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ocigc::store::{PutCondition, PutOutcome, Store, StoreResult};
+use ocigc::store::{Metadata, PutCondition, PutOutcome, Store, StoreResult};
 use serde_json::Value;
 
 use super::wrap::{Intercept, Wrapped};
@@ -76,12 +76,18 @@ impl Intercept for SrWriter {
     fn inner(&self) -> &Arc<dyn Store> {
         &self.inner
     }
-    async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> StoreResult<PutOutcome> {
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        cond: PutCondition,
+        meta: Metadata,
+    ) -> StoreResult<PutOutcome> {
         let blob = key
             .split_once("/blobs/")
             .filter(|(_, rest)| rest.matches('/').count() == 1);
         let Some((repo, rest)) = blob else {
-            return self.inner.put(key, body, cond).await;
+            return self.inner.put_with_metadata(key, body, cond, meta).await;
         };
         let digest = rest.replacen('/', ":", 1);
         let is_manifest =
@@ -91,7 +97,9 @@ impl Intercept for SrWriter {
         } else {
             sr_blob(repo, &digest)
         };
-        self.inner.put(&target, body, cond).await
+        self.inner
+            .put_with_metadata(&target, body, cond, meta)
+            .await
     }
 }
 

@@ -4,12 +4,13 @@
 
 use std::ops::Deref;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use ocigc::store::{
-    DeleteFailure, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
+    DeleteFailure, Metadata, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
 };
 
 /// The operations a wrapper may change; each defaults to the wrapped store's.
@@ -21,14 +22,23 @@ pub trait Intercept: Send + Sync {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         self.inner().list(prefix)
     }
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.inner().get(key).await
+    async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
+        self.inner().get_capped(key, limit).await
     }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.inner().head(key).await
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
+        self.inner().head_with_metadata(key).await
     }
-    async fn put(&self, key: &str, body: Bytes, c: PutCondition) -> StoreResult<PutOutcome> {
-        self.inner().put(key, body, c).await
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        c: PutCondition,
+        m: Metadata,
+    ) -> StoreResult<PutOutcome> {
+        self.inner().put_with_metadata(key, body, c, m).await
+    }
+    async fn server_time(&self) -> StoreResult<SystemTime> {
+        self.inner().server_time().await
     }
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         self.inner().delete_batch(keys).await
@@ -53,14 +63,23 @@ impl<T: Intercept> Store for Wrapped<T> {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         self.0.list(prefix)
     }
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.0.get(key).await
+    async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
+        self.0.get_capped(key, limit).await
     }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.0.head(key).await
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
+        self.0.head_with_metadata(key).await
     }
-    async fn put(&self, key: &str, body: Bytes, c: PutCondition) -> StoreResult<PutOutcome> {
-        self.0.put(key, body, c).await
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        c: PutCondition,
+        m: Metadata,
+    ) -> StoreResult<PutOutcome> {
+        self.0.put_with_metadata(key, body, c, m).await
+    }
+    async fn server_time(&self) -> StoreResult<SystemTime> {
+        self.0.server_time().await
     }
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         self.0.delete_batch(keys).await
