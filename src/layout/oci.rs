@@ -31,10 +31,13 @@ const EMPTY_INDEX: &[u8] =
 /// closed.
 pub const MAX_INDEX_SIZE: u64 = 16 * 1024 * 1024;
 
-/// The sha256 of empty content: a 0-byte blob of this digest is real content, not a
+/// The digests of empty content: a 0-byte blob of one of these is real content, not a
 /// placeholder.
-const EMPTY_SHA256: &str =
-    "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+const EMPTY_CONTENT: [&str; 2] = [
+    "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    "sha512:cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce\
+     47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e",
+];
 
 /// The digest of a blob key relative to its repository prefix (`blobs/<alg>/<hex>`).
 fn blob_digest(rest: &str) -> Option<Digest> {
@@ -46,7 +49,7 @@ fn blob_digest(rest: &str) -> Option<Digest> {
 }
 
 fn is_placeholder(object: &ObjectMeta, digest: &Digest) -> bool {
-    object.size == 0 && digest.as_str() != EMPTY_SHA256
+    object.size == 0 && !EMPTY_CONTENT.contains(&digest.as_str())
 }
 
 /// The repository prefix whose `blobs/` holds `prefix`, if any: such a layout is content of
@@ -360,6 +363,38 @@ mod tests {
         assert_eq!(p.rejected.len(), 1);
         assert_eq!(p.rejected[0].prefix, "Bad/");
         assert_eq!(p.rejected[0].objects, 2);
+    }
+
+    #[test]
+    fn placeholders_are_empty_objects_of_non_empty_digests() {
+        let empty = |key: &str| ObjectMeta::new(key, 0, std::time::SystemTime::UNIX_EPOCH, None);
+        let hex = "ab".repeat(32);
+        let p = OciLayout.partition(vec![
+            obj("a/oci-layout"),
+            obj(&format!("a/blobs/sha256/{hex}")),
+            obj("b/oci-layout"),
+            empty(&format!("b/blobs/sha256/{hex}")),
+            empty(&format!(
+                "b/blobs/{}",
+                EMPTY_CONTENT[0].replacen(':', "/", 1)
+            )),
+            empty(&format!(
+                "b/blobs/{}",
+                EMPTY_CONTENT[1].replacen(':', "/", 1)
+            )),
+            empty(&format!("b/blobs/sha256/{}", "cd".repeat(32))),
+        ]);
+        let with_copy = Digest::from_parts("sha256", &hex).expect("digest");
+        let without = Digest::from_parts("sha256", &"cd".repeat(32)).expect("digest");
+        assert_eq!(p.placeholders.len(), 2, "{:?}", p.placeholders);
+        assert_eq!(
+            p.placeholders[&with_copy].as_ref().map(|c| c.key.as_str()),
+            Some(format!("a/blobs/sha256/{hex}").as_str())
+        );
+        assert_eq!(p.placeholders[&without], None);
+        for d in EMPTY_CONTENT {
+            assert!(Digest::parse(d).is_some(), "{d}");
+        }
     }
 
     #[test]
