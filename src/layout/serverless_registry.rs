@@ -3,7 +3,8 @@
 //! Per repository: `<repo>/blobs/<alg>:<hex>`, `<repo>/manifests/<tag>` (a full copy of the
 //! manifest) and `<repo>/manifests/<alg>:<hex>`, `<repo>/_referrers/<subject>/<referrer>`,
 //! upload state `<repo>/uploads/<uuid>`, and the registry's own GC markers (`<repo>/gc/…`,
-//! `<repo>/insertion/…`), which are never touched. A cross-repository mount is a tiny object
+//! `<repo>/insertion/…`), which are never swept: deletions take part in the registry's
+//! protocol around them instead (`serverless_protocol`). A cross-repository mount is a tiny object
 //! `<dest>/blobs/<digest>` whose content is the source key `<src>/blobs/<digest>`: the source
 //! blob is a root of its repository while the link exists. Multipart temp objects (`<uuid>`,
 //! `<uuid>-helper`) sit at the bucket root; they are swept as the pseudo-repository
@@ -19,9 +20,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 
+use super::serverless_protocol::ServerlessProtocol;
 use super::{
-    list_prefix, listing_version, KeyKind, Layout, Partition, Repository, Roots, RootsError,
-    GLOBAL_REPOSITORY,
+    list_prefix, listing_version, DeletionProtocol, KeyKind, Layout, Partition, Repository, Roots,
+    RootsError, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{self, Descriptor, UNTYPED_MANIFEST};
@@ -56,7 +58,7 @@ enum Key<'a> {
     Unknown,
 }
 
-fn is_uuid(s: &str) -> bool {
+pub(super) fn is_uuid(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 36
         && b.iter().enumerate().all(|(i, c)| match i {
@@ -192,6 +194,12 @@ impl Layout for ServerlessRegistryLayout {
 
     fn links_across_repositories(&self) -> bool {
         true
+    }
+
+    fn deletion_protocol(&self, repo: &Repository) -> Option<Box<dyn DeletionProtocol>> {
+        // The temp objects at the bucket root belong to no repository's protocol.
+        (repo.name != GLOBAL_REPOSITORY)
+            .then(|| Box::new(ServerlessProtocol::new(&repo.prefix)) as Box<dyn DeletionProtocol>)
     }
 
     fn repository_prefix(&self, name: &str) -> String {
