@@ -407,6 +407,41 @@ mod tests {
     }
 
     #[test]
+    fn registry_markers_stay_with_their_repository_and_are_never_blobs() {
+        let id = "0f0e0d0c-0b0a-4909-8807-060504030201";
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let layout = ServerlessRegistryLayout {
+            delete_untagged: true,
+        };
+        let markers = [
+            "a/gc/marker".to_string(),
+            "a/gc/last_update".to_string(),
+            "a/insertion/last_update".to_string(),
+            format!("a/insertion/{id}"),
+        ];
+        let mut keys = markers.to_vec();
+        keys.extend([
+            format!("a/insertion/blobs/{d}"),
+            "a/insertion/manifests/v1".to_string(),
+            "gone/gc/marker".to_string(),
+        ]);
+        let p = layout.partition(keys.iter().map(|k| obj(k)).collect());
+        let names: Vec<_> = p.repositories.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "a/insertion", "gone"]);
+        let a = &p.repositories[0];
+        let owned: Vec<_> = a.objects.iter().map(|o| o.key.clone()).collect();
+        assert_eq!(owned, markers);
+        for k in &markers {
+            assert_eq!(layout.classify(a, k), KeyKind::Other, "{k}");
+        }
+        let nested = &p.repositories[1];
+        assert_eq!(
+            layout.classify(nested, &format!("a/insertion/blobs/{d}")),
+            KeyKind::Blob(Digest::parse(&d).expect("d"))
+        );
+    }
+
+    #[test]
     fn partition_keeps_open_uploads_temp_objects() {
         let open = "0f0e0d0c-0b0a-4909-8807-060504030201";
         let done = "1f0e0d0c-0b0a-4909-8807-060504030201";
