@@ -7,16 +7,18 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::hooked::{Hooked, When};
 use common::serverless::*;
+use common::wrap::{Intercept, Wrapped};
 use common::*;
 use ocigc::gc::{delete_repositories, run_gc, DeleteRepoOptions, GcOptions};
 use ocigc::layout::{by_name, LayoutOptions, GLOBAL_REPOSITORY};
 use ocigc::report::{RepoStatus, Report};
-use ocigc::store::{Metadata, PutCondition, Store};
+use ocigc::store::{Metadata, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult};
 
 async fn srgc(store: &Arc<dyn Store>, opts: &GcOptions, delete_untagged: bool) -> Report {
     let layout = by_name("serverless-registry", LayoutOptions { delete_untagged })
@@ -597,7 +599,67 @@ async fn dry_run_takes_no_part_in_the_protocol(t: TestStore) {
     assert_eq!(rec.writes().iter().filter(|w| announced(w)).count(), 2);
 }
 
+/// Fails the n-th PUT of one key, as a store that errs at that instant.
+struct FailNthPut {
+    inner: Arc<dyn Store>,
+    key: &'static str,
+    n: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Intercept for FailNthPut {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
+    }
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        cond: PutCondition,
+        meta: Metadata,
+    ) -> StoreResult<PutOutcome> {
+        if key == self.key && 1 + self.seen.fetch_add(1, Ordering::SeqCst) == self.n {
+            return Err(StoreError::Request {
+                op: Op::Put,
+                key: key.to_string(),
+                message: "injected failure".into(),
+            });
+        }
+        self.inner.put_with_metadata(key, body, cond, meta).await
+    }
+}
+
+/// When the announcement cannot be withdrawn the registry refuses pushes to the repository:
+/// that fails it (exit 3, reason in the report) even when a push had already put it off.
+async fn announcement_not_withdrawn_fails_the_repository(t: TestStore) {
+    let [ga, _] = two_repositories_with_garbage(&t.store).await;
+    let marker = format!("a/insertion/{OPEN}");
+    Fixture {
+        store: t.store.as_ref(),
+    }
+    .put(&marker, OPEN.as_bytes())
+    .await;
+    let store: Arc<dyn Store> = Arc::new(Wrapped(FailNthPut {
+        inner: t.store.clone(),
+        key: "a/gc/last_update",
+        n: 2,
+        seen: Default::default(),
+    }));
+    let report = srgc(&store, &eager(), false).await;
+    let a = repo_report(&report, "a");
+    assert_eq!(a.status, RepoStatus::Failed, "{a:#?}");
+    assert!(a.deleted.is_empty(), "{a:#?}");
+    assert!(
+        a.errors.iter().any(|e| e.contains("pushes fail until")),
+        "{a:#?}"
+    );
+    let k = keys(t.store.as_ref()).await;
+    assert!(k.contains(&ga) && k.contains("a/gc/marker"), "{k:#?}");
+}
+
 both_stores!(
+    announcement_not_withdrawn_fails_the_repository,
     fresh_insertion_marker_holds_the_repository_off,
     stale_insertion_marker_is_removed_and_deletes_go_ahead,
     insertion_stamp_changed_by_a_push_refuses_the_batch,

@@ -849,15 +849,6 @@ impl RepoRun<'_> {
             refused,
             ..
         } = guard;
-        if let Some((mut p, true)) = protocol {
-            if let Err(e) = p.end(self.store, self.clock.now()).await {
-                // The registry's pushers refuse manifests while its GC marker stands.
-                report.status = RepoStatus::Failed;
-                report.errors.push(format!(
-                    "ending the registry's GC protocol (pushes fail until it is ended): {e}"
-                ));
-            }
-        }
         report.rescued = rescued;
         report.deleted = swept.deleted;
         if swept.timed_out {
@@ -879,6 +870,15 @@ impl RepoRun<'_> {
         if !swept.errors.is_empty() {
             report.status = RepoStatus::Failed;
             report.errors.extend(swept.errors);
+        }
+        if let Some((mut p, true)) = protocol {
+            if let Err(e) = p.end(self.store, self.clock.now()).await {
+                // The registry's pushers refuse manifests while its GC marker stands.
+                report.status = RepoStatus::Failed;
+                report.errors.push(format!(
+                    "ending the registry's GC protocol (pushes fail until it is ended): {e}"
+                ));
+            }
         }
 
         if lease.is_lost() {
