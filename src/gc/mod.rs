@@ -24,7 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::digest::Digest;
-use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, RootsError, STATE_PREFIX};
+use crate::layout::{
+    ContentCopy, DeletionProtocol, KeyKind, Layout, ProtocolError, Repository, Roots, RootsError,
+    STATE_PREFIX,
+};
 use crate::manifest::Descriptor;
 use crate::metrics::Metrics;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
@@ -833,6 +836,8 @@ impl RepoRun<'_> {
             intents_seen: std::mem::take(&mut obs.intents_seen),
             rescued: 0,
             announced: false,
+            protocol: self.layout.deletion_protocol(repo).map(|p| (p, false)),
+            refused: false,
         };
         let swept = sweep::sweep(
             self.store,
@@ -846,6 +851,8 @@ impl RepoRun<'_> {
             marker,
             rescued,
             lease,
+            protocol,
+            refused,
             ..
         } = guard;
         report.rescued = rescued;
@@ -857,7 +864,7 @@ impl RepoRun<'_> {
                 .push("timed out between delete batches".into());
         }
         if let Some(why) = swept.stopped {
-            report.status = if why == SHUTTING_DOWN {
+            report.status = if why == SHUTTING_DOWN || refused {
                 RepoStatus::Skipped
             } else {
                 RepoStatus::Failed
@@ -869,6 +876,15 @@ impl RepoRun<'_> {
         if !swept.errors.is_empty() {
             report.status = RepoStatus::Failed;
             report.errors.extend(swept.errors);
+        }
+        if let Some((mut p, true)) = protocol {
+            if let Err(e) = p.end(self.store, self.clock.now()).await {
+                // The registry's pushers refuse manifests while its GC marker stands.
+                report.status = RepoStatus::Failed;
+                report.errors.push(format!(
+                    "ending the registry's GC protocol (pushes fail until it is ended): {e}"
+                ));
+            }
         }
 
         if lease.is_lost() {
@@ -1042,6 +1058,10 @@ struct RepoGuard<'g, 'm, 'r> {
     intents_seen: HashSet<String>,
     rescued: u64,
     announced: bool,
+    /// The layout's registry protocol, and whether it was begun.
+    protocol: Option<(Box<dyn DeletionProtocol>, bool)>,
+    /// The protocol refused a batch: the repository is left for a later run.
+    refused: bool,
 }
 
 #[async_trait]
@@ -1055,6 +1075,22 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
             .keep(&mut self.lease)
             .await
             .map_err(|e| e.to_string())?;
+        // Before the roots are re-read: a push that finished before the protocol let this
+        // batch through has its manifest in that re-read.
+        if let Some((p, begun)) = &mut self.protocol {
+            let now = run.clock.now();
+            let first = !std::mem::replace(begun, true);
+            let asked = async {
+                if first {
+                    p.begin(run.store, now).await?;
+                }
+                p.before_batch(run.store, now).await
+            };
+            if let Err(e) = asked.await {
+                self.refused = matches!(e, ProtocolError::Refused(_));
+                return Err(format!("the registry's GC protocol: {e}"));
+            }
+        }
         let version = run
             .layout
             .roots_version(run.store, self.repo)
