@@ -658,7 +658,75 @@ async fn announcement_not_withdrawn_fails_the_repository(t: TestStore) {
     assert!(k.contains(&ga) && k.contains("a/gc/marker"), "{k:#?}");
 }
 
+/// A collector that died between announcing its collection and withdrawing it leaves the
+/// registry's `gc/marker`, and the registry's pushers refuse manifests while it stands. The
+/// run that takes over the dead collector's expired lease withdraws it (stamping
+/// `gc/last_update` first), but only a marker that collector wrote: a marker of anyone else
+/// (the registry's own GC) stays.
+async fn marker_of_a_dead_collector_is_withdrawn(t: TestStore) {
+    two_repositories_with_garbage(&t.store).await;
+    // c has nothing to delete: only the leftover lease brings the run there.
+    let w = SrWriter::new(t.store.clone());
+    let img = Fixture { store: &w }.image("c", "v1").await;
+    w.tag("c", "v1", &img).await;
+    let dead = uuid::Uuid::new_v4().to_string();
+    let registry_gc = uuid::Uuid::new_v4().to_string();
+    let expired = t.store.server_time().await.expect("time") - Duration::from_secs(3600);
+    for (repo, owner, marker) in [("a", &dead, &dead), ("c", &dead, &registry_gc)] {
+        let lease = serde_json::json!({
+            "owner": owner, "repository": repo,
+            "acquired_at": ocigc::report::timestamp(expired - Duration::from_secs(600)),
+            "expires_at": ocigc::report::timestamp(expired),
+        });
+        t.store
+            .put(
+                &format!("_ocigc/leases/{repo}.json"),
+                bytes::Bytes::from(lease.to_string()),
+                PutCondition::None,
+            )
+            .await
+            .expect("lease");
+        t.store
+            .put(
+                &format!("{repo}/gc/marker"),
+                bytes::Bytes::from(marker.to_string()),
+                PutCondition::None,
+            )
+            .await
+            .expect("marker");
+    }
+    // A dry run takes over nothing.
+    srgc(
+        &t.store,
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+        false,
+    )
+    .await;
+    assert!(keys(t.store.as_ref()).await.contains("a/gc/marker"));
+    let report = srgc(&t.store, &eager(), false).await;
+    let after = keys(t.store.as_ref()).await;
+    assert!(
+        !after.contains("a/gc/marker"),
+        "the dead run's marker stays"
+    );
+    let a = repo_report(&report, "a");
+    assert!(a.warnings.iter().any(|w| w.contains(&dead)), "{a:#?}");
+    let (_, meta) = t
+        .store
+        .head_with_metadata("a/gc/last_update")
+        .await
+        .expect("head")
+        .expect("stamped");
+    assert!(meta.get("timestamp").is_some_and(|v| is_registry_stamp(v)));
+    let body = t.store.get("c/gc/marker").await.expect("c's marker stays");
+    assert_eq!(body.body.as_ref(), registry_gc.as_bytes());
+}
+
 both_stores!(
+    marker_of_a_dead_collector_is_withdrawn,
     announcement_not_withdrawn_fails_the_repository,
     fresh_insertion_marker_holds_the_repository_off,
     stale_insertion_marker_is_removed_and_deletes_go_ahead,

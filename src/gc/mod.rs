@@ -799,6 +799,9 @@ impl RepoRun<'_> {
             }
         };
         crate::failpoint::hit("lease-acquired");
+        if let Some(dead) = lease.taken_over_from.clone() {
+            self.recover_protocol(repo, &dead, report).await;
+        }
         // The state may have moved on since the listing (a collector that held the lease
         // until just now): plan again with what is stored now.
         let mut warnings = Vec::new();
@@ -836,7 +839,10 @@ impl RepoRun<'_> {
             intents_seen: std::mem::take(&mut obs.intents_seen),
             rescued: 0,
             announced: false,
-            protocol: self.layout.deletion_protocol(repo).map(|p| (p, false)),
+            protocol: self
+                .layout
+                .deletion_protocol(repo, &self.run_id)
+                .map(|p| (p, false)),
             refused: false,
         };
         let swept = sweep::sweep(
@@ -916,6 +922,23 @@ impl RepoRun<'_> {
         }
         self.verify_if_deleted(repo, marker, report).await;
         self.leases.release(lease).await;
+    }
+
+    /// Withdraws the registry-protocol announcement a collector that died holding this
+    /// repository's lease left behind: the registry's pushers refuse manifests while it stands.
+    async fn recover_protocol(&self, repo: &Repository, dead: &str, report: &mut RepoReport) {
+        let Some(mut p) = self.layout.deletion_protocol(repo, &self.run_id) else {
+            return;
+        };
+        match p.recover(self.store, self.clock.now(), dead).await {
+            Ok(true) => report.warnings.push(format!(
+                "withdrew the registry GC marker that run {dead} left when it died"
+            )),
+            Ok(false) => {}
+            Err(e) => report.warnings.push(format!(
+                "could not withdraw the registry GC marker that run {dead} left: {e}"
+            )),
+        }
     }
 
     async fn verify_if_deleted(

@@ -170,6 +170,18 @@ pub trait DeletionProtocol: Send {
 
     /// Withdraws the announcement.
     async fn end(&mut self, store: &dyn Store, now: SystemTime) -> Result<(), ProtocolError>;
+
+    /// Withdraws an announcement that `dead_owner`, a collector whose expired lease this run
+    /// took over, left behind; true if there was one. An announcement of anyone else (the
+    /// registry's own GC) is left alone.
+    async fn recover(
+        &mut self,
+        _store: &dyn Store,
+        _now: SystemTime,
+        _dead_owner: &str,
+    ) -> Result<bool, ProtocolError> {
+        Ok(false)
+    }
 }
 
 /// A bucket layout.
@@ -239,7 +251,11 @@ pub trait Layout: Send + Sync {
 
     /// The registry's own GC protocol that deletions in `repo` take part in; `None` where the
     /// layout's registry has none.
-    fn deletion_protocol(&self, _repo: &Repository) -> Option<Box<dyn DeletionProtocol>> {
+    fn deletion_protocol(
+        &self,
+        _repo: &Repository,
+        _owner: &str,
+    ) -> Option<Box<dyn DeletionProtocol>> {
         None
     }
 

@@ -52,13 +52,17 @@ pub(super) struct ServerlessProtocol {
     prefix: String,
     /// `insertion/last_update` as read when the collection was announced.
     insertion_mark: Option<Stamp>,
+    /// The collector's run id, written as the marker's body (the registry writes a UUID
+    /// there too), so that a later run can tell a marker a dead ocigc run left.
+    owner: String,
 }
 
 impl ServerlessProtocol {
-    pub(super) fn new(prefix: &str) -> ServerlessProtocol {
+    pub(super) fn new(prefix: &str, owner: &str) -> ServerlessProtocol {
         ServerlessProtocol {
             prefix: prefix.to_string(),
             insertion_mark: None,
+            owner: owner.to_string(),
         }
     }
 
@@ -110,7 +114,7 @@ fn store_error(what: String, source: StoreError) -> ProtocolError {
 impl DeletionProtocol for ServerlessProtocol {
     async fn begin(&mut self, store: &dyn Store, now: SystemTime) -> Result<(), ProtocolError> {
         let key = self.key("gc/marker");
-        let body = Bytes::from(uuid::Uuid::new_v4().to_string());
+        let body = Bytes::from(self.owner.clone());
         store
             .put(&key, body, PutCondition::None)
             .await
@@ -179,6 +183,24 @@ impl DeletionProtocol for ServerlessProtocol {
             )));
         }
         Ok(())
+    }
+
+    async fn recover(
+        &mut self,
+        store: &dyn Store,
+        now: SystemTime,
+        dead_owner: &str,
+    ) -> Result<bool, ProtocolError> {
+        let key = self.key("gc/marker");
+        let body = match store.get_capped(&key, 1024).await {
+            Ok(o) => o.body,
+            Err(StoreError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(store_error(format!("reading {key}"), e)),
+        };
+        if body.as_ref() != dead_owner.as_bytes() {
+            return Ok(false);
+        }
+        self.end(store, now).await.map(|()| true)
     }
 
     async fn end(&mut self, store: &dyn Store, now: SystemTime) -> Result<(), ProtocolError> {

@@ -196,10 +196,15 @@ impl Layout for ServerlessRegistryLayout {
         true
     }
 
-    fn deletion_protocol(&self, repo: &Repository) -> Option<Box<dyn DeletionProtocol>> {
+    fn deletion_protocol(
+        &self,
+        repo: &Repository,
+        owner: &str,
+    ) -> Option<Box<dyn DeletionProtocol>> {
         // The temp objects at the bucket root belong to no repository's protocol.
-        (repo.name != GLOBAL_REPOSITORY)
-            .then(|| Box::new(ServerlessProtocol::new(&repo.prefix)) as Box<dyn DeletionProtocol>)
+        (repo.name != GLOBAL_REPOSITORY).then(|| {
+            Box::new(ServerlessProtocol::new(&repo.prefix, owner)) as Box<dyn DeletionProtocol>
+        })
     }
 
     fn repository_prefix(&self, name: &str) -> String {
