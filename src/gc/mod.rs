@@ -1044,12 +1044,33 @@ impl RepoRun<'_> {
                 return;
             }
         };
-        let dangling: Vec<Digest> = report
+        // A deleted blob that a pusher uploaded again (it found it missing) is whole: only
+        // one still missing is a dangling reference. A failed look counts as missing.
+        let referenced: Vec<(String, Digest)> = report
             .deleted
             .iter()
-            .filter_map(|d| d.digest.clone())
-            .filter(|d| reachable.contains(d))
+            .filter_map(|d| d.digest.clone().map(|g| (d.key.clone(), g)))
+            .filter(|(_, g)| reachable.contains(g))
             .collect();
+        let looks = stream::iter(referenced)
+            .map(|(key, digest)| async move {
+                let back = matches!(self.store.head(&key).await, Ok(Some(_)));
+                (digest, back)
+            })
+            .buffer_unordered(self.concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        let mut dangling = Vec::new();
+        for (digest, back) in looks {
+            if back {
+                report.warnings.push(format!(
+                    "{digest} was deleted, referenced again and uploaded again during the run"
+                ));
+            } else {
+                dangling.push(digest);
+            }
+        }
+        dangling.sort();
         for d in &dangling {
             tracing::error!(repo = %repo.name, digest = %d, "dangling reference: a deleted blob is referenced");
         }
