@@ -1,4 +1,4 @@
-//! The online safety protocol (SPEC §3), step by step, against the directory store and moto:
+//! The online safety protocol (SPEC §3), step by step, against a directory, moto and SeaweedFS:
 //! two observations, re-check before each batch, verify after the sweep, intents and the batch
 //! announcement handshake, leases.
 
