@@ -220,15 +220,15 @@ async fn delete_one(
     report
 }
 
-/// Digests of repository `name` that links elsewhere in the bucket keep alive (one listing of
-/// the whole bucket, only for layouts that have such links).
+/// Digests of repository `name` that keys elsewhere in the bucket keep alive (one listing of
+/// the whole bucket, only for layouts where such keys can exist).
 async fn linked_here(
     store: &Instrumented,
     layout: &dyn Layout,
     name: &str,
     concurrency: usize,
 ) -> Result<std::collections::HashSet<crate::digest::Digest>, crate::store::StoreError> {
-    if !layout.links_across_repositories() {
+    if !layout.repository_depends_on_bucket() {
         return Ok(Default::default());
     }
     let listing = list_all(store, "").await?;

@@ -194,6 +194,11 @@ impl Layout for ServerlessRegistryLayout {
         true
     }
 
+    fn repository_depends_on_bucket(&self) -> bool {
+        // A mount link in another repository keeps a blob of this one alive.
+        true
+    }
+
     fn repository_prefix(&self, name: &str) -> String {
         format!("{name}/")
     }
