@@ -888,3 +888,75 @@ async fn a_full_job_queue_answers_429_with_retry_after() {
     let _ = stop.send(());
     server.await.expect("join").expect("serve");
 }
+
+#[tokio::test]
+async fn distribution_hook_gcs_find_the_pending_state_of_earlier_runs() {
+    let t = dir_store();
+    let w = DistWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let tagged = f.image("team/app", "tagged").await;
+    w.tag("team/app", "v1", &tagged).await;
+    let untagged = f.image("team/app", "untagged").await;
+    w.untagged("team/app", &untagged).await;
+    let layout = by_name(
+        "distribution",
+        LayoutOptions {
+            delete_untagged: true,
+        },
+    )
+    .expect("layout");
+    let waiting = GcOptions {
+        delay: Duration::from_secs(3600),
+        ..hook_gc("team/app")
+    };
+    // First observation: recorded as pending, nothing deleted.
+    let first = run_gc(t.store.clone(), layout.clone(), &waiting)
+        .await
+        .expect("first hook gc");
+    assert!(first.repositories[0].deleted.is_empty(), "{first:#?}");
+    assert!(keys(t.store.as_ref())
+        .await
+        .contains(&revision_key("team/app", &untagged.digest)));
+    // Second observation two hours later: the prefix-only listing found the pending state.
+    let later = GcOptions {
+        clock_offset: Duration::from_secs(2 * 3600),
+        ..waiting
+    };
+    let second = run_gc(t.store.clone(), layout.clone(), &later)
+        .await
+        .expect("second hook gc");
+    let k = keys(t.store.as_ref()).await;
+    assert!(
+        !k.contains(&revision_key("team/app", &untagged.digest)),
+        "{second:#?}"
+    );
+    assert!(k.contains(&revision_key("team/app", &tagged.digest)));
+    assert_eq!(second.repositories[0].status, RepoStatus::Ok, "{second:#?}");
+
+    // A candidate that is tagged before its second observation leaves the pending state: a
+    // hook run with nothing to delete still finds and tidies it, so that a later untagging
+    // starts a fresh delay instead of inheriting the stale first observation.
+    let late = f.image("team/app", "tagged late").await;
+    w.untagged("team/app", &late).await;
+    run_gc(t.store.clone(), layout.clone(), &later)
+        .await
+        .expect("third hook gc");
+    let pending = ocigc::gc::state::pending_key("team/app");
+    let named = |body: &[u8]| String::from_utf8_lossy(body).contains(&late.digest[7..]);
+    let body = t.store.get(&pending).await.expect("pending state").body;
+    assert!(named(&body), "the candidate is pending");
+    w.tag("team/app", "v2", &late).await;
+    let fourth = GcOptions {
+        clock_offset: Duration::from_secs(4 * 3600),
+        ..later
+    };
+    let report = run_gc(t.store.clone(), layout, &fourth)
+        .await
+        .expect("fourth hook gc");
+    assert!(report.repositories[0].deleted.is_empty(), "{report:#?}");
+    match t.store.get(&pending).await {
+        Ok(o) => assert!(!named(&o.body), "stale pending state kept"),
+        Err(ocigc::store::StoreError::NotFound { .. }) => {}
+        Err(e) => panic!("reading the pending state: {e}"),
+    }
+}
