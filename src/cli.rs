@@ -222,10 +222,11 @@ pub struct IntentArgs {
     pub digests: Vec<String>,
 }
 
-/// The longest duration any setting takes (100 years of 365 days): far beyond any sensible
-/// value, and far enough from the limits of `Instant`, `SystemTime` and of RFC 3339
-/// timestamps (year 9999) that adding it to the present never overflows or fails to print.
-const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// The longest duration any setting takes, `100y` (humantime's year: 365.25 days): far
+/// beyond any sensible value, and far enough from the limits of `Instant`, `SystemTime` and
+/// of RFC 3339 timestamps (year 9999) that adding a few of them to the present never
+/// overflows or fails to print.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 15m, 24h)"))?;

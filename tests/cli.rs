@@ -747,3 +747,49 @@ fn pushgateway_credentials_and_config_secrets_never_reach_stderr() {
         assert!(!err.contains("hunter2"), "{text}: the secret is in {err}");
     }
 }
+
+#[test]
+fn the_largest_accepted_durations_run_without_panicking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    let d = dir.path().to_str().expect("utf-8 path");
+    let out = ocigc(
+        &[
+            "gc",
+            "--bucket",
+            d,
+            "--timeout-run=100y",
+            "--timeout-repo=100y",
+            "--timeout-request=25y",
+            "--lease-ttl=100y",
+            "--clock-offset=100y",
+            "--grace=0s",
+            "--delay=0s",
+            "--report=-",
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(code(&out), 0, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(report["totals"]["blobs_deleted"], 6, "{report}");
+    let (code, err) = ocigc_bounded(
+        &[
+            "intent",
+            "--bucket",
+            d,
+            "--repo",
+            "app",
+            "--ttl=100y",
+            "--wait=100y",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("sha256:{}", "a".repeat(64))])
+        .collect::<Vec<_>>(),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{err}");
+}
