@@ -205,8 +205,8 @@ pub struct IntentArgs {
     /// Repository the digests will be referenced from.
     #[arg(long, required_unless_present = "release")]
     pub repo: Option<String>,
-    /// How long the intent protects the digests.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    /// How long the intent protects the digests (at most 7 days).
+    #[arg(long, default_value = "1h", value_parser = parse_intent_ttl)]
     pub ttl: Duration,
     /// How long to wait for a collector's batch in flight that names one of the digests.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
@@ -232,6 +232,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 15m, 24h)"))?;
     if d > MAX_DURATION {
         return Err(format!("{s} is too long (at most 100 years)"));
+    }
+    Ok(d)
+}
+
+/// Collectors honour an intent for at most [`intent::MAX_INTENT_TTL`]: a longer one would
+/// protect less than it says.
+fn parse_intent_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > intent::MAX_INTENT_TTL {
+        return Err(format!(
+            "{s} is longer than collectors honour an intent ({})",
+            humantime::format_duration(intent::MAX_INTENT_TTL)
+        ));
     }
     Ok(d)
 }

@@ -590,6 +590,7 @@ fn absurd_durations_and_numbers_exit_2_naming_the_setting_without_panicking() {
             cases.push((args("intent", flag, v), flag.into()));
         }
     }
+    cases.push((args("intent", "--ttl", "8d"), "--ttl".into()));
     cases.push((
         args("serve", "--header-read-timeout", "0s"),
         "--header-read-timeout".into(),
@@ -781,7 +782,7 @@ fn the_largest_accepted_durations_run_without_panicking() {
             d,
             "--repo",
             "app",
-            "--ttl=100y",
+            "--ttl=7d",
             "--wait=100y",
         ]
         .map(String::from)
