@@ -10,6 +10,7 @@ pub mod intent;
 pub mod lease;
 pub mod mark;
 pub mod plan;
+mod scope;
 pub mod state;
 pub mod sweep;
 
@@ -165,6 +166,9 @@ pub struct GcOptions {
     pub stop: CancellationToken,
     /// Progress receiver, if any.
     pub progress: Option<Arc<dyn Progress>>,
+    /// A run of this one repository (the daemon's hook): only it is collected, only its
+    /// prefix is listed where the layout allows, and metrics count it as a hook run.
+    pub only: Option<String>,
 }
 
 impl std::fmt::Debug for dyn Progress {
@@ -203,6 +207,7 @@ impl Default for GcOptions {
             metrics: None,
             stop: CancellationToken::new(),
             progress: None,
+            only: None,
         }
     }
 }
@@ -290,7 +295,11 @@ pub async fn run_gc(
     let result = collect_all(store, layout, opts, run_deadline).await;
     if let Some(m) = &opts.metrics {
         let timed_out = run_deadline.is_some_and(|d| Instant::now() >= d);
-        m.observe_gc(result.as_ref().ok(), started.elapsed(), timed_out);
+        let report = result.as_ref().ok();
+        match opts.only {
+            Some(_) => m.observe_hook_gc(report, started.elapsed(), timed_out),
+            None => m.observe_gc(report, started.elapsed(), timed_out),
+        }
     }
     result
 }
@@ -311,7 +320,8 @@ async fn collect_all(
     report.started_at = timestamp(clock.now());
     tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
 
-    let listing = before_run_deadline(run_deadline, opts, list_all(&store, ""))
+    let listing = scope::list_for_run(&store, layout.as_ref(), opts.only.as_deref());
+    let listing = before_run_deadline(run_deadline, opts, listing)
         .await?
         .map_err(|source| GcError::List {
             bucket: store.describe(),
@@ -348,8 +358,11 @@ async fn collect_all(
     for r in &report.rejected {
         tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
     }
-    let wanted =
-        |r: &Repository| opts.repos.matches(&r.name) && opts.shard.is_none_or(|s| s.owns(&r.name));
+    let wanted = |r: &Repository| {
+        opts.repos.matches(&r.name)
+            && opts.shard.is_none_or(|s| s.owns(&r.name))
+            && opts.only.as_ref().is_none_or(|n| *n == r.name)
+    };
     let selected: Vec<Repository> = partition
         .repositories
         .into_iter()

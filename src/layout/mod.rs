@@ -238,6 +238,14 @@ pub trait Layout: Send + Sync {
         false
     }
 
+    /// Whether keys outside a repository's prefix can keep its blobs alive, so that a GC or a
+    /// deletion of that one repository must still list the whole bucket. True unless a layout
+    /// overrides it: a wrong `false` lets a one-repository run delete a blob that a key of
+    /// another repository keeps alive, a wrong `true` only costs a listing.
+    fn repository_depends_on_bucket(&self) -> bool {
+        true
+    }
+
     /// Blobs that links elsewhere in the bucket keep alive, by the repository that stores
     /// them: roots of that repository that none of its manifests names.
     async fn linked_blobs(

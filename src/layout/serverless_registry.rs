@@ -207,6 +207,11 @@ impl Layout for ServerlessRegistryLayout {
         })
     }
 
+    fn repository_depends_on_bucket(&self) -> bool {
+        // A mount link in another repository keeps a blob of this one alive.
+        true
+    }
+
     fn repository_prefix(&self, name: &str) -> String {
         format!("{name}/")
     }
