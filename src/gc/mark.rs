@@ -1,6 +1,8 @@
 //! Marking: everything reachable from a repository's roots.
 //!
-//! Breadth-first over descriptors, reading each document once with bounded concurrency. The
+//! Breadth-first over descriptors, reading each document once with bounded concurrency; a
+//! digest first reached as a layer or config is read when a descriptor that asks for reading
+//! (a manifest or unknown media type) reaches it too. The
 //! first time, one pass over the small unreferenced blobs finds referrers that no index lists (a
 //! manifest whose `subject` is reachable is reachable too, and so are its own referrers), and
 //! marking continues from them until nothing changes. Blobs that scan found content-addressed
@@ -106,7 +108,6 @@ impl<'a> Marker<'a> {
     pub fn prime(&mut self, documents: Vec<(Digest, References)>) {
         self.manifests_fetched += documents.len() as u64;
         for (digest, refs) in documents {
-            self.index_subjects(&digest, &refs);
             self.docs.entry(digest).or_insert(Some(refs));
         }
     }
@@ -165,9 +166,8 @@ impl<'a> Marker<'a> {
         Ok(walk.seen)
     }
 
-    /// Remembers `digest` as a referrer of each subject it declares, however it was found: a
-    /// document read because something listed it is still a referrer in a later closure where
-    /// only its subject is reachable.
+    /// Remembers `digest` as a referrer of each subject it declares (duplicate `subject` keys
+    /// may declare several).
     fn index_subjects(&mut self, digest: &Digest, refs: &References) {
         for subject in &refs.subjects {
             let known = self.referrers.entry(subject.digest.clone()).or_default();
@@ -184,13 +184,18 @@ impl<'a> Marker<'a> {
     /// Follows a document's references, once per closure. A digest that only a reader which
     /// normalizes could name fails the repository closed.
     fn follow(
-        &mut self,
         walk: &mut Walk,
+        warnings: &mut BTreeSet<String>,
         digest: &Digest,
         refs: &References,
         must_parse: bool,
         next: &mut Vec<Descriptor>,
     ) -> Result<(), FailClosed> {
+        if must_parse {
+            for u in &refs.unsupported {
+                warnings.insert(format!("{digest}: unsupported reference kept: {u}"));
+            }
+        }
         if !walk.followed.insert(digest.clone()) {
             return Ok(());
         }
@@ -198,12 +203,6 @@ impl<'a> Marker<'a> {
             return Err(FailClosed(format!(
                 "{digest}: a descriptor's digest is not canonical but could name a blob ({a})"
             )));
-        }
-        if must_parse {
-            for u in &refs.unsupported {
-                self.warnings
-                    .insert(format!("{digest}: unsupported reference kept: {u}"));
-            }
         }
         next.extend(refs.children.iter().cloned());
         Ok(())
@@ -231,8 +230,14 @@ impl<'a> Marker<'a> {
                 let must_parse = kind == ContentKind::Manifest;
                 match self.docs.get(&d.digest) {
                     Some(Some(doc)) => {
-                        let doc = doc.clone();
-                        self.follow(walk, &d.digest, &doc, must_parse, &mut next)?;
+                        Self::follow(
+                            walk,
+                            &mut self.warnings,
+                            &d.digest,
+                            doc,
+                            must_parse,
+                            &mut next,
+                        )?;
                         continue;
                     }
                     // Read earlier and found unparseable or gone, but a manifest after all:
@@ -269,8 +274,14 @@ impl<'a> Marker<'a> {
             {
                 match read? {
                     Read::Doc { refs, .. } => {
-                        self.index_subjects(&digest, &refs);
-                        self.follow(walk, &digest, &refs, must_parse, &mut next)?;
+                        Self::follow(
+                            walk,
+                            &mut self.warnings,
+                            &digest,
+                            &refs,
+                            must_parse,
+                            &mut next,
+                        )?;
                         self.docs.insert(digest, Some(refs));
                     }
                     Read::Opaque { .. } => {
@@ -316,13 +327,17 @@ impl<'a> Marker<'a> {
                         self.not_referrers.insert(digest.clone());
                     }
                     self.index_subjects(&digest, &refs);
-                    self.docs.insert(digest, Some(refs));
+                    // Content that does not hash to its digest may still change (an upload in
+                    // progress): not cached, so whatever reaches it later reads it again.
+                    if addressed {
+                        self.docs.insert(digest, Some(refs));
+                    }
                 }
                 Read::Opaque { addressed } => {
                     if addressed {
                         self.not_referrers.insert(digest.clone());
+                        self.docs.insert(digest, None);
                     }
-                    self.docs.insert(digest, None);
                 }
                 // Gone since the listing (another collector): nothing learnt about its content,
                 // so nothing is cached; a later closure that reaches it reads it again.
