@@ -119,18 +119,57 @@ pub enum ManifestError {
     TooDeep,
 }
 
-/// Folds a JSON object key the way Go's `encoding/json` matches struct fields: ASCII upper
-/// case, plus the two non-ASCII runes whose simple case folding reaches an ASCII letter.
-/// Other runes stay as they are and so never match an ASCII field name, as in Go.
-fn fold_key(raw: &[u8]) -> String {
-    String::from_utf8_lossy(raw)
-        .chars()
-        .map(|c| match c {
-            '\u{17F}' => 'S',
-            '\u{212A}' => 'K',
-            c => c.to_ascii_uppercase(),
+/// A reference-carrying field, as Go would map an object key to it. The names are shared by
+/// every level: a key only counts where its field exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Manifests,
+    Subject,
+    Config,
+    Layers,
+    Blobs,
+    FsLayers,
+    Digest,
+    BlobSum,
+    MediaType,
+    Size,
+    Other,
+}
+
+const FIELDS: &[(&str, Field)] = &[
+    ("MANIFESTS", Field::Manifests),
+    ("SUBJECT", Field::Subject),
+    ("CONFIG", Field::Config),
+    ("LAYERS", Field::Layers),
+    ("BLOBS", Field::Blobs),
+    ("FSLAYERS", Field::FsLayers),
+    ("DIGEST", Field::Digest),
+    ("BLOBSUM", Field::BlobSum),
+    ("MEDIATYPE", Field::MediaType),
+    ("SIZE", Field::Size),
+];
+
+/// Folds one character of a key the way Go's `encoding/json` matches struct fields: ASCII
+/// upper case, plus the two non-ASCII runes whose simple case folding reaches an ASCII letter
+/// (`ſ` and the Kelvin sign). Other runes stay as they are and never match, as in Go.
+fn fold_char(c: char) -> char {
+    match c {
+        '\u{17F}' => 'S',
+        '\u{212A}' => 'K',
+        c => c.to_ascii_uppercase(),
+    }
+}
+
+/// The field a raw key maps to. Invalid UTF-8 becomes U+FFFD first, as Go decodes it.
+fn field_of(raw: &[u8]) -> Field {
+    let key = String::from_utf8_lossy(raw);
+    FIELDS
+        .iter()
+        .find(|(name, _)| {
+            let mut folded = key.chars().map(fold_char);
+            name.chars().all(|n| folded.next() == Some(n)) && folded.next().is_none()
         })
-        .collect()
+        .map_or(Field::Other, |&(_, f)| f)
 }
 
 /// Whether brackets outside strings nest deeper than `limit`. Runs before decoding because
@@ -174,9 +213,9 @@ fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
     Ok(())
 }
 
-/// An object key, folded. Read as raw bytes: Go turns invalid UTF-8 into U+FFFD instead of
-/// rejecting the document, and so does this.
-struct Key(String);
+/// An object key, as the field it maps to. Read as raw bytes: Go turns invalid UTF-8 into
+/// U+FFFD instead of rejecting the document, and so does this.
+struct Key(Field);
 
 impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -187,10 +226,10 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("an object key")
             }
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Key, E> {
-                Ok(Key(fold_key(v)))
+                Ok(Key(field_of(v)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                Ok(Key(fold_key(v.as_bytes())))
+                Ok(Key(field_of(v.as_bytes())))
             }
         }
         d.deserialize_bytes(V)
@@ -308,11 +347,11 @@ impl<'de> Deserialize<'de> for Entry {
                 let mut f = Fields::default();
                 while let Some(Key(key)) = map.next_key()? {
                     let text = |t: Option<Text>| t.and_then(|t| t.0);
-                    match key.as_str() {
-                        "DIGEST" => f.digests.extend(text(map.next_value()?)),
-                        "BLOBSUM" => f.blob_sums.extend(text(map.next_value()?)),
-                        "MEDIATYPE" => f.media_types.extend(text(map.next_value()?)),
-                        "SIZE" => f.sizes.extend(map.next_value::<Size>()?.0),
+                    match key {
+                        Field::Digest => f.digests.extend(text(map.next_value()?)),
+                        Field::BlobSum => f.blob_sums.extend(text(map.next_value()?)),
+                        Field::MediaType => f.media_types.extend(text(map.next_value()?)),
+                        Field::Size => f.sizes.extend(map.next_value::<Size>()?.0),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -413,13 +452,13 @@ impl<'de> Deserialize<'de> for Doc {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc, A::Error> {
                 let mut doc = Doc::default();
                 while let Some(Key(key)) = map.next_key()? {
-                    match key.as_str() {
-                        "MANIFESTS" => doc.manifests.push(map.next_value()?),
-                        "SUBJECT" => doc.subject.push(map.next_value()?),
-                        "CONFIG" => doc.config.push(map.next_value()?),
-                        "LAYERS" => doc.layers.push(map.next_value()?),
-                        "BLOBS" => doc.blobs.push(map.next_value()?),
-                        "FSLAYERS" => doc.fs_layers.push(map.next_value()?),
+                    match key {
+                        Field::Manifests => doc.manifests.push(map.next_value()?),
+                        Field::Subject => doc.subject.push(map.next_value()?),
+                        Field::Config => doc.config.push(map.next_value()?),
+                        Field::Layers => doc.layers.push(map.next_value()?),
+                        Field::Blobs => doc.blobs.push(map.next_value()?),
+                        Field::FsLayers => doc.fs_layers.push(map.next_value()?),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -429,6 +468,19 @@ impl<'de> Deserialize<'de> for Doc {
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// Where a descriptor is: a field, and its index in a list.
+#[derive(Clone, Copy)]
+struct At(&'static str, Option<usize>);
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self.1 {
+            Some(i) => write!(f, "{}[{i}]", self.0),
+            None => f.write_str(self.0),
+        }
     }
 }
 
@@ -453,7 +505,7 @@ fn most_demanding(types: &[String]) -> Option<String> {
 
 impl References {
     /// Follows every digest one (merged) descriptor declares and returns what it followed.
-    fn follow(&mut self, at: &str, fields: &Fields, blob_sum: bool) -> Vec<Descriptor> {
+    fn follow(&mut self, at: At, fields: &Fields, blob_sum: bool) -> Vec<Descriptor> {
         let raws = if blob_sum {
             &fields.blob_sums
         } else {
@@ -501,7 +553,7 @@ impl References {
     }
 
     /// Follows a descriptor list, merging duplicate keys element by element as Go does.
-    fn follow_lists(&mut self, field: &str, lists: Vec<List>, blob_sum: bool) {
+    fn follow_lists(&mut self, field: &'static str, lists: Vec<List>, blob_sum: bool) {
         let mut slots: Vec<Fields> = Vec::new();
         for list in lists {
             let Some(items) = list.0 else {
@@ -516,13 +568,13 @@ impl References {
             }
         }
         for (i, slot) in slots.iter().enumerate() {
-            self.follow(&format!("{field}[{i}]"), slot, blob_sum);
+            self.follow(At(field, Some(i)), slot, blob_sum);
         }
     }
 
     /// Follows `config` or `subject`: every occurrence merged into one descriptor, where a
     /// null (or absent) value means there is none.
-    fn follow_single(&mut self, field: &str, entries: Vec<Entry>) -> Vec<Descriptor> {
+    fn follow_single(&mut self, field: &'static str, entries: Vec<Entry>) -> Vec<Descriptor> {
         let mut merged = Fields::default();
         for Entry(fields) in entries {
             merged.merge(fields);
@@ -532,7 +584,7 @@ impl References {
             || !merged.media_types.is_empty()
             || !merged.sizes.is_empty();
         if present {
-            self.follow(field, &merged, false)
+            self.follow(At(field, None), &merged, false)
         } else {
             Vec::new()
         }
@@ -642,8 +694,11 @@ mod tests {
         );
         assert_eq!(r.subjects.len(), 1);
         // No reference field has a 'k', but the folding is Go's all the same.
-        assert_eq!(fold_key("\u{212A}ind".as_bytes()), "KIND");
-        assert_eq!(fold_key("ſubject".as_bytes()), "SUBJECT");
+        assert_eq!(fold_char('\u{212A}'), 'K');
+        assert_eq!(field_of("ſubject".as_bytes()), Field::Subject);
+        assert_eq!(field_of("SubjecT".as_bytes()), Field::Subject);
+        assert_eq!(field_of("subjects".as_bytes()), Field::Other);
+        assert_eq!(field_of("subjec".as_bytes()), Field::Other);
         // Folding that Go does not do: a dotless i is not an i, an underscore is not dropped.
         let not_go = format!(
             r#"{{"layer_s":[{{"digest":"{}"}}],"conf\u0131g":{{"digest":"{}"}}}}"#,
