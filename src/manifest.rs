@@ -103,8 +103,8 @@ pub struct References {
     /// Descriptors ocigc cannot follow (malformed, or a digest it cannot name): kept, reported.
     pub unsupported: Vec<String>,
     /// Non-canonical digests that name a canonical one once trimmed and lower-cased. The
-    /// canonical digest is in `children` too; a marker fails the repository closed, because a
-    /// reader that normalizes would need a blob no Go reader would name.
+    /// canonical digest is in `children` too, and a marker fails the repository closed: no Go
+    /// reader names that blob, but a reader that normalizes digests would need it.
     pub ambiguous: Vec<String>,
 }
 
@@ -809,7 +809,7 @@ mod tests {
         // Deep values where descriptors are expected: skipped iteratively, never built.
         let n = MAX_NESTING_DEPTH - 10;
         let body = format!(
-            r#"{{"layers":[{}{},{{"digest":"{}","size":{}{}}}],"config":{}{}}}"#,
+            r#"{{"layers":[{}{},{{"digest":"{}","size":{}{}}},{{"digest":{}{}}}],"config":{}{}}}"#,
             "[".repeat(n),
             "]".repeat(n),
             d(1),
@@ -817,10 +817,17 @@ mod tests {
             "}".repeat(n - 5),
             "[".repeat(n),
             "]".repeat(n),
+            "[".repeat(n),
+            "]".repeat(n),
         );
         let r = references(body.as_bytes()).expect("parses");
         assert_eq!(digests(&r), vec![d(1)]);
-        assert_eq!(r.unsupported.len(), 2, "{:?}", r.unsupported);
+        let expected = [
+            "config: not an object",
+            "layers[0]: not an object",
+            "layers[2]: no digest",
+        ];
+        assert_eq!(r.unsupported, expected);
     }
 
     #[test]
