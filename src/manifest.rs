@@ -106,6 +106,9 @@ pub struct References {
     /// canonical digest is in `children` too, and a marker fails the repository closed: no Go
     /// reader names that blob, but a reader that normalizes digests would need it.
     pub ambiguous: Vec<String>,
+    /// A key Go maps to `manifests` holds a list (or null, which Go reads as an empty one):
+    /// the document is shaped like an image index.
+    pub has_manifests: bool,
 }
 
 /// Why a document could not be read as a manifest.
@@ -591,62 +594,6 @@ impl References {
     }
 }
 
-/// Whether a JSON object document has a `manifests` array (an image index), read without
-/// building the document in memory.
-pub fn has_manifests_array(body: &[u8]) -> Result<bool, ManifestError> {
-    use serde::de::{IgnoredAny, SeqAccess, Visitor};
-    /// `true` for an array (its elements skipped), `false` for any other value.
-    struct IsArray(bool);
-    impl<'de> serde::Deserialize<'de> for IsArray {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = IsArray;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("any JSON value")
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IsArray, A::Error> {
-                    while seq.next_element::<IgnoredAny>()?.is_some() {}
-                    Ok(IsArray(true))
-                }
-                fn visit_map<A: serde::de::MapAccess<'de>>(
-                    self,
-                    mut map: A,
-                ) -> Result<IsArray, A::Error> {
-                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    Ok(IsArray(false))
-                }
-                fn visit_bool<E>(self, _: bool) -> Result<IsArray, E> {
-                    Ok(IsArray(false))
-                }
-                fn visit_i64<E>(self, _: i64) -> Result<IsArray, E> {
-                    Ok(IsArray(false))
-                }
-                fn visit_u64<E>(self, _: u64) -> Result<IsArray, E> {
-                    Ok(IsArray(false))
-                }
-                fn visit_f64<E>(self, _: f64) -> Result<IsArray, E> {
-                    Ok(IsArray(false))
-                }
-                fn visit_str<E>(self, _: &str) -> Result<IsArray, E> {
-                    Ok(IsArray(false))
-                }
-                fn visit_unit<E>(self) -> Result<IsArray, E> {
-                    Ok(IsArray(false))
-                }
-            }
-            d.deserialize_any(V)
-        }
-    }
-    // Duplicate keys: the last one counts, as in Go; a case variant counts too (Go matches
-    // field names case-insensitively).
-    let fields: std::collections::HashMap<String, IsArray> =
-        serde_json::from_slice(body).map_err(|e| ManifestError::NotJson(e.to_string()))?;
-    Ok(fields
-        .iter()
-        .any(|(k, v)| v.0 && k.eq_ignore_ascii_case("manifests")))
-}
-
 /// Extracts every reference from a manifest, index or unknown JSON document.
 ///
 /// Reads what a Go registry or client would read, and more where readers could disagree (see
@@ -663,7 +610,10 @@ pub fn references(body: &[u8]) -> Result<References, ManifestError> {
         .and_then(|doc| de.end().map(|()| doc))
         .map_err(|e| ManifestError::NotJson(e.to_string()))?;
 
-    let mut refs = References::default();
+    let mut refs = References {
+        has_manifests: doc.manifests.iter().any(|l| l.0.is_some()),
+        ..References::default()
+    };
     refs.follow_lists("manifests", doc.manifests, false);
     refs.subjects = refs.follow_single("subject", doc.subject);
     refs.follow_single("config", doc.config);
