@@ -104,7 +104,7 @@ async fn delete_one(
 ) -> RepoReport {
     let dry_run = opts.dry_run;
     let mut report = RepoReport::new(name, RepoStatus::Ok);
-    let objects = match list_all(store, &layout.repository_prefix(name)).await {
+    let listed = match list_all(store, &layout.repository_prefix(name)).await {
         Ok(l) => l.objects,
         Err(e) => {
             report.status = RepoStatus::Failed;
@@ -114,6 +114,16 @@ async fn delete_one(
             return report;
         }
     };
+    // What the store cannot serve (a symlink, a special file) is never deleted through; the
+    // repository stays failed until someone looks at it, and its other keys go.
+    let (defects, objects): (Vec<_>, Vec<_>) = listed.into_iter().partition(|o| o.defect.is_some());
+    for d in &defects {
+        report.status = RepoStatus::Failed;
+        let defect = d.defect.as_deref().unwrap_or_default();
+        report
+            .errors
+            .push(format!("{} is not an object, left alone: {defect}", d.key));
+    }
     let Some(repo) = layout
         .partition(objects)
         .repositories
