@@ -18,8 +18,10 @@ use ocigc::report::{RepoStatus, Report};
 use ocigc::store::{DirStore, Store, StoreError};
 use rustix::fs::{FileType, Mode, CWD};
 
-/// Longest any run here may take; a run that hangs on a FIFO fails the test instead.
-const BOUND: Duration = Duration::from_secs(120);
+/// Longest any run here may take; a run that hangs on a FIFO fails the test instead. Below
+/// the 60 s request time-out of [`eager`], so that a read blocked on a FIFO is not rescued by
+/// the time-out (which would also leak the blocked thread).
+const BOUND: Duration = Duration::from_secs(30);
 
 /// Runs a scenario on a runtime of its own that is abandoned once the time bound passes, so
 /// that a worker thread stuck opening a FIFO fails the test instead of hanging it.

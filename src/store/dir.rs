@@ -1054,6 +1054,11 @@ mod tests {
         // Same content, no metadata: the link is gone.
         put(b"link", Metadata::new()).await.expect("rewrite");
         assert_eq!(head_meta(&store, "r/blobs/x").await, Some(Metadata::new()));
+        let sidecar = dir.path().join(META_DIR).join(sidecar_name("r/blobs/x"));
+        assert!(
+            !sidecar.exists(),
+            "a rewrite without metadata removes the sidecar"
+        );
 
         put(b"link", link.clone()).await.expect("put again");
         let other = meta(&[("timestamp", "1")]);
