@@ -791,7 +791,11 @@ fn put_sync(
     Ok(PutOutcome::Written { etag })
 }
 
-fn delete_sync(root: BorrowedFd<'_>, key: &str) -> StoreResult<()> {
+/// The parent directories of the last key a batch of deletes touched, kept open for the next
+/// key: most keys of a batch share their parent directory.
+type ParentCache = Option<(Vec<String>, Vec<OwnedFd>)>;
+
+fn delete_sync(root: BorrowedFd<'_>, key: &str, cache: &mut ParentCache) -> StoreResult<()> {
     let (parents, leaf) = split_key(key)?;
     // Without a sidecar there is nothing to keep consistent; one written concurrently that
     // this delete misses names a removed inode and so is ignored.
@@ -800,11 +804,14 @@ fn delete_sync(root: BorrowedFd<'_>, key: &str) -> StoreResult<()> {
     } else {
         None
     };
-    let chain = match open_dirs(root, &parents, false) {
-        Ok(c) => Some(c),
-        Err(r) if r.is_missing() => None,
-        Err(r) => return Err(r.into_store(Op::Delete, key)),
-    };
+    if cache.as_ref().is_none_or(|(p, _)| *p != parents) {
+        *cache = match open_dirs(root, &parents, false) {
+            Ok(c) => Some((parents.iter().map(|p| p.to_string()).collect(), c)),
+            Err(r) if r.is_missing() => None,
+            Err(r) => return Err(r.into_store(Op::Delete, key)),
+        };
+    }
+    let chain = cache.as_ref().map(|(_, c)| c);
     let mut removed = false;
     if let Some(chain) = &chain {
         let dir = tip(root, chain);
@@ -834,11 +841,17 @@ fn delete_sync(root: BorrowedFd<'_>, key: &str) -> StoreResult<()> {
     // Prune now-empty parents so a deleted repository leaves no directories behind; a parent
     // that is not empty (or that a writer just filled) simply stays. `rmdir` never follows a
     // symlink, and each parent is named relative to the directory held above it.
+    let mut pruned = false;
     for i in (0..chain.len()).rev() {
         let above = if i == 0 { root } else { chain[i - 1].as_fd() };
         if rfs::unlinkat(above, parents[i], AtFlags::REMOVEDIR).is_err() {
             break;
         }
+        pruned = true;
+    }
+    if pruned {
+        // A removed directory must not be written through again; the next key reopens.
+        *cache = None;
     }
     Ok(())
 }
@@ -937,10 +950,11 @@ impl Store for DirStore {
         let keys = keys.to_vec();
         let first = keys.first().cloned().unwrap_or_default();
         blocking(Op::Delete, &first, move || {
+            let mut cache = None;
             Ok(keys
                 .into_iter()
                 .filter_map(|key| {
-                    delete_sync(root.as_fd(), &key)
+                    delete_sync(root.as_fd(), &key, &mut cache)
                         .err()
                         .map(|e| DeleteFailure {
                             key,
@@ -1000,7 +1014,7 @@ mod tests {
                             &Metadata::new(),
                         )
                         .map_err(|e| format!("put {key}: {e}"))?;
-                        delete_sync(root.as_fd(), &key)
+                        delete_sync(root.as_fd(), &key, &mut None)
                             .map_err(|e| format!("delete {key}: {e}"))?;
                     }
                     Ok::<(), String>(())
