@@ -108,7 +108,7 @@ impl Refusal {
                 format!("{path} is a symbolic link; the directory store never follows one")
             }
             Refusal::Kind(path, kind) => format!(
-                "{path} is {}; the directory store uses only directories and regular files",
+                "{path} is {}, which the directory store cannot use there",
                 kind_name(*kind)
             ),
         }
@@ -449,8 +449,15 @@ fn walk(
                     break;
                 }
             };
-            let Ok(dir_fd) = dir.fd() else {
-                break;
+            let dir_fd = match dir.fd() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    out.emit(defect(
+                        rel.clone(),
+                        format!("directory cannot be read: {e}"),
+                    ))?;
+                    break;
+                }
             };
             list_entry(&mut out, dir_fd, &rel, entry.file_name(), &mut stack)?;
         }
