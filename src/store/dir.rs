@@ -101,6 +101,11 @@ impl Refusal {
         matches!(self, Refusal::Os(Errno::NOENT))
     }
 
+    /// Missing, or below a regular file: either way no key lies there.
+    fn is_absent(&self) -> bool {
+        matches!(self, Refusal::Os(Errno::NOENT | Errno::NOTDIR))
+    }
+
     fn reason(&self) -> String {
         match self {
             Refusal::Os(e) => e.to_string(),
@@ -251,6 +256,8 @@ fn open_child_dir(parent: BorrowedFd<'_>, name: &str, path: &str) -> Result<Owne
         Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
             Err(match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) if kind_of(&st) == FileType::Symlink => Refusal::Symlink(path.to_string()),
+                // An object where a directory would be: as on S3, nothing lies below it.
+                Ok(st) if kind_of(&st) == FileType::RegularFile => Refusal::Os(Errno::NOTDIR),
                 Ok(st) if kind_of(&st) != FileType::Directory => {
                     Refusal::Kind(path.to_string(), kind_of(&st))
                 }
@@ -319,7 +326,7 @@ fn open_object(root: BorrowedFd<'_>, key: &str, op: Op) -> StoreResult<Option<(F
     let (parents, leaf) = split_key(key)?;
     let chain = match open_dirs(root, &parents, false) {
         Ok(c) => c,
-        Err(r) if r.is_missing() => return Ok(None),
+        Err(r) if r.is_absent() => return Ok(None),
         Err(r) => return Err(r.into_store(op, key)),
     };
     match open_regular(tip(root, &chain), leaf, key) {
@@ -422,8 +429,9 @@ fn walk(
                     Err(e) => return send_err(tx, "", "opening the root", e),
                 },
             },
-            // Removed since its parent was read: a concurrent delete.
-            Err(r) if r.is_missing() => continue,
+            // Removed since its parent was read (a concurrent delete), or the prefix runs
+            // through an object.
+            Err(r) if r.is_absent() => continue,
             Err(r) => {
                 out.emit(defect(rel, r.reason()))?;
                 continue;
@@ -814,7 +822,7 @@ fn delete_sync(root: BorrowedFd<'_>, key: &str, cache: &mut ParentCache) -> Stor
     if cache.as_ref().is_none_or(|(p, _)| *p != parents) {
         *cache = match open_dirs(root, &parents, false) {
             Ok(c) => Some((parents.iter().map(|p| p.to_string()).collect(), c)),
-            Err(r) if r.is_missing() => None,
+            Err(r) if r.is_absent() => None,
             Err(r) => return Err(r.into_store(Op::Delete, key)),
         };
     }
@@ -1390,5 +1398,28 @@ mod tests {
         let all = listing(&store, "a/").await;
         assert_eq!(objects(&all), ["a/blobs/1"]);
         assert_eq!(defects(&all).len(), 1);
+    }
+
+    /// Below an object there is nothing, as on S3: not an error, and not a defect.
+    #[tokio::test]
+    async fn keys_below_an_object_are_absent() {
+        let bucket = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(bucket.path()).expect("open");
+        store
+            .put("a", Bytes::from_static(b"x"), PutCondition::None)
+            .await
+            .expect("put");
+        assert!(matches!(
+            store.get("a/b").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(store.head("a/b").await.expect("head"), None);
+        let failures = store
+            .delete_batch(&["a/b".to_string()])
+            .await
+            .expect("delete");
+        assert!(failures.is_empty(), "{failures:?}");
+        assert!(listing(&store, "a/b/").await.is_empty());
+        assert_eq!(objects(&listing(&store, "a").await), ["a"]);
     }
 }
