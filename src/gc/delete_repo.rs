@@ -106,7 +106,7 @@ async fn delete_one(
 ) -> RepoReport {
     let dry_run = opts.dry_run;
     let mut report = RepoReport::new(name, RepoStatus::Ok);
-    let (repo, linked) = match find_repository(store, layout, name, opts.concurrency).await {
+    let (mut repo, linked) = match find_repository(store, layout, name, opts.concurrency).await {
         Ok(Found::Repository(repo, linked)) => (repo, linked),
         Ok(Found::Absent) => {
             report
@@ -129,6 +129,19 @@ async fn delete_one(
             return report;
         }
     };
+    // What the store cannot serve (a symlink, a special file) is never deleted through; the
+    // repository stays failed until someone looks at it, and its other keys go.
+    let (defects, objects): (Vec<_>, Vec<_>) = std::mem::take(&mut repo.objects)
+        .into_iter()
+        .partition(|o| o.defect.is_some());
+    repo.objects = objects;
+    for d in &defects {
+        report.status = RepoStatus::Failed;
+        let defect = d.defect.as_deref().unwrap_or_default();
+        report
+            .errors
+            .push(format!("{} is not an object, left alone: {defect}", d.key));
+    }
     report.objects = repo.objects.len() as u64;
     report.bytes = repo.objects.iter().map(|o| o.size).sum();
     // Blobs that other repositories link to (or hold placeholders of) stay until those go;
@@ -238,7 +251,8 @@ enum Found {
     Repository(Repository, HashSet<Digest>),
     /// It does not exist (any more).
     Absent,
-    /// Its prefix is no repository (e.g. inside another repository's blob space): why.
+    /// Its prefix is no repository (e.g. inside another repository's blob space), or the
+    /// store cannot serve the path to it (a symlink): why.
     Rejected(String),
 }
 
@@ -253,6 +267,16 @@ async fn find_repository(
     let whole_bucket = layout.repository_depends_on_bucket();
     let prefix = layout.repository_prefix(name);
     let listing = list_all(store, if whole_bucket { "" } else { &prefix }).await?;
+    // A defect at or above the repository's path (its directory is a symlink) hides it.
+    if let Some(d) = listing.objects.iter().find(|o| {
+        o.defect.is_some() && prefix.starts_with(&format!("{}/", o.key.trim_end_matches('/')))
+    }) {
+        return Ok(Found::Rejected(format!(
+            "{}: {}",
+            d.key,
+            d.defect.as_deref().unwrap_or_default()
+        )));
+    }
     let partition = layout.partition(listing.objects);
     if let Some(r) = partition.rejected.iter().find(|r| r.prefix == prefix) {
         return Ok(Found::Rejected(r.reason.clone()));

@@ -328,6 +328,11 @@ async fn collect_all(
             source,
         })?;
 
+    // What the store cannot serve as an object (a directory store's symlinks, special files):
+    // whichever repository owns one fails closed in `collect`; the rest are warned about below.
+    let defects: Vec<(String, Box<str>)> = (listing.objects.iter().chain(&listing.state))
+        .filter_map(|o| Some((o.key.clone(), o.defect.clone()?)))
+        .collect();
     // Pending state and batch announcements by key; a repository with either needs its lease
     // even when nothing is left to delete (to update or clear them).
     let state_keys: HashSet<String> = listing
@@ -354,6 +359,22 @@ async fn collect_all(
         HashMap::new()
     };
     report.rejected = partition.rejected;
+    if !defects.is_empty() {
+        let owned: HashSet<&str> = (partition.repositories.iter().chain(&partition.global))
+            .flat_map(|r| r.objects.iter().map(|o| o.key.as_str()))
+            .collect();
+        for (key, defect) in defects
+            .into_iter()
+            .filter(|(k, _)| !owned.contains(k.as_str()))
+        {
+            tracing::warn!(%key, %defect, "not an object, owned by no repository; left alone");
+            report.rejected.push(crate::layout::Rejected {
+                reason: format!("not an object: {defect}"),
+                prefix: key,
+                objects: 0,
+            });
+        }
+    }
     report.unowned_objects = partition.unowned;
     for r in &report.rejected {
         tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
@@ -594,6 +615,19 @@ impl RepoRun<'_> {
         let mut report = RepoReport::new(&repo.name, RepoStatus::Ok);
         report.objects = repo.objects.len() as u64;
         report.bytes = repo.objects.iter().map(|o| o.size).sum();
+        let defects: Vec<String> = (repo.objects.iter())
+            .filter_map(|o| Some(format!("{} ({})", o.key, o.defect.as_deref()?)))
+            .collect();
+        if !defects.is_empty() {
+            // What cannot be read may be a manifest or a blob some image needs.
+            tracing::error!(repo = %repo.name, ?defects, "repository failed closed");
+            report.status = RepoStatus::Failed;
+            report.errors.push(format!(
+                "failed closed, nothing deleted: not objects: {}",
+                defects.join("; ")
+            ));
+            return report;
+        }
         let now = Instant::now();
         if self.run_deadline.is_some_and(|d| now >= d) {
             report.status = RepoStatus::Skipped;

@@ -49,7 +49,8 @@ fn blob_digest(rest: &str) -> Option<Digest> {
 }
 
 fn is_placeholder(object: &ObjectMeta, digest: &Digest) -> bool {
-    object.size == 0 && !EMPTY_CONTENT.contains(&digest.as_str())
+    // A defect (a FIFO, a symlink) lists as 0 bytes too, and is no placeholder.
+    object.size == 0 && object.defect.is_none() && !EMPTY_CONTENT.contains(&digest.as_str())
 }
 
 /// The repository prefix whose `blobs/` holds `prefix`, if any: such a layout is content of

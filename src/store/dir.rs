@@ -5,19 +5,35 @@
 //! on one lock file, which makes `If-None-Match`/`If-Match` atomic just as on S3. ETags are
 //! content hashes: mtimes are too coarse to tell two quick writes apart.
 //!
+//! Nothing below the root is reached through a symbolic link: every operation walks from a
+//! descriptor of the root one component at a time with `O_NOFOLLOW | O_DIRECTORY` (`openat`,
+//! `mkdirat`, `renameat`, `unlinkat`), holding each directory it passes, so replacing a
+//! component by a symlink mid-operation cannot redirect it outside the bucket. Only regular
+//! files are read: the entry is checked with `lstat`, opened `O_NOFOLLOW | O_NONBLOCK` and
+//! checked again with `fstat` (the one window left: a device node swapped in between the two
+//! checks gets opened, non-blocking, and then refused unread). A listing reports what it
+//! cannot serve (symlinks, special files, unreadable directories, names that are not UTF-8)
+//! as entries with a `defect` instead of skipping them, so that whatever owns them fails closed.
+//!
 //! User metadata lives in a sidecar file under [`META_DIR`], named by a hash of the key. The
 //! sidecar names the inode and ETag of the object it belongs to and counts only while both
 //! match: a rename keeps the inode, so writing the sidecar first and renaming the object in
 //! second makes the pair appear at once, and a sidecar left by a crash or by a later write
 //! without metadata describes another inode and is ignored.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Write};
-use std::path::{Path, PathBuf};
+use std::ffi::CStr;
+use std::fs::File;
+use std::io::{self, Read as _, Write as _};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use rustix::fs::{self as rfs, AtFlags, Dir, FileType, Mode, OFlags, Stat};
+use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
 
 use super::{
@@ -30,50 +46,134 @@ const TMP_DIR: &str = ".ocigc-tmp";
 /// Directory (relative to the root) that holds metadata sidecars; never listed, never a key.
 const META_DIR: &str = ".ocigc-meta";
 const PAGE: usize = 1000;
+/// Rounds of "create the parents, rename in" before a put racing with pruning gives up.
+const ATTEMPTS: usize = 16;
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
 
 /// A directory on the local file system used as a bucket.
 #[derive(Clone, Debug)]
 pub struct DirStore {
     root: PathBuf,
+    fd: Arc<OwnedFd>,
 }
 
 impl DirStore {
-    /// Opens a directory as a bucket; it must exist.
+    /// Opens a directory as a bucket; it must exist. The root itself may be a symlink.
     pub fn open(root: impl Into<PathBuf>) -> StoreResult<DirStore> {
         let root = root.into();
-        match fs::metadata(&root) {
-            Ok(m) if m.is_dir() => Ok(DirStore { root }),
-            Ok(_) => Err(request_err(Op::List, "", "is not a directory", &root)),
-            Err(e) => Err(request_err(Op::List, "", &e.to_string(), &root)),
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        match rfs::open(&root, flags, Mode::empty()) {
+            Ok(fd) => Ok(DirStore {
+                root,
+                fd: Arc::new(fd),
+            }),
+            Err(Errno::NOTDIR) => Err(StoreError::Request {
+                op: Op::List,
+                key: String::new(),
+                message: format!("{} is not a directory", root.display()),
+            }),
+            Err(e) => Err(StoreError::Request {
+                op: Op::List,
+                key: String::new(),
+                message: format!("opening {}: {e}", root.display()),
+            }),
         }
-    }
-
-    fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
-        validate_key(key)?;
-        Ok(self.root.join(key))
     }
 }
 
-fn request_err(op: Op, key: &str, message: &str, root: &Path) -> StoreError {
-    StoreError::Request {
-        op,
-        key: key.to_string(),
-        message: format!("{message} (directory {})", root.display()),
+/// Why a step below the root was refused or failed.
+#[derive(Debug)]
+enum Refusal {
+    /// The system call failed; `NOENT` means missing.
+    Os(Errno),
+    /// The entry at this relative path is a symbolic link.
+    Symlink(String),
+    /// The entry at this relative path is of a kind the operation cannot use.
+    Kind(String, FileType),
+}
+
+impl Refusal {
+    fn is_missing(&self) -> bool {
+        matches!(self, Refusal::Os(Errno::NOENT))
+    }
+
+    /// Missing, or below a regular file: either way no key lies there.
+    fn is_absent(&self) -> bool {
+        matches!(self, Refusal::Os(Errno::NOENT | Errno::NOTDIR))
+    }
+
+    fn reason(&self) -> String {
+        match self {
+            Refusal::Os(e) => e.to_string(),
+            Refusal::Symlink(path) => {
+                format!("{path} is a symbolic link; the directory store never follows one")
+            }
+            Refusal::Kind(path, kind) => format!(
+                "{path} is {}, which the directory store cannot use there",
+                kind_name(*kind)
+            ),
+        }
+    }
+
+    fn into_store(self, op: Op, key: &str) -> StoreError {
+        match self {
+            Refusal::Os(Errno::NOENT) => StoreError::NotFound {
+                op,
+                key: key.to_string(),
+            },
+            other => StoreError::Request {
+                op,
+                key: key.to_string(),
+                message: other.reason(),
+            },
+        }
     }
 }
 
-fn io_err(op: Op, key: &str, e: io::Error) -> StoreError {
-    if e.kind() == io::ErrorKind::NotFound {
-        StoreError::NotFound {
-            op,
-            key: key.to_string(),
-        }
+fn kind_name(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symbolic link",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        _ => "a file of unknown type",
+    }
+}
+
+fn kind_of(st: &Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}
+
+/// Size, modification time and identity of a `stat`.
+struct Facts {
+    size: u64,
+    modified: SystemTime,
+    dev: u64,
+    ino: u64,
+}
+
+// The field types of `Stat` differ between targets; on some these casts are no-ops.
+#[allow(clippy::unnecessary_cast)]
+fn facts(st: &Stat) -> Facts {
+    let secs = st.st_mtime as i64;
+    let nanos = Duration::from_nanos(st.st_mtime_nsec as u64);
+    let modified = if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs()) + nanos
     } else {
-        StoreError::Request {
-            op,
-            key: key.to_string(),
-            message: e.to_string(),
-        }
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + nanos
+    };
+    Facts {
+        size: u64::try_from(st.st_size as i64).unwrap_or(0),
+        modified,
+        dev: st.st_dev as u64,
+        ino: st.st_ino as u64,
     }
 }
 
@@ -103,6 +203,14 @@ fn validate_key(key: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// A validated key split into its parent directories and its file name.
+fn split_key(key: &str) -> StoreResult<(Vec<&str>, &str)> {
+    validate_key(key)?;
+    let mut parts: Vec<&str> = key.split('/').collect();
+    let leaf = parts.pop().unwrap_or_default();
+    Ok((parts, leaf))
+}
+
 fn etag_of(body: &[u8]) -> String {
     etag_of_hash(&Sha256::digest(body))
 }
@@ -119,6 +227,14 @@ fn etag_of_reader(mut file: impl io::Read) -> io::Result<String> {
     Ok(etag_of_hash(&hasher.finalize()))
 }
 
+fn io_request(op: Op, key: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Request {
+        op,
+        key: key.to_string(),
+        message: format!("{what}: {e}"),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     op: Op,
     key: &str,
@@ -133,119 +249,379 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
-/// Walks `dir`, sending pages of objects whose key starts with `prefix`.
+/// Opens `name` in `parent` as a directory, refusing a symlink or anything else.
+fn open_child_dir(parent: BorrowedFd<'_>, name: &str, path: &str) -> Result<OwnedFd, Refusal> {
+    match rfs::openat(parent, name, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => Ok(fd),
+        Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
+            Err(match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if kind_of(&st) == FileType::Symlink => Refusal::Symlink(path.to_string()),
+                // An object where a directory would be: as on S3, nothing lies below it.
+                Ok(st) if kind_of(&st) == FileType::RegularFile => Refusal::Os(Errno::NOTDIR),
+                Ok(st) if kind_of(&st) != FileType::Directory => {
+                    Refusal::Kind(path.to_string(), kind_of(&st))
+                }
+                _ => Refusal::Os(e),
+            })
+        }
+        Err(e) => Err(Refusal::Os(e)),
+    }
+}
+
+/// Opens the directories `comps` below the root one by one, never through a symlink, creating
+/// missing ones when asked. Returns every directory on the way, deepest last.
+fn open_dirs(root: BorrowedFd<'_>, comps: &[&str], create: bool) -> Result<Vec<OwnedFd>, Refusal> {
+    let mut chain: Vec<OwnedFd> = Vec::with_capacity(comps.len());
+    for (i, name) in comps.iter().enumerate() {
+        let parent = chain.last().map_or(root, |fd| fd.as_fd());
+        let path = comps[..=i].join("/");
+        let mut made = false;
+        let fd = loop {
+            match open_child_dir(parent, name, &path) {
+                Err(r) if r.is_missing() && create && !made => {
+                    made = true;
+                    // The umask trims this, as for `mkdir -p`.
+                    match rfs::mkdirat(parent, *name, Mode::from_bits_truncate(0o777)) {
+                        Ok(()) | Err(Errno::EXIST) => continue,
+                        Err(e) => return Err(Refusal::Os(e)),
+                    }
+                }
+                other => break other?,
+            }
+        };
+        chain.push(fd);
+    }
+    Ok(chain)
+}
+
+/// The deepest directory of a chain from [`open_dirs`].
+fn tip<'a>(root: BorrowedFd<'a>, chain: &'a [OwnedFd]) -> BorrowedFd<'a> {
+    chain.last().map_or(root, |fd| fd.as_fd())
+}
+
+/// Opens `name` in `dir` for reading if, and only if, it is a regular file.
+fn open_regular(dir: BorrowedFd<'_>, name: &str, path: &str) -> Result<(File, Stat), Refusal> {
+    let check = |st: &Stat| match kind_of(st) {
+        FileType::RegularFile => Ok(()),
+        FileType::Symlink => Err(Refusal::Symlink(path.to_string())),
+        other => Err(Refusal::Kind(path.to_string(), other)),
+    };
+    // Checked before opening, because opening a device or FIFO can block or act on it.
+    check(&rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(Refusal::Os)?)?;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let fd = match rfs::openat(dir, name, flags | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::LOOP) => return Err(Refusal::Symlink(path.to_string())),
+        Err(e) => return Err(Refusal::Os(e)),
+    };
+    // And after, because the entry may have been swapped in between.
+    let st = rfs::fstat(&fd).map_err(Refusal::Os)?;
+    check(&st)?;
+    Ok((File::from(fd), st))
+}
+
+/// The regular file at `key`, with its `stat`; `None` if there is none (a directory at the key
+/// is a prefix, not an object, as on S3).
+fn open_object(root: BorrowedFd<'_>, key: &str, op: Op) -> StoreResult<Option<(File, Stat)>> {
+    let (parents, leaf) = split_key(key)?;
+    let chain = match open_dirs(root, &parents, false) {
+        Ok(c) => c,
+        Err(r) if r.is_absent() => return Ok(None),
+        Err(r) => return Err(r.into_store(op, key)),
+    };
+    match open_regular(tip(root, &chain), leaf, key) {
+        Ok(found) => Ok(Some(found)),
+        Err(Refusal::Kind(_, FileType::Directory)) => Ok(None),
+        Err(r) if r.is_missing() => Ok(None),
+        Err(r) => Err(r.into_store(op, key)),
+    }
+}
+
+/// A listing entry for something that is not an object. Its time is now, so nothing that goes
+/// by age treats it as old, and a listing fingerprint with it never repeats.
+fn defect(key: String, reason: String) -> ObjectMeta {
+    let mut meta = ObjectMeta::new(key, 0, SystemTime::now(), None);
+    meta.defect = Some(reason.into_boxed_str());
+    meta
+}
+
+/// Reads a directory's entries; a parameter so that tests can make a directory unreadable,
+/// which permissions cannot do for root.
+type OpenListing<'a> = &'a (dyn Fn(&str, OwnedFd) -> io::Result<Dir> + Sync);
+
+fn open_listing(_rel: &str, fd: OwnedFd) -> io::Result<Dir> {
+    Ok(Dir::new(fd)?)
+}
+
+/// One listing in progress: the page being filled and where pages go.
+struct Lister<'a> {
+    prefix: &'a str,
+    tx: &'a tokio::sync::mpsc::Sender<StoreResult<Vec<ObjectMeta>>>,
+    page: Vec<ObjectMeta>,
+    sent_any: bool,
+}
+
+impl Lister<'_> {
+    /// Adds an entry; `Err` once the receiver is gone.
+    fn emit(&mut self, meta: ObjectMeta) -> Result<(), ()> {
+        self.page.push(meta);
+        if self.page.len() == PAGE {
+            let page = std::mem::replace(&mut self.page, Vec::with_capacity(PAGE));
+            self.tx.blocking_send(Ok(page)).map_err(|_| ())?;
+            self.sent_any = true;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), ()> {
+        // Like S3, a listing is at least one (possibly empty) page.
+        if !self.page.is_empty() || !self.sent_any {
+            self.tx.blocking_send(Ok(self.page)).map_err(|_| ())?;
+        }
+        Ok(())
+    }
+}
+
+/// Walks the tree from the deepest directory `prefix` names, sending pages of what it finds
+/// under `prefix`.
 fn walk(
-    root: &Path,
-    start: &Path,
+    root: BorrowedFd<'_>,
     prefix: &str,
     tx: &tokio::sync::mpsc::Sender<StoreResult<Vec<ObjectMeta>>>,
+    read_dir: OpenListing<'_>,
 ) -> Result<(), ()> {
-    let mut page = Vec::with_capacity(PAGE);
-    let mut sent_any = false;
-    let mut stack = vec![start.to_path_buf()];
-    let send = |item| tx.blocking_send(item).map_err(|_| ());
-    while let Some(dir) = stack.pop() {
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return send(Err(io_err(Op::List, &dir.to_string_lossy(), e))),
+    let mut out = Lister {
+        prefix,
+        tx,
+        page: Vec::with_capacity(PAGE),
+        sent_any: false,
+    };
+    let start: Vec<&str> = match prefix.rfind('/') {
+        Some(i) => prefix[..i].split('/').collect(),
+        None => Vec::new(),
+    };
+    // No valid key lies below such a directory, and the store's own files are never listed.
+    let unreachable = start
+        .iter()
+        .any(|c| c.is_empty() || *c == "." || *c == "..")
+        || start
+            .first()
+            .is_some_and(|c| *c == TMP_DIR || *c == META_DIR);
+    if unreachable {
+        return out.finish();
+    }
+    // Directories still to read, by relative path; each is reopened from the root when its
+    // turn comes, so a wide tree does not hold a descriptor per pending directory.
+    let mut stack = vec![start.join("/")];
+    while let Some(rel) = stack.pop() {
+        let comps: Vec<&str> = if rel.is_empty() {
+            Vec::new()
+        } else {
+            rel.split('/').collect()
         };
-        for entry in entries {
+        let fd = match open_dirs(root, &comps, false) {
+            Ok(mut chain) => match chain.pop() {
+                Some(fd) => fd,
+                // A descriptor of its own: a duplicate would share the read position with
+                // every other listing.
+                None => match rfs::openat(root, ".", DIR_FLAGS, Mode::empty()) {
+                    Ok(fd) => fd,
+                    Err(e) => return send_err(tx, "", "opening the root", e),
+                },
+            },
+            // Removed since its parent was read (a concurrent delete), or the prefix runs
+            // through an object.
+            Err(r) if r.is_absent() => continue,
+            Err(r) => {
+                out.emit(defect(rel, r.reason()))?;
+                continue;
+            }
+        };
+        let mut dir = match read_dir(&rel, fd) {
+            Ok(d) => d,
+            Err(e) if rel.is_empty() => return send_err(tx, "", "reading the root", e),
+            Err(e) => {
+                out.emit(defect(rel, format!("directory cannot be read: {e}")))?;
+                continue;
+            }
+        };
+        while let Some(entry) = dir.read() {
             let entry = match entry {
                 Ok(e) => e,
-                Err(e) => return send(Err(io_err(Op::List, &dir.to_string_lossy(), e))),
-            };
-            let path = entry.path();
-            let Ok(rel) = path.strip_prefix(root) else {
-                continue;
-            };
-            let Some(key) = rel.to_str().map(str::to_string) else {
-                // Not UTF-8: cannot be an S3 key; leaving it alone is the safe choice.
-                continue;
-            };
-            if key == TMP_DIR || key == META_DIR {
-                continue;
-            }
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                // Deleted between readdir and stat: a concurrent writer or collector.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return send(Err(io_err(Op::List, &key, e))),
-            };
-            if meta.is_dir() {
-                if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
-                    stack.push(path);
+                Err(e) if rel.is_empty() => return send_err(tx, "", "reading the root", e),
+                Err(e) => {
+                    out.emit(defect(
+                        rel.clone(),
+                        format!("directory cannot be read: {e}"),
+                    ))?;
+                    break;
                 }
-                continue;
-            }
-            if !meta.is_file() || !key.starts_with(prefix) {
-                continue;
-            }
-            let last_modified = match meta.modified() {
-                Ok(t) => t,
-                Err(e) => return send(Err(io_err(Op::List, &key, e))),
             };
-            page.push(ObjectMeta::new(key, meta.len(), last_modified, None));
-            if page.len() == PAGE {
-                send(Ok(std::mem::replace(&mut page, Vec::with_capacity(PAGE))))?;
-                sent_any = true;
-            }
+            let dir_fd = match dir.fd() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    out.emit(defect(
+                        rel.clone(),
+                        format!("directory cannot be read: {e}"),
+                    ))?;
+                    break;
+                }
+            };
+            list_entry(&mut out, dir_fd, &rel, entry.file_name(), &mut stack)?;
         }
     }
-    // Like S3, a listing is at least one (possibly empty) page.
-    if !page.is_empty() || !sent_any {
-        send(Ok(page))?;
+    out.finish()
+}
+
+fn send_err(
+    tx: &tokio::sync::mpsc::Sender<StoreResult<Vec<ObjectMeta>>>,
+    key: &str,
+    what: &str,
+    e: impl std::fmt::Display,
+) -> Result<(), ()> {
+    tx.blocking_send(Err(io_request(Op::List, key, what, e)))
+        .map_err(|_| ())
+}
+
+/// Lists one directory entry: an object, a directory to walk later, or a defect.
+fn list_entry(
+    out: &mut Lister<'_>,
+    dir: BorrowedFd<'_>,
+    rel: &str,
+    name: &CStr,
+    stack: &mut Vec<String>,
+) -> Result<(), ()> {
+    let bytes = name.to_bytes();
+    if bytes == b"." || bytes == b".." {
+        return Ok(());
     }
-    Ok(())
-}
-
-fn write_tmp(root: &Path, key: &str, body: &[u8]) -> StoreResult<PathBuf> {
-    let tmp_dir = root.join(TMP_DIR);
-    fs::create_dir_all(&tmp_dir).map_err(|e| io_err(Op::Put, key, e))?;
-    let tmp = tmp_dir.join(uuid::Uuid::new_v4().to_string());
-    let mut f = File::create(&tmp).map_err(|e| io_err(Op::Put, key, e))?;
-    f.write_all(body)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io_err(Op::Put, key, e))?;
-    Ok(tmp)
-}
-
-/// Renames `tmp` to `dest`, re-creating parents that a concurrent delete may have just pruned.
-///
-/// A prune can remove a parent between `mkdir` reporting "exists" and the check that it is a
-/// directory, so `create_dir_all` may fail with `AlreadyExists` as well as `NotFound`; both mean
-/// "try again", not "give up".
-fn install(tmp: &Path, dest: &Path, key: &str) -> StoreResult<()> {
-    const ATTEMPTS: usize = 16;
-    let racing = |e: &io::Error| {
-        matches!(
-            e.kind(),
-            io::ErrorKind::NotFound | io::ErrorKind::AlreadyExists
-        )
+    let lossy = String::from_utf8_lossy(bytes);
+    if rel.is_empty() && (lossy == TMP_DIR || lossy == META_DIR) {
+        return Ok(());
+    }
+    let key = if rel.is_empty() {
+        lossy.into_owned()
+    } else {
+        format!("{rel}/{lossy}")
     };
-    let mut last = None;
-    for _ in 0..ATTEMPTS {
-        if let Some(parent) = dest.parent() {
-            match fs::create_dir_all(parent) {
-                Ok(()) => {}
-                Err(e) if racing(&e) => {
-                    last = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(io_err(Op::Put, key, e)),
-            }
+    let inside = key.starts_with(out.prefix);
+    let above = out.prefix.starts_with(&format!("{key}/"));
+    if !inside && !above {
+        return Ok(());
+    }
+    let Ok(name) = name.to_str() else {
+        return out.emit(defect(key, "the name is not UTF-8".into()));
+    };
+    let st = match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        // Removed since the directory was read: a concurrent delete.
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return out.emit(defect(key, format!("cannot stat: {e}"))),
+    };
+    match kind_of(&st) {
+        FileType::RegularFile if inside => {
+            let f = facts(&st);
+            out.emit(ObjectMeta::new(key, f.size, f.modified, None))
         }
-        match fs::rename(tmp, dest) {
+        // A file where the prefix needs a directory: nothing can lie below it.
+        FileType::RegularFile => Ok(()),
+        FileType::Directory => {
+            stack.push(key);
+            Ok(())
+        }
+        FileType::Symlink => out.emit(defect(
+            key,
+            "a symbolic link; the directory store never follows one".into(),
+        )),
+        other if inside => out.emit(defect(
+            key,
+            format!("{}, not a regular file", kind_name(other)),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A temporary file in [`TMP_DIR`], removed when dropped unless it was renamed away.
+struct Staged {
+    dir: OwnedFd,
+    name: String,
+    stat: Stat,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // After a successful rename the name is gone and this fails harmlessly.
+        let _ = rfs::unlinkat(&self.dir, self.name.as_str(), AtFlags::empty());
+    }
+}
+
+fn write_tmp(root: BorrowedFd<'_>, key: &str, body: &[u8]) -> StoreResult<Staged> {
+    let mut chain = open_dirs(root, &[TMP_DIR], true).map_err(|r| r.into_store(Op::Put, key))?;
+    let Some(dir) = chain.pop() else {
+        return Err(io_request(Op::Put, key, "temporary directory", "missing"));
+    };
+    let name = uuid::Uuid::new_v4().to_string();
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
+    let fd = rfs::openat(
+        &dir,
+        name.as_str(),
+        flags | OFlags::CLOEXEC,
+        Mode::from_bits_truncate(0o666),
+    )
+    .map_err(|e| io_request(Op::Put, key, "creating a temporary file", e))?;
+    let mut file = File::from(fd);
+    let stat = match rfs::fstat(&file) {
+        Ok(st) => st,
+        Err(e) => {
+            let _ = rfs::unlinkat(&dir, name.as_str(), AtFlags::empty());
+            return Err(io_request(Op::Put, key, "stat of a temporary file", e));
+        }
+    };
+    // From here on, dropping `staged` removes the file again.
+    let staged = Staged { dir, name, stat };
+    file.write_all(body)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| io_request(Op::Put, key, "writing a temporary file", e))?;
+    Ok(staged)
+}
+
+/// Renames `staged` to `key`, re-creating parents that a concurrent delete may have just
+/// pruned. Refuses to replace anything but a regular file.
+fn install(root: BorrowedFd<'_>, staged: &Staged, key: &str) -> StoreResult<()> {
+    let (parents, leaf) = split_key(key)?;
+    let mut last = Errno::NOENT;
+    for _ in 0..ATTEMPTS {
+        let chain = match open_dirs(root, &parents, true) {
+            Ok(c) => c,
+            Err(Refusal::Os(e)) if e == Errno::NOENT => {
+                last = e;
+                continue;
+            }
+            Err(r) => return Err(r.into_store(Op::Put, key)),
+        };
+        let dir = tip(root, &chain);
+        match rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if kind_of(&st) == FileType::Symlink => {
+                return Err(Refusal::Symlink(key.to_string()).into_store(Op::Put, key))
+            }
+            Ok(st) if kind_of(&st) != FileType::RegularFile => {
+                return Err(Refusal::Kind(key.to_string(), kind_of(&st)).into_store(Op::Put, key))
+            }
+            Ok(_) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(io_request(Op::Put, key, "stat", e)),
+        }
+        match rfs::renameat(&staged.dir, staged.name.as_str(), dir, leaf) {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => last = Some(e),
-            Err(e) => return Err(io_err(Op::Put, key, e)),
+            // The parent was pruned after it was opened: open it again.
+            Err(e) if e == Errno::NOENT => last = e,
+            Err(e) => return Err(io_request(Op::Put, key, "rename", e)),
         }
     }
-    let _ = fs::remove_file(tmp);
-    Err(io_err(
+    Err(io_request(
         Op::Put,
         key,
-        last.unwrap_or_else(|| io::Error::other("rename failed")),
+        "rename kept racing with pruning",
+        last,
     ))
 }
 
@@ -262,56 +638,86 @@ struct Sidecar {
 /// Largest sidecar read back; S3 itself allows 2 KiB of user metadata.
 const SIDECAR_LIMIT: u64 = 64 * 1024;
 
-fn sidecar_path(root: &Path, key: &str) -> PathBuf {
-    let hash = Sha256::digest(key.as_bytes());
-    let name: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    root.join(META_DIR).join(name)
+fn sidecar_name(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
-/// Installs the sidecar for the object about to be renamed in from `tmp`.
+/// The metadata directory, `None` if it does not exist yet.
+fn meta_dir(root: BorrowedFd<'_>, create: bool, op: Op, key: &str) -> StoreResult<Option<OwnedFd>> {
+    match open_dirs(root, &[META_DIR], create) {
+        Ok(mut chain) => Ok(chain.pop()),
+        Err(r) if r.is_missing() => Ok(None),
+        Err(r) => Err(io_request(op, key, "metadata directory", r.reason())),
+    }
+}
+
+fn sidecar_exists(root: BorrowedFd<'_>, key: &str, op: Op) -> StoreResult<bool> {
+    let Some(dir) = meta_dir(root, false, op, key)? else {
+        return Ok(false);
+    };
+    match rfs::statat(&dir, sidecar_name(key).as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(io_request(op, key, "metadata", e)),
+    }
+}
+
+/// Installs the sidecar for the object about to be renamed in from `object`.
 fn write_sidecar(
-    root: &Path,
+    root: BorrowedFd<'_>,
     key: &str,
-    tmp: &Path,
+    object: &Staged,
     etag: &str,
     metadata: &Metadata,
 ) -> StoreResult<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    let stat = fs::symlink_metadata(tmp).map_err(|e| io_err(Op::Put, key, e))?;
+    let f = facts(&object.stat);
     let sidecar = Sidecar {
         key: key.to_string(),
-        dev: stat.dev(),
-        ino: stat.ino(),
+        dev: f.dev,
+        ino: f.ino,
         etag: etag.to_string(),
         metadata: metadata.clone(),
     };
-    let body = serde_json::to_vec(&sidecar).map_err(|e| StoreError::Request {
-        op: Op::Put,
-        key: key.to_string(),
-        message: format!("encoding metadata: {e}"),
-    })?;
+    let body = serde_json::to_vec(&sidecar)
+        .map_err(|e| io_request(Op::Put, key, "encoding metadata", e))?;
     let staged = write_tmp(root, key, &body)?;
-    let dest = sidecar_path(root, key);
-    install(&staged, &dest, key)
+    let Some(dir) = meta_dir(root, true, Op::Put, key)? else {
+        return Err(io_request(Op::Put, key, "metadata directory", "missing"));
+    };
+    rfs::renameat(
+        &staged.dir,
+        staged.name.as_str(),
+        &dir,
+        sidecar_name(key).as_str(),
+    )
+    .map_err(|e| io_request(Op::Put, key, "installing metadata", e))
 }
 
-/// The metadata recorded for the object `key` whose inode is `(dev, ino)` and content `etag`;
-/// empty when no sidecar describes exactly that object.
-fn read_sidecar(root: &Path, key: &str, dev: u64, ino: u64, etag: &str) -> StoreResult<Metadata> {
-    let file = match File::open(sidecar_path(root, key)) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Metadata::new()),
-        Err(e) => return Err(io_err(Op::Head, key, e)),
+/// The metadata recorded for the object `key` whose `stat` is `st` and content `etag`; empty
+/// when no sidecar describes exactly that object.
+fn read_sidecar(root: BorrowedFd<'_>, key: &str, st: &Stat, etag: &str) -> StoreResult<Metadata> {
+    let Some(dir) = meta_dir(root, false, Op::Head, key)? else {
+        return Ok(Metadata::new());
+    };
+    let name = sidecar_name(key);
+    let file = match open_regular(dir.as_fd(), &name, &format!("{META_DIR}/{name}")) {
+        Ok((file, _)) => file,
+        Err(r) if r.is_missing() => return Ok(Metadata::new()),
+        Err(r) => return Err(io_request(Op::Head, key, "metadata", r.reason())),
     };
     let mut body = Vec::new();
     io::Read::take(file, SIDECAR_LIMIT)
         .read_to_end(&mut body)
-        .map_err(|e| io_err(Op::Head, key, e))?;
+        .map_err(|e| io_request(Op::Head, key, "reading metadata", e))?;
     // A sidecar that does not parse cannot describe this object: the write that left it died.
     let Ok(sidecar) = serde_json::from_slice::<Sidecar>(&body) else {
         return Ok(Metadata::new());
     };
-    let ours = sidecar.key == key && sidecar.dev == dev && sidecar.ino == ino;
+    let f = facts(st);
+    let ours = sidecar.key == key && sidecar.dev == f.dev && sidecar.ino == f.ino;
     Ok(if ours && sidecar.etag == etag {
         sidecar.metadata
     } else {
@@ -319,108 +725,148 @@ fn read_sidecar(root: &Path, key: &str, dev: u64, ino: u64, etag: &str) -> Store
     })
 }
 
-fn remove_sidecar(root: &Path, key: &str, op: Op) -> StoreResult<()> {
-    match fs::remove_file(sidecar_path(root, key)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(op, key, e)),
+fn remove_sidecar(root: BorrowedFd<'_>, key: &str, op: Op) -> StoreResult<()> {
+    let Some(dir) = meta_dir(root, false, op, key)? else {
+        return Ok(());
+    };
+    match rfs::unlinkat(&dir, sidecar_name(key).as_str(), AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(io_request(op, key, "removing metadata", e)),
     }
 }
 
 /// Takes the store-wide lock that serialises conditional writes and sidecar changes; dropping
 /// the file releases it.
-fn lock(root: &Path, key: &str, op: Op) -> StoreResult<File> {
-    let dir = root.join(TMP_DIR);
-    fs::create_dir_all(&dir).map_err(|e| io_err(op, key, e))?;
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(".lock"))
-        .map_err(|e| io_err(op, key, e))?;
-    lock.lock().map_err(|e| io_err(op, key, e))?;
+fn lock(root: BorrowedFd<'_>, key: &str, op: Op) -> StoreResult<File> {
+    let mut chain = open_dirs(root, &[TMP_DIR], true).map_err(|r| r.into_store(op, key))?;
+    let Some(dir) = chain.pop() else {
+        return Err(io_request(op, key, "temporary directory", "missing"));
+    };
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    let fd = rfs::openat(
+        &dir,
+        ".lock",
+        flags | OFlags::CLOEXEC,
+        Mode::from_bits_truncate(0o666),
+    )
+    .map_err(|e| io_request(op, key, "opening the lock file", e))?;
+    let st = rfs::fstat(&fd).map_err(|e| io_request(op, key, "lock file", e))?;
+    if kind_of(&st) != FileType::RegularFile {
+        return Err(io_request(op, key, "lock file", kind_name(kind_of(&st))));
+    }
+    let lock = File::from(fd);
+    lock.lock()
+        .map_err(|e| io_request(op, key, "taking the lock", e))?;
     Ok(lock)
 }
 
-fn current_etag(path: &Path, key: &str) -> StoreResult<Option<String>> {
-    match File::open(path).and_then(etag_of_reader) {
-        Ok(etag) => Ok(Some(etag)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(Op::Put, key, e)),
+/// The ETag of the object at `key` now, `None` if there is none.
+fn current_etag(root: BorrowedFd<'_>, key: &str) -> StoreResult<Option<String>> {
+    match open_object(root, key, Op::Put)? {
+        Some((file, _)) => etag_of_reader(file)
+            .map(Some)
+            .map_err(|e| io_request(Op::Put, key, "reading", e)),
+        None => Ok(None),
     }
 }
 
 fn put_sync(
-    root: &Path,
+    root: BorrowedFd<'_>,
     key: &str,
-    dest: &Path,
     body: &[u8],
     condition: &PutCondition,
     metadata: &Metadata,
 ) -> StoreResult<PutOutcome> {
+    validate_key(key)?;
     let etag = etag_of(body);
-    let tmp = write_tmp(root, key, body)?;
-    let has_sidecar = sidecar_path(root, key).exists();
+    let staged = write_tmp(root, key, body)?;
+    let has_sidecar = sidecar_exists(root, key, Op::Put)?;
     if *condition == PutCondition::None && metadata.is_empty() && !has_sidecar {
-        install(&tmp, dest, key)?;
+        install(root, &staged, key)?;
         return Ok(PutOutcome::Written { etag });
     }
     let lock = lock(root, key, Op::Put)?;
-    let holds = match (condition, current_etag(dest, key)?) {
-        (PutCondition::IfNoneMatch, current) => current.is_none(),
-        (PutCondition::IfMatch(want), Some(current)) => *want == current,
-        (PutCondition::IfMatch(_), None) => false,
-        (PutCondition::None, _) => true,
+    let holds = match condition {
+        PutCondition::None => true,
+        PutCondition::IfNoneMatch => current_etag(root, key)?.is_none(),
+        PutCondition::IfMatch(want) => current_etag(root, key)?.as_ref() == Some(want),
     };
-    let outcome = if holds {
-        // The sidecar goes first, naming the inode the rename is about to put in place.
-        if !metadata.is_empty() {
-            write_sidecar(root, key, &tmp, &etag, metadata)?;
-        }
-        install(&tmp, dest, key)?;
-        if metadata.is_empty() {
-            remove_sidecar(root, key, Op::Put)?;
-        }
-        Ok(PutOutcome::Written { etag })
-    } else {
-        let _ = fs::remove_file(&tmp);
-        Ok(PutOutcome::PreconditionFailed)
-    };
-    // Dropping the file releases the lock.
+    if !holds {
+        return Ok(PutOutcome::PreconditionFailed);
+    }
+    // The sidecar goes first, naming the inode the rename is about to put in place.
+    if !metadata.is_empty() {
+        write_sidecar(root, key, &staged, &etag, metadata)?;
+    }
+    install(root, &staged, key)?;
+    if metadata.is_empty() {
+        remove_sidecar(root, key, Op::Put)?;
+    }
     drop(lock);
-    outcome
+    Ok(PutOutcome::Written { etag })
 }
 
-fn delete_sync(root: &Path, key: &str) -> Result<(), String> {
-    validate_key(key).map_err(|e| e.to_string())?;
-    let path = root.join(key);
+/// The parent directories of the last key a batch of deletes touched, kept open for the next
+/// key: most keys of a batch share their parent directory.
+type ParentCache = Option<(Vec<String>, Vec<OwnedFd>)>;
+
+fn delete_sync(root: BorrowedFd<'_>, key: &str, cache: &mut ParentCache) -> StoreResult<()> {
+    let (parents, leaf) = split_key(key)?;
     // Without a sidecar there is nothing to keep consistent; one written concurrently that
     // this delete misses names a removed inode and so is ignored.
-    let lock = if sidecar_path(root, key).exists() {
-        Some(lock(root, key, Op::Delete).map_err(|e| e.to_string())?)
+    let lock = if sidecar_exists(root, key, Op::Delete)? {
+        Some(lock(root, key, Op::Delete)?)
     } else {
         None
     };
-    let removed = match fs::remove_file(&path) {
-        Ok(()) => true,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(e) => return Err(e.to_string()),
-    };
+    if cache.as_ref().is_none_or(|(p, _)| *p != parents) {
+        *cache = match open_dirs(root, &parents, false) {
+            Ok(c) => Some((parents.iter().map(|p| p.to_string()).collect(), c)),
+            Err(r) if r.is_absent() => None,
+            Err(r) => return Err(r.into_store(Op::Delete, key)),
+        };
+    }
+    let chain = cache.as_ref().map(|(_, c)| c);
+    let mut removed = false;
+    if let Some(chain) = &chain {
+        let dir = tip(root, chain);
+        match rfs::statat(dir, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if kind_of(&st) == FileType::Symlink => {
+                return Err(Refusal::Symlink(key.to_string()).into_store(Op::Delete, key))
+            }
+            Ok(st) if kind_of(&st) != FileType::RegularFile => {
+                return Err(Refusal::Kind(key.to_string(), kind_of(&st)).into_store(Op::Delete, key))
+            }
+            Ok(_) => match rfs::unlinkat(dir, leaf, AtFlags::empty()) {
+                Ok(()) => removed = true,
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(io_request(Op::Delete, key, "unlink", e)),
+            },
+            Err(Errno::NOENT) => {}
+            Err(e) => return Err(io_request(Op::Delete, key, "stat", e)),
+        }
+    }
     if lock.is_some() {
-        remove_sidecar(root, key, Op::Delete).map_err(|e| e.to_string())?;
+        remove_sidecar(root, key, Op::Delete)?;
     }
     drop(lock);
-    if !removed {
+    let Some(chain) = chain.filter(|_| removed) else {
         return Ok(());
-    }
+    };
     // Prune now-empty parents so a deleted repository leaves no directories behind; a parent
-    // that is not empty (or that a writer just filled) simply stays.
-    let mut dir = path.parent();
-    while let Some(d) = dir {
-        if d == root || fs::remove_dir(d).is_err() {
+    // that is not empty (or that a writer just filled) simply stays. `rmdir` never follows a
+    // symlink, and each parent is named relative to the directory held above it.
+    let mut pruned = false;
+    for i in (0..chain.len()).rev() {
+        let above = if i == 0 { root } else { chain[i - 1].as_fd() };
+        if rfs::unlinkat(above, parents[i], AtFlags::REMOVEDIR).is_err() {
             break;
         }
-        dir = d.parent();
+        pruned = true;
+    }
+    if pruned {
+        // A removed directory must not be written through again; the next key reopens.
+        *cache = None;
     }
     Ok(())
 }
@@ -433,15 +879,10 @@ impl Store for DirStore {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let root = self.root.clone();
+        let root = Arc::clone(&self.fd);
         let prefix = prefix.to_string();
-        // Walk from the deepest directory the prefix names; keys are filtered by the full prefix.
-        let start = match prefix.rfind('/') {
-            Some(i) => root.join(&prefix[..i]),
-            None => root.clone(),
-        };
         tokio::task::spawn_blocking(move || {
-            let _ = walk(&root, &start, &prefix, &tx);
+            let _ = walk(root.as_fd(), &prefix, &tx, &open_listing);
         });
         Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
@@ -449,20 +890,30 @@ impl Store for DirStore {
     }
 
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
-        let path = self.path_of(key)?;
+        let root = Arc::clone(&self.fd);
         let k = key.to_string();
         blocking(Op::Get, key, move || {
-            let file = File::open(&path).map_err(|e| io_err(Op::Get, &k, e))?;
+            let Some((file, st)) = open_object(root.as_fd(), &k, Op::Get)? else {
+                return Err(StoreError::NotFound {
+                    op: Op::Get,
+                    key: k,
+                });
+            };
+            let too_large = || StoreError::TooLarge {
+                op: Op::Get,
+                key: k.clone(),
+                limit,
+            };
+            if facts(&st).size > limit {
+                return Err(too_large());
+            }
+            // The file may grow after the `stat`: the read stays capped all the same.
             let mut body = Vec::new();
             io::Read::take(file, limit.saturating_add(1))
                 .read_to_end(&mut body)
-                .map_err(|e| io_err(Op::Get, &k, e))?;
+                .map_err(|e| io_request(Op::Get, &k, "reading", e))?;
             if body.len() as u64 > limit {
-                return Err(StoreError::TooLarge {
-                    op: Op::Get,
-                    key: k,
-                    limit,
-                });
+                return Err(too_large());
             }
             Ok(Object {
                 etag: Some(etag_of(&body)),
@@ -473,24 +924,16 @@ impl Store for DirStore {
     }
 
     async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
-        let path = self.path_of(key)?;
+        let root = Arc::clone(&self.fd);
         let k = key.to_string();
-        let root = self.root.clone();
         blocking(Op::Head, key, move || {
-            use std::os::unix::fs::MetadataExt as _;
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(io_err(Op::Head, &k, e)),
-            };
-            let meta = file.metadata().map_err(|e| io_err(Op::Head, &k, e))?;
-            if !meta.is_file() {
+            let Some((file, st)) = open_object(root.as_fd(), &k, Op::Head)? else {
                 return Ok(None);
-            }
-            let etag = etag_of_reader(file).map_err(|e| io_err(Op::Head, &k, e))?;
-            let metadata = read_sidecar(&root, &k, meta.dev(), meta.ino(), &etag)?;
-            let modified = meta.modified().map_err(|e| io_err(Op::Head, &k, e))?;
-            let meta = ObjectMeta::new(k.clone(), meta.len(), modified, Some(etag));
+            };
+            let etag = etag_of_reader(file).map_err(|e| io_request(Op::Head, &k, "reading", e))?;
+            let metadata = read_sidecar(root.as_fd(), &k, &st, &etag)?;
+            let f = facts(&st);
+            let meta = ObjectMeta::new(k.clone(), f.size, f.modified, Some(etag));
             Ok(Some((meta, metadata)))
         })
         .await
@@ -503,11 +946,11 @@ impl Store for DirStore {
         condition: PutCondition,
         metadata: Metadata,
     ) -> StoreResult<PutOutcome> {
-        let dest = self.path_of(key)?;
-        let root = self.root.clone();
+        validate_key(key)?;
+        let root = Arc::clone(&self.fd);
         let k = key.to_string();
         blocking(Op::Put, key, move || {
-            put_sync(&root, &k, &dest, &body, &condition, &metadata)
+            put_sync(root.as_fd(), &k, &body, &condition, &metadata)
         })
         .await
     }
@@ -518,16 +961,20 @@ impl Store for DirStore {
     }
 
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
-        let root = self.root.clone();
+        let root = Arc::clone(&self.fd);
         let keys = keys.to_vec();
         let first = keys.first().cloned().unwrap_or_default();
         blocking(Op::Delete, &first, move || {
+            let mut cache = None;
             Ok(keys
                 .into_iter()
                 .filter_map(|key| {
-                    delete_sync(&root, &key)
+                    delete_sync(root.as_fd(), &key, &mut cache)
                         .err()
-                        .map(|message| DeleteFailure { key, message })
+                        .map(|e| DeleteFailure {
+                            key,
+                            message: e.to_string(),
+                        })
                 })
                 .collect())
         })
@@ -567,24 +1014,23 @@ mod tests {
         const ROUNDS: usize = 2000;
         const WORKERS: usize = 4;
         let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().to_path_buf();
+        let store = DirStore::open(dir.path()).expect("open");
         let workers: Vec<_> = (0..WORKERS)
             .map(|w| {
-                let root = root.clone();
+                let root = Arc::clone(&store.fd);
                 std::thread::spawn(move || {
                     for i in 0..ROUNDS {
                         let key = format!("_ocigc/clock/w{w}-{i}");
-                        let dest = root.join(&key);
                         put_sync(
-                            &root,
+                            root.as_fd(),
                             &key,
-                            &dest,
                             b"{}",
                             &PutCondition::None,
                             &Metadata::new(),
                         )
                         .map_err(|e| format!("put {key}: {e}"))?;
-                        delete_sync(&root, &key).map_err(|e| format!("delete {key}: {e}"))?;
+                        delete_sync(root.as_fd(), &key, &mut None)
+                            .map_err(|e| format!("delete {key}: {e}"))?;
                     }
                     Ok::<(), String>(())
                 })
@@ -594,7 +1040,10 @@ mod tests {
             let outcome = w.join().expect("worker thread");
             assert_eq!(outcome, Ok(()));
         }
-        assert!(!root.join("_ocigc").exists(), "empty parents are pruned");
+        assert!(
+            !dir.path().join("_ocigc").exists(),
+            "empty parents are pruned"
+        );
     }
 
     fn meta(pairs: &[(&str, &str)]) -> Metadata {
@@ -634,6 +1083,11 @@ mod tests {
         // Same content, no metadata: the link is gone.
         put(b"link", Metadata::new()).await.expect("rewrite");
         assert_eq!(head_meta(&store, "r/blobs/x").await, Some(Metadata::new()));
+        let sidecar = dir.path().join(META_DIR).join(sidecar_name("r/blobs/x"));
+        assert!(
+            !sidecar.exists(),
+            "a rewrite without metadata removes the sidecar"
+        );
 
         put(b"link", link.clone()).await.expect("put again");
         let other = meta(&[("timestamp", "1")]);
@@ -658,7 +1112,11 @@ mod tests {
             .await
             .expect("delete");
         assert!(failures.is_empty(), "{failures:?}");
-        assert!(!sidecar_path(dir.path(), "r/blobs/x").exists());
+        assert!(!dir
+            .path()
+            .join(META_DIR)
+            .join(sidecar_name("r/blobs/x"))
+            .exists());
         // A plain object written later at the key has no metadata.
         put(b"link", Metadata::new()).await.expect("plain put");
         assert_eq!(head_meta(&store, "r/blobs/x").await, Some(Metadata::new()));
@@ -675,12 +1133,293 @@ mod tests {
             .put_with_metadata("k", Bytes::from_static(b"a"), PutCondition::None, link)
             .await
             .expect("put");
-        let saved = fs::read(sidecar_path(dir.path(), "k")).expect("sidecar");
+        let sidecar = dir.path().join(META_DIR).join(sidecar_name("k"));
+        let saved = std::fs::read(&sidecar).expect("sidecar");
         store
             .put("k", Bytes::from_static(b"a"), PutCondition::None)
             .await
             .expect("plain put");
-        fs::write(sidecar_path(dir.path(), "k"), saved).expect("restore sidecar");
+        std::fs::write(&sidecar, saved).expect("restore sidecar");
         assert_eq!(head_meta(&store, "k").await, Some(Metadata::new()));
+    }
+
+    async fn listing(store: &DirStore, prefix: &str) -> Vec<ObjectMeta> {
+        let pages: Vec<_> = futures::TryStreamExt::try_collect(store.list(prefix))
+            .await
+            .expect("list");
+        let mut all: Vec<ObjectMeta> = pages.into_iter().flatten().collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all
+    }
+
+    fn defects(listed: &[ObjectMeta]) -> Vec<(String, String)> {
+        listed
+            .iter()
+            .filter_map(|o| Some((o.key.clone(), o.defect.as_deref()?.to_string())))
+            .collect()
+    }
+
+    fn objects(listed: &[ObjectMeta]) -> Vec<String> {
+        listed
+            .iter()
+            .filter(|o| o.defect.is_none())
+            .map(|o| o.key.clone())
+            .collect()
+    }
+
+    /// Every file and directory under `dir`, with each file's content, to show it unchanged.
+    fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("read_dir") {
+                let p = e.expect("entry").path();
+                let name = p.strip_prefix(dir).expect("below").display().to_string();
+                if p.is_dir() {
+                    out.push((name + "/", Vec::new()));
+                    stack.push(p);
+                } else {
+                    out.push((name, std::fs::read(&p).expect("read")));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A bucket with symlinks to a directory outside it, as a repository, as `_ocigc`, as the
+    /// store's temporary directory and as an object: no operation reads, writes or deletes
+    /// anything outside.
+    #[tokio::test]
+    async fn symlinks_are_never_followed() {
+        use std::os::unix::fs::symlink;
+        let bucket = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(outside.path().join("blobs")).expect("mkdir");
+        std::fs::write(outside.path().join("blobs/secret"), b"outside").expect("write");
+        std::fs::write(outside.path().join("index.json"), b"{}").expect("write");
+        let before = snapshot(outside.path());
+        let b = bucket.path();
+        std::fs::create_dir_all(b.join("real")).expect("mkdir");
+        std::fs::write(b.join("real/ok"), b"ok").expect("write");
+        symlink(outside.path(), b.join("linked")).expect("symlink");
+        symlink(outside.path(), b.join("_ocigc")).expect("symlink");
+        symlink(outside.path().join("index.json"), b.join("real/leaf")).expect("symlink");
+        let store = DirStore::open(b).expect("open");
+
+        for key in ["linked/blobs/secret", "real/leaf", "_ocigc/index.json"] {
+            let got = store.get(key).await;
+            assert!(
+                matches!(&got, Err(StoreError::Request { message, .. }) if message.contains("symbolic link")),
+                "get {key}: {got:?}"
+            );
+            let head = store.head(key).await;
+            assert!(head.is_err(), "head {key}: {head:?}");
+        }
+        for key in [
+            "linked/blobs/new",
+            "linked/index.json",
+            "_ocigc/deleting/repo",
+            "real/leaf",
+        ] {
+            for cond in [PutCondition::None, PutCondition::IfNoneMatch] {
+                let put = store
+                    .put(key, Bytes::from_static(b"overwritten"), cond.clone())
+                    .await;
+                assert!(put.is_err(), "put {key} {cond:?}: {put:?}");
+            }
+        }
+        let failures = store
+            .delete_batch(&[
+                "linked/blobs/secret".to_string(),
+                "linked/index.json".to_string(),
+                "_ocigc/index.json".to_string(),
+                "real/leaf".to_string(),
+            ])
+            .await
+            .expect("delete");
+        assert_eq!(failures.len(), 4, "{failures:?}");
+        assert_eq!(
+            snapshot(outside.path()),
+            before,
+            "outside the bucket changed"
+        );
+        assert!(b.join("real/leaf").is_symlink(), "the link itself stays");
+
+        let all = listing(&store, "").await;
+        assert_eq!(objects(&all), ["real/ok"]);
+        let found: Vec<String> = defects(&all).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(found, ["_ocigc", "linked", "real/leaf"]);
+        // Listing from inside the link, as delete-repo does, reports the link.
+        for prefix in ["linked/", "linked/blobs/", "_ocigc/deleting/"] {
+            let under = listing(&store, prefix).await;
+            assert!(objects(&under).is_empty(), "{prefix}: {under:?}");
+            assert_eq!(defects(&under).len(), 1, "{prefix}: {under:?}");
+        }
+
+        // The store's own temporary directory as a link: writes fail instead of landing outside.
+        std::fs::remove_dir_all(b.join(TMP_DIR)).ok();
+        symlink(outside.path(), b.join(TMP_DIR)).expect("symlink");
+        let put = store
+            .put("real/new", Bytes::from_static(b"x"), PutCondition::None)
+            .await;
+        assert!(put.is_err(), "{put:?}");
+        assert_eq!(
+            snapshot(outside.path()),
+            before,
+            "outside the bucket changed"
+        );
+    }
+
+    /// FIFOs and devices are refused without blocking or reading; a listing reports them.
+    #[tokio::test]
+    async fn only_regular_files_are_read() {
+        use std::os::unix::fs::symlink;
+        let bucket = tempfile::tempdir().expect("tempdir");
+        let b = bucket.path();
+        std::fs::create_dir_all(b.join("r")).expect("mkdir");
+        let store = DirStore::open(b).expect("open");
+        let dir = rfs::open(b.join("r"), DIR_FLAGS, Mode::empty()).expect("open r");
+        rfs::mknodat(
+            &dir,
+            "fifo",
+            FileType::Fifo,
+            Mode::from_bits_truncate(0o644),
+            0,
+        )
+        .expect("mkfifo");
+        symlink("/dev/zero", b.join("r/zero-link")).expect("symlink");
+        let mut special = vec!["r/fifo", "r/zero-link"];
+        // A real device node needs CAP_MKNOD; without it the link to /dev/zero stands in.
+        let made = rfs::mknodat(
+            &dir,
+            "zero",
+            FileType::CharacterDevice,
+            Mode::from_bits_truncate(0o644),
+            rfs::makedev(1, 5),
+        );
+        if made.is_ok() {
+            special.push("r/zero");
+        }
+        for key in &special {
+            let got = tokio::time::timeout(Duration::from_secs(10), store.get(key))
+                .await
+                .expect("get returns");
+            assert!(got.is_err(), "get {key}: {got:?}");
+            let head = tokio::time::timeout(Duration::from_secs(10), store.head(key))
+                .await
+                .expect("head returns");
+            assert!(head.is_err(), "head {key}: {head:?}");
+            let put = tokio::time::timeout(
+                Duration::from_secs(10),
+                store.put(key, Bytes::from_static(b"x"), PutCondition::IfNoneMatch),
+            )
+            .await
+            .expect("put returns");
+            assert!(put.is_err(), "conditional put over {key}: {put:?}");
+        }
+        let listed = listing(&store, "r/").await;
+        let found: Vec<String> = defects(&listed).into_iter().map(|(k, _)| k).collect();
+        let mut want: Vec<String> = special.iter().map(|k| k.to_string()).collect();
+        want.sort();
+        assert_eq!(found, want);
+        assert!(objects(&listed).is_empty());
+    }
+
+    /// A file larger than the cap is refused from its size, and a growing one from the read.
+    #[tokio::test]
+    async fn capped_get_refuses_oversized_files() {
+        let bucket = tempfile::tempdir().expect("tempdir");
+        let file = std::fs::File::create(bucket.path().join("big")).expect("create");
+        // Sparse: a gibibyte that costs nothing to make, and would cost a lot to read.
+        file.set_len(1 << 30).expect("set_len");
+        let store = DirStore::open(bucket.path()).expect("open");
+        let got = store.get_capped("big", 1024).await;
+        assert!(
+            matches!(got, Err(StoreError::TooLarge { limit: 1024, .. })),
+            "{got:?}"
+        );
+        assert!(matches!(
+            store.get("big").await,
+            Err(StoreError::TooLarge { .. })
+        ));
+        std::fs::write(bucket.path().join("small"), b"12345").expect("write");
+        let got = store.get_capped("small", 5).await.expect("at the cap");
+        assert_eq!(got.body.as_ref(), b"12345");
+        assert!(matches!(
+            store.get_capped("small", 4).await,
+            Err(StoreError::TooLarge { .. })
+        ));
+    }
+
+    /// A name that is not UTF-8 and a directory that cannot be read become defect entries; the
+    /// rest of the listing goes on.
+    #[tokio::test]
+    async fn listing_reports_bad_names_and_unreadable_directories() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let bucket = tempfile::tempdir().expect("tempdir");
+        let b = bucket.path();
+        for d in ["a/blobs", "b/blobs", "c"] {
+            std::fs::create_dir_all(b.join(d)).expect("mkdir");
+        }
+        std::fs::write(b.join("a/blobs/1"), b"1").expect("write");
+        std::fs::write(b.join("b/blobs/2"), b"2").expect("write");
+        std::fs::write(b.join("c/3"), b"3").expect("write");
+        let bad = std::ffi::OsStr::from_bytes(b"bad\xffname");
+        std::fs::write(b.join("a").join(bad), b"x").expect("write");
+        let store = DirStore::open(b).expect("open");
+
+        // Root can read any directory whatever its mode, so the failure is injected.
+        let unreadable = |rel: &str, fd: OwnedFd| {
+            if rel == "b/blobs" {
+                Err(io::Error::from(io::ErrorKind::PermissionDenied))
+            } else {
+                open_listing(rel, fd)
+            }
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let root = Arc::clone(&store.fd);
+        let walker = std::thread::spawn(move || walk(root.as_fd(), "", &tx, &unreadable).is_ok());
+        let mut listed = Vec::new();
+        while let Some(page) = rx.recv().await {
+            listed.extend(page.expect("page"));
+        }
+        assert!(walker.join().expect("walker"), "the receiver stayed");
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(objects(&listed), ["a/blobs/1", "c/3"]);
+        let found = defects(&listed);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].0, "a/bad\u{fffd}name");
+        assert!(found[0].1.contains("UTF-8"), "{found:?}");
+        assert_eq!(found[1].0, "b/blobs");
+        assert!(found[1].1.contains("cannot be read"), "{found:?}");
+
+        // Through the trait, the bad name is a defect as well.
+        let all = listing(&store, "a/").await;
+        assert_eq!(objects(&all), ["a/blobs/1"]);
+        assert_eq!(defects(&all).len(), 1);
+    }
+
+    /// Below an object there is nothing, as on S3: not an error, and not a defect.
+    #[tokio::test]
+    async fn keys_below_an_object_are_absent() {
+        let bucket = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(bucket.path()).expect("open");
+        store
+            .put("a", Bytes::from_static(b"x"), PutCondition::None)
+            .await
+            .expect("put");
+        assert!(matches!(
+            store.get("a/b").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(store.head("a/b").await.expect("head"), None);
+        let failures = store
+            .delete_batch(&["a/b".to_string()])
+            .await
+            .expect("delete");
+        assert!(failures.is_empty(), "{failures:?}");
+        assert!(listing(&store, "a/b/").await.is_empty());
+        assert_eq!(objects(&listing(&store, "a").await), ["a"]);
     }
 }

@@ -235,9 +235,10 @@ class Target:
         must("rclone", "copy", stage, self.remote)
 
     def keys(self):
-        # The directory store keeps its lock in `.ocigc-tmp/`, which is no object of the bucket.
+        # The directory store keeps its lock and metadata in `.ocigc-tmp/` and `.ocigc-meta/`,
+        # which are no objects of the bucket.
         listed = must("rclone", "lsf", "-R", "--files-only", self.remote).split()
-        return {k for k in listed if not k.startswith(".ocigc-tmp/")}
+        return {k for k in listed if not k.startswith((".ocigc-tmp/", ".ocigc-meta/"))}
 
     def download(self, repo, dest):
         must("rclone", "copy", f"{self.remote}/{repo}", dest)
