@@ -15,6 +15,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -372,8 +373,12 @@ fn target(desc: &Value) -> Option<(String, bool)> {
 
 #[derive(Debug)]
 enum Verdict {
-    /// The keys of the repository's reachable blobs.
-    Healthy { needed: BTreeSet<String> },
+    /// The keys of the repository's reachable blobs; how many referrers only a scan of its
+    /// blobs finds.
+    Healthy {
+        needed: BTreeSet<String>,
+        via_scan: usize,
+    },
     /// The repository cannot be marked: nothing in it may be deleted.
     FailClosed(String),
 }
@@ -420,7 +425,7 @@ impl<'b> Oracle<'b> {
         }
         for name in &names {
             let verdict = match o.mark(name) {
-                Ok(needed) => Verdict::Healthy { needed },
+                Ok((needed, via_scan)) => Verdict::Healthy { needed, via_scan },
                 Err(why) => Verdict::FailClosed(why),
             };
             o.repos.insert(name.clone(), verdict);
@@ -449,8 +454,9 @@ impl<'b> Oracle<'b> {
             .ok_or_else(|| format!("placeholder {repo}/blobs/sha256/{hex} has no content copy"))
     }
 
-    /// Keys `repo` needs, or why it cannot be marked.
-    fn mark(&self, repo: &str) -> Result<BTreeSet<String>, String> {
+    /// Keys `repo` needs and how many referrers the blob scan found, or why it cannot be
+    /// marked.
+    fn mark(&self, repo: &str) -> Result<(BTreeSet<String>, usize), String> {
         let index = self
             .bucket
             .get(&format!("{repo}/index.json"))
@@ -465,6 +471,7 @@ impl<'b> Oracle<'b> {
         let mut queue: Vec<(String, bool)> = roots.iter().filter_map(target).collect();
         let mut reachable = BTreeSet::new();
         let mut parsed = BTreeSet::new();
+        let mut via_scan = 0;
         loop {
             while let Some((hex, is_doc)) = queue.pop() {
                 if reachable.insert(hex.clone()) {
@@ -503,13 +510,15 @@ impl<'b> Oracle<'b> {
             if found.is_empty() {
                 break;
             }
+            via_scan += found.len();
             queue = found;
         }
-        Ok(reachable
+        let needed = reachable
             .iter()
             .filter(|hex| blobs.contains_key(*hex))
             .map(|hex| format!("{repo}/blobs/sha256/{hex}"))
-            .collect())
+            .collect();
+        Ok((needed, via_scan))
     }
 
     fn names(&self) -> BTreeSet<String> {
@@ -533,7 +542,7 @@ impl<'b> Oracle<'b> {
                 Verdict::FailClosed(why) => wrong.push(format!(
                     "deleted {key} although {repo} must fail closed ({why})"
                 )),
-                Verdict::Healthy { needed } if needed.contains(key) => {
+                Verdict::Healthy { needed, .. } if needed.contains(key) => {
                     wrong.push(format!("deleted {key}, which {repo} needs"))
                 }
                 Verdict::Healthy { .. } => {}
@@ -593,7 +602,7 @@ impl<'b> Oracle<'b> {
                 let (repo, hex) = blob_of(key, &names)?;
                 let kept = match &self.repos[repo] {
                     Verdict::FailClosed(_) => true,
-                    Verdict::Healthy { needed } => {
+                    Verdict::Healthy { needed, .. } => {
                         needed.contains(key)
                             || (!Self::is_placeholder(hex, body)
                                 && self.placeholders.contains_key(hex))
@@ -602,6 +611,44 @@ impl<'b> Oracle<'b> {
                 (!kept).then(|| key.clone())
             })
             .collect()
+    }
+}
+
+/// What the cases of one property exercised, so that a generator that stopped producing the
+/// interesting situations shows.
+#[derive(Default)]
+struct Stats {
+    runs: AtomicU64,
+    deleted: AtomicU64,
+    fail_closed: AtomicU64,
+    via_scan: AtomicU64,
+    placeholders_needed: AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, oracle: &Oracle<'_>, deleted: usize) {
+        self.runs.fetch_add(1, Relaxed);
+        self.deleted.fetch_add(deleted as u64, Relaxed);
+        for verdict in oracle.repos.values() {
+            match verdict {
+                Verdict::FailClosed(_) => self.fail_closed.fetch_add(1, Relaxed),
+                Verdict::Healthy { needed, via_scan } => {
+                    let placeholders = needed
+                        .iter()
+                        .filter(|k| {
+                            let hex = k.rsplit('/').next().unwrap_or_default();
+                            oracle
+                                .bucket
+                                .get(*k)
+                                .is_some_and(|b| Oracle::is_placeholder(hex, b))
+                        })
+                        .count();
+                    self.placeholders_needed
+                        .fetch_add(placeholders as u64, Relaxed);
+                    self.via_scan.fetch_add(*via_scan as u64, Relaxed)
+                }
+            };
+        }
     }
 }
 
@@ -617,8 +664,9 @@ struct RepoModel {
     docs: Vec<String>,
 }
 
-struct World {
+struct World<'s> {
     store: Arc<dyn Store>,
+    stats: &'s Stats,
     placeholders: bool,
     /// Every key outside `_ocigc/` with its content, as written and left by the collector.
     bucket: BTreeMap<String, Vec<u8>>,
@@ -649,10 +697,11 @@ fn layer_content(i: usize) -> Vec<u8> {
     }
 }
 
-impl World {
-    fn new(store: Arc<dyn Store>, placeholders: bool) -> World {
+impl<'s> World<'s> {
+    fn new(store: Arc<dyn Store>, stats: &'s Stats, placeholders: bool) -> World<'s> {
         World {
             store,
+            stats,
             placeholders,
             bucket: BTreeMap::new(),
             content: HashMap::new(),
@@ -1189,6 +1238,7 @@ impl World {
         if !wrong.is_empty() {
             return Err(format!("{run:?}: {wrong:#?}"));
         }
+        self.stats.count(&oracle, removed.len());
         for k in &removed {
             self.bucket.remove(k);
         }
@@ -1227,8 +1277,13 @@ impl World {
 }
 
 /// Plays `ops` on `store`, then the final eager runs.
-async fn play(store: Arc<dyn Store>, ops: &[Op], placeholders: bool) -> Result<(), String> {
-    let mut world = World::new(store, placeholders);
+async fn play(
+    store: Arc<dyn Store>,
+    stats: &Stats,
+    ops: &[Op],
+    placeholders: bool,
+) -> Result<(), String> {
+    let mut world = World::new(store, stats, placeholders);
     for (i, op) in ops.iter().enumerate() {
         world
             .apply(op)
@@ -1279,20 +1334,44 @@ fn check_model(kind: Kind, cases: u32, max_ops: usize) {
         ..Config::default()
     };
     let mut runner = TestRunner::new(config);
+    let stats = Stats::default();
     let result = runner.run(&ops(PLACEHOLDERS, max_ops), |ops| {
         rt.block_on(async {
             match kind {
                 Kind::Dir => {
                     let (store, _dir) = memory_dir_store();
-                    play(store, &ops, PLACEHOLDERS).await
+                    play(store, &stats, &ops, PLACEHOLDERS).await
                 }
-                Kind::S3 => play(s3_store().await.store, &ops, PLACEHOLDERS).await,
+                Kind::S3 => play(s3_store().await.store, &stats, &ops, PLACEHOLDERS).await,
             }
         })
         .map_err(TestCaseError::fail)
     });
     if let Err(e) = result {
         panic!("{e}");
+    }
+    let get = |c: &AtomicU64| c.load(Relaxed);
+    eprintln!(
+        "{cases} cases: {} collector runs, {} keys deleted, {} repositories failing closed, \
+         {} referrers found only as blobs, {} placeholders needed (summed over runs)",
+        get(&stats.runs),
+        get(&stats.deleted),
+        get(&stats.fail_closed),
+        get(&stats.via_scan),
+        get(&stats.placeholders_needed),
+    );
+    // With enough cases every situation the generator aims at must have come up.
+    if cases >= 32 {
+        assert!(get(&stats.deleted) > 0, "no case deleted anything");
+        assert!(
+            get(&stats.fail_closed) > 0,
+            "no case had a broken repository"
+        );
+        assert!(get(&stats.via_scan) > 0, "no case had an unlisted referrer");
+        assert!(
+            !PLACEHOLDERS || get(&stats.placeholders_needed) > 0,
+            "no case needed a placeholder"
+        );
     }
 }
 
@@ -1359,7 +1438,7 @@ fn oracle_needs_the_tree_and_unlisted_referrers_and_nothing_else() {
         (&blob("r", &junk), &junk),
     ]);
     let o = Oracle::of(&bucket);
-    let Verdict::Healthy { needed } = &o.repos["r"] else {
+    let Verdict::Healthy { needed, via_scan } = &o.repos["r"] else {
         panic!("{:?}", o.repos["r"]);
     };
     let want: BTreeSet<String> = [&m[..], b"{\"c\":1}", b"layer", &sig, b"{}", b"sig"]
@@ -1367,6 +1446,7 @@ fn oracle_needs_the_tree_and_unlisted_referrers_and_nothing_else() {
         .map(|b| blob("r", b))
         .collect();
     assert_eq!(needed, &want);
+    assert_eq!(*via_scan, 1);
     assert_eq!(o.garbage(), vec![blob("r", &junk)]);
     let keys: BTreeSet<String> = bucket.keys().cloned().collect();
     let lost: BTreeSet<String> = [blob("r", b"sig")].into();
