@@ -122,6 +122,62 @@ fn descriptor(v: &Value, field: &'static str) -> Result<Descriptor, ManifestErro
     })
 }
 
+/// Whether a JSON object document has a `manifests` array (an image index), read without
+/// building the document in memory.
+pub fn has_manifests_array(body: &[u8]) -> Result<bool, ManifestError> {
+    use serde::de::{IgnoredAny, SeqAccess, Visitor};
+    /// `true` for an array (its elements skipped), `false` for any other value.
+    struct IsArray(bool);
+    impl<'de> serde::Deserialize<'de> for IsArray {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = IsArray;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IsArray, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(IsArray(true))
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<IsArray, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(IsArray(false))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<IsArray, E> {
+                    Ok(IsArray(false))
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<IsArray, E> {
+                    Ok(IsArray(false))
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<IsArray, E> {
+                    Ok(IsArray(false))
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<IsArray, E> {
+                    Ok(IsArray(false))
+                }
+                fn visit_str<E>(self, _: &str) -> Result<IsArray, E> {
+                    Ok(IsArray(false))
+                }
+                fn visit_unit<E>(self) -> Result<IsArray, E> {
+                    Ok(IsArray(false))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    // Duplicate keys: the last one counts, as in Go; a case variant counts too (Go matches
+    // field names case-insensitively).
+    let fields: std::collections::HashMap<String, IsArray> =
+        serde_json::from_slice(body).map_err(|e| ManifestError::NotJson(e.to_string()))?;
+    Ok(fields
+        .iter()
+        .any(|(k, v)| v.0 && k.eq_ignore_ascii_case("manifests")))
+}
+
 /// Extracts every reference from a manifest, index or unknown JSON document.
 ///
 /// Entries of `manifests` and the `subject` must be well-formed (their targets have to be

@@ -7,6 +7,7 @@
 //! runs under the repository's lease, so it never interleaves with a collector; ocigc's own
 //! state for the repository (pending candidates, intents) goes with it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +16,13 @@ use async_trait::async_trait;
 use super::lease::{Acquired, Lease, Leases};
 use super::sweep::Guard;
 use super::{finish_report, list_all, new_report, probe_clock, sweep, GcError};
+use crate::digest::Digest;
 use crate::gc::plan::Reason;
 use crate::gc::{intent, state};
-use crate::layout::{KeyKind, Layout};
+use crate::layout::{KeyKind, Layout, Repository};
 use crate::metrics::Metrics;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
-use crate::store::{Instrumented, Store};
+use crate::store::{Instrumented, PutCondition, Store};
 
 /// Settings of a `delete-repo` run.
 #[derive(Clone, Debug)]
@@ -104,8 +106,21 @@ async fn delete_one(
 ) -> RepoReport {
     let dry_run = opts.dry_run;
     let mut report = RepoReport::new(name, RepoStatus::Ok);
-    let objects = match list_all(store, &layout.repository_prefix(name)).await {
-        Ok(l) => l.objects,
+    let (repo, linked) = match find_repository(store, layout, name, opts.concurrency).await {
+        Ok(Found::Repository(repo, linked)) => (repo, linked),
+        Ok(Found::Absent) => {
+            report
+                .warnings
+                .push("repository not found (already deleted, or never existed)".into());
+            return report;
+        }
+        Ok(Found::Rejected(reason)) => {
+            report.status = RepoStatus::Failed;
+            report
+                .errors
+                .push(format!("not a repository, nothing deleted: {reason}"));
+            return report;
+        }
         Err(e) => {
             report.status = RepoStatus::Failed;
             report
@@ -114,37 +129,21 @@ async fn delete_one(
             return report;
         }
     };
-    let Some(repo) = layout
-        .partition(objects)
-        .repositories
-        .into_iter()
-        .find(|r| r.name == name)
-    else {
-        report
-            .warnings
-            .push("repository not found (already deleted, or never existed)".into());
-        return report;
-    };
     report.objects = repo.objects.len() as u64;
     report.bytes = repo.objects.iter().map(|o| o.size).sum();
-    // Blobs that other repositories link to stay until those links go; a later gc of the
-    // (then blob-only) repository collects them.
-    let linked = match linked_here(store, layout, name, opts.concurrency).await {
-        Ok(l) => l,
-        Err(e) => {
-            report.status = RepoStatus::Failed;
-            report.errors.push(format!(
-                "reading cross-repository links failed, nothing deleted: {e}"
-            ));
-            return report;
-        }
-    };
-    if !linked.is_empty() {
+    // Blobs that other repositories link to (or hold placeholders of) stay until those go;
+    // the repository stays as an empty one, so that a later gc collects them then.
+    let shell: Vec<(String, bytes::Bytes)> = if linked.is_empty() {
+        Vec::new()
+    } else {
         report.warnings.push(format!(
-            "{} blobs kept: other repositories link to them",
+            "{} blobs kept: other repositories link to them or hold placeholders of them",
             linked.len()
         ));
-    }
+        layout.empty_repository(&repo)
+    };
+    let shell_keys: std::collections::HashSet<&str> =
+        shell.iter().map(|(k, _)| k.as_str()).collect();
     let to_delete = |phase: Vec<crate::store::ObjectMeta>| -> Vec<Deleted> {
         phase
             .into_iter()
@@ -158,6 +157,7 @@ async fn delete_one(
                 reason: Reason::RepositoryDeleted,
             })
             .filter(|d| d.digest.as_ref().is_none_or(|g| !linked.contains(g)))
+            .filter(|d| !shell_keys.contains(d.key.as_str()))
             .collect()
     };
     let phases: Vec<Vec<Deleted>> = layout
@@ -187,6 +187,18 @@ async fn delete_one(
             return report;
         }
     };
+    // An emptied repository's index replaces the old one first: pulls stop resolving, as
+    // when the index is deleted.
+    for (key, body) in shell {
+        if let Err(e) = store.put(&key, body, PutCondition::None).await {
+            report.status = RepoStatus::Failed;
+            report.errors.push(format!(
+                "emptying the repository failed, nothing deleted: {e}"
+            ));
+            leases.release(lease).await;
+            return report;
+        }
+    }
     let mut guard = LeaseGuard {
         leases,
         lease: &mut lease,
@@ -220,23 +232,45 @@ async fn delete_one(
     report
 }
 
-/// Digests of repository `name` that links elsewhere in the bucket keep alive (one listing of
-/// the whole bucket, only for layouts that have such links).
-async fn linked_here(
+/// What the listing says of the repository to delete.
+enum Found {
+    /// It exists, with the digests that keys elsewhere in the bucket keep alive.
+    Repository(Repository, HashSet<Digest>),
+    /// It does not exist (any more).
+    Absent,
+    /// Its prefix is no repository (e.g. inside another repository's blob space): why.
+    Rejected(String),
+}
+
+/// Lists the repository: only its own prefix, or the whole bucket where keys elsewhere can
+/// keep its blobs alive (links, placeholders) or make its prefix part of another repository.
+async fn find_repository(
     store: &Instrumented,
     layout: &dyn Layout,
     name: &str,
     concurrency: usize,
-) -> Result<std::collections::HashSet<crate::digest::Digest>, crate::store::StoreError> {
-    if !layout.links_across_repositories() {
-        return Ok(Default::default());
-    }
-    let listing = list_all(store, "").await?;
+) -> Result<Found, crate::store::StoreError> {
+    let whole_bucket = layout.links_across_repositories();
+    let prefix = layout.repository_prefix(name);
+    let listing = list_all(store, if whole_bucket { "" } else { &prefix }).await?;
     let partition = layout.partition(listing.objects);
-    let mut linked = layout.linked_blobs(store, &partition, concurrency).await?;
-    Ok(linked
-        .remove(name)
-        .unwrap_or_default()
+    if let Some(r) = partition.rejected.iter().find(|r| r.prefix == prefix) {
+        return Ok(Found::Rejected(r.reason.clone()));
+    }
+    let linked = if whole_bucket {
+        layout
+            .linked_blobs(store, &partition, concurrency)
+            .await?
+            .remove(name)
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    Ok(partition
+        .repositories
         .into_iter()
-        .collect())
+        .find(|r| r.name == name)
+        .map_or(Found::Absent, |r| Found::Repository(r, linked)))
 }

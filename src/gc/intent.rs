@@ -28,6 +28,10 @@ pub const INTENT_PREFIX: &str = "_ocigc/intents/";
 /// Longest lifetime honoured, whatever an intent asks for.
 pub const MAX_INTENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Largest intent read (tens of thousands of digests); a larger one fails its repository
+/// closed, as an unreadable intent does.
+pub const MAX_INTENT_SIZE: u64 = 1024 * 1024;
+
 /// The listing prefix of a repository's intents.
 pub fn intents_prefix(repo: &str) -> String {
     format!("{INTENT_PREFIX}{repo}/")
@@ -161,7 +165,7 @@ pub async fn read_intents(
             out.expired.push(meta.key.clone());
             continue;
         }
-        let body = match store.get(&meta.key).await {
+        let body = match store.get_capped(&meta.key, MAX_INTENT_SIZE).await {
             Ok(o) => o.body,
             // Removed by its pusher since the listing: done with.
             Err(StoreError::NotFound { .. }) => continue,

@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use futures::{stream, StreamExt};
 
 use crate::digest::Digest;
-use crate::layout::{Layout, Repository};
+use crate::layout::{ContentCopy, Layout, Repository};
 use crate::manifest::{self, ContentKind, Descriptor, References, MAX_MANIFEST_SIZE};
 use crate::store::{ObjectMeta, Store, StoreError};
 
@@ -33,6 +33,8 @@ pub struct MarkContext<'a> {
     pub repo: &'a Repository,
     /// The repository's blobs by digest, from the listing.
     pub blobs: &'a HashMap<Digest, &'a ObjectMeta>,
+    /// Digests stored as placeholders somewhere in the bucket, with a content copy to read.
+    pub placeholders: &'a HashMap<Digest, Option<ContentCopy>>,
     /// Reads in flight at most.
     pub concurrency: usize,
 }
@@ -46,6 +48,14 @@ enum Read {
     Opaque { addressed: bool },
     /// Not in the bucket.
     Missing,
+}
+
+/// What the referrer scan keeps of one blob.
+enum Scanned {
+    /// A document that references something (a referrer if it has a `subject`).
+    Document { refs: References, addressed: bool },
+    /// Anything else; `addressed` as in [`Read`].
+    NotReferrer { addressed: bool },
 }
 
 /// Marks a repository and remembers what it read.
@@ -228,23 +238,45 @@ impl<'a> Marker<'a> {
 
     /// Referrers may exist only as blobs: reads each small unreferenced blob once and indexes
     /// the manifests among them by their `subject`.
+    ///
+    /// Only documents that reference something (manifests, few) are kept, so that a re-check
+    /// or the verify pass can follow them even once deleted; configs and other leaf documents
+    /// (most garbage) are dropped, and read again should they become reachable.
     async fn scan_for_referrers(&mut self, seen: &HashSet<Digest>) -> Result<(), FailClosed> {
-        let candidates: Vec<(Digest, bool)> = self
+        let candidates: Vec<Digest> = self
             .ctx
             .blobs
             .iter()
             .filter(|(d, o)| {
-                o.size <= MAX_MANIFEST_SIZE
+                self.content_size(d, o) <= MAX_MANIFEST_SIZE
                     && !seen.contains(*d)
                     && !self.docs.contains_key(*d)
                     && !self.not_referrers.contains(*d)
                     && self.ctx.layout.may_hold_manifest(self.ctx.repo, &o.key)
             })
-            .map(|(d, _)| ((*d).clone(), false))
+            .map(|(d, _)| (*d).clone())
             .collect();
-        for (digest, _, read) in self.read_all(candidates, true).await {
-            match read? {
-                Read::Doc { refs, addressed } => {
+        self.manifests_fetched += candidates.len() as u64;
+        let this = &*self;
+        let found: Vec<(Digest, Result<Scanned, FailClosed>)> = stream::iter(candidates)
+            .map(|d| async move {
+                let r = this.read(&d, false, true).await.map(|read| match read {
+                    Read::Doc { refs, addressed } if !refs.children.is_empty() => {
+                        Scanned::Document { refs, addressed }
+                    }
+                    Read::Doc { addressed, .. } | Read::Opaque { addressed } => {
+                        Scanned::NotReferrer { addressed }
+                    }
+                    Read::Missing => Scanned::NotReferrer { addressed: false },
+                });
+                (d, r)
+            })
+            .buffer_unordered(this.ctx.concurrency.max(1))
+            .collect()
+            .await;
+        for (digest, scanned) in found {
+            match scanned? {
+                Scanned::Document { refs, addressed } => {
                     if addressed && refs.subject.is_none() {
                         self.not_referrers.insert(digest.clone());
                     }
@@ -260,15 +292,66 @@ impl<'a> Marker<'a> {
                     }
                     self.docs.insert(digest, Some(refs));
                 }
-                Read::Opaque { addressed } => {
+                // Content-addressed and no referrer: so for good. Anything else (gone since the
+                // listing, content that does not hash to its digest) taught nothing lasting.
+                Scanned::NotReferrer { addressed } => {
                     if addressed {
-                        self.not_referrers.insert(digest.clone());
+                        self.not_referrers.insert(digest);
                     }
-                    self.docs.insert(digest, None);
                 }
-                // Gone since the listing (another collector): nothing learnt about its content.
-                Read::Missing => {
-                    self.docs.insert(digest, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// The size of a listed blob's content: that of its content copy for a placeholder.
+    fn content_size(&self, digest: &Digest, listed: &ObjectMeta) -> u64 {
+        if self.ctx.layout.is_placeholder(listed, digest) {
+            match self.ctx.placeholders.get(digest) {
+                Some(Some(copy)) => copy.size,
+                // No copy to read: nothing to learn by reading.
+                _ => u64::MAX,
+            }
+        } else {
+            listed.size
+        }
+    }
+
+    /// The key the content of `digest` is read from: a content copy elsewhere in the bucket
+    /// for a placeholder.
+    fn source_key(&self, digest: &Digest) -> Result<(String, bool), FailClosed> {
+        let listed = self.ctx.blobs.get(digest).copied();
+        match listed {
+            Some(o) if self.ctx.layout.is_placeholder(o, digest) => {
+                match self.ctx.placeholders.get(digest) {
+                    Some(Some(copy)) => Ok((copy.key.clone(), true)),
+                    _ => Err(FailClosed(format!(
+                        "{digest} is a placeholder ({}) and no content copy exists anywhere in \
+                         the bucket",
+                        o.key
+                    ))),
+                }
+            }
+            _ => Ok((
+                self.ctx.layout.content_key(self.ctx.repo, digest, listed),
+                false,
+            )),
+        }
+    }
+
+    /// Reachable placeholders whose content exists nowhere in the bucket: the repository's
+    /// images are broken, and it fails closed.
+    pub fn check_placeholders(&self) -> Result<(), FailClosed> {
+        for d in &self.reachable {
+            if let Some(o) = self.ctx.blobs.get(d) {
+                if self.ctx.layout.is_placeholder(o, d)
+                    && !matches!(self.ctx.placeholders.get(d), Some(Some(_)))
+                {
+                    return Err(FailClosed(format!(
+                        "{d} is reachable, stored as a placeholder ({}), and no content copy \
+                         exists anywhere in the bucket",
+                        o.key
+                    )));
                 }
             }
         }
@@ -281,20 +364,34 @@ impl<'a> Marker<'a> {
         must_parse: bool,
         scan: bool,
     ) -> Result<Read, FailClosed> {
-        let listed = self.ctx.blobs.get(digest).copied();
-        let key = self.ctx.layout.content_key(self.ctx.repo, digest, listed);
-        let body = match self.ctx.store.get(&key).await {
+        let (key, elsewhere) = match self.source_key(digest) {
+            Ok(k) => k,
+            Err(e) if must_parse => return Err(e),
+            // A placeholder without content that nothing requires to be a manifest: whether it
+            // is reachable is checked after marking.
+            Err(_) => return Ok(Read::Opaque { addressed: false }),
+        };
+        let body = match self.ctx.store.get_capped(&key, MAX_MANIFEST_SIZE).await {
             Ok(o) => o.body,
             Err(StoreError::NotFound { .. }) => return Ok(Read::Missing),
+            // Too large to be a manifest: fine for content of unknown kind, fatal for a
+            // manifest (distribution refuses manifests over 4 MiB too).
+            Err(StoreError::TooLarge { .. }) if !must_parse => {
+                return Ok(Read::Opaque { addressed: false })
+            }
             // An unreadable document might reference anything: nothing is safe to delete.
             Err(e) => return Err(FailClosed(format!("cannot read {key}: {e}"))),
         };
-        if body.len() as u64 > MAX_MANIFEST_SIZE && !must_parse {
-            return Ok(Read::Opaque { addressed: false });
+        let hashes_to_digest = (scan || elsewhere) && Digest::sha256_of(&body) == *digest;
+        // Content read from another repository's copy must be that digest's content.
+        if elsewhere && !hashes_to_digest {
+            return Err(FailClosed(format!(
+                "content copy {key} of placeholder {digest} does not match its digest"
+            )));
         }
         // Only what the scan learns is remembered across runs; anything at a digest key that
         // does not hash to it (a mount link, an upload in progress) may still change.
-        let addressed = scan && Digest::sha256_of(&body) == *digest;
+        let addressed = scan && hashes_to_digest;
         match manifest::references(&body) {
             Ok(refs) => Ok(Read::Doc { refs, addressed }),
             Err(e) if must_parse => Err(FailClosed(format!("manifest {digest} ({key}): {e}"))),

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::digest::Digest;
-use crate::layout::{KeyKind, Layout, Repository, Roots, RootsError, STATE_PREFIX};
+use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, RootsError, STATE_PREFIX};
 use crate::manifest::Descriptor;
 use crate::metrics::Metrics;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
@@ -355,6 +355,7 @@ async fn collect_all(
         .collect();
     // Global blobs are shared by every repository: any repository's intent protects them.
     let global_roots = partition.global_roots;
+    let placeholders = partition.placeholders;
     let global = partition.global.filter(|g| wanted(g)).map(|g| {
         let all_intents: Vec<ObjectMeta> = intents.values().flatten().cloned().collect();
         (g, all_intents)
@@ -362,6 +363,7 @@ async fn collect_all(
     let run = RepoRun {
         store: &store,
         layout: layout.as_ref(),
+        placeholders: &placeholders,
         policy: PlanPolicy {
             now: clock.now(),
             grace: opts.grace,
@@ -454,6 +456,7 @@ async fn collect_all(
 struct RepoRun<'a> {
     store: &'a Instrumented,
     layout: &'a dyn Layout,
+    placeholders: &'a HashMap<Digest, Option<ContentCopy>>,
     policy: PlanPolicy,
     clock: BucketClock,
     leases: Leases<'a>,
@@ -605,6 +608,7 @@ impl RepoRun<'_> {
             layout: self.layout,
             repo: &repo,
             blobs: &blobs,
+            placeholders: self.placeholders,
             concurrency: self.concurrency,
         });
 
@@ -743,6 +747,7 @@ impl RepoRun<'_> {
             size: None,
         }));
         marker.mark(&descriptors).await.map_err(|e| e.0)?;
+        marker.check_placeholders().map_err(|e| e.0)?;
         let plan = plan(
             self.layout,
             repo,

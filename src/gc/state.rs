@@ -70,6 +70,11 @@ pub struct Pending {
     pub etag: Option<String>,
 }
 
+/// Largest pending-state object read (about a million candidates): ocigc writes these itself,
+/// the cap only bounds memory against a damaged or hostile object, which then fails its
+/// repository closed.
+pub const MAX_STATE_SIZE: u64 = 256 * 1024 * 1024;
+
 /// Reads a repository's pending state. A missing file is empty state; an unreadable one is
 /// reported and treated as empty, which can only postpone deletions.
 pub async fn read_pending(
@@ -78,7 +83,7 @@ pub async fn read_pending(
     warnings: &mut Vec<String>,
 ) -> Result<Pending, StoreError> {
     let key = pending_key(repo);
-    let object = match store.get(&key).await {
+    let object = match store.get_capped(&key, MAX_STATE_SIZE).await {
         Ok(o) => o,
         Err(StoreError::NotFound { .. }) => return Ok(Pending::default()),
         Err(e) => return Err(e),

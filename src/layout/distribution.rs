@@ -28,6 +28,8 @@ const REPOSITORIES: &str = "docker/registry/v2/repositories/";
 /// Path components that end a repository name (a name component never starts with `_`).
 const REPO_DIRS: [&str; 3] = ["_manifests", "_layers", "_uploads"];
 const TAGS: &str = "_manifests/tags/";
+/// Largest link file read: a link holds one digest (71 bytes for sha256).
+const MAX_LINK_SIZE: u64 = 1024;
 /// Delete batches per re-check of the global roots (8 × 1000 keys, sent together).
 const RECHECK_ROUND: usize = 8;
 const REVISIONS: &str = "_manifests/revisions/";
@@ -119,7 +121,7 @@ impl DistributionLayout {
             .collect();
         let mut descriptors = Vec::with_capacity(current.len());
         for o in &current {
-            let body = match store.get(&o.key).await {
+            let body = match store.get_capped(&o.key, MAX_LINK_SIZE).await {
                 Ok(b) => b.body,
                 // Untagged since the listing: that tag roots nothing any more.
                 Err(StoreError::NotFound { .. }) => continue,

@@ -62,6 +62,18 @@ pub struct Partition {
     /// The roots of [`Partition::global`] as the listing shows them, where the layout can
     /// read them there (one LIST pass instead of two).
     pub global_roots: Option<Roots>,
+    /// Every digest stored as a placeholder somewhere in the bucket (de-duplicating
+    /// registries), with a content copy to read it from, if the bucket holds one.
+    pub placeholders: HashMap<Digest, Option<ContentCopy>>,
+}
+
+/// Where the content of a digest stored elsewhere as a placeholder can be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentCopy {
+    /// The key of the copy (in some repository of the bucket).
+    pub key: String,
+    /// Its size as listed.
+    pub size: u64,
 }
 
 impl Partition {
@@ -131,6 +143,20 @@ pub trait Layout: Send + Sync {
 
     /// Splits a listing (state keys already removed) into repositories.
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition;
+
+    /// Whether the listed blob `object` of digest `digest` is a placeholder whose content lives
+    /// elsewhere in the bucket (see [`Partition::placeholders`]).
+    fn is_placeholder(&self, _object: &ObjectMeta, _digest: &Digest) -> bool {
+        false
+    }
+
+    /// Objects that keep a repository valid and empty: written instead of deleting them when
+    /// a whole-repository deletion must keep some of its blobs (other repositories need
+    /// them), so that a later `gc` still finds the repository and collects those blobs once
+    /// nothing needs them. Empty where a repository needs no marker.
+    fn empty_repository(&self, _repo: &Repository) -> Vec<(String, bytes::Bytes)> {
+        Vec::new()
+    }
 
     /// Whether repositories are collected one by one (false where only the global blobs are
     /// swept and a repository has nothing of its own to delete).
