@@ -32,20 +32,9 @@ use proptest::strategy::Union;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Value};
 
-/// Which blobs the generator may store as zot dedupe placeholders (0-byte blobs whose content
-/// lives in another repository).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Placeholders {
-    Off,
-    /// Layers and configs only.
-    Blobs,
-    /// Manifests and indexes too.
-    All,
-}
-
-/// `All` once marking reads a manifest that it reached earlier as a linked content copy (the
-/// regression scenario at the end of this file).
-const PLACEHOLDERS: Placeholders = Placeholders::Blobs;
+/// Whether the generator writes zot dedupe placeholders (0-byte blobs whose content lives in
+/// another repository).
+const PLACEHOLDERS: bool = true;
 
 /// Nested (`team/app`, `team/app/tools`) and prefix-colliding (`lib/a`, `lib/a-b`) names.
 const REPOS: [&str; 5] = ["team/app", "team/app/tools", "lib/a", "lib/a-b", "solo"];
@@ -195,10 +184,9 @@ fn root() -> impl Strategy<Value = Root> {
 }
 
 /// Sequences of up to `max_ops` operations; without `placeholders`, no operation writes one.
-fn ops(placeholders: Placeholders, max_ops: usize) -> impl Strategy<Value = Vec<Op>> {
+fn ops(placeholders: bool, max_ops: usize) -> impl Strategy<Value = Vec<Op>> {
     let repo = || 0..REPOS.len();
     let tag = || 0..TAGS.len();
-    let placeholders = placeholders != Placeholders::Off;
     let dedupe = move || any::<bool>().prop_map(move |d| d && placeholders);
     let mut broken = vec![
         Broken::MissingManifest,
@@ -679,7 +667,7 @@ struct RepoModel {
 struct World<'s> {
     store: Arc<dyn Store>,
     stats: &'s Stats,
-    placeholders: Placeholders,
+    placeholders: bool,
     /// Every key outside `_ocigc/` with its content, as written and left by the collector.
     bucket: BTreeMap<String, Vec<u8>>,
     /// Content of every digest generated so far (what a pusher has locally), by hex.
@@ -710,7 +698,7 @@ fn layer_content(i: usize) -> Vec<u8> {
 }
 
 impl<'s> World<'s> {
-    fn new(store: Arc<dyn Store>, stats: &'s Stats, placeholders: Placeholders) -> World<'s> {
+    fn new(store: Arc<dyn Store>, stats: &'s Stats, placeholders: bool) -> World<'s> {
         World {
             store,
             stats,
@@ -840,12 +828,7 @@ impl<'s> World<'s> {
             .bucket
             .iter()
             .any(|(k, v)| k.ends_with(&suffix) && !v.is_empty());
-        let allowed = match self.placeholders {
-            Placeholders::Off => false,
-            Placeholders::Blobs => !self.doc_types.contains_key(hex),
-            Placeholders::All => true,
-        };
-        let placeholder = allowed && dedupe && !body.is_empty() && elsewhere;
+        let placeholder = self.placeholders && dedupe && !body.is_empty() && elsewhere;
         self.put(key, if placeholder { Vec::new() } else { body })
             .await
     }
@@ -1032,7 +1015,7 @@ impl<'s> World<'s> {
                     .await
             }
             Op::Placeholder { repo, pick, orphan } => {
-                if self.placeholders == Placeholders::Off {
+                if !self.placeholders {
                     return Ok(());
                 }
                 self.ensure_repo(repo).await?;
@@ -1048,10 +1031,6 @@ impl<'s> World<'s> {
                         .filter_map(|(k, _)| k.rsplit_once("/blobs/sha256/"))
                         .map(|(_, h)| h)
                         .filter(|h| is_hex64(h))
-                        .filter(|h| {
-                            self.placeholders == Placeholders::All
-                                || !self.doc_types.contains_key(*h)
-                        })
                         .collect();
                     if elsewhere.is_empty() {
                         return Ok(());
@@ -1125,8 +1104,6 @@ impl<'s> World<'s> {
             Broken::Unparseable => {
                 let body = format!("{{broken manifest {n}").into_bytes();
                 let desc = descriptor(OCI_MANIFEST, &sha256_hex(&body), body.len());
-                self.doc_types
-                    .insert(sha256_hex(&body), OCI_MANIFEST.to_string());
                 self.put(key_of(repo, &sha256_hex(&body)), body).await?;
                 desc
             }
@@ -1304,7 +1281,7 @@ async fn play(
     store: Arc<dyn Store>,
     stats: &Stats,
     ops: &[Op],
-    placeholders: Placeholders,
+    placeholders: bool,
 ) -> Result<(), String> {
     let mut world = World::new(store, stats, placeholders);
     for (i, op) in ops.iter().enumerate() {
@@ -1392,7 +1369,7 @@ fn check_model(kind: Kind, cases: u32, max_ops: usize) {
         );
         assert!(get(&stats.via_scan) > 0, "no case had an unlisted referrer");
         assert!(
-            PLACEHOLDERS == Placeholders::Off || get(&stats.placeholders_needed) > 0,
+            !PLACEHOLDERS || get(&stats.placeholders_needed) > 0,
             "no case needed a placeholder"
         );
     }
@@ -1528,11 +1505,6 @@ fn oracle_fails_closed_on_broken_documents_and_guards_content_copies() {
 /// placeholder in `team/app`. The manifest's content copy is kept alive as a linked blob of
 /// `solo`, a root never read; reached first that way, the manifest was then skipped when the
 /// index listed it, so its config and layer were deleted (dangling references).
-///
-/// Not run yet: the fix ("a digest reached again as a manifest is read") is on the branch
-/// that rewrites marking. Once it is merged, register it with `both_stores!` and set
-/// [`PLACEHOLDERS`] to `All`.
-#[allow(dead_code)]
 async fn content_copy_of_a_manifest_below_an_index_keeps_its_children(t: TestStore) {
     let f = Fixture {
         store: t.store.as_ref(),
@@ -1557,3 +1529,32 @@ async fn content_copy_of_a_manifest_below_an_index_keeps_its_children(t: TestSto
         "unreferenced placeholder kept"
     );
 }
+
+/// Found by the model: an unlisted referrer in `team/app/tools` also has a placeholder in
+/// `lib/a`. Its content copy, kept as a linked blob, counted as seen, so the referrer scan
+/// never read it and its config and payload were deleted.
+async fn content_copy_of_an_unlisted_referrer_keeps_its_children(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let img = f.image("team/app/tools", "img").await;
+    let sig = f.referrer("team/app/tools", &img, "sig").await;
+    f.layout("team/app/tools", &[(Some("latest"), &img)]).await;
+    f.layout("lib/a", &[]).await;
+    f.put(&blob_key("lib/a", &sig.digest), b"").await;
+
+    gc(&t.store, &eager()).await;
+    let k = keys(t.store.as_ref()).await;
+    assert_intact(&k, "team/app/tools", &img, "signed image");
+    assert_intact(
+        &k,
+        "team/app/tools",
+        &sig,
+        "unlisted referrer with a placeholder elsewhere",
+    );
+}
+
+both_stores!(
+    content_copy_of_a_manifest_below_an_index_keeps_its_children,
+    content_copy_of_an_unlisted_referrer_keeps_its_children,
+);
