@@ -16,7 +16,7 @@ use crate::daemon::{self, ServeOptions};
 use crate::digest::Digest;
 use crate::gc::{self, intent, DeleteRepoOptions, GcOptions, RepoFilter};
 use crate::layout::{self, validate_repository_name, Layout, LayoutOptions};
-use crate::metrics::Metrics;
+use crate::metrics::{redact_url, Metrics};
 use crate::report::Report;
 use crate::store::{BucketUrl, DirStore, S3Settings, S3Store, StaticCredentials, Store};
 
@@ -99,7 +99,8 @@ pub struct StoreArgs {
     #[arg(long, env = "OCIGC_LEASE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub lease_ttl: Duration,
     /// Push the run's metrics to this Prometheus Pushgateway at the end (job `ocigc`, grouped
-    /// by bucket), whatever the outcome.
+    /// by bucket), whatever the outcome; `user:password@` in it is sent as basic auth and
+    /// never printed.
     #[arg(long, env = "OCIGC_PUSHGATEWAY", value_name = "URL")]
     pub pushgateway: Option<String>,
     /// Pretend the bucket clock is this far ahead (drills and crash tests only).
@@ -170,10 +171,30 @@ pub struct ServeArgs {
     /// Serve the hook API without authentication (for a trusted local network only).
     #[arg(long, env = "OCIGC_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
-    /// On SIGTERM/SIGINT, wait at most this long for running work before exiting.
+    /// On SIGTERM/SIGINT, wait at most this long for running work and open connections
+    /// before exiting.
     #[arg(long, env = "OCIGC_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Hook jobs waiting for a slot at most; further hook requests are answered 429 with
+    /// Retry-After.
+    #[arg(long, env = "OCIGC_MAX_QUEUED_JOBS", default_value_t = daemon::DEFAULT_MAX_QUEUED_JOBS,
+          value_parser = parse_count::<MAX_QUEUED_JOBS>)]
+    pub max_queued_jobs: usize,
+    /// HTTP connections open at most; more wait until one closes.
+    #[arg(long, env = "OCIGC_MAX_CONNECTIONS", default_value_t = daemon::DEFAULT_MAX_CONNECTIONS,
+          value_parser = parse_count::<MAX_CONNECTIONS>)]
+    pub max_connections: usize,
+    /// Close a connection that takes longer than this to send a request head, or stays idle
+    /// this long between requests.
+    #[arg(long, env = "OCIGC_HEADER_READ_TIMEOUT", default_value = "10s",
+          value_parser = parse_positive_duration)]
+    pub header_read_timeout: Duration,
 }
+
+/// Upper bound of `--max-queued-jobs` (each queued job is a few hundred bytes of memory).
+const MAX_QUEUED_JOBS: usize = 100_000;
+/// Upper bound of `--max-connections` (each may hold a file descriptor).
+const MAX_CONNECTIONS: usize = 65_536;
 
 /// Flags of `ocigc intent`.
 #[derive(Debug, Args)]
@@ -184,8 +205,8 @@ pub struct IntentArgs {
     /// Repository the digests will be referenced from.
     #[arg(long, required_unless_present = "release")]
     pub repo: Option<String>,
-    /// How long the intent protects the digests.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    /// How long the intent protects the digests (at most 7 days).
+    #[arg(long, default_value = "1h", value_parser = parse_intent_ttl)]
     pub ttl: Duration,
     /// How long to wait for a collector's batch in flight that names one of the digests.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
@@ -201,8 +222,58 @@ pub struct IntentArgs {
     pub digests: Vec<String>,
 }
 
+/// The longest duration any setting takes, `100y` (humantime's year: 365.25 days): far
+/// beyond any sensible value, and far enough from the limits of `Instant`, `SystemTime` and
+/// of RFC 3339 timestamps (year 9999) that adding a few of them to the present never
+/// overflows or fails to print.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 15m, 24h)"))
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 15m, 24h)"))?;
+    if d > MAX_DURATION {
+        return Err(format!("{s} is too long (at most 100 years)"));
+    }
+    Ok(d)
+}
+
+/// Collectors honour an intent for at most [`intent::MAX_INTENT_TTL`]: a longer one would
+/// protect less than it says.
+fn parse_intent_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > intent::MAX_INTENT_TTL {
+        return Err(format!(
+            "{s} is longer than collectors honour an intent ({})",
+            humantime::format_duration(intent::MAX_INTENT_TTL)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err("must be more than 0s".into()),
+        d => Ok(d),
+    }
+}
+
+/// A count in `1..=MAX`.
+fn parse_count<const MAX: usize>(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number in 1..={MAX}")),
+    }
+}
+
+/// Checks a Pushgateway URL; the error never shows its credentials.
+fn check_pushgateway(url: &str) -> Result<(), CliError> {
+    let shown = redact_url(url);
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err(usage(anyhow!(
+            "--pushgateway {shown}: expected an http:// or https:// URL"
+        ))),
+        Err(e) => Err(usage(anyhow!("--pushgateway {shown}: {e}"))),
+    }
 }
 
 /// An error at the edge, with the exit status it maps to.
@@ -343,6 +414,18 @@ fn apply_serve_config(cfg: &FileConfig, m: &ArgMatches, s: &mut ServeArgs) -> Re
     if let (false, Some(v)) = (explicit(m, "drain_timeout"), &cfg.drain_timeout) {
         s.drain_timeout = config_duration("drain_timeout", v)?;
     }
+    if let (false, Some(v)) = (explicit(m, "max_queued_jobs"), cfg.max_queued_jobs) {
+        s.max_queued_jobs = parse_count::<MAX_QUEUED_JOBS>(&v.to_string())
+            .map_err(|e| usage(anyhow!("config key max_queued_jobs: {e}")))?;
+    }
+    if let (false, Some(v)) = (explicit(m, "max_connections"), cfg.max_connections) {
+        s.max_connections = parse_count::<MAX_CONNECTIONS>(&v.to_string())
+            .map_err(|e| usage(anyhow!("config key max_connections: {e}")))?;
+    }
+    if let (false, Some(v)) = (explicit(m, "header_read_timeout"), &cfg.header_read_timeout) {
+        s.header_read_timeout = parse_positive_duration(v)
+            .map_err(|e| usage(anyhow!("config key header_read_timeout: {e}")))?;
+    }
     Ok(())
 }
 
@@ -364,6 +447,9 @@ fn apply_config(cli: &mut Cli, matches: &ArgMatches) -> Result<(), CliError> {
 }
 
 async fn open_store(args: &StoreArgs) -> Result<(Arc<dyn Store>, Duration), CliError> {
+    if let Some(url) = &args.pushgateway {
+        check_pushgateway(url)?;
+    }
     let bucket = args.bucket.as_ref().ok_or_else(|| {
         usage(anyhow!(
             "--bucket is required (or OCIGC_BUCKET, or `bucket` in the config file)"
@@ -463,6 +549,7 @@ async fn gc_setup(
         metrics: None,
         stop: Default::default(),
         progress: None,
+        only: None,
     };
     let delete = DeleteRepoOptions {
         dry_run: args.store.dry_run,
@@ -485,7 +572,7 @@ async fn push_metrics(args: &StoreArgs, store: &dyn Store, metrics: &Metrics) {
         .push(gateway, &store.describe(), args.timeout_request)
         .await
     {
-        Ok(()) => tracing::info!(%gateway, "metrics pushed"),
+        Ok(()) => tracing::info!(gateway = %redact_url(gateway), "metrics pushed"),
         Err(e) => tracing::error!(error = %e, "metrics push failed"),
     }
 }
@@ -596,7 +683,10 @@ fn read_token(args: &ServeArgs) -> Result<Option<String>, CliError> {
                 .trim()
                 .to_string(),
         ),
-        None => std::env::var("OCIGC_TOKEN").ok(),
+        // A trailing newline (`echo tok > file`, a mounted Secret) is not part of the token.
+        None => std::env::var("OCIGC_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string()),
     };
     match token {
         Some(t) if t.is_empty() => Err(usage(anyhow!("the hook token is empty"))),
@@ -623,6 +713,9 @@ async fn serve_command(args: ServeArgs) -> Result<u8, CliError> {
         gc,
         delete,
         pushgateway: args.gc.store.pushgateway.clone(),
+        max_queued_jobs: args.max_queued_jobs,
+        max_connections: args.max_connections,
+        header_read_timeout: args.header_read_timeout,
     };
     let metrics = Arc::new(Metrics::new());
     daemon::serve(store, layout, metrics, opts, shutdown_signal())

@@ -52,6 +52,12 @@ pub struct FileConfig {
     pub insecure_no_auth: Option<bool>,
     /// `serve --drain-timeout`.
     pub drain_timeout: Option<String>,
+    /// `serve --max-queued-jobs`.
+    pub max_queued_jobs: Option<u64>,
+    /// `serve --max-connections`.
+    pub max_connections: Option<u64>,
+    /// `serve --header-read-timeout`.
+    pub header_read_timeout: Option<String>,
 }
 
 /// Why the configuration file was rejected.
@@ -79,9 +85,59 @@ impl FileConfig {
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: shown,
-            message: e.to_string(),
+            message: describe(&text, &e),
         })
     }
+}
+
+/// Where and why the file did not parse, without its text: toml's own message quotes the
+/// offending line, and serde's quotes the value, either of which may be a secret (a
+/// Pushgateway password, a token pasted into the wrong key).
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let message = without_quoted_values(e.message().trim());
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before.len() - line_start + 1;
+            // The key is what precedes `=` on that line; only a plain key name is shown.
+            let key = text
+                .get(line_start..)
+                .and_then(|rest| rest.lines().next())
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                });
+            match key {
+                Some(key) => format!("line {line}, column {column}, key {key}: {message}"),
+                None => format!("line {line}, column {column}: {message}"),
+            }
+        }
+        None => message,
+    }
+}
+
+/// `message` with every double-quoted part (serde quotes values so) replaced by `"…"`; the
+/// back-quoted key names stay.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        if i % 2 == 0 {
+            out.push_str("\"…");
+        } else {
+            out.push('"');
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -98,5 +154,22 @@ mod tests {
                 .expect("valid");
         assert_eq!(ok.concurrency, Some(4));
         assert!(toml::from_str::<FileConfig>("concurrency = \"many\"").is_err());
+    }
+
+    #[test]
+    fn parse_errors_show_no_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        for text in [
+            "grace = \"1h\"\ntoken = \"hunter2-secret\"\n",
+            "concurrency = \"hunter2-secret\"\n",
+            "pushgateway = \"http://u:hunter2-secret@gw\" trailing\n",
+            "pushgateway = \"http://u:hunter2-secret@gw\n",
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let err = FileConfig::load(&path).expect_err("invalid").to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("line "), "{err}");
+        }
     }
 }

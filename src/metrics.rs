@@ -23,7 +23,7 @@ pub const REQUEST_RESULTS: [&str; 4] = ["ok", "not_found", "timeout", "error"];
 const OPS: [Op; 5] = [Op::List, Op::Get, Op::Head, Op::Put, Op::Delete];
 
 /// Every metric name of SPEC §5 (the dashboard and alerts rely on them).
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 21] = [
     "ocigc_runs_total",
     "ocigc_run_duration_seconds",
     "ocigc_last_run_timestamp_seconds",
@@ -41,6 +41,10 @@ pub const NAMES: [&str; 17] = [
     "ocigc_lease_conflicts_total",
     "ocigc_dangling_references_total",
     "ocigc_repo_deletions_total",
+    "ocigc_hook_runs_total",
+    "ocigc_hook_run_duration_seconds",
+    "ocigc_hook_last_success_timestamp_seconds",
+    "ocigc_hook_jobs_rejected_total",
 ];
 
 /// Every ocigc metric, registered in one registry.
@@ -63,6 +67,10 @@ pub struct Metrics {
     lease_conflicts: IntCounter,
     dangling_references: IntCounter,
     repo_deletions: IntCounterVec,
+    hook_runs: IntCounterVec,
+    hook_run_duration: Histogram,
+    hook_last_success: Gauge,
+    hook_jobs_rejected: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -212,10 +220,41 @@ impl Metrics {
                 "Whole-repository deletions by result.",
                 &["result"],
             ),
+            hook_runs: counter_vec(
+                &r,
+                "ocigc_hook_runs_total",
+                "On-demand GCs of one repository (hook) by result; never in ocigc_runs_total.",
+                &["result"],
+            ),
+            hook_run_duration: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "ocigc_hook_run_duration_seconds",
+                        "Duration of on-demand GCs of one repository.",
+                    )
+                    .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0]),
+                )
+                .expect("valid metric"),
+            ),
+            hook_last_success: register(
+                &r,
+                Gauge::new(
+                    "ocigc_hook_last_success_timestamp_seconds",
+                    "End of the last on-demand GC of one repository that was ok (Unix time).",
+                )
+                .expect("valid metric"),
+            ),
+            hook_jobs_rejected: counter(
+                &r,
+                "ocigc_hook_jobs_rejected_total",
+                "Hook requests refused with 429 because the job queue was full.",
+            ),
             registry: r,
         };
         for l in RUN_RESULTS {
             m.runs.with_label_values(&[l]);
+            m.hook_runs.with_label_values(&[l]);
         }
         for l in REPO_STATUSES {
             m.repos.with_label_values(&[l]);
@@ -266,21 +305,43 @@ impl Metrics {
         let now = unix_now();
         self.run_duration.observe(took.as_secs_f64());
         self.last_run.set(now);
-        let result = match report {
-            None => "failed",
-            Some(r) if r.all_ok() => "ok",
-            Some(_) => "partial",
-        };
+        let result = run_result(report);
         self.runs.with_label_values(&[result]).inc();
+        if result == "ok" {
+            self.last_success.set(now);
+        }
+        self.observe_repositories(report, run_timed_out);
+        if let Some(report) = report {
+            self.bytes_pending.set(report.totals.bytes_pending as i64);
+        }
+    }
+
+    /// Records a finished on-demand GC of one repository: its own series, so that the full
+    /// run's (and the alert on its last success) stay about full runs. The pending gauge is
+    /// left alone: one repository's figure is not the bucket's.
+    pub fn observe_hook_gc(&self, report: Option<&Report>, took: Duration, run_timed_out: bool) {
+        self.hook_run_duration.observe(took.as_secs_f64());
+        let result = run_result(report);
+        self.hook_runs.with_label_values(&[result]).inc();
+        if result == "ok" {
+            self.hook_last_success.set(unix_now());
+        }
+        self.observe_repositories(report, run_timed_out);
+    }
+
+    /// Records a hook request refused because the job queue was full.
+    pub fn hook_job_rejected(&self) {
+        self.hook_jobs_rejected.inc();
+    }
+
+    /// The per-repository figures and time-outs of a finished run, full or hook.
+    fn observe_repositories(&self, report: Option<&Report>, run_timed_out: bool) {
         if run_timed_out {
             self.timeouts.with_label_values(&["run"]).inc();
         }
         let Some(report) = report else {
             return;
         };
-        if result == "ok" {
-            self.last_success.set(now);
-        }
         for r in &report.repositories {
             self.repos
                 .with_label_values(&[status_label(r.status)])
@@ -290,7 +351,6 @@ impl Metrics {
             }
         }
         self.repo_figures(report);
-        self.bytes_pending.set(report.totals.bytes_pending as i64);
     }
 
     /// Records a finished `delete-repo` run.
@@ -325,29 +385,59 @@ impl Metrics {
             "{}/metrics/job/ocigc/bucket@base64/{group}",
             gateway.trim_end_matches('/')
         );
+        // Credentials in the URL (user:password@) go out as basic auth; no error shows them.
+        let shown = redact_url(&url);
+        let failed = |e: reqwest::Error| PushError(shown.clone(), e.without_url().to_string());
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .build()
-            .map_err(|e| PushError(url.clone(), e.to_string()))?;
+            .map_err(failed)?;
         let response = client
             .put(&url)
             .header("Content-Type", "text/plain; version=0.0.4")
             .body(self.encode())
             .send()
             .await
-            .map_err(|e| PushError(url.clone(), e.to_string()))?;
+            .map_err(failed)?;
         if !response.status().is_success() {
-            return Err(PushError(url, format!("HTTP {}", response.status())));
+            return Err(PushError(shown, format!("HTTP {}", response.status())));
         }
         Ok(())
     }
 }
 
-/// The Pushgateway did not take the metrics.
+/// The Pushgateway did not take the metrics (the URL shown without its credentials).
 #[derive(Debug, thiserror::Error)]
 #[error("pushing metrics to {0}: {1}")]
 pub struct PushError(String, String);
+
+/// `url` with the userinfo of its authority (`user:password@`) replaced by `***@`, for logs
+/// and errors. Works on text that does not parse as a URL too.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        // Without a scheme the authority is the text up to the first '/'.
+        return redact_authority(url, 0);
+    };
+    redact_authority(url, scheme_end)
+}
+
+fn redact_authority(url: &str, start: usize) -> String {
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+fn run_result(report: Option<&Report>) -> &'static str {
+    match report {
+        None => "failed",
+        Some(r) if r.all_ok() => "ok",
+        Some(_) => "partial",
+    }
+}
 
 fn status_label(s: RepoStatus) -> &'static str {
     match s {
@@ -380,6 +470,30 @@ mod tests {
         assert!(text.contains("ocigc_runs_total{result=\"failed\"} 0"));
         assert!(text.contains("ocigc_timeouts_total{scope=\"repo\"} 0"));
         assert!(!text.contains("repo=\""), "no per-repository labels");
+    }
+
+    #[test]
+    fn userinfo_is_redacted() {
+        for (url, shown) in [
+            ("https://u:p@gw:9091/x", "https://***@gw:9091/x"),
+            ("http://tok@gw", "http://***@gw"),
+            ("http://a:b@c@gw/p@q", "http://***@gw/p@q"),
+            ("u:p@gw:9091", "***@gw:9091"),
+            ("http://gw:9091/a@b", "http://gw:9091/a@b"),
+            ("http://gw:9091", "http://gw:9091"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+    }
+
+    #[test]
+    fn hook_runs_have_their_own_series() {
+        let m = Metrics::new();
+        m.observe_hook_gc(None, Duration::from_secs(1), false);
+        let text = m.encode();
+        assert!(text.contains("ocigc_hook_runs_total{result=\"failed\"} 1"));
+        assert!(text.contains("ocigc_runs_total{result=\"failed\"} 0"));
+        assert!(text.contains("ocigc_run_duration_seconds_count 0"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use common::*;
 use futures::TryStreamExt;
@@ -512,4 +513,284 @@ fn shards_split_the_repositories() {
     );
     let bad = ocigc(&["gc", "--bucket", bucket, "--shard", "3/3"], &[]);
     assert_eq!(code(&bad), 2);
+}
+
+/// Runs ocigc, killed if it has not exited after `limit` (a daemon that accepted a value it
+/// should have refused); returns its exit code (`None` when killed) and stderr.
+fn ocigc_bounded(args: &[String], env: &[(&str, &str)], limit: Duration) -> (Option<i32>, String) {
+    let err_file = tempfile::NamedTempFile::new().expect("stderr file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ocigc"))
+        .args(args)
+        .env("OCIGC_LOG", "warn")
+        .env_remove("OCIGC_TOKEN")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(err_file.reopen().expect("reopen"))
+        .spawn()
+        .expect("spawn ocigc");
+    let started = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(err_file.path()).expect("stderr");
+    (code, err)
+}
+
+#[test]
+fn absurd_durations_and_numbers_exit_2_naming_the_setting_without_panicking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path").to_string();
+    // Longer than 100 years; the second overflows `Instant` arithmetic, the last `u64`.
+    let huge = ["101y", "400000000000y", "99999999999999999999999s"];
+    let token = [("OCIGC_TOKEN", "t0ken")];
+    let mut cases: Vec<(Vec<String>, String)> = Vec::new();
+    let args = |cmd: &str, flag: &str, v: &str| -> Vec<String> {
+        let mut a = vec![cmd.to_string(), "--bucket".into(), d.clone()];
+        if cmd == "serve" {
+            a.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
+        a.push(format!("{flag}={v}"));
+        match cmd {
+            "intent" => a.extend([
+                "--repo".into(),
+                "app".into(),
+                format!("sha256:{}", "a".repeat(64)),
+            ]),
+            "delete-repo" => a.push("app".into()),
+            _ => {}
+        }
+        a
+    };
+    let store_durations = ["--timeout-request", "--lease-ttl", "--clock-offset"];
+    let gc_durations = ["--grace", "--delay", "--timeout-repo", "--timeout-run"];
+    let serve_durations = ["--interval", "--drain-timeout", "--header-read-timeout"];
+    for v in huge {
+        for flag in store_durations {
+            for cmd in ["gc", "delete-repo", "serve"] {
+                cases.push((args(cmd, flag, v), flag.into()));
+            }
+        }
+        for flag in gc_durations {
+            for cmd in ["gc", "serve"] {
+                cases.push((args(cmd, flag, v), flag.into()));
+            }
+        }
+        for flag in serve_durations {
+            cases.push((args("serve", flag, v), flag.into()));
+        }
+        for flag in ["--ttl", "--wait"] {
+            cases.push((args("intent", flag, v), flag.into()));
+        }
+    }
+    cases.push((args("intent", "--ttl", "8d"), "--ttl".into()));
+    cases.push((
+        args("serve", "--header-read-timeout", "0s"),
+        "--header-read-timeout".into(),
+    ));
+    for v in ["0", "-1", "1025", "99999999999999999999"] {
+        cases.push((args("gc", "--concurrency", v), "--concurrency".into()));
+    }
+    for flag in ["--max-queued-jobs", "--max-connections"] {
+        for v in ["0", "-1", "4294967297", "99999999999999999999", "many"] {
+            cases.push((args("serve", flag, v), flag.into()));
+        }
+    }
+    for v in [
+        "18446744073709551616/2",
+        "0/0",
+        "5/4",
+        "4294967296/4294967297",
+    ] {
+        cases.push((args("gc", "--shard", v), "--shard".into()));
+    }
+    // The same through the configuration file.
+    let cfg = dir.path().join("ocigc.toml");
+    let cfg_s = cfg.to_str().expect("utf-8").to_string();
+    let config_cases = [
+        "grace = \"9000y\"",
+        "delay = \"400000000000y\"",
+        "timeout_request = \"101y\"",
+        "timeout_repo = \"9000y\"",
+        "timeout_run = \"400000000000y\"",
+        "lease_ttl = \"9000y\"",
+        "interval = \"9000y\"",
+        "drain_timeout = \"400000000000y\"",
+        "header_read_timeout = \"0s\"",
+        "concurrency = 99999999999",
+        "max_queued_jobs = 0",
+        "max_connections = 99999999999999",
+        "max_connections = -5",
+    ];
+    let mut checked = 0;
+    for (args, flag) in &cases {
+        let (code, err) = ocigc_bounded(args, &token, Duration::from_secs(10));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(flag.as_str()),
+            "{args:?}: {flag} not named in {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        checked += 1;
+    }
+    for line in config_cases {
+        std::fs::write(&cfg, format!("{line}\n")).expect("config");
+        let key = line.split(' ').next().expect("key");
+        let args: Vec<String> = [
+            "serve",
+            "--bucket",
+            &d,
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            &cfg_s,
+        ]
+        .map(String::from)
+        .to_vec();
+        let (code, err) = ocigc_bounded(&args, &token, Duration::from_secs(10));
+        assert_eq!(code, Some(2), "{line}: {err}");
+        assert!(err.contains(key), "{line}: {key} not named in {err}");
+        assert!(!err.contains("panicked"), "{line}: {err}");
+        checked += 1;
+    }
+    eprintln!("{checked} absurd settings refused");
+}
+
+#[test]
+fn pushgateway_credentials_and_config_secrets_never_reach_stderr() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    // Port 1 on loopback: nothing listens, so the push fails and its error is logged.
+    let gateway = "http://user:hunter2@127.0.0.1:1";
+    for (args, env, want_code, want) in [
+        (
+            vec!["gc", "--bucket", d, "--pushgateway", gateway],
+            vec![],
+            0,
+            "***@127.0.0.1:1",
+        ),
+        (
+            vec!["gc", "--bucket", d],
+            vec![("OCIGC_PUSHGATEWAY", gateway)],
+            0,
+            "***@127.0.0.1:1",
+        ),
+        (
+            vec![
+                "delete-repo",
+                "--bucket",
+                d,
+                "--pushgateway",
+                gateway,
+                "app",
+            ],
+            vec![],
+            0,
+            "***@127.0.0.1:1",
+        ),
+        (
+            vec![
+                "gc",
+                "--bucket",
+                d,
+                "--pushgateway",
+                "http://user:hunter2@[::1",
+            ],
+            vec![],
+            2,
+            "--pushgateway",
+        ),
+        (
+            vec![
+                "gc",
+                "--bucket",
+                d,
+                "--pushgateway",
+                "ftp://user:hunter2@gw",
+            ],
+            vec![],
+            2,
+            "--pushgateway",
+        ),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocigc"));
+        cmd.args(&args).env("OCIGC_LOG", "debug").envs(env);
+        let out = cmd.output().expect("run ocigc");
+        let err = stderr(&out);
+        assert_eq!(code(&out), want_code, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {want:?} not in {err}");
+        assert!(
+            !err.contains("hunter2"),
+            "{args:?}: the password is in {err}"
+        );
+    }
+    let cfg = dir.path().join("ocigc.toml");
+    let cfg_s = cfg.to_str().expect("utf-8");
+    for text in [
+        "pushgateway = \"http://u:hunter2@gw\" oops\n",
+        "pushgateway = \"http://u:hunter2@gw\n",
+        "token = \"hunter2\"\n",
+        "concurrency = \"hunter2\"\n",
+        "bucket = \"/tmp\"\ngrace = [\"hunter2\"]\n",
+    ] {
+        std::fs::write(&cfg, text).expect("config");
+        let out = ocigc(&["gc", "--config", cfg_s], &[]);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{text}: {err}");
+        assert!(err.contains("line "), "{text}: {err}");
+        assert!(!err.contains("hunter2"), "{text}: the secret is in {err}");
+    }
+}
+
+#[test]
+fn the_largest_accepted_durations_run_without_panicking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    let d = dir.path().to_str().expect("utf-8 path");
+    let out = ocigc(
+        &[
+            "gc",
+            "--bucket",
+            d,
+            "--timeout-run=100y",
+            "--timeout-repo=100y",
+            "--timeout-request=25y",
+            "--lease-ttl=100y",
+            "--clock-offset=100y",
+            "--grace=0s",
+            "--delay=0s",
+            "--report=-",
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(code(&out), 0, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(report["totals"]["blobs_deleted"], 6, "{report}");
+    let (code, err) = ocigc_bounded(
+        &[
+            "intent",
+            "--bucket",
+            d,
+            "--repo",
+            "app",
+            "--ttl=7d",
+            "--wait=100y",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("sha256:{}", "a".repeat(64))])
+        .collect::<Vec<_>>(),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{err}");
 }

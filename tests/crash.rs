@@ -208,6 +208,10 @@ macro_rules! crash_cases {
             async fn s3() {
                 super::$scenario($crate::common::s3_store().await, $point).await
             }
+            #[tokio::test]
+            async fn seaweed() {
+                super::$scenario($crate::common::seaweed_store().await, $point).await
+            }
         }
     )*};
 }

@@ -1,4 +1,4 @@
-//! Whole-repository deletion, against the directory store and moto S3.
+//! Whole-repository deletion, against the directory store, moto and SeaweedFS.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! GC scenarios for the `oci` layout (SPEC §2), each against the directory store and moto S3.
+//! GC scenarios for the `oci` layout (SPEC §2), each against a directory, moto and SeaweedFS.
 
 mod common;
 

@@ -1,21 +1,24 @@
 //! GC scenarios for the `serverless-registry` layout (SPEC §2), each against the directory
 //! store and moto S3: tags and digests as roots, untagged manifests only on request, referrers
 //! by content and by key, cross-repository mounts, temp objects of uploads, nested and
-//! colliding repositories, whole-repository deletion, fail-closed, dry run = real run.
+//! colliding repositories, whole-repository deletion, fail-closed, dry run = real run, and the
+//! registry's own GC/push protocol (`gc/marker`, `insertion/…`).
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::hooked::{Hooked, When};
 use common::serverless::*;
+use common::wrap::{Intercept, Wrapped};
 use common::*;
 use ocigc::gc::{delete_repositories, run_gc, DeleteRepoOptions, GcOptions};
 use ocigc::layout::{by_name, LayoutOptions, GLOBAL_REPOSITORY};
 use ocigc::report::{RepoStatus, Report};
-use ocigc::store::Store;
+use ocigc::store::{Metadata, Op, PutCondition, PutOutcome, Store, StoreError, StoreResult};
 
 async fn srgc(store: &Arc<dyn Store>, opts: &GcOptions, delete_untagged: bool) -> Report {
     let layout = by_name("serverless-registry", LayoutOptions { delete_untagged })
@@ -54,10 +57,11 @@ async fn tags_and_digests_are_roots(t: TestStore) {
     w.tag("a", "1.0", &idx).await;
     let untagged = f.image("a", "pushed by digest").await;
     let garbage = f.blob("a", OCI_LAYER, b"uploaded, never used").await;
+    // A live pusher's `insertion/<uuid>` would hold the sweep off (see
+    // `fresh_insertion_marker_holds_the_repository_off`); the stamps are never swept.
     let markers = [
         "a/gc/last_update".to_string(),
         "a/insertion/last_update".to_string(),
-        format!("a/insertion/{OPEN}"),
     ];
     for m in &markers {
         f.put(m, b"").await;
@@ -353,7 +357,382 @@ async fn recheck_keeps_an_image_pushed_during_the_run(t: TestStore) {
     assert!(sr_dangling(t.store.as_ref()).await.is_empty());
 }
 
+/// Repositories `a` and `b`, each with a tagged image and one garbage layer; returns the keys
+/// of the garbage layers.
+async fn two_repositories_with_garbage(store: &Arc<dyn Store>) -> [String; 2] {
+    let w = SrWriter::new(store.clone());
+    let f = Fixture { store: &w };
+    let mut garbage = Vec::new();
+    for repo in ["a", "b"] {
+        let img = f.image(repo, "v1").await;
+        w.tag(repo, "v1", &img).await;
+        let g = f
+            .blob(repo, OCI_LAYER, format!("garbage of {repo}").as_bytes())
+            .await;
+        garbage.push(sr_blob(repo, &g.digest));
+    }
+    [garbage[0].clone(), garbage[1].clone()]
+}
+
+/// What the registry's pusher writes to `insertion/last_update` (and the GC to
+/// `gc/last_update`): an empty object stamped `<ms>-<uuid>`.
+async fn stamp(store: &dyn Store, key: &str, value: &str) {
+    let metadata = Metadata::from([("timestamp".to_string(), value.to_string())]);
+    store
+        .put_with_metadata(key, bytes::Bytes::new(), PutCondition::None, metadata)
+        .await
+        .unwrap_or_else(|e| panic!("stamp {key}: {e}"));
+}
+
+fn is_registry_stamp(v: &str) -> bool {
+    let Some((ms, id)) = v.split_once('-') else {
+        return false;
+    };
+    ms.len() == 13
+        && ms.bytes().all(|b| b.is_ascii_digit())
+        && uuid::Uuid::parse_str(id).is_ok_and(|u| u.hyphenated().to_string() == id)
+}
+
+/// A pusher's `insertion/<uuid>` younger than 60 s holds the repository's sweep off: nothing
+/// is deleted there, it is reported skipped with the marker named, other repositories go on,
+/// the announcement is withdrawn, and once the push is over the next run deletes the garbage.
+async fn fresh_insertion_marker_holds_the_repository_off(t: TestStore) {
+    let [ga, gb] = two_repositories_with_garbage(&t.store).await;
+    let marker = format!("a/insertion/{OPEN}");
+    Fixture {
+        store: t.store.as_ref(),
+    }
+    .put(&marker, OPEN.as_bytes())
+    .await;
+    let report = srgc(&t.store, &eager(), false).await;
+    let a = repo_report(&report, "a");
+    assert_eq!(a.status, RepoStatus::Skipped, "{a:#?}");
+    assert!(a.deleted.is_empty(), "{a:#?}");
+    assert!(
+        a.errors
+            .iter()
+            .any(|e| e.contains(&marker) && e.contains("push is in progress")),
+        "{a:#?}"
+    );
+    assert!(!report.all_ok(), "exit 3");
+    assert_eq!(deleted_keys(&report, "b"), BTreeSet::from([gb.clone()]));
+    let k = keys(t.store.as_ref()).await;
+    assert!(k.contains(&ga) && k.contains(&marker), "{k:#?}");
+    assert!(!k.contains("a/gc/marker"), "announcement withdrawn");
+    assert!(k.contains("a/gc/last_update"));
+
+    // The pusher is done (`cleanInsertion`: stamp, then remove its marker).
+    stamp(t.store.as_ref(), "a/insertion/last_update", "1-done").await;
+    t.store
+        .delete_batch(std::slice::from_ref(&marker))
+        .await
+        .expect("remove marker");
+    let next = srgc(&t.store, &eager(), false).await;
+    assert_eq!(deleted_keys(&next, "a"), BTreeSet::from([ga]), "{next:#?}");
+    assert!(next.all_ok());
+    assert!(sr_dangling(t.store.as_ref()).await.is_empty());
+}
+
+/// A marker older than 60 s is a dead pusher's: the registry's GC removes it and deletes, and
+/// so does ocigc. Keys under `insertion/` that are not direct children (a repository nested
+/// as `a/insertion`) and keys of a neighbour `a/insertion-x` are not markers.
+async fn stale_insertion_marker_is_removed_and_deletes_go_ahead(t: TestStore) {
+    let [ga, _] = two_repositories_with_garbage(&t.store).await;
+    let w = SrWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let mut neighbours = Vec::new();
+    for repo in ["a/insertion", "a/insertion-x"] {
+        let img = f.image(repo, repo).await;
+        w.tag(repo, "v1", &img).await;
+        neighbours.push((repo, img));
+    }
+    let marker = format!("a/insertion/{STALE}");
+    f.put(&marker, STALE.as_bytes()).await;
+    f.put("a/insertion/notes", b"not a pusher's").await;
+    // Two minutes on: the marker is older than 60 s by the bucket clock.
+    let later = GcOptions {
+        clock_offset: Duration::from_secs(120),
+        ..eager()
+    };
+    let report = srgc(&t.store, &later, false).await;
+    let a = repo_report(&report, "a");
+    assert_eq!(a.status, RepoStatus::Ok, "{a:#?}");
+    assert_eq!(deleted_keys(&report, "a"), BTreeSet::from([ga]));
+    let k = keys(t.store.as_ref()).await;
+    assert!(!k.contains(&marker), "stale marker removed: {k:#?}");
+    assert!(
+        k.contains("a/insertion/notes"),
+        "only UUID markers are removed"
+    );
+    for (repo, img) in &neighbours {
+        assert_all(&k, repo, img, true, repo);
+    }
+    assert!(sr_dangling(t.store.as_ref()).await.is_empty());
+}
+
+/// A push that starts and ends between ocigc's announcement and its batch leaves no marker,
+/// only a new `insertion/last_update` stamp: the batch is refused.
+async fn insertion_stamp_changed_by_a_push_refuses_the_batch(t: TestStore) {
+    let [ga, gb] = two_repositories_with_garbage(&t.store).await;
+    stamp(
+        t.store.as_ref(),
+        "a/insertion/last_update",
+        "1700000000000-before",
+    )
+    .await;
+    let push = {
+        let store = t.store.clone();
+        Box::pin(async move {
+            stamp(
+                store.as_ref(),
+                "a/insertion/last_update",
+                "1700000000001-during",
+            )
+            .await;
+        })
+    };
+    let hooked = Arc::new(Hooked::new(
+        t.store.clone(),
+        When::BeforeList("a/insertion/"),
+        push,
+    ));
+    let store: Arc<dyn Store> = hooked.clone();
+    let report = srgc(&store, &eager(), false).await;
+    assert!(hooked.fired());
+    let a = repo_report(&report, "a");
+    assert_eq!(a.status, RepoStatus::Skipped, "{a:#?}");
+    assert!(a.deleted.is_empty(), "{a:#?}");
+    assert!(
+        a.errors
+            .iter()
+            .any(|e| e.contains("a/insertion/last_update changed")),
+        "{a:#?}"
+    );
+    assert_eq!(deleted_keys(&report, "b"), BTreeSet::from([gb]));
+    let k = keys(t.store.as_ref()).await;
+    assert!(k.contains(&ga) && !k.contains("a/gc/marker"), "{k:#?}");
+}
+
+/// The order of writes: `gc/marker`, then a `gc/last_update` stamp, before the first delete;
+/// after the last delete a new stamp, then the marker removed — as the registry's GC does.
+async fn gc_marker_and_stamps_surround_the_deletes(t: TestStore) {
+    let [ga, gb] = two_repositories_with_garbage(&t.store).await;
+    let rec = Arc::new(Recorder::new(t.store.clone()));
+    let store: Arc<dyn Store> = rec.clone();
+    let report = srgc(&store, &eager(), false).await;
+    assert!(report.all_ok(), "{report:#?}");
+    assert_eq!(all_deleted_keys(&report), BTreeSet::from([ga.clone(), gb]));
+    let writes = rec.writes();
+    let put = |key: &str| {
+        writes
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| matches!(w, Write::Put { key: k, .. } if k == key))
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+    };
+    let deleted = |key: &str| {
+        writes
+            .iter()
+            .position(|w| matches!(w, Write::Delete { key: k } if k == key))
+            .unwrap_or_else(|| panic!("{key} not deleted: {writes:#?}"))
+    };
+    let stamp_of = |i: usize| match &writes[i] {
+        Write::Put { metadata, .. } => metadata.get("timestamp").cloned().unwrap_or_default(),
+        Write::Delete { .. } => String::new(),
+    };
+    let marker = put("a/gc/marker");
+    let stamps = put("a/gc/last_update");
+    assert_eq!((marker.len(), stamps.len()), (1, 2), "{writes:#?}");
+    let blob = deleted(&ga);
+    let unmark = deleted("a/gc/marker");
+    assert!(
+        marker[0] < stamps[0] && stamps[0] < blob && blob < stamps[1] && stamps[1] < unmark,
+        "{writes:#?}"
+    );
+    let (first, last) = (stamp_of(stamps[0]), stamp_of(stamps[1]));
+    assert!(
+        is_registry_stamp(&first) && is_registry_stamp(&last),
+        "{writes:#?}"
+    );
+    assert_ne!(first, last);
+    // Milliseconds on the bucket clock.
+    let ms: u128 = first.split('-').next().unwrap_or("").parse().expect("ms");
+    let now = t
+        .store
+        .server_time()
+        .await
+        .expect("time")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis();
+    assert!(ms <= now + 5_000 && ms + 600_000 >= now, "{ms} vs {now}");
+    // The stamp reached the store as user metadata, where pushers read it.
+    let (_, meta) = t
+        .store
+        .head_with_metadata("a/gc/last_update")
+        .await
+        .expect("head")
+        .expect("stamp stored");
+    assert_eq!(meta.get("timestamp"), Some(&last));
+    assert!(!keys(t.store.as_ref()).await.contains("a/gc/marker"));
+}
+
+/// A dry run takes no part: it writes nothing at all; the real run after it does.
+async fn dry_run_takes_no_part_in_the_protocol(t: TestStore) {
+    two_repositories_with_garbage(&t.store).await;
+    let rec = Arc::new(Recorder::new(t.store.clone()));
+    let store: Arc<dyn Store> = rec.clone();
+    let dry = srgc(
+        &store,
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+        false,
+    )
+    .await;
+    assert_eq!(all_deleted_keys(&dry).len(), 2, "{dry:#?}");
+    assert_eq!(rec.writes(), Vec::new());
+    srgc(&store, &eager(), false).await;
+    let announced = |w: &Write| matches!(w, Write::Put { key, .. } if key.ends_with("/gc/marker"));
+    assert_eq!(rec.writes().iter().filter(|w| announced(w)).count(), 2);
+}
+
+/// Fails the n-th PUT of one key, as a store that errs at that instant.
+struct FailNthPut {
+    inner: Arc<dyn Store>,
+    key: &'static str,
+    n: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Intercept for FailNthPut {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
+    }
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        cond: PutCondition,
+        meta: Metadata,
+    ) -> StoreResult<PutOutcome> {
+        if key == self.key && 1 + self.seen.fetch_add(1, Ordering::SeqCst) == self.n {
+            return Err(StoreError::Request {
+                op: Op::Put,
+                key: key.to_string(),
+                message: "injected failure".into(),
+            });
+        }
+        self.inner.put_with_metadata(key, body, cond, meta).await
+    }
+}
+
+/// When the announcement cannot be withdrawn the registry refuses pushes to the repository:
+/// that fails it (exit 3, reason in the report) even when a push had already put it off.
+async fn announcement_not_withdrawn_fails_the_repository(t: TestStore) {
+    let [ga, _] = two_repositories_with_garbage(&t.store).await;
+    let marker = format!("a/insertion/{OPEN}");
+    Fixture {
+        store: t.store.as_ref(),
+    }
+    .put(&marker, OPEN.as_bytes())
+    .await;
+    let store: Arc<dyn Store> = Arc::new(Wrapped(FailNthPut {
+        inner: t.store.clone(),
+        key: "a/gc/last_update",
+        n: 2,
+        seen: Default::default(),
+    }));
+    let report = srgc(&store, &eager(), false).await;
+    let a = repo_report(&report, "a");
+    assert_eq!(a.status, RepoStatus::Failed, "{a:#?}");
+    assert!(a.deleted.is_empty(), "{a:#?}");
+    assert!(
+        a.errors.iter().any(|e| e.contains("pushes fail until")),
+        "{a:#?}"
+    );
+    let k = keys(t.store.as_ref()).await;
+    assert!(k.contains(&ga) && k.contains("a/gc/marker"), "{k:#?}");
+}
+
+/// A collector that died between announcing its collection and withdrawing it leaves the
+/// registry's `gc/marker`, and the registry's pushers refuse manifests while it stands. The
+/// run that takes over the dead collector's expired lease withdraws it (stamping
+/// `gc/last_update` first), but only a marker that collector wrote: a marker of anyone else
+/// (the registry's own GC) stays.
+async fn marker_of_a_dead_collector_is_withdrawn(t: TestStore) {
+    two_repositories_with_garbage(&t.store).await;
+    // c has nothing to delete: only the leftover lease brings the run there.
+    let w = SrWriter::new(t.store.clone());
+    let img = Fixture { store: &w }.image("c", "v1").await;
+    w.tag("c", "v1", &img).await;
+    let dead = uuid::Uuid::new_v4().to_string();
+    let registry_gc = uuid::Uuid::new_v4().to_string();
+    let expired = t.store.server_time().await.expect("time") - Duration::from_secs(3600);
+    for (repo, owner, marker) in [("a", &dead, &dead), ("c", &dead, &registry_gc)] {
+        let lease = serde_json::json!({
+            "owner": owner, "repository": repo,
+            "acquired_at": ocigc::report::timestamp(expired - Duration::from_secs(600)),
+            "expires_at": ocigc::report::timestamp(expired),
+        });
+        t.store
+            .put(
+                &format!("_ocigc/leases/{repo}.json"),
+                bytes::Bytes::from(lease.to_string()),
+                PutCondition::None,
+            )
+            .await
+            .expect("lease");
+        t.store
+            .put(
+                &format!("{repo}/gc/marker"),
+                bytes::Bytes::from(marker.to_string()),
+                PutCondition::None,
+            )
+            .await
+            .expect("marker");
+    }
+    // A dry run takes over nothing.
+    srgc(
+        &t.store,
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+        false,
+    )
+    .await;
+    assert!(keys(t.store.as_ref()).await.contains("a/gc/marker"));
+    let report = srgc(&t.store, &eager(), false).await;
+    let after = keys(t.store.as_ref()).await;
+    assert!(
+        !after.contains("a/gc/marker"),
+        "the dead run's marker stays"
+    );
+    let a = repo_report(&report, "a");
+    assert!(a.warnings.iter().any(|w| w.contains(&dead)), "{a:#?}");
+    let (_, meta) = t
+        .store
+        .head_with_metadata("a/gc/last_update")
+        .await
+        .expect("head")
+        .expect("stamped");
+    assert!(meta.get("timestamp").is_some_and(|v| is_registry_stamp(v)));
+    let body = t.store.get("c/gc/marker").await.expect("c's marker stays");
+    assert_eq!(body.body.as_ref(), registry_gc.as_bytes());
+}
+
 both_stores!(
+    marker_of_a_dead_collector_is_withdrawn,
+    announcement_not_withdrawn_fails_the_repository,
+    fresh_insertion_marker_holds_the_repository_off,
+    stale_insertion_marker_is_removed_and_deletes_go_ahead,
+    insertion_stamp_changed_by_a_push_refuses_the_batch,
+    gc_marker_and_stamps_surround_the_deletes,
+    dry_run_takes_no_part_in_the_protocol,
     recheck_keeps_an_image_pushed_during_the_run,
     tags_and_digests_are_roots,
     untagged_manifests_only_on_request,

@@ -1,4 +1,4 @@
-//! The online safety protocol (SPEC §3), step by step, against the directory store and moto:
+//! The online safety protocol (SPEC §3), step by step, against a directory, moto and SeaweedFS:
 //! two observations, re-check before each batch, verify after the sweep, intents and the batch
 //! announcement handshake, leases.
 
@@ -180,6 +180,40 @@ async fn verify_reports_a_reference_to_a_deleted_blob(t: TestStore) {
     assert_eq!(found, want);
     assert_eq!(report.totals.dangling_references, 3);
     assert!(!report.all_ok());
+}
+
+/// A pusher that finds the blobs it wants deleted uploads them again and then tags: the image
+/// is whole, so verify reports no dangling reference (only a warning), and the run is ok.
+async fn verify_ignores_blobs_uploaded_again(t: TestStore) {
+    let (img, g) = tagged_and_untagged(&t).await;
+    let inner = t.store.clone();
+    let (img2, g2) = (img.clone(), g.clone());
+    let push = async move {
+        let f = Fixture {
+            store: inner.as_ref(),
+        };
+        let again = f.image("app", "untagged").await;
+        assert_eq!(again.digest, g2.digest);
+        f.layout("app", &[(Some("v1"), &img2), (Some("late"), &again)])
+            .await;
+    }
+    .boxed();
+    let store: Arc<dyn Store> = Arc::new(Hooked::new(
+        t.store.clone(),
+        When::AfterDelete("/blobs/"),
+        push,
+    ));
+    let report = gc(&store, &eager()).await;
+    let r = repo_report(&report, "app");
+    assert_eq!(r.deleted.len(), 3, "{r:#?}");
+    assert!(r.dangling_references.is_empty(), "{r:#?}");
+    assert_eq!(r.status, RepoStatus::Ok, "{r:#?}");
+    assert!(
+        r.warnings.iter().any(|w| w.contains("uploaded again")),
+        "{r:#?}"
+    );
+    assert_intact(&keys(t.store.as_ref()).await, "app", &g, "uploaded again");
+    assert!(dangling(t.store.as_ref()).await.is_empty());
 }
 
 async fn intents_protect_until_they_expire(t: TestStore) {
@@ -419,6 +453,7 @@ both_stores!(
     referenced_again_starts_over,
     recheck_keeps_a_blob_tagged_before_the_batch,
     verify_reports_a_reference_to_a_deleted_blob,
+    verify_ignores_blobs_uploaded_again,
     intents_protect_until_they_expire,
     intent_written_during_the_sweep_is_honoured,
     reuse_waits_for_a_batch_in_flight,

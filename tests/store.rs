@@ -1,11 +1,13 @@
-//! The Store contract, against the directory store and moto S3 alike.
+//! The Store contract, against the directory store, moto S3 and SeaweedFS S3 alike.
 
 mod common;
 
 use bytes::Bytes;
 use common::*;
 use futures::TryStreamExt;
-use ocigc::store::{PutCondition, PutOutcome, Store, StoreError};
+use std::time::{Duration, SystemTime};
+
+use ocigc::store::{Metadata, PutCondition, PutOutcome, Store, StoreError};
 
 async fn list_keys(store: &dyn Store, prefix: &str) -> Vec<String> {
     let pages: Vec<_> = store.list(prefix).try_collect().await.expect("list");
@@ -155,6 +157,67 @@ async fn batch_delete(t: TestStore) {
     assert_eq!(list_keys(t.store.as_ref(), "d/").await, ["d/3"]);
 }
 
+/// User metadata round-trips through PUT and HEAD (bucket stores; the directory store keeps
+/// none), the store's clock agrees with ours, and a capped read refuses one byte too many (also
+/// for an empty object, which some stores answer differently).
+async fn metadata_clock_and_read_cap(t: TestStore) {
+    let s = t.store.as_ref();
+    let metadata: Metadata = if t.endpoint().is_some() {
+        [("ocigc-run".to_string(), "Run-1".to_string())].into()
+    } else {
+        Metadata::new()
+    };
+    s.put_with_metadata(
+        "m/x",
+        Bytes::from_static(b"12345"),
+        PutCondition::None,
+        metadata.clone(),
+    )
+    .await
+    .expect("put with metadata");
+    let (meta, got) = s
+        .head_with_metadata("m/x")
+        .await
+        .expect("head")
+        .expect("object exists");
+    assert_eq!((meta.size, &got), (5, &metadata), "{}", t.kind);
+    assert!(meta.defect.is_none());
+
+    let now = s.server_time().await.expect("server time");
+    let skew = |a: SystemTime, b: SystemTime| a.duration_since(b).unwrap_or_else(|e| e.duration());
+    assert!(
+        skew(now, SystemTime::now()) < Duration::from_secs(60),
+        "{}",
+        t.kind
+    );
+    // Stores keep whole seconds at best, so allow a little on both sides.
+    assert!(
+        skew(meta.last_modified, now) < Duration::from_secs(5),
+        "{}: written {:?}, store time {now:?}",
+        t.kind,
+        meta.last_modified
+    );
+
+    assert!(
+        matches!(
+            s.get_capped("m/x", 4).await,
+            Err(StoreError::TooLarge { .. })
+        ),
+        "{}",
+        t.kind
+    );
+    assert_eq!(s.get_capped("m/x", 5).await.expect("at cap").body, "12345");
+    s.put("m/empty", Bytes::new(), PutCondition::None)
+        .await
+        .expect("put empty");
+    assert!(s
+        .get_capped("m/empty", 0)
+        .await
+        .expect("empty")
+        .body
+        .is_empty());
+}
+
 use futures::StreamExt;
 
 both_stores!(
@@ -162,24 +225,34 @@ both_stores!(
     conditional_put,
     listing_pages_and_prefix_boundaries,
     batch_delete,
+    metadata_clock_and_read_cap,
 );
 
-#[tokio::test]
-async fn s3_prefix_scopes_every_operation() {
-    let t = s3_store_with_prefix("reg/v2").await;
+async fn prefix_scopes_every_operation(t: TestStore) {
     let f = Fixture {
         store: t.store.as_ref(),
     };
     f.put("app/x", b"1").await;
     assert_eq!(list_keys(t.store.as_ref(), "").await, ["app/x"]);
     // The same bucket seen without the prefix holds the full key.
-    let raw = ocigc::store::S3Store::connect(s3_settings(&t.bucket, "")).await;
+    let endpoint = t.endpoint().expect("a bucket store");
+    let raw = ocigc::store::S3Store::connect(s3_settings_at(&endpoint, &t.bucket, "")).await;
     assert_eq!(list_keys(&raw, "").await, ["reg/v2/app/x"]);
     t.store
         .delete_batch(&["app/x".into()])
         .await
         .expect("delete");
     assert!(list_keys(&raw, "").await.is_empty());
+}
+
+#[tokio::test]
+async fn s3_prefix_scopes_every_operation() {
+    prefix_scopes_every_operation(s3_store_with_prefix("reg/v2").await).await
+}
+
+#[tokio::test]
+async fn seaweed_prefix_scopes_every_operation() {
+    prefix_scopes_every_operation(seaweed_store_with_prefix("reg/v2").await).await
 }
 
 #[tokio::test]

@@ -8,11 +8,13 @@
 - runs `promtool check rules` and `promtool test rules` (deploy/test/alerts_test.yaml);
 - runs the CronJob's exact container args through the ocigc binary (a dry run on an empty
   bucket), and checks the Deployment's `serve` args parse;
-- checks the dashboard ConfigMap carries the Grafana sidecar label and valid panel JSON.
+- checks the dashboard ConfigMap carries the Grafana sidecar label and valid panel JSON;
+- checks every metric the dashboard and the alerts query is in `NAMES` of src/metrics.rs.
 Prints one line per check and "N passed, M failed" at the end; exits non-zero on any failure.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +107,23 @@ def deployment_args(target, doc):
     check(f"{target}: Deployment args parse", ok, out.stderr)
 
 
+def metric_names():
+    """The `NAMES` list of src/metrics.rs: every metric ocigc exposes."""
+    with open(os.path.join(ROOT, "src", "metrics.rs")) as f:
+        text = f.read()
+    block = re.search(r"pub const NAMES: \[&str; \d+\] = \[(.*?)\];", text, re.S)
+    return set(re.findall(r'"(ocigc_[a-z_]+)"', block.group(1))) if block else set()
+
+
+def known_metrics(what, exprs):
+    names = metric_names()
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) if m not in names else m
+            for e in exprs for m in re.findall(r"ocigc_[a-z_]+", e)}
+    unknown = sorted(used - names)
+    check(f"{what}: every queried metric is one ocigc exposes", bool(names) and not unknown,
+          f"unknown: {unknown}")
+
+
 def dashboard(target, doc):
     labels = doc["metadata"].get("labels", {})
     check(f"{target}: dashboard ConfigMap has grafana_dashboard=1", labels.get("grafana_dashboard") == "1")
@@ -112,6 +131,7 @@ def dashboard(target, doc):
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     check(f"{target}: dashboard has {len(dash['panels'])} panels with queries",
           bool(exprs) and all(p["targets"] for p in dash["panels"]))
+    known_metrics(f"{target}: dashboard", exprs)
 
 
 def main():
@@ -122,6 +142,8 @@ def main():
                 validate_crd(target, doc)
                 if kind == "PrometheusRule" and target == "base":
                     promtool(doc)
+                    known_metrics(f"{target}: alerts", [r["expr"] for g in doc["spec"]["groups"]
+                                                         for r in g["rules"]])
                 continue
             try:
                 kubernetes_validate.validate(doc, K8S_VERSION, strict=True)

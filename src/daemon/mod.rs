@@ -2,9 +2,12 @@
 //! metrics endpoint, in one long-running process.
 //!
 //! Full runs never overlap (one run slot); hook jobs run beside them, at most
-//! [`MAX_PARALLEL_JOBS`] at a time, kept apart from full runs per repository by leases. On
-//! shutdown new work is refused, running work stops at its next safe point (marking is
-//! abandoned, deleting stops between batches), and the process waits at most the drain time.
+//! [`MAX_PARALLEL_JOBS`] at a time, kept apart from full runs per repository by leases; at most
+//! `max_queued_jobs` more wait, further requests get 429. The HTTP server bounds what a client
+//! can hold: connections at most `max_connections`, and a request head (or an idle keep-alive
+//! connection) at most `header_read_timeout`. On shutdown new work is refused, running work
+//! stops at its next safe point (marking is abandoned, deleting stops between batches), and
+//! the process waits at most the drain time, open connections included.
 
 mod http;
 pub mod jobs;
@@ -44,7 +47,20 @@ pub struct ServeOptions {
     pub delete: DeleteRepoOptions,
     /// Pushgateway to push to once on shutdown, if any.
     pub pushgateway: Option<String>,
+    /// Hook jobs waiting for a slot at most; more requests are answered 429.
+    pub max_queued_jobs: usize,
+    /// HTTP connections open at most; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head, or keep a connection idle.
+    pub header_read_timeout: Duration,
 }
+
+/// Default of [`ServeOptions::max_queued_jobs`].
+pub const DEFAULT_MAX_QUEUED_JOBS: usize = 64;
+/// Default of [`ServeOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default of [`ServeOptions::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The state shared by the HTTP handlers, the scheduler and the jobs.
 pub(crate) struct App {
@@ -52,7 +68,9 @@ pub(crate) struct App {
     pub layout: Arc<dyn Layout>,
     pub metrics: Arc<Metrics>,
     pub jobs: Jobs,
-    pub token: Option<String>,
+    /// SHA-256 of the hook token: comparing digests takes the same time whatever the
+    /// given token's length.
+    pub token: Option<[u8; 32]>,
     pub gc: GcOptions,
     pub delete: DeleteRepoOptions,
     /// Start of the full run in progress, if any.
@@ -61,6 +79,8 @@ pub(crate) struct App {
     pub stuck_after: Duration,
     pub run_slot: Semaphore,
     pub job_slots: Semaphore,
+    /// One permit per job accepted and not yet started.
+    pub queue: Arc<Semaphore>,
     pub tasks: TaskTracker,
     pub stop: CancellationToken,
     /// The runtime GC work runs on (the HTTP server has its own, so that health checks never
@@ -85,8 +105,9 @@ impl App {
         }
     }
 
-    /// Queues a hook job and returns its id.
-    pub fn start_job(self: &Arc<Self>, kind: JobKind, repository: &str) -> String {
+    /// Queues a hook job and returns its id; `None` when the queue is full.
+    pub fn start_job(self: &Arc<Self>, kind: JobKind, repository: &str) -> Option<String> {
+        let queued = self.queue.clone().try_acquire_owned().ok()?;
         let id = self.jobs.create(kind, repository);
         let (app, job, repo) = (self.clone(), id.clone(), repository.to_string());
         self.tasks.spawn_on(
@@ -94,6 +115,7 @@ impl App {
                 let Ok(_slot) = app.job_slots.acquire().await else {
                     return;
                 };
+                drop(queued);
                 if app.stop.is_cancelled() {
                     app.jobs.update(&job, |j| {
                         j.status = JobStatus::Failed;
@@ -106,7 +128,7 @@ impl App {
             },
             &self.work,
         );
-        id
+        Some(id)
     }
 
     async fn run_job(&self, job: &str, kind: JobKind, repo: &str) {
@@ -134,6 +156,7 @@ impl App {
                         return;
                     }
                 };
+                opts.only = Some(repo.to_string());
                 gc::run_gc(self.store.clone(), self.layout.clone(), &opts).await
             }
         };
@@ -163,6 +186,19 @@ pub async fn serve(
     store: Arc<dyn Store>,
     layout: Arc<dyn Layout>,
     metrics: Arc<Metrics>,
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(opts.listen)?;
+    serve_on(listener, store, layout, metrics, opts, shutdown).await
+}
+
+/// [`serve`] on a listener bound already (`opts.listen` is not used).
+pub async fn serve_on(
+    listener: std::net::TcpListener,
+    store: Arc<dyn Store>,
+    layout: Arc<dyn Layout>,
+    metrics: Arc<Metrics>,
     mut opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -174,25 +210,25 @@ pub async fn serve(
         .gc
         .run_timeout
         .map_or(Duration::from_secs(24 * 3600), |t| {
-            t + Duration::from_secs(60)
+            t.saturating_add(Duration::from_secs(60))
         });
     let app = Arc::new(App {
         store,
         layout,
         metrics: metrics.clone(),
         jobs: Jobs::default(),
-        token: opts.token.clone(),
+        token: opts.token.as_deref().map(http::token_digest),
         gc: opts.gc.clone(),
         delete: opts.delete.clone(),
         running_since: Mutex::new(None),
         stuck_after,
         run_slot: Semaphore::new(1),
         job_slots: Semaphore::new(MAX_PARALLEL_JOBS),
+        queue: Arc::new(Semaphore::new(opts.max_queued_jobs)),
         tasks: TaskTracker::new(),
         stop: stop.clone(),
         work: tokio::runtime::Handle::current(),
     });
-    let listener = std::net::TcpListener::bind(opts.listen)?;
     listener.set_nonblocking(true)?;
     tracing::info!(listen = %listener.local_addr()?, interval = ?opts.interval, "serving");
 
@@ -213,6 +249,11 @@ pub async fn serve(
     // the work runtime, /healthz and /metrics answer at once.
     let router = http::router(app.clone());
     let http_stop = stop.clone();
+    let limits = http::Limits {
+        max_connections: opts.max_connections,
+        header_read_timeout: opts.header_read_timeout,
+        drain_timeout: opts.drain_timeout,
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("ocigc-http".into())
@@ -223,15 +264,16 @@ pub async fn serve(
                 .and_then(|rt| {
                     rt.block_on(async move {
                         let listener = tokio::net::TcpListener::from_std(listener)?;
-                        axum::serve(listener, router)
-                            .with_graceful_shutdown(http_stop.cancelled_owned())
-                            .await
+                        http::serve(listener, router, limits, http_stop).await;
+                        Ok(())
                     })
                 });
             let _ = done_tx.send(result);
         })?;
     shutdown.await;
     tracing::info!("shutdown requested: refusing new work, draining");
+    // One deadline for open connections and running work together.
+    let deadline = Instant::now() + opts.drain_timeout;
     stop.cancel();
     match done_rx.await {
         Ok(result) => result?,
@@ -239,7 +281,7 @@ pub async fn serve(
     }
 
     app.tasks.close();
-    if tokio::time::timeout(opts.drain_timeout, app.tasks.wait())
+    if tokio::time::timeout_at(deadline, app.tasks.wait())
         .await
         .is_err()
     {
@@ -250,6 +292,7 @@ pub async fn serve(
             .push(gateway, &app.store.describe(), Duration::from_secs(10))
             .await
         {
+            // The error shows the URL without its credentials.
             tracing::error!(error = %e, "metrics push failed");
         }
     }

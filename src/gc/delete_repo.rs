@@ -250,7 +250,7 @@ async fn find_repository(
     name: &str,
     concurrency: usize,
 ) -> Result<Found, crate::store::StoreError> {
-    let whole_bucket = layout.links_across_repositories();
+    let whole_bucket = layout.repository_depends_on_bucket();
     let prefix = layout.repository_prefix(name);
     let listing = list_all(store, if whole_bucket { "" } else { &prefix }).await?;
     let partition = layout.partition(listing.objects);

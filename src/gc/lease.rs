@@ -40,6 +40,8 @@ pub struct Lease {
     acquired_at: SystemTime,
     expires_at: SystemTime,
     lost: bool,
+    /// The owner of the expired lease this one replaced: a collector that died holding it.
+    pub taken_over_from: Option<String>,
 }
 
 impl Lease {
@@ -137,9 +139,12 @@ impl Leases<'_> {
             .put(&key, body, PutCondition::IfMatch(etag))
             .await?
         {
-            PutOutcome::Written { etag } => Ok(Acquired::Ours(
-                self.lease(&key, repo, etag, now, expires_at),
-            )),
+            PutOutcome::Written { etag } => {
+                let mut lease = self.lease(&key, repo, etag, now, expires_at);
+                lease.taken_over_from =
+                    parsed.map(|f| f.owner).filter(|owner| *owner != self.owner);
+                Ok(Acquired::Ours(lease))
+            }
             PutOutcome::PreconditionFailed => Ok(raced()),
         }
     }
@@ -159,6 +164,7 @@ impl Leases<'_> {
             acquired_at,
             expires_at,
             lost: false,
+            taken_over_from: None,
         }
     }
 

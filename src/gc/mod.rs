@@ -10,6 +10,7 @@ pub mod intent;
 pub mod lease;
 pub mod mark;
 pub mod plan;
+mod scope;
 pub mod state;
 pub mod sweep;
 
@@ -24,7 +25,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::digest::Digest;
-use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, RootsError, STATE_PREFIX};
+use crate::layout::{
+    ContentCopy, DeletionProtocol, KeyKind, Layout, ProtocolError, Repository, Roots, RootsError,
+    STATE_PREFIX,
+};
 use crate::manifest::Descriptor;
 use crate::metrics::Metrics;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
@@ -162,6 +166,9 @@ pub struct GcOptions {
     pub stop: CancellationToken,
     /// Progress receiver, if any.
     pub progress: Option<Arc<dyn Progress>>,
+    /// A run of this one repository (the daemon's hook): only it is collected, only its
+    /// prefix is listed where the layout allows, and metrics count it as a hook run.
+    pub only: Option<String>,
 }
 
 impl std::fmt::Debug for dyn Progress {
@@ -200,6 +207,7 @@ impl Default for GcOptions {
             metrics: None,
             stop: CancellationToken::new(),
             progress: None,
+            only: None,
         }
     }
 }
@@ -287,7 +295,11 @@ pub async fn run_gc(
     let result = collect_all(store, layout, opts, run_deadline).await;
     if let Some(m) = &opts.metrics {
         let timed_out = run_deadline.is_some_and(|d| Instant::now() >= d);
-        m.observe_gc(result.as_ref().ok(), started.elapsed(), timed_out);
+        let report = result.as_ref().ok();
+        match opts.only {
+            Some(_) => m.observe_hook_gc(report, started.elapsed(), timed_out),
+            None => m.observe_gc(report, started.elapsed(), timed_out),
+        }
     }
     result
 }
@@ -308,7 +320,8 @@ async fn collect_all(
     report.started_at = timestamp(clock.now());
     tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
 
-    let listing = before_run_deadline(run_deadline, opts, list_all(&store, ""))
+    let listing = scope::list_for_run(&store, layout.as_ref(), opts.only.as_deref());
+    let listing = before_run_deadline(run_deadline, opts, listing)
         .await?
         .map_err(|source| GcError::List {
             bucket: store.describe(),
@@ -345,8 +358,11 @@ async fn collect_all(
     for r in &report.rejected {
         tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
     }
-    let wanted =
-        |r: &Repository| opts.repos.matches(&r.name) && opts.shard.is_none_or(|s| s.owns(&r.name));
+    let wanted = |r: &Repository| {
+        opts.repos.matches(&r.name)
+            && opts.shard.is_none_or(|s| s.owns(&r.name))
+            && opts.only.as_ref().is_none_or(|n| *n == r.name)
+    };
     let selected: Vec<Repository> = partition
         .repositories
         .into_iter()
@@ -791,6 +807,9 @@ impl RepoRun<'_> {
             }
         };
         crate::failpoint::hit("lease-acquired");
+        if let Some(dead) = lease.taken_over_from.clone() {
+            self.recover_protocol(repo, &dead, report).await;
+        }
         // The state may have moved on since the listing (a collector that held the lease
         // until just now): plan again with what is stored now.
         let mut warnings = Vec::new();
@@ -828,6 +847,11 @@ impl RepoRun<'_> {
             intents_seen: std::mem::take(&mut obs.intents_seen),
             rescued: 0,
             announced: false,
+            protocol: self
+                .layout
+                .deletion_protocol(repo, &self.run_id)
+                .map(|p| (p, false)),
+            refused: false,
         };
         let swept = sweep::sweep(
             self.store,
@@ -841,6 +865,8 @@ impl RepoRun<'_> {
             marker,
             rescued,
             lease,
+            protocol,
+            refused,
             ..
         } = guard;
         report.rescued = rescued;
@@ -852,7 +878,7 @@ impl RepoRun<'_> {
                 .push("timed out between delete batches".into());
         }
         if let Some(why) = swept.stopped {
-            report.status = if why == SHUTTING_DOWN {
+            report.status = if why == SHUTTING_DOWN || refused {
                 RepoStatus::Skipped
             } else {
                 RepoStatus::Failed
@@ -864,6 +890,15 @@ impl RepoRun<'_> {
         if !swept.errors.is_empty() {
             report.status = RepoStatus::Failed;
             report.errors.extend(swept.errors);
+        }
+        if let Some((mut p, true)) = protocol {
+            if let Err(e) = p.end(self.store, self.clock.now()).await {
+                // The registry's pushers refuse manifests while its GC marker stands.
+                report.status = RepoStatus::Failed;
+                report.errors.push(format!(
+                    "ending the registry's GC protocol (pushes fail until it is ended): {e}"
+                ));
+            }
         }
 
         if lease.is_lost() {
@@ -895,6 +930,23 @@ impl RepoRun<'_> {
         }
         self.verify_if_deleted(repo, marker, report).await;
         self.leases.release(lease).await;
+    }
+
+    /// Withdraws the registry-protocol announcement a collector that died holding this
+    /// repository's lease left behind: the registry's pushers refuse manifests while it stands.
+    async fn recover_protocol(&self, repo: &Repository, dead: &str, report: &mut RepoReport) {
+        let Some(mut p) = self.layout.deletion_protocol(repo, &self.run_id) else {
+            return;
+        };
+        match p.recover(self.store, self.clock.now(), dead).await {
+            Ok(true) => report.warnings.push(format!(
+                "withdrew the registry GC marker that run {dead} left when it died"
+            )),
+            Ok(false) => {}
+            Err(e) => report.warnings.push(format!(
+                "could not withdraw the registry GC marker that run {dead} left: {e}"
+            )),
+        }
     }
 
     async fn verify_if_deleted(
@@ -1000,12 +1052,33 @@ impl RepoRun<'_> {
                 return;
             }
         };
-        let dangling: Vec<Digest> = report
+        // A deleted blob that a pusher uploaded again (it found it missing) is whole: only
+        // one still missing is a dangling reference. A failed look counts as missing.
+        let referenced: Vec<(String, Digest)> = report
             .deleted
             .iter()
-            .filter_map(|d| d.digest.clone())
-            .filter(|d| reachable.contains(d))
+            .filter_map(|d| d.digest.clone().map(|g| (d.key.clone(), g)))
+            .filter(|(_, g)| reachable.contains(g))
             .collect();
+        let looks = stream::iter(referenced)
+            .map(|(key, digest)| async move {
+                let back = matches!(self.store.head(&key).await, Ok(Some(_)));
+                (digest, back)
+            })
+            .buffer_unordered(self.concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        let mut dangling = Vec::new();
+        for (digest, back) in looks {
+            if back {
+                report.warnings.push(format!(
+                    "{digest} was deleted, referenced again and uploaded again during the run"
+                ));
+            } else {
+                dangling.push(digest);
+            }
+        }
+        dangling.sort();
         for d in &dangling {
             tracing::error!(repo = %repo.name, digest = %d, "dangling reference: a deleted blob is referenced");
         }
@@ -1037,6 +1110,10 @@ struct RepoGuard<'g, 'm, 'r> {
     intents_seen: HashSet<String>,
     rescued: u64,
     announced: bool,
+    /// The layout's registry protocol, and whether it was begun.
+    protocol: Option<(Box<dyn DeletionProtocol>, bool)>,
+    /// The protocol refused a batch: the repository is left for a later run.
+    refused: bool,
 }
 
 #[async_trait]
@@ -1050,6 +1127,22 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
             .keep(&mut self.lease)
             .await
             .map_err(|e| e.to_string())?;
+        // Before the roots are re-read: a push that finished before the protocol let this
+        // batch through has its manifest in that re-read.
+        if let Some((p, begun)) = &mut self.protocol {
+            let now = run.clock.now();
+            let first = !std::mem::replace(begun, true);
+            let asked = async {
+                if first {
+                    p.begin(run.store, now).await?;
+                }
+                p.before_batch(run.store, now).await
+            };
+            if let Err(e) = asked.await {
+                self.refused = matches!(e, ProtocolError::Refused(_));
+                return Err(format!("the registry's GC protocol: {e}"));
+            }
+        }
         let version = run
             .layout
             .roots_version(run.store, self.repo)

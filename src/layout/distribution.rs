@@ -185,6 +185,13 @@ impl Layout for DistributionLayout {
         self.delete_untagged
     }
 
+    fn repository_depends_on_bucket(&self) -> bool {
+        // A repository owns only links; the blobs they name are global and swept by the
+        // global pseudo-repository alone, which a one-repository run never selects. What keeps
+        // a revision link is the repository's own tags and manifests.
+        false
+    }
+
     fn scans_for_referrers(&self, repo: &Repository) -> bool {
         // The registry serves only manifests that have a revision link, and every revision is
         // a root of the global sweep; among a repository's untagged revisions (only swept with

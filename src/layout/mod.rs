@@ -6,9 +6,11 @@
 pub mod distribution;
 mod name;
 pub mod oci;
+mod serverless_protocol;
 pub mod serverless_registry;
 
 use std::collections::HashMap;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
@@ -135,6 +137,53 @@ pub enum RootsError {
     Store(#[from] StoreError),
 }
 
+/// Why a registry's own GC protocol stopped a repository's deletions.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The registry says not now (a push is in progress): nothing more is deleted in the
+    /// repository this run, and its candidates stay pending for the next.
+    #[error("{0}")]
+    Refused(String),
+    /// A request of the protocol failed.
+    #[error("{what}: {source}")]
+    Store { what: String, source: StoreError },
+}
+
+/// A registry's own GC protocol around one repository's deletions, which ocigc takes part in
+/// so that the registry's pushers are protected from ocigc as from the registry's own GC.
+///
+/// The engine calls [`begin`](Self::begin) right before the first delete batch,
+/// [`before_batch`](Self::before_batch) before every batch, and [`end`](Self::end) after the
+/// sweep whatever its outcome, if `begin` was called. Dry runs never call it.
+#[async_trait]
+pub trait DeletionProtocol: Send {
+    /// Announces the collection to the registry.
+    async fn begin(&mut self, store: &dyn Store, now: SystemTime) -> Result<(), ProtocolError>;
+
+    /// Asks the registry for leave to delete one batch; an error stops the repository's
+    /// deletions before that batch.
+    async fn before_batch(
+        &mut self,
+        store: &dyn Store,
+        now: SystemTime,
+    ) -> Result<(), ProtocolError>;
+
+    /// Withdraws the announcement.
+    async fn end(&mut self, store: &dyn Store, now: SystemTime) -> Result<(), ProtocolError>;
+
+    /// Withdraws an announcement that `dead_owner`, a collector whose expired lease this run
+    /// took over, left behind; true if there was one. An announcement of anyone else (the
+    /// registry's own GC) is left alone.
+    async fn recover(
+        &mut self,
+        _store: &dyn Store,
+        _now: SystemTime,
+        _dead_owner: &str,
+    ) -> Result<bool, ProtocolError> {
+        Ok(false)
+    }
+}
+
 /// A bucket layout.
 #[async_trait]
 pub trait Layout: Send + Sync {
@@ -189,6 +238,14 @@ pub trait Layout: Send + Sync {
         false
     }
 
+    /// Whether keys outside a repository's prefix can keep its blobs alive, so that a GC or a
+    /// deletion of that one repository must still list the whole bucket. True unless a layout
+    /// overrides it: a wrong `false` lets a one-repository run delete a blob that a key of
+    /// another repository keeps alive, a wrong `true` only costs a listing.
+    fn repository_depends_on_bucket(&self) -> bool {
+        true
+    }
+
     /// Blobs that links elsewhere in the bucket keep alive, by the repository that stores
     /// them: roots of that repository that none of its manifests names.
     async fn linked_blobs(
@@ -198,6 +255,16 @@ pub trait Layout: Send + Sync {
         _concurrency: usize,
     ) -> Result<HashMap<String, Vec<Digest>>, StoreError> {
         Ok(HashMap::new())
+    }
+
+    /// The registry's own GC protocol that deletions in `repo` take part in; `None` where the
+    /// layout's registry has none.
+    fn deletion_protocol(
+        &self,
+        _repo: &Repository,
+        _owner: &str,
+    ) -> Option<Box<dyn DeletionProtocol>> {
+        None
     }
 
     /// Referrers recorded by key rather than by content, as `(subject, referrer)`: the

@@ -202,6 +202,12 @@ impl Layout for OciLayout {
         ]
     }
 
+    fn repository_depends_on_bucket(&self) -> bool {
+        // Registries that deduplicate (zot) leave a 0-byte placeholder in one repository for
+        // content stored in another: the copy lives while a placeholder anywhere names it.
+        true
+    }
+
     fn repository_prefix(&self, name: &str) -> String {
         format!("{name}/")
     }

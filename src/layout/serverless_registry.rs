@@ -3,7 +3,8 @@
 //! Per repository: `<repo>/blobs/<alg>:<hex>`, `<repo>/manifests/<tag>` (a full copy of the
 //! manifest) and `<repo>/manifests/<alg>:<hex>`, `<repo>/_referrers/<subject>/<referrer>`,
 //! upload state `<repo>/uploads/<uuid>`, and the registry's own GC markers (`<repo>/gc/…`,
-//! `<repo>/insertion/…`), which are never touched. A cross-repository mount is a tiny object
+//! `<repo>/insertion/…`), which are never swept: deletions take part in the registry's
+//! protocol around them instead (`serverless_protocol`). A cross-repository mount is a tiny object
 //! `<dest>/blobs/<digest>` whose content is the source key `<src>/blobs/<digest>`: the source
 //! blob is a root of its repository while the link exists. Multipart temp objects (`<uuid>`,
 //! `<uuid>-helper`) sit at the bucket root; they are swept as the pseudo-repository
@@ -19,9 +20,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 
+use super::serverless_protocol::ServerlessProtocol;
 use super::{
-    list_prefix, listing_version, KeyKind, Layout, Partition, Repository, Roots, RootsError,
-    GLOBAL_REPOSITORY,
+    list_prefix, listing_version, DeletionProtocol, KeyKind, Layout, Partition, Repository, Roots,
+    RootsError, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{self, Descriptor, UNTYPED_MANIFEST};
@@ -56,7 +58,7 @@ enum Key<'a> {
     Unknown,
 }
 
-fn is_uuid(s: &str) -> bool {
+pub(super) fn is_uuid(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 36
         && b.iter().enumerate().all(|(i, c)| match i {
@@ -191,6 +193,22 @@ impl Layout for ServerlessRegistryLayout {
     }
 
     fn links_across_repositories(&self) -> bool {
+        true
+    }
+
+    fn deletion_protocol(
+        &self,
+        repo: &Repository,
+        owner: &str,
+    ) -> Option<Box<dyn DeletionProtocol>> {
+        // The temp objects at the bucket root belong to no repository's protocol.
+        (repo.name != GLOBAL_REPOSITORY).then(|| {
+            Box::new(ServerlessProtocol::new(&repo.prefix, owner)) as Box<dyn DeletionProtocol>
+        })
+    }
+
+    fn repository_depends_on_bucket(&self) -> bool {
+        // A mount link in another repository keeps a blob of this one alive.
         true
     }
 
@@ -396,6 +414,41 @@ mod tests {
         for unknown in ["README", "a/README", "blobs/x", "a/other/x", "a/manifests/"] {
             assert_eq!(parse(unknown), Key::Unknown, "{unknown}");
         }
+    }
+
+    #[test]
+    fn registry_markers_stay_with_their_repository_and_are_never_blobs() {
+        let id = "0f0e0d0c-0b0a-4909-8807-060504030201";
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let layout = ServerlessRegistryLayout {
+            delete_untagged: true,
+        };
+        let markers = [
+            "a/gc/marker".to_string(),
+            "a/gc/last_update".to_string(),
+            "a/insertion/last_update".to_string(),
+            format!("a/insertion/{id}"),
+        ];
+        let mut keys = markers.to_vec();
+        keys.extend([
+            format!("a/insertion/blobs/{d}"),
+            "a/insertion/manifests/v1".to_string(),
+            "gone/gc/marker".to_string(),
+        ]);
+        let p = layout.partition(keys.iter().map(|k| obj(k)).collect());
+        let names: Vec<_> = p.repositories.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "a/insertion", "gone"]);
+        let a = &p.repositories[0];
+        let owned: Vec<_> = a.objects.iter().map(|o| o.key.clone()).collect();
+        assert_eq!(owned, markers);
+        for k in &markers {
+            assert_eq!(layout.classify(a, k), KeyKind::Other, "{k}");
+        }
+        let nested = &p.repositories[1];
+        assert_eq!(
+            layout.classify(nested, &format!("a/insertion/blobs/{d}")),
+            KeyKind::Blob(Digest::parse(&d).expect("d"))
+        );
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! half-written object. Conditional writes are serialised across processes by an exclusive lock
 //! on one lock file, which makes `If-None-Match`/`If-Match` atomic just as on S3. ETags are
 //! content hashes: mtimes are too coarse to tell two quick writes apart.
+//!
+//! User metadata lives in a sidecar file under [`META_DIR`], named by a hash of the key. The
+//! sidecar names the inode and ETag of the object it belongs to and counts only while both
+//! match: a rename keeps the inode, so writing the sidecar first and renaming the object in
+//! second makes the pair appear at once, and a sidecar left by a crash or by a later write
+//! without metadata describes another inode and is ignored.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write};
@@ -21,6 +27,8 @@ use super::{
 
 /// Directory (relative to the root) that holds temporary files and the lock; never listed.
 const TMP_DIR: &str = ".ocigc-tmp";
+/// Directory (relative to the root) that holds metadata sidecars; never listed, never a key.
+const META_DIR: &str = ".ocigc-meta";
 const PAGE: usize = 1000;
 
 /// A directory on the local file system used as a bucket.
@@ -88,16 +96,27 @@ fn validate_key(key: &str) -> StoreResult<()> {
     {
         return bad("empty, '.' or '..' segment");
     }
-    if key == TMP_DIR || key.starts_with(&format!("{TMP_DIR}/")) {
-        return bad("reserved for the directory store's temporary files");
+    let first = key.split('/').next().unwrap_or_default();
+    if first == TMP_DIR || first == META_DIR {
+        return bad("reserved for the directory store's own files");
     }
     Ok(())
 }
 
 fn etag_of(body: &[u8]) -> String {
-    let hash = Sha256::digest(body);
+    etag_of_hash(&Sha256::digest(body))
+}
+
+fn etag_of_hash(hash: &[u8]) -> String {
     let hex: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!("\"{hex}\"")
+}
+
+/// The ETag of a file's content, hashed as it streams by rather than read into memory.
+fn etag_of_reader(mut file: impl io::Read) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher)?;
+    Ok(etag_of_hash(&hasher.finalize()))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -144,7 +163,7 @@ fn walk(
                 // Not UTF-8: cannot be an S3 key; leaving it alone is the safe choice.
                 continue;
             };
-            if key == TMP_DIR {
+            if key == TMP_DIR || key == META_DIR {
                 continue;
             }
             let meta = match entry.metadata() {
@@ -230,9 +249,102 @@ fn install(tmp: &Path, dest: &Path, key: &str) -> StoreResult<()> {
     ))
 }
 
+/// What a sidecar in [`META_DIR`] records: the object it belongs to and its metadata.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Sidecar {
+    key: String,
+    dev: u64,
+    ino: u64,
+    etag: String,
+    metadata: Metadata,
+}
+
+/// Largest sidecar read back; S3 itself allows 2 KiB of user metadata.
+const SIDECAR_LIMIT: u64 = 64 * 1024;
+
+fn sidecar_path(root: &Path, key: &str) -> PathBuf {
+    let hash = Sha256::digest(key.as_bytes());
+    let name: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    root.join(META_DIR).join(name)
+}
+
+/// Installs the sidecar for the object about to be renamed in from `tmp`.
+fn write_sidecar(
+    root: &Path,
+    key: &str,
+    tmp: &Path,
+    etag: &str,
+    metadata: &Metadata,
+) -> StoreResult<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let stat = fs::symlink_metadata(tmp).map_err(|e| io_err(Op::Put, key, e))?;
+    let sidecar = Sidecar {
+        key: key.to_string(),
+        dev: stat.dev(),
+        ino: stat.ino(),
+        etag: etag.to_string(),
+        metadata: metadata.clone(),
+    };
+    let body = serde_json::to_vec(&sidecar).map_err(|e| StoreError::Request {
+        op: Op::Put,
+        key: key.to_string(),
+        message: format!("encoding metadata: {e}"),
+    })?;
+    let staged = write_tmp(root, key, &body)?;
+    let dest = sidecar_path(root, key);
+    install(&staged, &dest, key)
+}
+
+/// The metadata recorded for the object `key` whose inode is `(dev, ino)` and content `etag`;
+/// empty when no sidecar describes exactly that object.
+fn read_sidecar(root: &Path, key: &str, dev: u64, ino: u64, etag: &str) -> StoreResult<Metadata> {
+    let file = match File::open(sidecar_path(root, key)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Metadata::new()),
+        Err(e) => return Err(io_err(Op::Head, key, e)),
+    };
+    let mut body = Vec::new();
+    io::Read::take(file, SIDECAR_LIMIT)
+        .read_to_end(&mut body)
+        .map_err(|e| io_err(Op::Head, key, e))?;
+    // A sidecar that does not parse cannot describe this object: the write that left it died.
+    let Ok(sidecar) = serde_json::from_slice::<Sidecar>(&body) else {
+        return Ok(Metadata::new());
+    };
+    let ours = sidecar.key == key && sidecar.dev == dev && sidecar.ino == ino;
+    Ok(if ours && sidecar.etag == etag {
+        sidecar.metadata
+    } else {
+        Metadata::new()
+    })
+}
+
+fn remove_sidecar(root: &Path, key: &str, op: Op) -> StoreResult<()> {
+    match fs::remove_file(sidecar_path(root, key)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(op, key, e)),
+    }
+}
+
+/// Takes the store-wide lock that serialises conditional writes and sidecar changes; dropping
+/// the file releases it.
+fn lock(root: &Path, key: &str, op: Op) -> StoreResult<File> {
+    let dir = root.join(TMP_DIR);
+    fs::create_dir_all(&dir).map_err(|e| io_err(op, key, e))?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".lock"))
+        .map_err(|e| io_err(op, key, e))?;
+    lock.lock().map_err(|e| io_err(op, key, e))?;
+    Ok(lock)
+}
+
 fn current_etag(path: &Path, key: &str) -> StoreResult<Option<String>> {
-    match fs::read(path) {
-        Ok(body) => Ok(Some(etag_of(&body))),
+    match File::open(path).and_then(etag_of_reader) {
+        Ok(etag) => Ok(Some(etag)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err(Op::Put, key, e)),
     }
@@ -244,20 +356,16 @@ fn put_sync(
     dest: &Path,
     body: &[u8],
     condition: &PutCondition,
+    metadata: &Metadata,
 ) -> StoreResult<PutOutcome> {
     let etag = etag_of(body);
     let tmp = write_tmp(root, key, body)?;
-    if *condition == PutCondition::None {
+    let has_sidecar = sidecar_path(root, key).exists();
+    if *condition == PutCondition::None && metadata.is_empty() && !has_sidecar {
         install(&tmp, dest, key)?;
         return Ok(PutOutcome::Written { etag });
     }
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(root.join(TMP_DIR).join(".lock"))
-        .map_err(|e| io_err(Op::Put, key, e))?;
-    lock.lock().map_err(|e| io_err(Op::Put, key, e))?;
+    let lock = lock(root, key, Op::Put)?;
     let holds = match (condition, current_etag(dest, key)?) {
         (PutCondition::IfNoneMatch, current) => current.is_none(),
         (PutCondition::IfMatch(want), Some(current)) => *want == current,
@@ -265,7 +373,15 @@ fn put_sync(
         (PutCondition::None, _) => true,
     };
     let outcome = if holds {
-        install(&tmp, dest, key).map(|_| PutOutcome::Written { etag })
+        // The sidecar goes first, naming the inode the rename is about to put in place.
+        if !metadata.is_empty() {
+            write_sidecar(root, key, &tmp, &etag, metadata)?;
+        }
+        install(&tmp, dest, key)?;
+        if metadata.is_empty() {
+            remove_sidecar(root, key, Op::Put)?;
+        }
+        Ok(PutOutcome::Written { etag })
     } else {
         let _ = fs::remove_file(&tmp);
         Ok(PutOutcome::PreconditionFailed)
@@ -278,10 +394,24 @@ fn put_sync(
 fn delete_sync(root: &Path, key: &str) -> Result<(), String> {
     validate_key(key).map_err(|e| e.to_string())?;
     let path = root.join(key);
-    match fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+    // Without a sidecar there is nothing to keep consistent; one written concurrently that
+    // this delete misses names a removed inode and so is ignored.
+    let lock = if sidecar_path(root, key).exists() {
+        Some(lock(root, key, Op::Delete).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let removed = match fs::remove_file(&path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(e.to_string()),
+    };
+    if lock.is_some() {
+        remove_sidecar(root, key, Op::Delete).map_err(|e| e.to_string())?;
+    }
+    drop(lock);
+    if !removed {
+        return Ok(());
     }
     // Prune now-empty parents so a deleted repository leaves no directories behind; a parent
     // that is not empty (or that a writer just filled) simply stays.
@@ -345,21 +475,23 @@ impl Store for DirStore {
     async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
         let path = self.path_of(key)?;
         let k = key.to_string();
+        let root = self.root.clone();
         blocking(Op::Head, key, move || {
-            let meta = match fs::metadata(&path) {
-                Ok(m) if m.is_file() => m,
-                Ok(_) => return Ok(None),
+            use std::os::unix::fs::MetadataExt as _;
+            let file = match File::open(&path) {
+                Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io_err(Op::Head, &k, e)),
             };
-            let body = match fs::read(&path) {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(io_err(Op::Head, &k, e)),
-            };
+            let meta = file.metadata().map_err(|e| io_err(Op::Head, &k, e))?;
+            if !meta.is_file() {
+                return Ok(None);
+            }
+            let etag = etag_of_reader(file).map_err(|e| io_err(Op::Head, &k, e))?;
+            let metadata = read_sidecar(&root, &k, meta.dev(), meta.ino(), &etag)?;
             let modified = meta.modified().map_err(|e| io_err(Op::Head, &k, e))?;
-            let meta = ObjectMeta::new(k.clone(), meta.len(), modified, Some(etag_of(&body)));
-            Ok(Some((meta, Metadata::new())))
+            let meta = ObjectMeta::new(k.clone(), meta.len(), modified, Some(etag));
+            Ok(Some((meta, metadata)))
         })
         .await
     }
@@ -371,18 +503,11 @@ impl Store for DirStore {
         condition: PutCondition,
         metadata: Metadata,
     ) -> StoreResult<PutOutcome> {
-        if !metadata.is_empty() {
-            return Err(StoreError::Request {
-                op: Op::Put,
-                key: key.to_string(),
-                message: "the directory store does not keep object metadata yet".into(),
-            });
-        }
         let dest = self.path_of(key)?;
         let root = self.root.clone();
         let k = key.to_string();
         blocking(Op::Put, key, move || {
-            put_sync(&root, &k, &dest, &body, &condition)
+            put_sync(&root, &k, &dest, &body, &condition, &metadata)
         })
         .await
     }
@@ -424,6 +549,8 @@ mod tests {
             "a/../b",
             "./a",
             ".ocigc-tmp/x",
+            ".ocigc-meta",
+            ".ocigc-meta/x",
             "a\0b",
         ] {
             assert!(validate_key(bad).is_err(), "{bad:?} should be rejected");
@@ -448,8 +575,15 @@ mod tests {
                     for i in 0..ROUNDS {
                         let key = format!("_ocigc/clock/w{w}-{i}");
                         let dest = root.join(&key);
-                        put_sync(&root, &key, &dest, b"{}", &PutCondition::None)
-                            .map_err(|e| format!("put {key}: {e}"))?;
+                        put_sync(
+                            &root,
+                            &key,
+                            &dest,
+                            b"{}",
+                            &PutCondition::None,
+                            &Metadata::new(),
+                        )
+                        .map_err(|e| format!("put {key}: {e}"))?;
                         delete_sync(&root, &key).map_err(|e| format!("delete {key}: {e}"))?;
                     }
                     Ok::<(), String>(())
@@ -461,5 +595,92 @@ mod tests {
             assert_eq!(outcome, Ok(()));
         }
         assert!(!root.join("_ocigc").exists(), "empty parents are pruned");
+    }
+
+    fn meta(pairs: &[(&str, &str)]) -> Metadata {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    async fn head_meta(store: &DirStore, key: &str) -> Option<Metadata> {
+        store
+            .head_with_metadata(key)
+            .await
+            .expect("head")
+            .map(|(_, m)| m)
+    }
+
+    /// Metadata comes back with the object it was written with, goes away when the object is
+    /// rewritten without it or deleted, and never shows up as a key of its own.
+    #[tokio::test]
+    async fn metadata_follows_its_object() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        let link = meta(&[("x-serverless-registry-symlink", "other/blobs/sha256/aa")]);
+        let put = |body: &'static [u8], m: Metadata| {
+            store.put_with_metadata("r/blobs/x", Bytes::from_static(body), PutCondition::None, m)
+        };
+        put(b"link", link.clone()).await.expect("put");
+        assert_eq!(head_meta(&store, "r/blobs/x").await, Some(link.clone()));
+
+        let pages: Vec<_> = futures::TryStreamExt::try_collect(store.list(""))
+            .await
+            .expect("list");
+        let keys: Vec<String> = pages.into_iter().flatten().map(|o| o.key).collect();
+        assert_eq!(keys, ["r/blobs/x"], "the sidecar is not an object");
+
+        // Same content, no metadata: the link is gone.
+        put(b"link", Metadata::new()).await.expect("rewrite");
+        assert_eq!(head_meta(&store, "r/blobs/x").await, Some(Metadata::new()));
+
+        put(b"link", link.clone()).await.expect("put again");
+        let other = meta(&[("timestamp", "1")]);
+        let cond = store
+            .put_with_metadata(
+                "r/blobs/x",
+                Bytes::from_static(b"link"),
+                PutCondition::IfNoneMatch,
+                other,
+            )
+            .await
+            .expect("conditional put");
+        assert_eq!(cond, PutOutcome::PreconditionFailed);
+        assert_eq!(
+            head_meta(&store, "r/blobs/x").await,
+            Some(link.clone()),
+            "a failed precondition leaves the metadata alone"
+        );
+
+        let failures = store
+            .delete_batch(&["r/blobs/x".to_string()])
+            .await
+            .expect("delete");
+        assert!(failures.is_empty(), "{failures:?}");
+        assert!(!sidecar_path(dir.path(), "r/blobs/x").exists());
+        // A plain object written later at the key has no metadata.
+        put(b"link", Metadata::new()).await.expect("plain put");
+        assert_eq!(head_meta(&store, "r/blobs/x").await, Some(Metadata::new()));
+    }
+
+    /// A sidecar that a crash left behind (here: one describing an earlier file at the key,
+    /// restored after a plain rewrite) does not attach to the new object.
+    #[tokio::test]
+    async fn stale_sidecar_is_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path()).expect("open");
+        let link = meta(&[("x-serverless-registry-symlink", "t")]);
+        store
+            .put_with_metadata("k", Bytes::from_static(b"a"), PutCondition::None, link)
+            .await
+            .expect("put");
+        let saved = fs::read(sidecar_path(dir.path(), "k")).expect("sidecar");
+        store
+            .put("k", Bytes::from_static(b"a"), PutCondition::None)
+            .await
+            .expect("plain put");
+        fs::write(sidecar_path(dir.path(), "k"), saved).expect("restore sidecar");
+        assert_eq!(head_meta(&store, "k").await, Some(Metadata::new()));
     }
 }

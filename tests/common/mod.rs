@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: stores (directory and moto S3), a writer of real
-//! OCI content, and a way to run one scenario against both stores.
+//! Helpers shared by the integration tests: stores (directory, moto S3 and SeaweedFS S3), a
+//! writer of real OCI content, and a way to run one scenario against every store.
 #![allow(dead_code)]
 
 pub mod dist;
@@ -63,11 +63,25 @@ pub fn s3_endpoint() -> String {
     )
 }
 
+/// The SeaweedFS S3 endpoint started by scripts/test.sh.
+pub fn seaweed_endpoint() -> String {
+    std::env::var("OCIGC_TEST_SEAWEED_ENDPOINT").expect(
+        "OCIGC_TEST_SEAWEED_ENDPOINT is not set: run the suite with ./scripts/test.sh, which \
+         starts SeaweedFS",
+    )
+}
+
+/// Settings for a bucket on moto.
 pub fn s3_settings(bucket: &str, prefix: &str) -> S3Settings {
+    s3_settings_at(&s3_endpoint(), bucket, prefix)
+}
+
+/// Settings for a bucket on any of the test S3 servers.
+pub fn s3_settings_at(endpoint: &str, bucket: &str, prefix: &str) -> S3Settings {
     S3Settings {
         bucket: bucket.to_string(),
         prefix: prefix.to_string(),
-        endpoint: Some(s3_endpoint()),
+        endpoint: Some(endpoint.to_string()),
         region: Some("us-east-1".into()),
         path_style: true,
         credentials: Some(StaticCredentials {
@@ -81,30 +95,57 @@ pub fn s3_settings(bucket: &str, prefix: &str) -> S3Settings {
     }
 }
 
-/// A fresh, empty bucket on moto.
-pub async fn s3_store_with_prefix(prefix: &str) -> TestStore {
+impl TestStore {
+    /// The S3 endpoint of a bucket store, `None` for a directory.
+    pub fn endpoint(&self) -> Option<String> {
+        match self.kind {
+            "s3" => Some(s3_endpoint()),
+            "seaweed" => Some(seaweed_endpoint()),
+            _ => None,
+        }
+    }
+}
+
+/// A fresh, empty bucket on the S3 server of `kind` ("s3" is moto, "seaweed" SeaweedFS).
+async fn bucket_store(kind: &'static str, endpoint: &str, prefix: &str) -> TestStore {
     let bucket = format!("t-{}", uuid::Uuid::new_v4().simple());
-    let store = S3Store::connect(s3_settings(&bucket, prefix)).await;
+    let store = S3Store::connect(s3_settings_at(endpoint, &bucket, prefix)).await;
     store
         .client()
         .create_bucket()
         .bucket(&bucket)
         .send()
         .await
-        .expect("create bucket on moto");
+        .unwrap_or_else(|e| panic!("create bucket on {kind} at {endpoint}: {e:?}"));
     TestStore {
         store: Arc::new(store),
-        kind: "s3",
+        kind,
         bucket,
         _dir: None,
     }
 }
 
+/// A fresh, empty bucket on moto whose store sees only keys under `prefix`.
+pub async fn s3_store_with_prefix(prefix: &str) -> TestStore {
+    bucket_store("s3", &s3_endpoint(), prefix).await
+}
+
+/// A fresh, empty bucket on moto.
 pub async fn s3_store() -> TestStore {
     s3_store_with_prefix("").await
 }
 
-/// Runs one scenario against a store kind; used by `both_stores!`.
+/// A fresh, empty bucket on SeaweedFS whose store sees only keys under `prefix`.
+pub async fn seaweed_store_with_prefix(prefix: &str) -> TestStore {
+    bucket_store("seaweed", &seaweed_endpoint(), prefix).await
+}
+
+/// A fresh, empty bucket on SeaweedFS.
+pub async fn seaweed_store() -> TestStore {
+    seaweed_store_with_prefix("").await
+}
+
+/// Runs one scenario against every store kind (directory, moto, SeaweedFS).
 #[macro_export]
 macro_rules! both_stores {
     ($($name:ident),* $(,)?) => {$(
@@ -116,6 +157,10 @@ macro_rules! both_stores {
             #[tokio::test]
             async fn s3() {
                 super::$name($crate::common::s3_store().await).await
+            }
+            #[tokio::test]
+            async fn seaweed() {
+                super::$name($crate::common::seaweed_store().await).await
             }
         }
     )*};
@@ -445,21 +490,21 @@ pub async fn dangling(store: &dyn Store) -> Vec<String> {
 
 /// Command-line arguments and environment that point the `ocigc` binary at a test store.
 pub fn cli_target(t: &TestStore) -> (Vec<String>, Vec<(String, String)>) {
-    match t.kind {
-        "s3" => (
+    match t.endpoint() {
+        Some(endpoint) => (
             vec![
                 "--bucket".into(),
                 format!("s3://{}", t.bucket),
                 "--s3-path-style".into(),
             ],
             vec![
-                ("AWS_ENDPOINT_URL".into(), s3_endpoint()),
+                ("AWS_ENDPOINT_URL".into(), endpoint),
                 ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
                 ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
                 ("AWS_REGION".into(), "us-east-1".into()),
             ],
         ),
-        _ => (vec!["--bucket".into(), t.bucket.clone()], vec![]),
+        None => (vec!["--bucket".into(), t.bucket.clone()], vec![]),
     }
 }
 

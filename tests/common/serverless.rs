@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ocigc::store::{Metadata, PutCondition, PutOutcome, Store, StoreResult};
+use ocigc::store::{DeleteFailure, Metadata, PutCondition, PutOutcome, Store, StoreResult};
 use serde_json::Value;
 
 use super::wrap::{Intercept, Wrapped};
@@ -167,5 +167,60 @@ fn push_children(body: &[u8], stack: &mut Vec<(String, bool)>) {
     }
     if let Some(s) = doc["subject"]["digest"].as_str() {
         stack.push((s.to_string(), true));
+    }
+}
+
+/// One write request as [`Recorder`] saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Put { key: String, metadata: Metadata },
+    Delete { key: String },
+}
+
+/// A store that records the order of its writes (PUTs with their metadata, and each key of a
+/// batch delete), to check what the collector writes before and after it deletes.
+pub struct Recorder {
+    pub inner: Arc<dyn Store>,
+    writes: std::sync::Mutex<Vec<Write>>,
+}
+
+impl Recorder {
+    pub fn new(inner: Arc<dyn Store>) -> Wrapped<Recorder> {
+        Wrapped(Recorder {
+            inner,
+            writes: Default::default(),
+        })
+    }
+
+    /// Every write so far, in order.
+    pub fn writes(&self) -> Vec<Write> {
+        self.writes.lock().expect("recorder lock").clone()
+    }
+}
+
+#[async_trait]
+impl Intercept for Recorder {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
+    }
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        cond: PutCondition,
+        meta: Metadata,
+    ) -> StoreResult<PutOutcome> {
+        self.writes.lock().expect("recorder lock").push(Write::Put {
+            key: key.to_string(),
+            metadata: meta.clone(),
+        });
+        self.inner.put_with_metadata(key, body, cond, meta).await
+    }
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
+        self.writes
+            .lock()
+            .expect("recorder lock")
+            .extend(keys.iter().map(|k| Write::Delete { key: k.clone() }));
+        self.inner.delete_batch(keys).await
     }
 }
