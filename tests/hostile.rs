@@ -284,6 +284,45 @@ async fn oversize_documents_fail_closed(t: TestStore) {
     }
 }
 
+/// `index.json` is read as Go reads it: `"manifests": null` (what `umoci rm` of the last tag
+/// writes) is an empty list, `"Manifests"` is the same field; an object without the field is
+/// no index, and its repository fails closed.
+async fn index_json_is_read_as_go_reads_it(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let marker = br#"{"imageLayoutVersion":"1.0.0"}"#;
+    let gone = f.image("emptied", "old").await;
+    f.put("emptied/oci-layout", marker).await;
+    f.put(
+        "emptied/index.json",
+        br#"{"schemaVersion":2,"manifests":null}"#,
+    )
+    .await;
+    let kept = f.image("capital", "v1").await;
+    f.put("capital/oci-layout", marker).await;
+    let index = json!({"schemaVersion": 2, "Manifests": [kept.json()]});
+    f.put(
+        "capital/index.json",
+        &serde_json::to_vec(&index).expect("json"),
+    )
+    .await;
+    let stays = f.image("not-an-index", "v1").await;
+    f.put("not-an-index/oci-layout", marker).await;
+    f.put("not-an-index/index.json", br#"{"schemaVersion":2}"#)
+        .await;
+
+    let report = gc(&t.store, &eager()).await;
+    let after = keys(t.store.as_ref()).await;
+    assert_eq!(repo_report(&report, "emptied").status, RepoStatus::Ok);
+    assert_gone(&after, "emptied", &gone, "a repository without images");
+    assert_eq!(repo_report(&report, "capital").status, RepoStatus::Ok);
+    assert_intact(&after, "capital", &kept, "\"Manifests\" is manifests");
+    let r = repo_report(&report, "not-an-index");
+    assert_eq!(r.status, RepoStatus::Failed, "{r:#?}");
+    assert_intact(&after, "not-an-index", &stays, "failed closed");
+}
+
 /// A store that refuses every write: what read-only credentials give.
 struct ReadOnly(Arc<dyn Store>);
 
@@ -345,4 +384,5 @@ both_stores!(
     layouts_inside_blobs_are_no_repositories,
     oversize_documents_fail_closed,
     dry_runs_write_nothing,
+    index_json_is_read_as_go_reads_it,
 );

@@ -1,6 +1,8 @@
 //! Marking: everything reachable from a repository's roots.
 //!
-//! Breadth-first over descriptors, reading each document once with bounded concurrency. The
+//! Breadth-first over descriptors, reading each document once with bounded concurrency; a
+//! digest first reached as a layer or config is read when a descriptor that asks for reading
+//! (a manifest or unknown media type) reaches it too. The
 //! first time, one pass over the small unreferenced blobs finds referrers that no index lists (a
 //! manifest whose `subject` is reachable is reachable too, and so are its own referrers), and
 //! marking continues from them until nothing changes. Blobs that scan found content-addressed
@@ -56,6 +58,19 @@ enum Scanned {
     Document { refs: References, addressed: bool },
     /// Anything else; `addressed` as in [`Read`].
     NotReferrer { addressed: bool },
+    /// Gone since the listing.
+    Missing,
+}
+
+/// One closure's walk.
+#[derive(Default)]
+struct Walk {
+    /// Reachable digests.
+    seen: HashSet<Digest>,
+    /// Digests whose document's references have been followed.
+    followed: HashSet<Digest>,
+    /// Digests read and found missing (not cached across closures: a push may bring them).
+    missing: HashSet<Digest>,
 }
 
 /// Marks a repository and remembers what it read.
@@ -146,48 +161,100 @@ impl<'a> Marker<'a> {
         roots: &[Descriptor],
         allow_missing: bool,
     ) -> Result<HashSet<Digest>, FailClosed> {
-        let mut seen = HashSet::new();
-        self.expand(&mut seen, roots.to_vec(), allow_missing)
+        let mut walk = Walk::default();
+        self.expand(&mut walk, roots.to_vec(), allow_missing)
             .await?;
         if !self.scanned {
             self.scanned = true;
-            self.scan_for_referrers(&seen).await?;
+            self.scan_for_referrers(&walk.seen).await?;
             let more: Vec<Descriptor> = self
                 .referrers
                 .iter()
-                .filter(|(subject, _)| seen.contains(*subject))
+                .filter(|(subject, _)| walk.seen.contains(*subject))
                 .flat_map(|(_, rs)| rs.iter().cloned())
                 .collect();
-            self.expand(&mut seen, more, allow_missing).await?;
+            self.expand(&mut walk, more, allow_missing).await?;
         }
-        Ok(seen)
+        Ok(walk.seen)
+    }
+
+    /// Remembers `digest` as a referrer of each subject it declares (duplicate `subject` keys
+    /// may declare several).
+    fn index_subjects(&mut self, digest: &Digest, refs: &References) {
+        for subject in &refs.subjects {
+            let known = self.referrers.entry(subject.digest.clone()).or_default();
+            if known.iter().all(|r| r.digest != *digest) {
+                known.push(Descriptor {
+                    media_type: None,
+                    digest: digest.clone(),
+                    size: None,
+                });
+            }
+        }
+    }
+
+    /// Follows a document's references, once per closure. A digest that only a reader which
+    /// normalizes could name fails the repository closed.
+    fn follow(
+        walk: &mut Walk,
+        warnings: &mut BTreeSet<String>,
+        digest: &Digest,
+        refs: &References,
+        must_parse: bool,
+        next: &mut Vec<Descriptor>,
+    ) -> Result<(), FailClosed> {
+        if must_parse {
+            for u in &refs.unsupported {
+                warnings.insert(format!("{digest}: unsupported reference kept: {u}"));
+            }
+        }
+        if !walk.followed.insert(digest.clone()) {
+            return Ok(());
+        }
+        if let Some(a) = refs.ambiguous.first() {
+            return Err(FailClosed(format!(
+                "{digest}: a descriptor's digest is not canonical but could name a blob ({a})"
+            )));
+        }
+        next.extend(refs.children.iter().cloned());
+        Ok(())
     }
 
     async fn expand(
         &mut self,
-        seen: &mut HashSet<Digest>,
+        walk: &mut Walk,
         mut frontier: Vec<Descriptor>,
         allow_missing: bool,
     ) -> Result<(), FailClosed> {
         while !frontier.is_empty() {
             let mut next = Vec::new();
-            let mut wanted = Vec::new();
+            // Digest -> whether any descriptor of it this round requires it to parse.
+            let mut wanted: HashMap<Digest, bool> = HashMap::new();
             for d in frontier.drain(..) {
-                if !seen.insert(d.digest.clone()) {
-                    continue;
+                if walk.seen.insert(d.digest.clone()) {
+                    if let Some(rs) = self.referrers.get(&d.digest) {
+                        next.extend(rs.iter().cloned());
+                    }
                 }
-                if let Some(rs) = self.referrers.get(&d.digest) {
-                    next.extend(rs.iter().cloned());
-                }
+                // Not "seen, so done": the same digest may come first as a layer (not read)
+                // and later as a manifest, whose config and layers are needed too.
                 let kind = manifest::content_kind(d.media_type.as_deref());
+                let must_parse = kind == ContentKind::Manifest;
                 match self.docs.get(&d.digest) {
                     Some(Some(doc)) => {
-                        next.extend(doc.children.iter().cloned());
+                        Self::follow(
+                            walk,
+                            &mut self.warnings,
+                            &d.digest,
+                            doc,
+                            must_parse,
+                            &mut next,
+                        )?;
                         continue;
                     }
                     // Read earlier and found unparseable or gone, but a manifest after all:
                     // the same failure as reading it here.
-                    Some(None) if kind == ContentKind::Manifest && !allow_missing => {
+                    Some(None) if must_parse && !allow_missing => {
                         return Err(FailClosed(format!(
                             "manifest {} is missing or unparseable",
                             d.digest
@@ -196,25 +263,37 @@ impl<'a> Marker<'a> {
                     Some(None) => continue,
                     None => {}
                 }
+                if walk.missing.contains(&d.digest) {
+                    if must_parse && !allow_missing {
+                        return Err(FailClosed(format!(
+                            "manifest {} is referenced but missing",
+                            d.digest
+                        )));
+                    }
+                    continue;
+                }
                 let listed = self.ctx.blobs.get(&d.digest);
                 let size = listed.map(|o| o.size).or(d.size);
                 if manifest::should_read(kind, d.media_type.as_deref(), size) {
-                    wanted.push((d.digest, kind == ContentKind::Manifest));
+                    *wanted.entry(d.digest).or_default() |= must_parse;
                 } else if listed.is_none() {
                     self.warnings
                         .insert(format!("blob {} is referenced but missing", d.digest));
                 }
             }
-            for (digest, must_parse, read) in self.read_all(wanted, false).await {
+            for (digest, must_parse, read) in
+                self.read_all(wanted.into_iter().collect(), false).await
+            {
                 match read? {
                     Read::Doc { refs, .. } => {
-                        next.extend(refs.children.iter().cloned());
-                        if must_parse {
-                            for u in &refs.unsupported {
-                                self.warnings
-                                    .insert(format!("{digest}: unsupported reference kept: {u}"));
-                            }
-                        }
+                        Self::follow(
+                            walk,
+                            &mut self.warnings,
+                            &digest,
+                            &refs,
+                            must_parse,
+                            &mut next,
+                        )?;
                         self.docs.insert(digest, Some(refs));
                     }
                     Read::Opaque { .. } => {
@@ -228,6 +307,7 @@ impl<'a> Marker<'a> {
                     Read::Missing => {
                         self.warnings
                             .insert(format!("blob {digest} is referenced but missing"));
+                        walk.missing.insert(digest);
                     }
                 }
             }
@@ -261,13 +341,15 @@ impl<'a> Marker<'a> {
         let found: Vec<(Digest, Result<Scanned, FailClosed>)> = stream::iter(candidates)
             .map(|d| async move {
                 let r = this.read(&d, false, true).await.map(|read| match read {
-                    Read::Doc { refs, addressed } if !refs.children.is_empty() => {
+                    Read::Doc { refs, addressed }
+                        if !refs.children.is_empty() || !refs.subjects.is_empty() =>
+                    {
                         Scanned::Document { refs, addressed }
                     }
                     Read::Doc { addressed, .. } | Read::Opaque { addressed } => {
                         Scanned::NotReferrer { addressed }
                     }
-                    Read::Missing => Scanned::NotReferrer { addressed: false },
+                    Read::Missing => Scanned::Missing,
                 });
                 (d, r)
             })
@@ -277,28 +359,26 @@ impl<'a> Marker<'a> {
         for (digest, scanned) in found {
             match scanned? {
                 Scanned::Document { refs, addressed } => {
-                    if addressed && refs.subject.is_none() {
+                    if addressed && refs.subjects.is_empty() {
                         self.not_referrers.insert(digest.clone());
                     }
-                    if let Some(subject) = &refs.subject {
-                        self.referrers
-                            .entry(subject.digest.clone())
-                            .or_default()
-                            .push(Descriptor {
-                                media_type: None,
-                                digest: digest.clone(),
-                                size: None,
-                            });
+                    self.index_subjects(&digest, &refs);
+                    // Content that does not hash to its digest may still change (an upload in
+                    // progress): not cached, so whatever reaches it later reads it again.
+                    if addressed {
+                        self.docs.insert(digest, Some(refs));
                     }
-                    self.docs.insert(digest, Some(refs));
                 }
-                // Content-addressed and no referrer: so for good. Anything else (gone since the
-                // listing, content that does not hash to its digest) taught nothing lasting.
+                // Content-addressed and no referrer: so for good. Content that does not hash
+                // to its digest taught nothing lasting.
                 Scanned::NotReferrer { addressed } => {
                     if addressed {
                         self.not_referrers.insert(digest);
                     }
                 }
+                // Gone since the listing (another collector): nothing learnt about its content,
+                // so nothing is cached; a later closure that reaches it reads it again.
+                Scanned::Missing => {}
             }
         }
         Ok(())

@@ -244,11 +244,12 @@ impl Layout for OciLayout {
             Err(e @ StoreError::TooLarge { .. }) => return Err(invalid(e.to_string())),
             Err(e) => return Err(e.into()),
         };
-        let body = &object.body;
-        if !manifest::has_manifests_array(body).map_err(|e| invalid(e.to_string()))? {
-            return Err(invalid("no \"manifests\" array".into()));
+        let refs = manifest::references(&object.body).map_err(|e| invalid(e.to_string()))?;
+        // umoci writes `"manifests": null` for a layout without images, and Go reads that as
+        // an empty list; a document without the field is no index at all.
+        if !refs.has_manifests {
+            return Err(invalid("no \"manifests\" list".into()));
         }
-        let refs = manifest::references(body).map_err(|e| invalid(e.to_string()))?;
         Ok(Roots {
             descriptors: refs.children,
             version: object.etag,
