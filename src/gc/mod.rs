@@ -522,9 +522,6 @@ struct RepoInputs {
     roots: Option<Roots>,
 }
 
-/// The media type given to a linked blob's root: a layer is never read.
-const LINKED_BLOB: &str = "application/vnd.oci.image.layer.v1.tar";
-
 /// ocigc state of a repository seen in the listing.
 #[derive(Clone, Copy, Debug, Default)]
 struct Leftovers {
@@ -791,12 +788,10 @@ impl RepoRun<'_> {
         marker.prime(roots.documents);
         let mut descriptors = roots.descriptors;
         descriptors.extend(read.roots);
-        descriptors.extend(linked.iter().map(|d| Descriptor {
-            media_type: Some(LINKED_BLOB.into()),
-            digest: d.clone(),
-            size: None,
-        }));
         marker.mark(&descriptors).await.map_err(|e| e.0)?;
+        // Linked blobs are kept, not marked from: as unread roots they would hide what they
+        // are (a manifest an index lists, an unlisted referrer) from the walk and the scan.
+        marker.reachable.extend(linked.iter().cloned());
         marker.check_placeholders().map_err(|e| e.0)?;
         let plan = plan(
             self.layout,
