@@ -615,6 +615,14 @@ pub fn references(body: &[u8]) -> Result<References, ManifestError> {
         ..References::default()
     };
     refs.follow_lists("manifests", doc.manifests, false);
+    // An index's entries are manifests whatever type they declare (registries check that an
+    // index's children exist as manifests): read them, and fail closed where that is
+    // impossible, rather than skip a child that calls itself a blob or something unknown.
+    for d in &mut refs.children {
+        if content_kind(d.media_type.as_deref()) != ContentKind::Manifest {
+            d.media_type = Some(UNTYPED_MANIFEST.to_string());
+        }
+    }
     refs.subjects = refs.follow_single("subject", doc.subject);
     refs.follow_single("config", doc.config);
     refs.follow_lists("layers", doc.layers, false);

@@ -185,9 +185,9 @@ pub struct Report {
     pub requests: RequestCounts,
 }
 
-/// RFC 3339 in UTC with second precision.
+/// RFC 3339 in UTC with second precision (a time before 1970 is written as the epoch).
 pub fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_seconds(t.max(SystemTime::UNIX_EPOCH)).to_string()
 }
 
 impl Report {

@@ -323,6 +323,57 @@ async fn index_json_is_read_as_go_reads_it(t: TestStore) {
     assert_intact(&after, "not-an-index", &stays, "failed closed");
 }
 
+/// Entries of `index.json` (and of any index) are manifests whatever type they declare: one
+/// without a media type, or one calling itself `application/octet-stream`, is read and
+/// followed; one that cannot be read as a manifest (over the cap) fails the repository closed.
+async fn index_entries_are_manifests_whatever_they_declare(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let marker = br#"{"imageLayoutVersion":"1.0.0"}"#;
+    // An odd declared type: followed.
+    let config = f.blob("odd", OCI_CONFIG, br#"{"c":2}"#).await;
+    let layer = f.blob("odd", OCI_LAYER, b"layer bytes 2").await;
+    let m = f.manifest("odd", &config, &[&layer], None).await;
+    let odd = Desc {
+        media_type: "application/octet-stream".into(),
+        ..m.clone()
+    };
+    f.layout("odd", &[(Some("v1"), &odd)]).await;
+    // No declared type, and over the manifest cap: fails closed.
+    let config = f.blob("untyped", OCI_CONFIG, br#"{"c":1}"#).await;
+    let layer = f.blob("untyped", OCI_LAYER, b"layer bytes").await;
+    let mut body = serde_json::to_string(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": config.json(), "layers": [layer.json()],
+    }))
+    .expect("json");
+    body.push_str(&" ".repeat(5 * 1024 * 1024));
+    let digest = sha256(body.as_bytes());
+    f.put(&blob_key("untyped", &digest), body.as_bytes()).await;
+    f.put("untyped/oci-layout", marker).await;
+    let index = json!({"schemaVersion": 2, "manifests": [{
+        "digest": digest, "size": body.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"},
+    }]});
+    f.put(
+        "untyped/index.json",
+        &serde_json::to_vec(&index).expect("json"),
+    )
+    .await;
+
+    let report = gc(&t.store, &eager()).await;
+    let after = keys(t.store.as_ref()).await;
+    assert_eq!(repo_report(&report, "odd").status, RepoStatus::Ok);
+    assert_intact(&after, "odd", &m, "an index entry of odd declared type");
+    let r = repo_report(&report, "untyped");
+    assert_eq!(r.status, RepoStatus::Failed, "{r:#?}");
+    assert!(r.deleted.is_empty(), "{r:#?}");
+    for d in [&config, &layer] {
+        assert!(after.contains(&blob_key("untyped", &d.digest)));
+    }
+}
+
 /// A store that refuses every write: what read-only credentials give.
 struct ReadOnly(Arc<dyn Store>);
 
@@ -385,4 +436,5 @@ both_stores!(
     oversize_documents_fail_closed,
     dry_runs_write_nothing,
     index_json_is_read_as_go_reads_it,
+    index_entries_are_manifests_whatever_they_declare,
 );

@@ -155,8 +155,10 @@ impl Layout for OciLayout {
             let name = prefix.trim_end_matches('/').to_string();
             partition.add(name, prefix, objects);
         }
-        partition.placeholders = placeholders(&partition.repositories);
+        // Sorted first, so that the content copy a placeholder is read from is the same one
+        // every run.
         partition.repositories.sort_by(|a, b| a.name.cmp(&b.name));
+        partition.placeholders = placeholders(&partition.repositories);
         partition.rejected.sort_by(|a, b| a.prefix.cmp(&b.prefix));
         partition
     }

@@ -392,6 +392,8 @@ impl Store for S3Store {
             (Some(d), _) => aws_smithy_types::DateTime::from_str(&d, DateFormat::HttpDate)
                 .ok()
                 .and_then(|t| SystemTime::try_from(t).ok())
+                // No store's clock is before 1970: such a `Date` is broken, not a time.
+                .filter(|t| *t > SystemTime::UNIX_EPOCH)
                 .ok_or_else(|| StoreError::Request {
                     op: Op::Head,
                     key,
