@@ -2,29 +2,8 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use common::*;
-use ocigc::gc::{delete_repositories, DeleteRepoOptions};
-use ocigc::layout::oci::OciLayout;
-use ocigc::report::{RepoStatus, Report};
-use ocigc::store::Store;
-
-async fn delete(store: &Arc<dyn Store>, names: &[&str], dry_run: bool) -> Report {
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let opts = DeleteRepoOptions {
-        dry_run,
-        concurrency: 8,
-        request_timeout: Duration::from_secs(60),
-        lease_ttl: Duration::from_secs(600),
-        clock_offset: Duration::ZERO,
-        metrics: None,
-    };
-    delete_repositories(store.clone(), Arc::new(OciLayout), &names, &opts)
-        .await
-        .expect("delete-repo run")
-}
+use ocigc::report::RepoStatus;
 
 async fn populate(f: &Fixture<'_>) {
     f.neighbours().await;

@@ -5,15 +5,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use common::wrap::{Intercept, Wrapped};
 use common::*;
-use ocigc::gc::{delete_repositories, DeleteRepoOptions, GcOptions};
-use ocigc::layout::oci::OciLayout;
-use ocigc::report::{RepoStatus, Report};
+use ocigc::gc::GcOptions;
+use ocigc::report::RepoStatus;
 use ocigc::store::{DeleteFailure, Metadata, PutCondition, PutOutcome, Store, StoreResult};
 use serde_json::json;
 
@@ -23,21 +21,6 @@ async fn placeholders(f: &Fixture<'_>, repo: &str, desc: &Desc) {
     for d in &desc.subtree {
         f.put(&blob_key(repo, d), b"").await;
     }
-}
-
-async fn delete(store: &Arc<dyn Store>, names: &[&str], dry_run: bool) -> Report {
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let opts = DeleteRepoOptions {
-        dry_run,
-        concurrency: 8,
-        request_timeout: Duration::from_secs(60),
-        lease_ttl: Duration::from_secs(600),
-        clock_offset: Duration::ZERO,
-        metrics: None,
-    };
-    delete_repositories(store.clone(), Arc::new(OciLayout), &names, &opts)
-        .await
-        .expect("delete-repo run")
 }
 
 /// `a` holds the content of an image it no longer references; `b` tags that image through

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ocigc::gc::{delete_repositories, DeleteRepoOptions};
+use ocigc::gc::delete_repositories;
 use ocigc::layout::oci::OciLayout;
 use ocigc::report::{RepoStatus, Report};
 use ocigc::store::{DirStore, Store, StoreError};
@@ -39,15 +39,8 @@ async fn bounded_gc(store: &Arc<dyn Store>) -> Report {
 }
 
 async fn delete_repo(store: &Arc<dyn Store>, name: &str) -> Report {
-    let opts = DeleteRepoOptions {
-        dry_run: false,
-        concurrency: 8,
-        request_timeout: Duration::from_secs(60),
-        lease_ttl: Duration::from_secs(600),
-        clock_offset: Duration::ZERO,
-        metrics: None,
-    };
     let names = [name.to_string()];
+    let opts = delete_options(false);
     let run = delete_repositories(store.clone(), Arc::new(OciLayout), &names, &opts);
     tokio::time::timeout(BOUND, run)
         .await

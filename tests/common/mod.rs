@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use ocigc::gc::{run_gc, GcOptions, RepoFilter};
+use ocigc::gc::{delete_repositories, run_gc, DeleteRepoOptions, GcOptions, RepoFilter};
 use ocigc::layout::oci::OciLayout;
 use ocigc::report::Report;
 use ocigc::store::{DirStore, PutCondition, S3Settings, S3Store, StaticCredentials, Store};
@@ -349,6 +349,31 @@ pub fn eager() -> GcOptions {
 
 pub fn only(globs: &[&str]) -> RepoFilter {
     RepoFilter::new(&globs.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("globs")
+}
+
+/// Options for `delete-repo` in the tests: eight requests in flight, a ten-minute lease.
+pub fn delete_options(dry_run: bool) -> DeleteRepoOptions {
+    DeleteRepoOptions {
+        dry_run,
+        concurrency: 8,
+        request_timeout: Duration::from_secs(60),
+        lease_ttl: Duration::from_secs(600),
+        clock_offset: Duration::ZERO,
+        metrics: None,
+    }
+}
+
+/// Deletes repositories of the `oci` layout.
+pub async fn delete(store: &Arc<dyn Store>, names: &[&str], dry_run: bool) -> Report {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    delete_repositories(
+        store.clone(),
+        Arc::new(OciLayout),
+        &names,
+        &delete_options(dry_run),
+    )
+    .await
+    .expect("delete-repo run")
 }
 
 pub async fn gc(store: &Arc<dyn Store>, opts: &GcOptions) -> Report {
