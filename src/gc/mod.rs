@@ -9,37 +9,38 @@ mod delete_repo;
 pub mod intent;
 pub mod lease;
 pub mod mark;
+mod options;
 pub mod plan;
+mod recheck;
 mod scope;
 pub mod state;
 pub mod sweep;
+mod verify;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::digest::Digest;
-use crate::layout::{
-    ContentCopy, DeletionProtocol, KeyKind, Layout, ProtocolError, Repository, Roots, RootsError,
-    STATE_PREFIX,
-};
-use crate::manifest::Descriptor;
-use crate::metrics::Metrics;
+use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, STATE_PREFIX};
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
 use clock::BucketClock;
-use lease::{Acquired, Lease, Leases};
+use lease::{Acquired, Leases};
 use mark::{MarkContext, Marker};
 use plan::{plan, Decision, PlanPolicy, Reason, RepoPlan};
 use state::Pending;
 
 pub use delete_repo::{delete_repositories, DeleteRepoOptions};
+pub use options::{GcOptions, Progress, RepoFilter, Shard};
+use recheck::RepoGuard;
+
+/// Why a guard stopped a sweep on shutdown.
+const SHUTTING_DOWN: &str = "shutting down";
 
 /// A fatal error: the run could not even start on the repositories.
 #[derive(Debug, thiserror::Error)]
@@ -68,148 +69,6 @@ pub enum GcError {
     /// The run time-out passed while the bucket was still being listed.
     #[error("run time-out of {0:?} reached while listing the bucket")]
     ListTimeout(Duration),
-}
-
-/// Which repositories a run collects: all, or those matching any of a set of globs.
-///
-/// `*` and `?` stay within one path segment, `**` spans segments (`team/**`).
-#[derive(Clone, Debug, Default)]
-pub struct RepoFilter(Option<GlobSet>);
-
-impl RepoFilter {
-    /// A filter from glob patterns; no patterns select every repository.
-    pub fn new(patterns: &[String]) -> Result<RepoFilter, globset::Error> {
-        if patterns.is_empty() {
-            return Ok(RepoFilter(None));
-        }
-        let mut set = GlobSetBuilder::new();
-        for p in patterns {
-            set.add(GlobBuilder::new(p).literal_separator(true).build()?);
-        }
-        Ok(RepoFilter(Some(set.build()?)))
-    }
-
-    /// Whether `name` is selected.
-    pub fn matches(&self, name: &str) -> bool {
-        self.0.as_ref().is_none_or(|s| s.is_match(name))
-    }
-}
-
-/// One shard of a sharded run: this process collects the repositories whose stable hash falls
-/// in `index` out of `count`. The union of all shards is every repository exactly once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shard {
-    /// This shard, `0..count`.
-    pub index: u32,
-    /// How many shards there are.
-    pub count: u32,
-}
-
-impl Shard {
-    /// Parses `I/N` with `I < N`.
-    pub fn parse(s: &str) -> Result<Shard, String> {
-        let (i, n) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected I/N, e.g. 0/4"))?;
-        let index: u32 = i.trim().parse().map_err(|_| format!("{s:?}: bad index"))?;
-        let count: u32 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: bad shard count"))?;
-        if count == 0 || index >= count {
-            return Err(format!("{s:?}: need 0 <= I < N"));
-        }
-        Ok(Shard { index, count })
-    }
-
-    /// Whether this shard owns `repository`. FNV-1a: fixed forever, so every process and
-    /// every version agrees on the split.
-    pub fn owns(&self, repository: &str) -> bool {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in repository.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h % u64::from(self.count) == u64::from(self.index)
-    }
-}
-
-/// Settings of a `gc` run.
-#[derive(Clone, Debug)]
-pub struct GcOptions {
-    /// Unreferenced blobs younger than this are kept.
-    pub grace: Duration,
-    /// Delay between the two observations required before a delete; zero deletes in this run.
-    pub delay: Duration,
-    /// Plan and report only.
-    pub dry_run: bool,
-    /// Repositories to collect.
-    pub repos: RepoFilter,
-    /// Only this shard's repositories, if set.
-    pub shard: Option<Shard>,
-    /// Store requests in flight at most (also repositories collected at once).
-    pub concurrency: usize,
-    /// Time-out of one store request, retries included.
-    pub request_timeout: Duration,
-    /// Time-out of one repository.
-    pub repo_timeout: Option<Duration>,
-    /// Time-out of the whole run.
-    pub run_timeout: Option<Duration>,
-    /// Lifetime of a repository lease between renewals.
-    pub lease_ttl: Duration,
-    /// Added to the bucket clock: simulates the passage of time (tests, drills). Zero in use.
-    pub clock_offset: Duration,
-    /// Where to record metrics, if anywhere.
-    pub metrics: Option<Arc<Metrics>>,
-    /// Cancelled on shutdown: no repository starts after it, marking is abandoned, deleting
-    /// stops before the next batch.
-    pub stop: CancellationToken,
-    /// Progress receiver, if any.
-    pub progress: Option<Arc<dyn Progress>>,
-    /// A run of this one repository (the daemon's hook): only it is collected, only its
-    /// prefix is listed where the layout allows, and metrics count it as a hook run.
-    pub only: Option<String>,
-}
-
-impl std::fmt::Debug for dyn Progress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Progress")
-    }
-}
-
-/// Receives progress of a run (the CLI draws a progress bar from it on a terminal).
-pub trait Progress: Send + Sync {
-    /// The run is about to collect `repositories` repositories.
-    fn start(&self, repositories: u64);
-    /// One repository is done.
-    fn repository_done(&self, name: &str, deleted: u64);
-    /// The run is over.
-    fn finish(&self);
-}
-
-/// Why a guard stopped a sweep on shutdown.
-const SHUTTING_DOWN: &str = "shutting down";
-
-impl Default for GcOptions {
-    fn default() -> Self {
-        GcOptions {
-            grace: Duration::from_secs(24 * 3600),
-            delay: Duration::from_secs(3600),
-            dry_run: false,
-            repos: RepoFilter::default(),
-            shard: None,
-            concurrency: 16,
-            request_timeout: Duration::from_secs(60),
-            repo_timeout: None,
-            run_timeout: None,
-            lease_ttl: Duration::from_secs(600),
-            clock_offset: Duration::ZERO,
-            metrics: None,
-            stop: CancellationToken::new(),
-            progress: None,
-            only: None,
-        }
-    }
 }
 
 /// A bucket listing split into repository objects and ocigc's own state objects.
@@ -534,42 +393,6 @@ struct Leftovers {
 }
 
 /// Why a repository's lease is taken.
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_cover_every_repository_exactly_once() {
-        let names: Vec<String> = (0..5000)
-            .map(|i| format!("team-{}/app-{i}", i % 37))
-            .collect();
-        for count in [1u32, 2, 3, 7, 16] {
-            let shards: Vec<Shard> = (0..count).map(|index| Shard { index, count }).collect();
-            let mut sizes = vec![0usize; count as usize];
-            for n in &names {
-                let owners: Vec<_> = shards.iter().filter(|s| s.owns(n)).collect();
-                assert_eq!(owners.len(), 1, "{n} with {count} shards");
-                sizes[owners[0].index as usize] += 1;
-            }
-            // Balanced within 20% of the mean.
-            let mean = names.len() / count as usize;
-            assert!(
-                sizes
-                    .iter()
-                    .all(|&s| s * 5 >= mean * 4 && s * 5 <= mean * 6),
-                "{sizes:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn shard_syntax() {
-        assert_eq!(Shard::parse("2/4"), Ok(Shard { index: 2, count: 4 }));
-        for bad in ["4/4", "1/0", "x/2", "3", "-1/2"] {
-            assert!(Shard::parse(bad).is_err(), "{bad}");
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -983,17 +806,6 @@ impl RepoRun<'_> {
         }
     }
 
-    async fn verify_if_deleted(
-        &self,
-        repo: &Repository,
-        marker: &mut Marker<'_>,
-        report: &mut RepoReport,
-    ) {
-        if !report.deleted.is_empty() {
-            self.verify(repo, marker, report).await;
-        }
-    }
-
     /// Persists the candidates still pending after the sweep, keeping first-seen times.
     async fn write_state(
         &self,
@@ -1048,202 +860,6 @@ impl RepoRun<'_> {
             Err(e) => {
                 report.status = RepoStatus::Failed;
                 report.errors.push(format!("writing pending state: {e}"));
-            }
-        }
-    }
-
-    /// Re-reads the roots after the sweep: a deleted blob that is now reachable is a dangling
-    /// reference, logged, counted and failing the repository.
-    async fn verify(&self, repo: &Repository, marker: &mut Marker<'_>, report: &mut RepoReport) {
-        crate::failpoint::hit("before-verify");
-        let roots = match self.layout.read_roots(self.store, repo).await {
-            Ok(r) => r,
-            Err(RootsError::Missing(_)) => {
-                report.warnings.push(
-                    "roots vanished after the sweep (repository deleted?); not verified".into(),
-                );
-                return;
-            }
-            Err(e) => {
-                report
-                    .warnings
-                    .push(format!("verify could not read roots: {e}"));
-                return;
-            }
-        };
-        marker.prime(roots.documents);
-        let mut descriptors = roots.descriptors;
-        match self.fresh_intents(repo).await {
-            Ok(read) => descriptors.extend(read.roots),
-            Err(e) => report
-                .warnings
-                .push(format!("verify could not read intents: {e}")),
-        }
-        let reachable = match marker.closure_allowing_missing(&descriptors).await {
-            Ok(r) => r,
-            Err(e) => {
-                report.warnings.push(format!("verify could not mark: {e}"));
-                return;
-            }
-        };
-        // A deleted blob that a pusher uploaded again (it found it missing) is whole: only
-        // one still missing is a dangling reference. A failed look counts as missing.
-        let referenced: Vec<(String, Digest)> = report
-            .deleted
-            .iter()
-            .filter_map(|d| d.digest.clone().map(|g| (d.key.clone(), g)))
-            .filter(|(_, g)| reachable.contains(g))
-            .collect();
-        let looks = stream::iter(referenced)
-            .map(|(key, digest)| async move {
-                let back = matches!(self.store.head(&key).await, Ok(Some(_)));
-                (digest, back)
-            })
-            .buffer_unordered(self.concurrency.max(1))
-            .collect::<Vec<_>>()
-            .await;
-        let mut dangling = Vec::new();
-        for (digest, back) in looks {
-            if back {
-                report.warnings.push(format!(
-                    "{digest} was deleted, referenced again and uploaded again during the run"
-                ));
-            } else {
-                dangling.push(digest);
-            }
-        }
-        dangling.sort();
-        for d in &dangling {
-            tracing::error!(repo = %repo.name, digest = %d, "dangling reference: a deleted blob is referenced");
-        }
-        if !dangling.is_empty() {
-            report.status = RepoStatus::Failed;
-            report.errors.push(format!(
-                "{} deleted blobs are referenced: dangling references",
-                dangling.len()
-            ));
-            report.dangling_references = dangling;
-        }
-    }
-
-    async fn fresh_intents(&self, repo: &Repository) -> Result<intent::Intents, String> {
-        let listed = intent::list_intents(self.store, &repo.name)
-            .await
-            .map_err(|e| e.to_string())?;
-        intent::read_intents(self.store, &listed, self.clock.now()).await
-    }
-}
-
-/// The re-check before each delete batch (SPEC §3.5) and the lease renewal (§3.7).
-struct RepoGuard<'g, 'm, 'r> {
-    run: &'g RepoRun<'r>,
-    repo: &'g Repository,
-    marker: &'g mut Marker<'m>,
-    lease: Lease,
-    roots_version: Option<String>,
-    intents_seen: HashSet<String>,
-    rescued: u64,
-    announced: bool,
-    /// The layout's registry protocol, and whether it was begun.
-    protocol: Option<(Box<dyn DeletionProtocol>, bool)>,
-    /// The protocol refused a batch: the repository is left for a later run.
-    refused: bool,
-}
-
-#[async_trait]
-impl sweep::Guard for RepoGuard<'_, '_, '_> {
-    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
-        let run = self.run;
-        if run.stop.is_cancelled() {
-            return Err(SHUTTING_DOWN.into());
-        }
-        run.leases
-            .keep(&mut self.lease)
-            .await
-            .map_err(|e| e.to_string())?;
-        // Before the roots are re-read: a push that finished before the protocol let this
-        // batch through has its manifest in that re-read.
-        if let Some((p, begun)) = &mut self.protocol {
-            let now = run.clock.now();
-            let first = !std::mem::replace(begun, true);
-            let asked = async {
-                if first {
-                    p.begin(run.store, now).await?;
-                }
-                p.before_batch(run.store, now).await
-            };
-            if let Err(e) = asked.await {
-                self.refused = matches!(e, ProtocolError::Refused(_));
-                return Err(format!("the registry's GC protocol: {e}"));
-            }
-        }
-        let version = run
-            .layout
-            .roots_version(run.store, self.repo)
-            .await
-            .map_err(|e| format!("re-reading roots: {e}"))?;
-        let mut more: Vec<Descriptor> = Vec::new();
-        if version.is_none() || version != self.roots_version {
-            let roots = run
-                .layout
-                .read_roots(run.store, self.repo)
-                .await
-                .map_err(|e| format!("re-reading roots: {e}"))?;
-            self.roots_version = roots.version;
-            self.marker.prime(roots.documents);
-            more.extend(roots.descriptors);
-        }
-        // Announce the batch before the last look at intents: a pusher that writes its
-        // intent after that look will see the announcement and wait (the handshake of
-        // `intent::begin_reuse`).
-        let candidates: Vec<&Digest> = batch
-            .iter()
-            .filter_map(|d| d.digest.as_ref())
-            .filter(|d| !self.marker.reachable.contains(*d))
-            .collect();
-        if !candidates.is_empty() {
-            intent::announce_deletion(
-                run.store,
-                &self.repo.name,
-                &run.run_id,
-                &candidates,
-                run.clock.now() + run.leases.ttl,
-            )
-            .await
-            .map_err(|e| format!("announcing the batch: {e}"))?;
-            self.announced = true;
-        }
-        let listed = intent::list_intents(run.store, &self.repo.name)
-            .await
-            .map_err(|e| format!("re-listing intents: {e}"))?;
-        let new: Vec<ObjectMeta> = listed
-            .into_iter()
-            .filter(|o| !self.intents_seen.contains(&o.key))
-            .collect();
-        let read = intent::read_intents(run.store, &new, run.clock.now()).await?;
-        self.intents_seen.extend(new.into_iter().map(|o| o.key));
-        more.extend(read.roots);
-        if !more.is_empty() {
-            self.marker.mark(&more).await.map_err(|e| e.0)?;
-        }
-        let before = batch.len();
-        let safe: Vec<Deleted> = batch
-            .into_iter()
-            .filter(|d| {
-                d.digest
-                    .as_ref()
-                    .is_none_or(|g| !self.marker.reachable.contains(g))
-            })
-            .collect();
-        self.rescued += (before - safe.len()) as u64;
-        Ok(safe)
-    }
-
-    async fn after_batch(&mut self) {
-        if std::mem::take(&mut self.announced) {
-            if let Err(e) = intent::clear_deletion(self.run.store, &self.repo.name).await {
-                // Pushers treat it as stale once its expiry passes.
-                tracing::warn!(repo = %self.repo.name, error = %e, "could not remove the batch announcement");
             }
         }
     }

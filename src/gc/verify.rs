@@ -1,0 +1,105 @@
+//! Verify after the sweep (SPEC §3.6): the roots and intents are read again, and a deleted
+//! blob that is referenced now and still missing is a dangling reference.
+
+use futures::{stream, StreamExt};
+
+use super::{intent, RepoRun};
+use crate::digest::Digest;
+use crate::gc::mark::Marker;
+use crate::layout::{Repository, RootsError};
+use crate::report::{RepoReport, RepoStatus};
+use crate::store::Store;
+
+impl RepoRun<'_> {
+    pub(super) async fn verify_if_deleted(
+        &self,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        report: &mut RepoReport,
+    ) {
+        if !report.deleted.is_empty() {
+            self.verify(repo, marker, report).await;
+        }
+    }
+
+    /// Re-reads the roots after the sweep: a deleted blob that is now reachable is a dangling
+    /// reference, logged, counted and failing the repository.
+    async fn verify(&self, repo: &Repository, marker: &mut Marker<'_>, report: &mut RepoReport) {
+        crate::failpoint::hit("before-verify");
+        let roots = match self.layout.read_roots(self.store, repo).await {
+            Ok(r) => r,
+            Err(RootsError::Missing(_)) => {
+                report.warnings.push(
+                    "roots vanished after the sweep (repository deleted?); not verified".into(),
+                );
+                return;
+            }
+            Err(e) => {
+                report
+                    .warnings
+                    .push(format!("verify could not read roots: {e}"));
+                return;
+            }
+        };
+        marker.prime(roots.documents);
+        let mut descriptors = roots.descriptors;
+        match self.fresh_intents(repo).await {
+            Ok(read) => descriptors.extend(read.roots),
+            Err(e) => report
+                .warnings
+                .push(format!("verify could not read intents: {e}")),
+        }
+        let reachable = match marker.closure_allowing_missing(&descriptors).await {
+            Ok(r) => r,
+            Err(e) => {
+                report.warnings.push(format!("verify could not mark: {e}"));
+                return;
+            }
+        };
+        // A deleted blob that a pusher uploaded again (it found it missing) is whole: only
+        // one still missing is a dangling reference. A failed look counts as missing.
+        let referenced: Vec<(String, Digest)> = report
+            .deleted
+            .iter()
+            .filter_map(|d| d.digest.clone().map(|g| (d.key.clone(), g)))
+            .filter(|(_, g)| reachable.contains(g))
+            .collect();
+        let looks = stream::iter(referenced)
+            .map(|(key, digest)| async move {
+                let back = matches!(self.store.head(&key).await, Ok(Some(_)));
+                (digest, back)
+            })
+            .buffer_unordered(self.concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        let mut dangling = Vec::new();
+        for (digest, back) in looks {
+            if back {
+                report.warnings.push(format!(
+                    "{digest} was deleted, referenced again and uploaded again during the run"
+                ));
+            } else {
+                dangling.push(digest);
+            }
+        }
+        dangling.sort();
+        for d in &dangling {
+            tracing::error!(repo = %repo.name, digest = %d, "dangling reference: a deleted blob is referenced");
+        }
+        if !dangling.is_empty() {
+            report.status = RepoStatus::Failed;
+            report.errors.push(format!(
+                "{} deleted blobs are referenced: dangling references",
+                dangling.len()
+            ));
+            report.dangling_references = dangling;
+        }
+    }
+
+    async fn fresh_intents(&self, repo: &Repository) -> Result<intent::Intents, String> {
+        let listed = intent::list_intents(self.store, &repo.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        intent::read_intents(self.store, &listed, self.clock.now()).await
+    }
+}
