@@ -17,7 +17,7 @@ use common::*;
 use futures::stream::BoxStream;
 use ocigc::daemon::{ServeOptions, MAX_PARALLEL_JOBS};
 use ocigc::digest::Digest;
-use ocigc::gc::{delete_repositories, run_gc, DeleteRepoOptions, GcOptions};
+use ocigc::gc::{delete_repositories, run_gc, GcOptions};
 use ocigc::layout::oci::OciLayout;
 use ocigc::layout::{by_name, LayoutOptions};
 use ocigc::report::RepoStatus;
@@ -345,25 +345,8 @@ async fn sigterm_during_a_run_exits_0_within_the_drain_time() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let sent = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &d.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-    let status = loop {
-        if let Some(s) = d.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(15),
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let took = sent.elapsed();
+    let took = terminate(&mut d, Duration::from_secs(15));
     eprintln!("SIGTERM to exit: {took:?}");
-    assert_eq!(status.code(), Some(0));
     assert!(
         took < Duration::from_secs(5) + Duration::from_secs(2),
         "{took:?}"
@@ -423,17 +406,6 @@ fn hook_gc(name: &str) -> GcOptions {
         repos: only(&[name]),
         only: Some(name.to_string()),
         ..eager()
-    }
-}
-
-fn delete_opts() -> DeleteRepoOptions {
-    DeleteRepoOptions {
-        dry_run: false,
-        concurrency: 8,
-        request_timeout: Duration::from_secs(60),
-        lease_ttl: Duration::from_secs(600),
-        clock_offset: Duration::ZERO,
-        metrics: None,
     }
 }
 
@@ -521,9 +493,14 @@ async fn distribution_hook_gc_lists_only_its_repository_and_keeps_what_it_needs(
 
     // Its deletion lists only its prefix too, and leaves the neighbours alone.
     let store: Arc<dyn Store> = rec.clone();
-    let deletion = delete_repositories(store, layout, &["team/app".to_string()], &delete_opts())
-        .await
-        .expect("deletion");
+    let deletion = delete_repositories(
+        store,
+        layout,
+        &["team/app".to_string()],
+        &delete_options(false),
+    )
+    .await
+    .expect("deletion");
     assert_eq!(deletion.repositories[0].status, RepoStatus::Ok);
     let listed = rec.take();
     for prefix in &listed {
@@ -566,9 +543,14 @@ async fn oci_and_serverless_hook_runs_still_list_the_whole_bucket() {
             "{name}: keys elsewhere can keep this repository's blobs: {listed:?}"
         );
         let store: Arc<dyn Store> = rec.clone();
-        delete_repositories(store, layout, &["team/app".to_string()], &delete_opts())
-            .await
-            .expect("deletion");
+        delete_repositories(
+            store,
+            layout,
+            &["team/app".to_string()],
+            &delete_options(false),
+        )
+        .await
+        .expect("deletion");
         let listed = rec.take();
         assert!(
             listed.iter().any(String::is_empty),
@@ -578,6 +560,28 @@ async fn oci_and_serverless_hook_runs_still_list_the_whole_bucket() {
 }
 
 /// The daemon's address, for raw connections.
+/// Sends SIGTERM and waits (at most `limit`) for the daemon to exit 0; how long it took.
+fn terminate(d: &mut Daemon, limit: Duration) -> Duration {
+    let sent = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &d.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let status = loop {
+        if let Some(s) = d.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < limit,
+            "still running {limit:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    sent.elapsed()
+}
+
 fn addr(d: &Daemon) -> String {
     d.base.trim_start_matches("http://").to_string()
 }
@@ -675,25 +679,8 @@ fn sigterm_with_a_half_sent_request_open_exits_within_the_drain_timeout() {
         .expect("write");
     let (got, _) = read_until_closed(&mut probe, Duration::from_secs(10));
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
-    let sent = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &d.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-    let status = loop {
-        if let Some(s) = d.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(20),
-            "still running 20s after SIGTERM with a drain time-out of 2s"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let took = sent.elapsed();
+    let took = terminate(&mut d, Duration::from_secs(20));
     eprintln!("SIGTERM to exit with a half-sent request open: {took:?}");
-    assert_eq!(status.code(), Some(0));
     assert!(
         took < Duration::from_secs(2) + Duration::from_secs(2),
         "{took:?}"
@@ -785,7 +772,7 @@ async fn a_full_job_queue_answers_429_with_retry_after() {
         token: Some(TOKEN.into()),
         drain_timeout: Duration::from_secs(10),
         gc: eager(),
-        delete: delete_opts(),
+        delete: delete_options(false),
         pushgateway: None,
         max_queued_jobs: 2,
         max_connections: 16,

@@ -264,7 +264,7 @@ async fn find_repository(
     name: &str,
     concurrency: usize,
 ) -> Result<Found, crate::store::StoreError> {
-    let whole_bucket = layout.repository_depends_on_bucket();
+    let whole_bucket = layout.links_across_repositories();
     let prefix = layout.repository_prefix(name);
     let listing = list_all(store, if whole_bucket { "" } else { &prefix }).await?;
     // A defect at or above the repository's path (its directory is a symlink) hides it.

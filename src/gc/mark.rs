@@ -281,9 +281,7 @@ impl<'a> Marker<'a> {
                         .insert(format!("blob {} is referenced but missing", d.digest));
                 }
             }
-            for (digest, must_parse, read) in
-                self.read_all(wanted.into_iter().collect(), false).await
-            {
+            for (digest, must_parse, read) in self.read_all(wanted.into_iter().collect()).await {
                 match read? {
                     Read::Doc { refs, .. } => {
                         Self::follow(
@@ -479,16 +477,16 @@ impl<'a> Marker<'a> {
         }
     }
 
+    /// Reads documents the walk wants (the referrer scan reads its own way, keeping less).
     async fn read_all(
         &mut self,
         wanted: Vec<(Digest, bool)>,
-        scan: bool,
     ) -> Vec<(Digest, bool, Result<Read, FailClosed>)> {
         self.manifests_fetched += wanted.len() as u64;
         let this = &*self;
         stream::iter(wanted)
             .map(|(d, must)| async move {
-                let r = this.read(&d, must, scan).await;
+                let r = this.read(&d, must, false).await;
                 (d, must, r)
             })
             .buffer_unordered(this.ctx.concurrency.max(1))

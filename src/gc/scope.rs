@@ -3,7 +3,7 @@
 //!
 //! A hook GC of one repository then costs the repository's share of the listing, not the
 //! bucket's. Where keys elsewhere can keep the repository's blobs alive
-//! ([`Layout::repository_depends_on_bucket`]) the whole bucket is listed as before.
+//! ([`Layout::links_across_repositories`]) the whole bucket is listed as before.
 
 use super::{intent, lease, list_all, state, Listing};
 use crate::layout::Layout;
@@ -16,7 +16,7 @@ pub(crate) async fn list_for_run(
     only: Option<&str>,
 ) -> Result<Listing, StoreError> {
     match only {
-        Some(name) if !layout.repository_depends_on_bucket() => {
+        Some(name) if !layout.links_across_repositories() => {
             list_repository(store, layout, name).await
         }
         _ => list_all(store, "").await,

@@ -185,7 +185,7 @@ impl Layout for DistributionLayout {
         self.delete_untagged
     }
 
-    fn repository_depends_on_bucket(&self) -> bool {
+    fn links_across_repositories(&self) -> bool {
         // A repository owns only links; the blobs they name are global and swept by the
         // global pseudo-repository alone, which a one-repository run never selects. What keeps
         // a revision link is the repository's own tags and manifests.

@@ -232,17 +232,12 @@ pub trait Layout: Send + Sync {
         1
     }
 
-    /// Whether an object of one repository can keep a blob of another alive (a
-    /// cross-repository mount stored as a link), so that [`Layout::linked_blobs`] must be read.
+    /// Whether keys outside a repository's prefix can keep its blobs alive (a mount link, a
+    /// placeholder), so that [`Layout::linked_blobs`] must be read and a GC or deletion of one
+    /// repository must still list the whole bucket. True unless a layout overrides it: a wrong
+    /// `false` lets a one-repository run delete a blob another repository keeps alive, a wrong
+    /// `true` only costs a listing.
     fn links_across_repositories(&self) -> bool {
-        false
-    }
-
-    /// Whether keys outside a repository's prefix can keep its blobs alive, so that a GC or a
-    /// deletion of that one repository must still list the whole bucket. True unless a layout
-    /// overrides it: a wrong `false` lets a one-repository run delete a blob that a key of
-    /// another repository keeps alive, a wrong `true` only costs a listing.
-    fn repository_depends_on_bucket(&self) -> bool {
         true
     }
 

@@ -167,11 +167,6 @@ impl Layout for OciLayout {
         is_placeholder(object, digest)
     }
 
-    fn links_across_repositories(&self) -> bool {
-        // Placeholders anywhere keep content copies alive.
-        true
-    }
-
     async fn linked_blobs(
         &self,
         _store: &dyn Store,
@@ -203,12 +198,6 @@ impl Layout for OciLayout {
                 Bytes::from_static(MARKER_BODY),
             ),
         ]
-    }
-
-    fn repository_depends_on_bucket(&self) -> bool {
-        // Registries that deduplicate (zot) leave a 0-byte placeholder in one repository for
-        // content stored in another: the copy lives while a placeholder anywhere names it.
-        true
     }
 
     fn repository_prefix(&self, name: &str) -> String {

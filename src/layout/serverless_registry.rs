@@ -192,10 +192,6 @@ impl Layout for ServerlessRegistryLayout {
         matches!(parse(key), Key::Manifest(..))
     }
 
-    fn links_across_repositories(&self) -> bool {
-        true
-    }
-
     fn deletion_protocol(
         &self,
         repo: &Repository,
@@ -205,11 +201,6 @@ impl Layout for ServerlessRegistryLayout {
         (repo.name != GLOBAL_REPOSITORY).then(|| {
             Box::new(ServerlessProtocol::new(&repo.prefix, owner)) as Box<dyn DeletionProtocol>
         })
-    }
-
-    fn repository_depends_on_bucket(&self) -> bool {
-        // A mount link in another repository keeps a blob of this one alive.
-        true
     }
 
     fn repository_prefix(&self, name: &str) -> String {
