@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use super::{
     list_prefix as list, listing_version, KeyKind, Layout, Partition, Repository, Roots,
-    RootsError, GLOBAL_REPOSITORY,
+    RootsError, UnitKind, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
@@ -173,6 +173,7 @@ impl Layout for DistributionLayout {
         if !global.is_empty() {
             partition.global_roots = Some(revision_roots(revisions));
             partition.global = Some(Repository {
+                kind: UnitKind::Global,
                 name: GLOBAL_REPOSITORY.into(),
                 prefix: BLOBS.into(),
                 objects: global,
@@ -196,12 +197,12 @@ impl Layout for DistributionLayout {
         // The registry serves only manifests that have a revision link, and every revision is
         // a root of the global sweep; among a repository's untagged revisions (only swept with
         // --delete-untagged), referrers of a kept manifest must be found.
-        repo.name != GLOBAL_REPOSITORY
+        !repo.is_global()
     }
 
     fn batches_per_recheck(&self, repo: &Repository) -> usize {
         // The global re-check lists every link file of every repository.
-        if repo.name == GLOBAL_REPOSITORY {
+        if repo.is_global() {
             RECHECK_ROUND
         } else {
             1
@@ -216,7 +217,7 @@ impl Layout for DistributionLayout {
         let Some(rest) = key.strip_prefix(repo.prefix.as_str()) else {
             return KeyKind::Other;
         };
-        let digest = if repo.name == GLOBAL_REPOSITORY {
+        let digest = if repo.is_global() {
             global_blob(rest)
         } else if self.delete_untagged {
             rest.strip_prefix(REVISIONS).and_then(revision)
@@ -242,7 +243,7 @@ impl Layout for DistributionLayout {
     }
 
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
-        if repo.name == GLOBAL_REPOSITORY {
+        if repo.is_global() {
             self.current_revision_roots(store).await
         } else {
             self.tag_roots(store, repo).await
@@ -256,7 +257,7 @@ impl Layout for DistributionLayout {
     ) -> Result<Option<String>, RootsError> {
         // Listing is the cheapest way to see a new revision or a moved tag; the links' own
         // contents never change without their listing entry changing too.
-        if repo.name == GLOBAL_REPOSITORY {
+        if repo.is_global() {
             let links = list(store, REPOSITORIES).await?;
             Ok(Some(listing_version(
                 links.iter().filter(|o| revision_link(&o.key).is_some()),

@@ -27,10 +27,25 @@ pub const STATE_PREFIX: &str = "_ocigc/";
 /// repository grammar forbids a leading `_`, so it never collides with a real repository.
 pub const GLOBAL_REPOSITORY: &str = "_global";
 
-/// One repository and the objects it owns.
+/// What a unit of collection is: the engine collects repositories as the listing completes
+/// them, and a layout's global blob space last.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnitKind {
+    /// A repository: its own roots, its own blobs.
+    #[default]
+    Repository,
+    /// A layout's global blob space (distribution's `blobs/`, serverless-registry's stale
+    /// upload parts): collected after every repository, with every repository's manifests as
+    /// roots and every repository's intents as protection.
+    Global,
+}
+
+/// One repository (or a layout's global blob space, see [`UnitKind`]) and the objects it owns.
 #[derive(Clone, Debug)]
 pub struct Repository {
-    /// Repository name, e.g. `team/app`.
+    /// What this unit is.
+    pub kind: UnitKind,
+    /// Repository name, e.g. `team/app` ([`GLOBAL_REPOSITORY`] for the global unit).
     pub name: String,
     /// Key prefix of the repository, ending in `/` (empty for a layout at the bucket root).
     pub prefix: String,
@@ -83,6 +98,7 @@ impl Partition {
     pub(crate) fn add(&mut self, name: String, prefix: String, objects: Vec<ObjectMeta>) {
         match validate_repository_name(&name) {
             Ok(()) => self.repositories.push(Repository {
+                kind: UnitKind::Repository,
                 name,
                 prefix,
                 objects,
@@ -94,6 +110,54 @@ impl Partition {
             }),
         }
     }
+}
+
+impl Repository {
+    /// Whether this is a layout's global blob space rather than a repository.
+    pub fn is_global(&self) -> bool {
+        self.kind == UnitKind::Global
+    }
+}
+
+/// Streaming partition of one part of the key space: keys arrive in lexicographic order, a
+/// page at a time, and every repository is handed out as soon as the listing has passed
+/// everything it owns (nested repositories included), so that memory follows the
+/// repositories in flight, not the bucket.
+pub trait Partitioner: Send {
+    /// Takes the next page of keys (each key greater than every key before it); returns the
+    /// repositories whose keys are now complete.
+    fn push(&mut self, page: Vec<ObjectMeta>) -> Vec<Repository>;
+
+    /// The listing of this part is over: every repository still open, and the rest.
+    fn finish(self: Box<Self>) -> Partition;
+}
+
+/// A partitioner that holds every key until the end and partitions them at once: the
+/// fallback for a layout without a streaming one.
+pub struct CollectAll<'a> {
+    layout: &'a dyn Layout,
+    objects: Vec<ObjectMeta>,
+}
+
+impl Partitioner for CollectAll<'_> {
+    fn push(&mut self, page: Vec<ObjectMeta>) -> Vec<Repository> {
+        self.objects.extend(page);
+        Vec::new()
+    }
+
+    fn finish(self: Box<Self>) -> Partition {
+        self.layout.partition(self.objects)
+    }
+}
+
+/// The partitioner of `layout` for one part of the key space.
+pub fn partitioner(layout: &dyn Layout) -> Box<dyn Partitioner + '_> {
+    layout.streaming_partitioner().unwrap_or_else(|| {
+        Box::new(CollectAll {
+            layout,
+            objects: Vec::new(),
+        })
+    })
 }
 
 /// What a key inside a repository is.
@@ -192,6 +256,12 @@ pub trait Layout: Send + Sync {
 
     /// Splits a listing (state keys already removed) into repositories.
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition;
+
+    /// A streaming partitioner for one part of the key space (see [`Partitioner`]); `None`
+    /// where the layout has none, and [`partitioner`] falls back to [`CollectAll`].
+    fn streaming_partitioner(&self) -> Option<Box<dyn Partitioner + '_>> {
+        None
+    }
 
     /// Whether the listed blob `object` of digest `digest` is a placeholder whose content lives
     /// elsewhere in the bucket (see [`Partition::placeholders`]).

@@ -399,6 +399,7 @@ mod tests {
     #[test]
     fn classify_blobs_only() {
         let repo = Repository {
+            kind: Default::default(),
             name: "r".into(),
             prefix: "r/".into(),
             objects: vec![],

@@ -23,7 +23,7 @@ use futures::{stream, StreamExt, TryStreamExt};
 use super::serverless_protocol::ServerlessProtocol;
 use super::{
     list_prefix, listing_version, DeletionProtocol, KeyKind, Layout, Partition, Repository, Roots,
-    RootsError, GLOBAL_REPOSITORY,
+    RootsError, UnitKind, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{self, Descriptor, UNTYPED_MANIFEST};
@@ -174,6 +174,7 @@ impl Layout for ServerlessRegistryLayout {
         partition.unowned += open.len() as u64;
         if !stale.is_empty() {
             partition.global = Some(Repository {
+                kind: UnitKind::Global,
                 name: GLOBAL_REPOSITORY.into(),
                 prefix: String::new(),
                 objects: stale,
@@ -185,7 +186,7 @@ impl Layout for ServerlessRegistryLayout {
     fn scans_for_referrers(&self, repo: &Repository) -> bool {
         // Manifests live under manifests/, never among the blobs; only untagged ones can be
         // unreferenced referrers.
-        self.delete_untagged && repo.name != GLOBAL_REPOSITORY
+        self.delete_untagged && !repo.is_global()
     }
 
     fn may_hold_manifest(&self, _repo: &Repository, key: &str) -> bool {
@@ -198,7 +199,7 @@ impl Layout for ServerlessRegistryLayout {
         owner: &str,
     ) -> Option<Box<dyn DeletionProtocol>> {
         // The temp objects at the bucket root belong to no repository's protocol.
-        (repo.name != GLOBAL_REPOSITORY).then(|| {
+        (!repo.is_global()).then(|| {
             Box::new(ServerlessProtocol::new(&repo.prefix, owner)) as Box<dyn DeletionProtocol>
         })
     }
@@ -208,7 +209,7 @@ impl Layout for ServerlessRegistryLayout {
     }
 
     fn classify(&self, repo: &Repository, key: &str) -> KeyKind {
-        if repo.name == GLOBAL_REPOSITORY {
+        if repo.is_global() {
             return match parse(key) {
                 Key::Temp(_) => KeyKind::Scratch,
                 _ => KeyKind::Other,
@@ -285,7 +286,7 @@ impl Layout for ServerlessRegistryLayout {
     }
 
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
-        if repo.name == GLOBAL_REPOSITORY {
+        if repo.is_global() {
             return Ok(Roots {
                 version: Some(String::new()),
                 ..Roots::default()
@@ -348,7 +349,7 @@ impl Layout for ServerlessRegistryLayout {
         store: &dyn Store,
         repo: &Repository,
     ) -> Result<Option<String>, RootsError> {
-        if repo.name == GLOBAL_REPOSITORY {
+        if repo.is_global() {
             return Ok(Some(String::new()));
         }
         let listed = self.list_manifests(store, repo).await?;
