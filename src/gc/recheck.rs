@@ -6,7 +6,8 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 
-use super::{intent, sweep, RepoRun, SHUTTING_DOWN};
+use super::repo::RepoRun;
+use super::{intent, sweep, SHUTTING_DOWN};
 use crate::digest::Digest;
 use crate::gc::lease::Lease;
 use crate::gc::mark::Marker;

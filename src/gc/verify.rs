@@ -3,7 +3,8 @@
 
 use futures::{stream, StreamExt};
 
-use super::{intent, RepoRun};
+use super::intent;
+use super::repo::RepoRun;
 use crate::digest::Digest;
 use crate::gc::mark::Marker;
 use crate::layout::{Repository, RootsError};
