@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::lease::{Acquired, Lease, Leases};
+use super::stop::Stop;
 use super::sweep::Guard;
 use super::{finish_report, list_all, new_report, probe_clock, sweep, GcError};
 use crate::digest::Digest;
@@ -88,11 +89,11 @@ struct LeaseGuard<'a, 'l> {
 
 #[async_trait]
 impl Guard for LeaseGuard<'_, '_> {
-    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, Stop> {
         self.leases
             .keep(self.lease)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Stop::LeaseLost(e.to_string()))?;
         Ok(batch)
     }
 }
@@ -221,7 +222,7 @@ async fn delete_one(
         report.deleted.extend(swept.deleted);
         let failed = !swept.errors.is_empty() || swept.stopped.is_some();
         report.errors.extend(swept.errors);
-        report.errors.extend(swept.stopped);
+        report.errors.extend(swept.stopped.map(|s| s.message()));
         if failed {
             // Later phases wait: the marker must outlive every other key.
             report.status = RepoStatus::Failed;

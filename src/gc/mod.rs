@@ -16,6 +16,7 @@ mod repo;
 mod run;
 mod scope;
 pub mod state;
+pub mod stop;
 pub mod sweep;
 mod verify;
 
@@ -31,9 +32,6 @@ use clock::BucketClock;
 pub use delete_repo::{delete_repositories, DeleteRepoOptions};
 pub use options::{GcOptions, Progress, RepoFilter, Shard};
 pub use run::run_gc;
-
-/// Why a guard stopped a sweep on shutdown.
-const SHUTTING_DOWN: &str = "shutting down";
 
 /// A fatal error: the run could not even start on the repositories.
 #[derive(Debug, thiserror::Error)]

@@ -118,8 +118,10 @@ impl std::fmt::Debug for dyn Progress {
 
 /// Receives progress of a run (the CLI draws a progress bar from it on a terminal).
 pub trait Progress: Send + Sync {
-    /// The run is about to collect `repositories` repositories.
+    /// The run is about to collect `repositories` repositories (as far as it knows yet).
     fn start(&self, repositories: u64);
+    /// The listing has found `repositories` repositories to collect so far.
+    fn found(&self, _repositories: u64) {}
     /// One repository is done.
     fn repository_done(&self, name: &str, deleted: u64);
     /// The run is over.

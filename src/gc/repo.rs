@@ -2,6 +2,7 @@
 //! plan), then act under the lease (re-check and sweep, state, verify).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -13,7 +14,8 @@ use super::mark::{MarkContext, Marker};
 use super::plan::{plan, Decision, PlanPolicy, Reason, RepoPlan};
 use super::recheck::RepoGuard;
 use super::state::{self, Pending};
-use super::{intent, sweep, SHUTTING_DOWN};
+use super::stop::{Phase, Stop};
+use super::{intent, sweep};
 use crate::digest::Digest;
 use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots};
 use crate::report::{Deleted, RepoReport, RepoStatus};
@@ -23,7 +25,6 @@ use crate::store::{Instrumented, ObjectMeta, Store};
 pub(super) struct RepoRun<'a> {
     pub(super) store: &'a Instrumented,
     pub(super) layout: &'a dyn Layout,
-    pub(super) placeholders: &'a HashMap<Digest, Option<ContentCopy>>,
     pub(super) policy: PlanPolicy,
     pub(super) clock: BucketClock,
     pub(super) leases: Leases<'a>,
@@ -50,6 +51,13 @@ pub(super) struct RepoInputs {
     /// Its roots as the bucket listing showed them, where the layout could read them there
     /// (saving a second pass); otherwise they are read when the repository is collected.
     pub(super) roots: Option<Roots>,
+    /// Digests stored as placeholders somewhere in the bucket, as far as the listing has
+    /// shown them, with a content copy to read each from.
+    pub(super) placeholders: Arc<HashMap<Digest, Option<ContentCopy>>>,
+    /// Hand the repository back instead of deleting anything (or failing closed): links or
+    /// placeholders not listed yet may keep its blobs alive. The run collects it again once
+    /// the whole bucket has been listed.
+    pub(super) defer_deletions: bool,
 }
 
 /// ocigc state of a repository seen in the listing.
@@ -100,46 +108,111 @@ fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
     out
 }
 
+/// What collecting one repository gave.
+pub(super) enum Collected {
+    /// Its report.
+    Done(RepoReport),
+    /// Handed back unobserved-for-good: the run collects it again once every repository has
+    /// been listed (see [`RepoInputs::defer_deletions`]).
+    Deferred(Repository),
+}
+
+/// The repository must wait for the second pass.
+struct Deferral;
+
+/// Runs `work` until `deadline`; `None` if the deadline came first.
+async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
 impl RepoRun<'_> {
-    pub(super) async fn collect(&self, repo: Repository, inputs: RepoInputs) -> RepoReport {
-        let leftovers = inputs.leftovers;
+    /// The verify pass, bounded by the repository's deadline.
+    async fn verify_within(
+        &self,
+        deadline: Option<Instant>,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        report: &mut RepoReport,
+    ) {
+        if report.deleted.is_empty() {
+            return;
+        }
+        let verified = self.verify(repo, marker, report);
+        if within(deadline, verified).await.is_none() {
+            report.stopped(&Stop::Timeout(Phase::Verify));
+        }
+    }
+
+    /// Collects one repository; returns its report, or hands it back for the second pass of a
+    /// run whose cross-repository facts were incomplete when it was observed (see
+    /// [`RepoInputs::defer_deletions`]).
+    pub(super) async fn collect(&self, repo: Repository, inputs: RepoInputs) -> Collected {
         let mut report = RepoReport::new(&repo.name, RepoStatus::Ok);
         report.objects = repo.objects.len() as u64;
         report.bytes = repo.objects.iter().map(|o| o.size).sum();
+        let defer = inputs.defer_deletions;
+        match self.collect_inner(&repo, inputs, &mut report).await {
+            Ok(()) => {}
+            Err(Deferral) if defer => return Collected::Deferred(repo),
+            // Only a run that asked for deferral gets one.
+            Err(Deferral) => {}
+        }
+        tracing::info!(
+            run_id = %self.run_id,
+            repo = %repo.name,
+            status = ?report.status,
+            deleted = report.deleted.len(),
+            pending = report.pending.blobs,
+            rescued = report.rescued,
+            "repository collected"
+        );
+        Collected::Done(report)
+    }
+
+    async fn collect_inner(
+        &self,
+        repo: &Repository,
+        inputs: RepoInputs,
+        report: &mut RepoReport,
+    ) -> Result<(), Deferral> {
+        let leftovers = inputs.leftovers;
+        let defer = inputs.defer_deletions;
         let defects: Vec<String> = (repo.objects.iter())
             .filter_map(|o| Some(format!("{} ({})", o.key, o.defect.as_deref()?)))
             .collect();
         if !defects.is_empty() {
             // What cannot be read may be a manifest or a blob some image needs.
             tracing::error!(repo = %repo.name, ?defects, "repository failed closed");
-            report.status = RepoStatus::Failed;
-            report.errors.push(format!(
-                "failed closed, nothing deleted: not objects: {}",
+            report.stopped(&Stop::FailedClosed(format!(
+                "not objects: {}",
                 defects.join("; ")
-            ));
-            return report;
+            )));
+            return Ok(());
         }
         let now = Instant::now();
         if self.run_deadline.is_some_and(|d| now >= d) {
-            report.status = RepoStatus::Skipped;
-            report
-                .errors
-                .push("run time-out reached before this repository started".into());
-            return report;
+            report.stopped(&Stop::Timeout(Phase::Start));
+            return Ok(());
         }
         if self.stop.is_cancelled() {
-            report.status = RepoStatus::Skipped;
-            report.errors.push("shutting down; not started".into());
-            return report;
+            report.stopped(&Stop::Shutdown(Phase::Start));
+            return Ok(());
         }
         let deadline = match (self.run_deadline, self.repo_timeout.map(|t| now + t)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let placeholders = inputs.placeholders.clone();
         let blobs: HashMap<Digest, &ObjectMeta> = repo
             .objects
             .iter()
-            .filter_map(|o| match self.layout.classify(&repo, &o.key) {
+            .filter_map(|o| match self.layout.classify(repo, &o.key) {
                 KeyKind::Blob(d) => Some((d, o)),
                 KeyKind::Scratch | KeyKind::Other => None,
             })
@@ -147,14 +220,14 @@ impl RepoRun<'_> {
         let mut marker = Marker::new(MarkContext {
             store: self.store,
             layout: self.layout,
-            repo: &repo,
+            repo,
             blobs: &blobs,
-            placeholders: self.placeholders,
+            placeholders: &placeholders,
             concurrency: self.concurrency,
         });
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
-        let observed = self.observe(&repo, &mut marker, leftovers.pending, inputs);
+        let observed = self.observe(repo, &mut marker, leftovers.pending, inputs);
         let limit = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -164,38 +237,38 @@ impl RepoRun<'_> {
         let observed = tokio::select! {
             r = observed => r,
             () = limit => {
-                report.status = RepoStatus::Timeout;
-                report
-                    .errors
-                    .push("timed out while marking; nothing deleted".into());
-                return report;
+                report.stopped(&Stop::Timeout(Phase::Marking));
+                return Ok(());
             }
             () = self.stop.cancelled() => {
-                report.status = RepoStatus::Skipped;
-                report.errors.push("shutting down while marking; nothing deleted".into());
-                return report;
+                report.stopped(&Stop::Shutdown(Phase::Marking));
+                return Ok(());
             }
         };
         let mut obs = match observed {
             Ok(o) => o,
+            // Facts other repositories hold (a content copy listed later) may be what was
+            // missing: the second pass decides with all of them.
+            Err(_) if defer => return Err(Deferral),
             Err(reason) => {
                 tracing::error!(repo = %repo.name, %reason, "repository failed closed");
-                report.status = RepoStatus::Failed;
-                report
-                    .errors
-                    .push(format!("failed closed, nothing deleted: {reason}"));
+                report.stopped(&Stop::FailedClosed(reason));
                 report.warnings.extend(marker.warnings.iter().cloned());
-                return report;
+                return Ok(());
             }
         };
+        // A deletion may remove what a link or placeholder listed later keeps alive.
+        if defer && obs.plan.deletions().next().is_some() {
+            return Err(Deferral);
+        }
         obs.deadline = deadline;
         obs.leftovers = leftovers;
-        self.summarise(&mut report, &obs.plan);
+        self.summarise(report, &obs.plan);
         if self.dry_run {
             report.deleted = deletions_of(&obs.plan);
             report.manifests_fetched = marker.manifests_fetched;
             report.warnings.extend(marker.warnings.iter().cloned());
-            return report;
+            return Ok(());
         }
         let has_candidates = obs.plan.items.iter().any(|i| {
             matches!(
@@ -211,21 +284,11 @@ impl RepoRun<'_> {
             // With nothing else to do, the lease is only taken to tidy one a dead run left;
             // one a live collector holds is none of this run's business then.
             let mode = if work { Mode::Work } else { Mode::TidyLease };
-            self.act(&repo, &mut marker, &mut obs, mode, &mut report)
-                .await;
+            self.act(repo, &mut marker, &mut obs, mode, report).await;
         }
         report.manifests_fetched = marker.manifests_fetched;
         report.warnings.extend(marker.warnings.iter().cloned());
-        tracing::info!(
-            run_id = %self.run_id,
-            repo = %repo.name,
-            status = ?report.status,
-            deleted = report.deleted.len(),
-            pending = report.pending.blobs,
-            rescued = report.rescued,
-            "repository collected"
-        );
-        report
+        Ok(())
     }
 
     fn summarise(&self, report: &mut RepoReport, plan: &RepoPlan) {
@@ -319,18 +382,16 @@ impl RepoRun<'_> {
             Ok(Acquired::Held { .. }) if mode == Mode::TidyLease => return,
             Ok(Acquired::Held { owner, expires_at }) => {
                 tracing::warn!(repo = %repo.name, %owner, %expires_at, "lease held by another collector");
-                report.status = RepoStatus::Skipped;
-                report.lease_conflict = true;
-                report.errors.push(format!(
-                    "lease held by {owner} until {expires_at}; nothing deleted"
-                ));
+                report.stopped(&Stop::LeaseHeld {
+                    owner,
+                    expires_at: expires_at.to_string(),
+                });
                 return;
             }
             Err(e) => {
-                report.status = RepoStatus::Failed;
-                report
-                    .errors
-                    .push(format!("taking the lease failed, nothing deleted: {e}"));
+                report.stopped(&Stop::Store(format!(
+                    "taking the lease failed, nothing deleted: {e}"
+                )));
                 return;
             }
         };
@@ -356,10 +417,9 @@ impl RepoRun<'_> {
                 obs.pending = fresh;
             }
             Err(e) => {
-                report.status = RepoStatus::Failed;
-                report.errors.push(format!(
+                report.stopped(&Stop::Store(format!(
                     "reading pending state failed, nothing deleted: {e}"
-                ));
+                )));
                 self.leases.release(lease).await;
                 return;
             }
@@ -379,7 +439,6 @@ impl RepoRun<'_> {
                 .layout
                 .deletion_protocol(repo, &self.run_id)
                 .map(|p| (p, false)),
-            refused: false,
         };
         let swept = sweep::sweep(
             self.store,
@@ -394,48 +453,37 @@ impl RepoRun<'_> {
             rescued,
             lease,
             protocol,
-            refused,
             ..
         } = guard;
         report.rescued = rescued;
         report.deleted = swept.deleted;
-        if swept.timed_out {
-            report.status = RepoStatus::Timeout;
-            report
-                .errors
-                .push("timed out between delete batches".into());
-        }
-        if let Some(why) = swept.stopped {
-            report.status = if why == SHUTTING_DOWN || refused {
-                RepoStatus::Skipped
-            } else {
-                RepoStatus::Failed
-            };
-            report
-                .errors
-                .push(format!("stopped before a delete batch: {why}"));
+        if let Some(stop) = swept.stopped {
+            report.stopped(&stop);
         }
         if !swept.errors.is_empty() {
-            report.status = RepoStatus::Failed;
-            report.errors.extend(swept.errors);
+            report.stopped(&Stop::Store(swept.errors.join("; ")));
         }
+        // Not bounded by the deadline: the registry's pushers refuse manifests while its GC
+        // marker stands, so ending it must not be abandoned (each request has its time-out).
         if let Some((mut p, true)) = protocol {
             if let Err(e) = p.end(self.store, self.clock.now()).await {
-                // The registry's pushers refuse manifests while its GC marker stands.
-                report.status = RepoStatus::Failed;
-                report.errors.push(format!(
+                report.stopped(&Stop::Store(format!(
                     "ending the registry's GC protocol (pushes fail until it is ended): {e}"
-                ));
+                )));
             }
         }
 
         if lease.is_lost() {
             // The repository is another collector's now: its state is not ours to write.
-            self.verify_if_deleted(repo, marker, report).await;
+            self.verify_within(obs.deadline, repo, marker, report).await;
             return;
         }
         crate::failpoint::hit("before-state-write");
-        self.write_state(repo, marker, obs, report).await;
+        // Bounded like every phase: an unwritten state only delays later deletions.
+        let wrote = self.write_state(repo, marker, obs, report);
+        if within(obs.deadline, wrote).await.is_none() {
+            report.stopped(&Stop::Timeout(Phase::State));
+        }
         crate::failpoint::hit("after-state-write");
         if !obs.expired_intents.is_empty() {
             match self.store.delete_batch(&obs.expired_intents).await {
@@ -456,7 +504,7 @@ impl RepoRun<'_> {
                     .push(format!("removing a stale batch announcement: {e}"));
             }
         }
-        self.verify_if_deleted(repo, marker, report).await;
+        self.verify_within(obs.deadline, repo, marker, report).await;
         self.leases.release(lease).await;
     }
 
@@ -522,16 +570,10 @@ impl RepoRun<'_> {
         .await
         {
             Ok(true) => {}
-            Ok(false) => {
-                report.status = RepoStatus::Failed;
-                report
-                    .errors
-                    .push("pending state changed underneath this run (lease lost?)".into());
-            }
-            Err(e) => {
-                report.status = RepoStatus::Failed;
-                report.errors.push(format!("writing pending state: {e}"));
-            }
+            Ok(false) => report.stopped(&Stop::LeaseLost(
+                "pending state changed underneath this run".into(),
+            )),
+            Err(e) => report.stopped(&Stop::Store(format!("writing pending state: {e}"))),
         }
     }
 }

@@ -1,22 +1,28 @@
 //! One run (SPEC §3): the bucket clock, the listing, the repositories collected as the
 //! listing completes them, the global blob space last, and the report.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
+use futures::stream::BoxStream;
 use futures::{stream, StreamExt};
 use tokio::time::Instant;
 
 use super::lease::Leases;
 use super::plan::PlanPolicy;
-use super::repo::{Leftovers, RepoInputs, RepoRun};
+use super::repo::{Collected, Leftovers, RepoInputs, RepoRun};
+use super::stop::Stop;
 use super::{
     before_run_deadline, finish_report, intent, lease, new_report, probe_clock, scope, state,
     GcError, GcOptions,
 };
-use crate::layout::{Layout, Repository};
+use crate::digest::Digest;
+use crate::layout::{
+    list_prefix, partitioner, ContentCopy, Layout, Partition, Partitioner, Rejected, Repository,
+    Roots, UnitKind, GLOBAL_REPOSITORY, STATE_PREFIX,
+};
 use crate::report::{timestamp, RepoReport, Report};
-use crate::store::{Instrumented, ObjectMeta, Store};
+use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
 
 /// Runs garbage collection over every selected repository of the bucket, recording the run in
 /// `opts.metrics` whatever its outcome.
@@ -48,30 +54,31 @@ async fn collect_all(
     let run_started = Instant::now();
     let store = Instrumented::new(store, opts.concurrency, opts.request_timeout)
         .with_metrics(opts.metrics.clone());
-    let mut report = new_report("gc", &store, layout.as_ref(), opts.dry_run);
+    let layout = layout.as_ref();
+    let mut report = new_report("gc", &store, layout, opts.dry_run);
     report.grace = Some(humantime::format_duration(opts.grace).to_string());
     report.delay = Some(humantime::format_duration(opts.delay).to_string());
     let clock = probe_clock(&store).await?.ahead_by(opts.clock_offset);
     report.started_at = timestamp(clock.now());
     tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
+    let list_error = |source| GcError::List {
+        bucket: store.describe(),
+        source,
+    };
 
-    let listing = scope::list_for_run(&store, layout.as_ref(), opts.only.as_deref());
-    let listing = before_run_deadline(run_deadline, opts, listing)
+    // ocigc's own state first (small): every repository's leftovers and intents are known
+    // when the listing hands it out.
+    let state = scope::list_state(&store, layout, opts.only.as_deref());
+    let state = before_run_deadline(run_deadline, opts, state)
         .await?
-        .map_err(|source| GcError::List {
-            bucket: store.describe(),
-            source,
-        })?;
-
-    // What the store cannot serve as an object (a directory store's symlinks, special files):
-    // whichever repository owns one fails closed in `collect`; the rest are warned about below.
-    let defects: Vec<(String, Box<str>)> = (listing.objects.iter().chain(&listing.state))
+        .map_err(list_error)?;
+    let mut state_defects: Vec<(String, Box<str>)> = state
+        .iter()
         .filter_map(|o| Some((o.key.clone(), o.defect.clone()?)))
         .collect();
     // Pending state and batch announcements by key; a repository with either needs its lease
     // even when nothing is left to delete (to update or clear them).
-    let state_keys: HashSet<String> = listing
-        .state
+    let state_keys: HashSet<String> = state
         .iter()
         .filter(|o| {
             o.key.starts_with(state::PENDING_PREFIX)
@@ -80,62 +87,23 @@ async fn collect_all(
         })
         .map(|o| o.key.clone())
         .collect();
-    let mut intents = intent::by_repository(listing.state);
-    let partition = layout.partition(listing.objects);
-    let mut linked = if layout.links_across_repositories() {
-        let links = layout.linked_blobs(&store, &partition, opts.concurrency);
-        before_run_deadline(run_deadline, opts, links)
-            .await?
-            .map_err(|source| GcError::Links {
-                bucket: store.describe(),
-                source,
-            })?
-    } else {
-        HashMap::new()
+    let intents = Mutex::new(intent::by_repository(state));
+    let leftovers = |name: &str| Leftovers {
+        pending: state_keys.contains(&state::pending_key(name)),
+        announcement: state_keys.contains(&intent::deleting_key(name)),
+        lease: state_keys.contains(&lease::lease_key(name)),
     };
-    report.rejected = partition.rejected;
-    if !defects.is_empty() {
-        let owned: HashSet<&str> = (partition.repositories.iter().chain(&partition.global))
-            .flat_map(|r| r.objects.iter().map(|o| o.key.as_str()))
-            .collect();
-        for (key, defect) in defects
-            .into_iter()
-            .filter(|(k, _)| !owned.contains(k.as_str()))
-        {
-            tracing::warn!(%key, %defect, "not an object, owned by no repository; left alone");
-            report.rejected.push(crate::layout::Rejected {
-                reason: format!("not an object: {defect}"),
-                prefix: key,
-                objects: 0,
-            });
-        }
-    }
-    report.unowned_objects = partition.unowned;
-    for r in &report.rejected {
-        tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
-    }
-    let wanted = |r: &Repository| {
-        opts.repos.matches(&r.name)
-            && opts.shard.is_none_or(|s| s.owns(&r.name))
-            && opts.only.as_ref().is_none_or(|n| *n == r.name)
+
+    let shared = Shared {
+        store: &store,
+        layout,
+        concurrency: opts.concurrency,
+        facts: Mutex::new(Facts::default()),
+        tail: Mutex::new(Tail::default()),
     };
-    let selected: Vec<Repository> = partition
-        .repositories
-        .into_iter()
-        .filter(|_| layout.per_repository_gc())
-        .filter(|r| wanted(r))
-        .collect();
-    // Global blobs are shared by every repository: any repository's intent protects them.
-    let global_roots = partition.global_roots;
-    let placeholders = partition.placeholders;
-    let global = partition.global.filter(|g| wanted(g)).map(|g| {
-        let all_intents: Vec<ObjectMeta> = intents.values().flatten().cloned().collect();
-        (g, all_intents)
-    });
     let run = RepoRun {
         store: &store,
-        layout: layout.as_ref(),
-        placeholders: &placeholders,
+        layout,
         policy: PlanPolicy {
             now: clock.now(),
             grace: opts.grace,
@@ -155,37 +123,141 @@ async fn collect_all(
         repo_timeout: opts.repo_timeout,
         stop: opts.stop.clone(),
     };
-    if let Some(p) = &opts.progress {
-        p.start((selected.len() + usize::from(global.is_some())) as u64);
-    }
-    let leftovers = |name: &str| Leftovers {
-        pending: state_keys.contains(&state::pending_key(name)),
-        announcement: state_keys.contains(&intent::deleting_key(name)),
-        lease: state_keys.contains(&lease::lease_key(name)),
+    let wanted = |r: &Repository| {
+        opts.repos.matches(&r.name)
+            && opts.shard.is_none_or(|s| s.owns(&r.name))
+            && opts.only.as_ref().is_none_or(|n| *n == r.name)
     };
+    if let Some(p) = &opts.progress {
+        p.start(0);
+    }
     let done = |r: &RepoReport| {
         if let Some(p) = &opts.progress {
+            p.found(lock(&shared.tail).found);
             p.repository_done(&r.name, r.deleted.len() as u64);
         }
     };
-    report.repositories = stream::iter(selected)
-        .map(|repo| {
-            let inputs = RepoInputs {
-                leftovers: leftovers(&repo.name),
-                intents: intents.remove(&repo.name).unwrap_or_default(),
-                dropped_roots: HashSet::new(),
-                linked: linked.remove(&repo.name).unwrap_or_default(),
-                roots: None,
-            };
-            run.collect(repo, inputs)
+    // Deletions wait for complete facts where keys elsewhere can keep a blob alive: a link or
+    // placeholder listed after a repository may be what keeps its blob.
+    let links = layout.links_across_repositories();
+    let inputs_for = |name: &str, facts_complete: bool| {
+        let facts = lock(&shared.facts);
+        RepoInputs {
+            leftovers: leftovers(name),
+            intents: lock(&intents).remove(name).unwrap_or_default(),
+            dropped_roots: HashSet::new(),
+            linked: facts.linked.get(name).cloned().unwrap_or_default(),
+            roots: None,
+            placeholders: facts.placeholders.clone(),
+            defer_deletions: links && !facts_complete,
+        }
+    };
+
+    // The listing, streamed: each repository is collected as soon as its keys are complete,
+    // and dropped when done.
+    let key_space = layout.key_space();
+    let prefix = scope::objects_prefix(layout, &key_space, opts.only.as_deref());
+    let pages = store.list(&prefix);
+    let units = shared
+        .units(pages, partitioner(layout))
+        .filter(|u| futures::future::ready(layout.per_repository_gc() && wanted(&u.repo)));
+    let mut deferred: Vec<Repository> = Vec::new();
+    let collected = units
+        .map(|u| {
+            let inputs = inputs_for(&u.repo.name, u.facts_complete);
+            run.collect(u.repo, inputs)
+        })
+        .buffer_unordered(opts.concurrency.max(1));
+    let collected = collected.for_each(|c| {
+        match c {
+            Collected::Done(r) => {
+                done(&r);
+                report.repositories.push(r);
+            }
+            Collected::Deferred(repo) => deferred.push(repo),
+        }
+        futures::future::ready(())
+    });
+    let listed = before_run_deadline(run_deadline, opts, collected).await;
+    let tail = std::mem::take(&mut *lock(&shared.tail));
+    if let Some(e) = tail.error {
+        return Err(list_error(e));
+    }
+    listed?;
+
+    // The second pass: repositories whose deletions waited for every link and placeholder of
+    // the bucket. Each is listed again (its keys may have changed) and collected with all facts.
+    let (store_ref, run_ref, inputs_ref) = (&store, &run, &inputs_for);
+    let again = stream::iter(deferred)
+        .map(|repo| async move {
+            let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
+            let objects = list_prefix(store, &layout.repository_prefix(&repo.name)).await;
+            let fresh = objects.map(|o| {
+                layout
+                    .partition(o)
+                    .repositories
+                    .into_iter()
+                    .find(|r| r.name == repo.name)
+            });
+            match fresh {
+                Ok(Some(repo)) => {
+                    let inputs = inputs_for(&repo.name, true);
+                    match run.collect(repo, inputs).await {
+                        Collected::Done(r) => Some(r),
+                        Collected::Deferred(_) => None,
+                    }
+                }
+                // Gone since it was listed (deleted): nothing to collect.
+                Ok(None) => None,
+                Err(e) => {
+                    let mut r = RepoReport::new(&repo.name, crate::report::RepoStatus::Ok);
+                    r.stopped(&Stop::Store(format!("listing it again failed: {e}")));
+                    Some(r)
+                }
+            }
         })
         .buffer_unordered(opts.concurrency.max(1))
-        .inspect(done)
-        .collect()
-        .await;
-    // Last, so that its roots are read after the repositories dropped what they dropped
-    // (untagged manifests), and what only those used goes in this same run.
-    if let Some((repo, all_intents)) = global {
+        .filter_map(futures::future::ready)
+        .for_each(|r| {
+            done(&r);
+            report.repositories.push(r);
+            futures::future::ready(())
+        });
+    before_run_deadline(run_deadline, opts, again).await?;
+
+    report.rejected = tail.rejected;
+    report.unowned_objects = tail.unowned;
+    state_defects.extend(tail.defects);
+    for (key, defect) in state_defects {
+        tracing::warn!(%key, %defect, "not an object, owned by no repository; left alone");
+        report.rejected.push(Rejected {
+            reason: format!("not an object: {defect}"),
+            prefix: key,
+            objects: 0,
+        });
+    }
+    for r in &report.rejected {
+        tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
+    }
+
+    // The global blob space last, so that its roots are read after the repositories dropped
+    // what they dropped (untagged manifests), and what only those used goes in this same run.
+    let mut global_objects = tail.global_objects;
+    if let (Some(g), None) = (&key_space.global, &opts.only) {
+        let listed = list_prefix(&store, g);
+        global_objects.extend(
+            before_run_deadline(run_deadline, opts, listed)
+                .await?
+                .map_err(list_error)?,
+        );
+    }
+    let global = Repository {
+        kind: UnitKind::Global,
+        name: GLOBAL_REPOSITORY.into(),
+        prefix: key_space.global.clone().unwrap_or_default(),
+        objects: global_objects,
+    };
+    if !global.objects.is_empty() && wanted(&global) {
         // Roots the repositories dropped (a dry run: would have dropped) are not roots here
         // either, so that the dry run reports what the real run does.
         let dropped_roots: HashSet<String> = report
@@ -193,16 +265,25 @@ async fn collect_all(
             .iter()
             .flat_map(|r| r.deleted.iter().map(|d| d.key.clone()))
             .collect();
+        // Global blobs are shared by every repository: any repository's intent protects them.
+        let all_intents: Vec<ObjectMeta> = std::mem::take(&mut *lock(&intents))
+            .into_values()
+            .flatten()
+            .collect();
+        let placeholders = lock(&shared.facts).placeholders.clone();
         let inputs = RepoInputs {
-            leftovers: leftovers(&repo.name),
+            leftovers: leftovers(&global.name),
             intents: all_intents,
             dropped_roots,
             linked: Vec::new(),
-            roots: global_roots,
+            roots: merge_roots(tail.global_roots),
+            placeholders,
+            defer_deletions: false,
         };
-        let r = run.collect(repo, inputs).await;
-        done(&r);
-        report.repositories.push(r);
+        if let Collected::Done(r) = run.collect(global, inputs).await {
+            done(&r);
+            report.repositories.push(r);
+        }
     }
     if let Some(p) = &opts.progress {
         p.finish();
@@ -222,4 +303,238 @@ async fn collect_all(
         "gc run finished"
     );
     Ok(report)
+}
+
+/// Cross-repository facts (placeholders and their content copies, mount links), grown as the
+/// listing completes repositories.
+#[derive(Default)]
+struct Facts {
+    placeholders: Arc<HashMap<Digest, Option<ContentCopy>>>,
+    linked: HashMap<String, Vec<Digest>>,
+}
+
+/// What the listing left over besides repositories.
+#[derive(Default)]
+struct Tail {
+    rejected: Vec<Rejected>,
+    unowned: u64,
+    global_objects: Vec<ObjectMeta>,
+    global_roots: Vec<Roots>,
+    /// Keys the store cannot serve as objects, until a repository claims them.
+    defects: HashMap<String, Box<str>>,
+    /// Why the listing stopped early: the run decides nothing that needs it whole.
+    error: Option<StoreError>,
+    found: u64,
+}
+
+/// State the listing shares with the run while it streams.
+struct Shared<'a> {
+    store: &'a Instrumented,
+    layout: &'a dyn Layout,
+    concurrency: usize,
+    facts: Mutex<Facts>,
+    tail: Mutex<Tail>,
+}
+
+/// A repository the listing completed, and whether the cross-repository facts were complete
+/// when it was handed out.
+struct Unit {
+    repo: Repository,
+    facts_complete: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these half-updated in a way that matters more than
+    // stopping the run would.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared<'_> {
+    /// Learns what `repo` contributes to the cross-repository facts.
+    async fn learn(&self, repo: &Repository) -> Result<(), StoreError> {
+        if !self.layout.links_across_repositories() {
+            return Ok(());
+        }
+        let new = self.layout.placeholders_in(repo);
+        {
+            let mut facts = lock(&self.facts);
+            if !new.is_empty() {
+                let map = Arc::make_mut(&mut facts.placeholders);
+                for d in new {
+                    map.entry(d).or_insert(None);
+                }
+            }
+            if !facts.placeholders.is_empty() {
+                let wanted = |d: &Digest| matches!(facts.placeholders.get(d), Some(None));
+                let copies = self.layout.content_copies(repo, &wanted);
+                if !copies.is_empty() {
+                    let map = Arc::make_mut(&mut facts.placeholders);
+                    for (d, c) in copies {
+                        map.insert(d, Some(c));
+                    }
+                }
+            }
+        }
+        let links = self
+            .layout
+            .links_in(self.store, repo, self.concurrency)
+            .await?;
+        let mut facts = lock(&self.facts);
+        for (target, d) in links {
+            facts.linked.entry(target).or_default().push(d);
+        }
+        Ok(())
+    }
+
+    /// Learns the facts a partitioner gathered itself (a whole-listing one gathers them all).
+    async fn learn_partition(&self, partition: &Partition) -> Result<(), StoreError> {
+        if !self.layout.links_across_repositories() {
+            return Ok(());
+        }
+        if !partition.placeholders.is_empty() {
+            let mut facts = lock(&self.facts);
+            let map = Arc::make_mut(&mut facts.placeholders);
+            for (d, copy) in &partition.placeholders {
+                let slot = map.entry(d.clone()).or_insert(None);
+                if slot.is_none() {
+                    *slot = copy.clone();
+                }
+            }
+        }
+        let links = self
+            .layout
+            .linked_blobs(self.store, partition, self.concurrency)
+            .await?;
+        let mut facts = lock(&self.facts);
+        for (repo, digests) in links {
+            facts.linked.entry(repo).or_default().extend(digests);
+        }
+        Ok(())
+    }
+
+    /// The units of one part's listing, handed out as the partitioner completes them.
+    fn units<'s>(
+        &'s self,
+        pages: BoxStream<'s, Result<Vec<ObjectMeta>, StoreError>>,
+        partitioner: Box<dyn Partitioner + 's>,
+    ) -> impl futures::Stream<Item = Unit> + 's {
+        struct Feed<'s> {
+            pages: Option<BoxStream<'s, Result<Vec<ObjectMeta>, StoreError>>>,
+            partitioner: Option<Box<dyn Partitioner + 's>>,
+            ready: VecDeque<Unit>,
+        }
+        let feed = Feed {
+            pages: Some(pages),
+            partitioner: Some(partitioner),
+            ready: VecDeque::new(),
+        };
+        stream::unfold(feed, move |mut feed| async move {
+            loop {
+                if let Some(unit) = feed.ready.pop_front() {
+                    return Some((unit, feed));
+                }
+                let pages = feed.pages.as_mut()?;
+                match pages.next().await {
+                    Some(Ok(page)) => {
+                        let page = self.note_defects(page);
+                        let part = feed.partitioner.as_mut()?;
+                        for repo in part.push(page) {
+                            if let Err(e) = self.claim(&repo).await {
+                                self.fail(e);
+                                return None;
+                            }
+                            feed.ready.push_back(Unit {
+                                repo,
+                                facts_complete: false,
+                            });
+                        }
+                    }
+                    Some(Err(e)) => {
+                        self.fail(e);
+                        return None;
+                    }
+                    None => {
+                        feed.pages = None;
+                        let partition = feed.partitioner.take()?.finish();
+                        if let Err(e) = self.learn_partition(&partition).await {
+                            self.fail(e);
+                            return None;
+                        }
+                        // Every repository is in hand now: learn from all of them before
+                        // handing any out, so that each is decided on complete facts.
+                        for repo in partition.repositories.iter().chain(&partition.global) {
+                            if let Err(e) = self.claim(repo).await {
+                                self.fail(e);
+                                return None;
+                            }
+                        }
+                        let mut tail = lock(&self.tail);
+                        tail.rejected.extend(partition.rejected);
+                        tail.unowned += partition.unowned;
+                        if let Some(g) = partition.global {
+                            tail.global_objects.extend(g.objects);
+                        }
+                        tail.global_roots.extend(partition.global_roots);
+                        drop(tail);
+                        feed.ready
+                            .extend(partition.repositories.into_iter().map(|repo| Unit {
+                                repo,
+                                facts_complete: true,
+                            }));
+                    }
+                }
+            }
+        })
+    }
+
+    /// Sets ocigc's own keys apart (listed on their own, first) and remembers defects.
+    fn note_defects(&self, mut page: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+        page.retain(|o| !o.key.starts_with(STATE_PREFIX));
+        if page.iter().any(|o| o.defect.is_some()) {
+            let mut tail = lock(&self.tail);
+            for o in &page {
+                if let Some(d) = &o.defect {
+                    tail.defects.insert(o.key.clone(), d.clone());
+                }
+            }
+        }
+        page
+    }
+
+    /// Takes a completed repository's defects off the unowned list and learns its facts.
+    async fn claim(&self, repo: &Repository) -> Result<(), StoreError> {
+        {
+            let mut tail = lock(&self.tail);
+            if !tail.defects.is_empty() {
+                for o in &repo.objects {
+                    tail.defects.remove(&o.key);
+                }
+            }
+            if !repo.is_global() {
+                tail.found += 1;
+            }
+        }
+        self.learn(repo).await
+    }
+
+    fn fail(&self, e: StoreError) {
+        let mut tail = lock(&self.tail);
+        tail.error.get_or_insert(e);
+    }
+}
+
+/// Joins the global roots the parts of the listing found.
+fn merge_roots(mut all: Vec<Roots>) -> Option<Roots> {
+    if all.len() <= 1 {
+        return all.pop();
+    }
+    let mut out = Roots::default();
+    for r in all {
+        out.descriptors.extend(r.descriptors);
+        out.sources.extend(r.sources);
+        out.documents.extend(r.documents);
+    }
+    // No single version covers roots read in several parts: the re-check reads them again.
+    out.version = None;
+    Some(out)
 }

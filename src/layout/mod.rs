@@ -248,6 +248,16 @@ pub trait DeletionProtocol: Send {
     }
 }
 
+/// Where a layout's keys live, for the listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySpace {
+    /// The prefix under which every repository's keys are.
+    pub repositories: String,
+    /// The prefix of a global blob space listed apart, after every repository, if the layout
+    /// has one outside [`KeySpace::repositories`].
+    pub global: Option<String>,
+}
+
 /// A bucket layout.
 #[async_trait]
 pub trait Layout: Send + Sync {
@@ -261,6 +271,36 @@ pub trait Layout: Send + Sync {
     /// where the layout has none, and [`partitioner`] falls back to [`CollectAll`].
     fn streaming_partitioner(&self) -> Option<Box<dyn Partitioner + '_>> {
         None
+    }
+
+    /// Where the layout's keys live.
+    fn key_space(&self) -> KeySpace {
+        KeySpace::default()
+    }
+
+    /// Digests that `repo` stores as placeholders (content elsewhere in the bucket).
+    fn placeholders_in(&self, _repo: &Repository) -> Vec<Digest> {
+        Vec::new()
+    }
+
+    /// Content copies in `repo` of the digests `wanted` accepts.
+    fn content_copies(
+        &self,
+        _repo: &Repository,
+        _wanted: &dyn Fn(&Digest) -> bool,
+    ) -> Vec<(Digest, ContentCopy)> {
+        Vec::new()
+    }
+
+    /// Links stored in `repo` that keep another repository's blobs alive, as (target
+    /// repository, digest).
+    async fn links_in(
+        &self,
+        _store: &dyn Store,
+        _repo: &Repository,
+        _concurrency: usize,
+    ) -> Result<Vec<(String, Digest)>, StoreError> {
+        Ok(Vec::new())
     }
 
     /// Whether the listed blob `object` of digest `digest` is a placeholder whose content lives
