@@ -612,6 +612,10 @@ impl gc::Progress for TerminalProgress {
         self.bar.set_message("0 deleted");
     }
 
+    fn found(&self, repositories: u64) {
+        self.bar.set_length(repositories);
+    }
+
     fn repository_done(&self, name: &str, deleted: u64) {
         use std::sync::atomic::Ordering;
         let total = self.deleted.fetch_add(deleted, Ordering::Relaxed) + deleted;

@@ -131,9 +131,10 @@ async fn collect_all(
     if let Some(p) = &opts.progress {
         p.start(0);
     }
+    let found = std::sync::atomic::AtomicU64::new(0);
     let done = |r: &RepoReport| {
         if let Some(p) = &opts.progress {
-            p.found(lock(&shared.tail).found);
+            p.found(found.load(std::sync::atomic::Ordering::Relaxed));
             p.repository_done(&r.name, r.deleted.len() as u64);
         }
     };
@@ -158,9 +159,13 @@ async fn collect_all(
     let key_space = layout.key_space();
     let prefix = scope::objects_prefix(layout, &key_space, opts.only.as_deref());
     let pages = store.list(&prefix);
-    let units = shared
-        .units(pages, partitioner(layout))
-        .filter(|u| futures::future::ready(layout.per_repository_gc() && wanted(&u.repo)));
+    let units = shared.units(pages, partitioner(layout)).filter(|u| {
+        let take = layout.per_repository_gc() && wanted(&u.repo);
+        if take {
+            found.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        futures::future::ready(take)
+    });
     let mut deferred: Vec<Repository> = Vec::new();
     let collected = units
         .map(|u| {
@@ -254,7 +259,9 @@ async fn collect_all(
     let global = Repository {
         kind: UnitKind::Global,
         name: GLOBAL_REPOSITORY.into(),
-        prefix: key_space.global.clone().unwrap_or_default(),
+        prefix: (key_space.global.clone())
+            .or(tail.global_prefix)
+            .unwrap_or_default(),
         objects: global_objects,
     };
     if !global.objects.is_empty() && wanted(&global) {
@@ -319,12 +326,12 @@ struct Tail {
     rejected: Vec<Rejected>,
     unowned: u64,
     global_objects: Vec<ObjectMeta>,
+    global_prefix: Option<String>,
     global_roots: Vec<Roots>,
     /// Keys the store cannot serve as objects, until a repository claims them.
     defects: HashMap<String, Box<str>>,
     /// Why the listing stopped early: the run decides nothing that needs it whole.
     error: Option<StoreError>,
-    found: u64,
 }
 
 /// State the listing shares with the run while it streams.
@@ -472,6 +479,7 @@ impl Shared<'_> {
                         tail.rejected.extend(partition.rejected);
                         tail.unowned += partition.unowned;
                         if let Some(g) = partition.global {
+                            tail.global_prefix.get_or_insert(g.prefix);
                             tail.global_objects.extend(g.objects);
                         }
                         tail.global_roots.extend(partition.global_roots);
@@ -509,9 +517,6 @@ impl Shared<'_> {
                 for o in &repo.objects {
                     tail.defects.remove(&o.key);
                 }
-            }
-            if !repo.is_global() {
-                tail.found += 1;
             }
         }
         self.learn(repo).await
