@@ -12,7 +12,7 @@ use common::*;
 use futures::TryStreamExt;
 use ocigc::digest::Digest;
 use ocigc::gc::cache::{self, CacheIndex, Contents, Fingerprint, IndexEntry, Summary};
-use ocigc::gc::mark::{MarkContext, Marker};
+use ocigc::gc::mark::{CachedDocument, ListedVersion, MarkContext, Marker};
 use ocigc::layout::oci::OciLayout;
 use ocigc::layout::{KeyKind, Layout, Repository, STATE_PREFIX};
 use ocigc::manifest::{Descriptor, References};
@@ -26,9 +26,14 @@ fn digest(n: u8) -> Digest {
 
 fn contents() -> Contents {
     Contents {
-        documents: vec![(
-            digest(1),
-            References {
+        documents: vec![CachedDocument {
+            digest: digest(1),
+            listed: Some(ListedVersion {
+                size: 321,
+                last_modified: UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+                etag: Some("\"etag\"".into()),
+            }),
+            references: References {
                 children: vec![
                     Descriptor {
                         media_type: Some(MANIFEST.into()),
@@ -43,7 +48,7 @@ fn contents() -> Contents {
                 ],
                 ..References::default()
             },
-        )],
+        }],
         not_referrers: vec![digest(4)],
         links: vec![("other/_layers/x/link".into(), digest(5))],
     }
@@ -315,7 +320,7 @@ async fn a_primed_repository_is_marked_without_a_manifest_get() {
     assert_eq!(cold.reachable, expected);
     // Every manifest read is cached (the garbage one too: it is still listed), and the scan's
     // verdicts on the garbage config and layer-sized blobs it read.
-    let learned: HashSet<&Digest> = cold.learned.documents.iter().map(|(d, _)| d).collect();
+    let learned: HashSet<&Digest> = cold.learned.documents.iter().map(|d| &d.digest).collect();
     for d in [&idx, &sig, &garbage] {
         assert!(learned.contains(&parse(d)), "{} not learnt", d.digest);
     }
@@ -426,7 +431,7 @@ async fn content_that_does_not_hash_to_its_digest_is_never_cached() {
         .learned
         .documents
         .iter()
-        .map(|(d, _)| d.clone())
+        .map(|d| d.digest.clone())
         .collect();
     assert!(learned.contains(&parse(&good)) && learned.contains(&parse(&honest)));
     assert!(
@@ -445,4 +450,45 @@ async fn content_that_does_not_hash_to_its_digest_is_never_cached() {
     assert_eq!(warm.manifests_fetched, 1);
     assert_eq!(warm.gets, 1);
     assert_eq!(warm.reachable, cold.reachable);
+}
+
+#[tokio::test]
+async fn a_manifest_rewritten_behind_the_cache_is_read_again() {
+    let t = dir_store();
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let img = f.image("app", "img").await;
+    let other = f.image("app", "other").await;
+    f.layout("app", &[(Some("a"), &img)]).await;
+    let repo = repository(t.store.as_ref(), "app").await;
+    let cold = mark(&t.store, &repo, None).await.expect("cold");
+
+    // The manifest's key now holds another manifest (not its digest's content): a read
+    // follows what is there, and so must a primed mark.
+    let body = t
+        .store
+        .get(&blob_key("app", &other.digest))
+        .await
+        .expect("get")
+        .body;
+    f.put(&blob_key("app", &img.digest), &body).await;
+    let repo = repository(t.store.as_ref(), "app").await;
+    let uncached = mark(&t.store, &repo, None).await.expect("uncached");
+    let primed = mark(&t.store, &repo, Some(&cold.learned))
+        .await
+        .expect("primed");
+    assert_eq!(primed.reachable, uncached.reachable);
+    for d in &other.subtree[1..] {
+        assert!(
+            primed
+                .reachable
+                .contains(&Digest::parse(d).expect("digest")),
+            "{d}: what the rewritten key references must be kept"
+        );
+    }
+    assert!(
+        primed.gets >= 1,
+        "the rewritten manifest was not read again"
+    );
 }

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use sha2::Digest as _;
 
 use crate::digest::Digest;
-use crate::gc::mark::Marker;
+use crate::gc::mark::{CachedDocument, ListedVersion, Marker};
 use crate::manifest::{Descriptor, References};
 use crate::store::{
     ObjectMeta, Op, PutCondition, Store, StoreError, StoreResult, MAX_DELETE_BATCH,
@@ -316,9 +316,9 @@ impl CacheIndex {
 /// What a unit's cache object holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Contents {
-    /// What each manifest or index references; only documents whose content hashed to
-    /// their digest.
-    pub documents: Vec<(Digest, References)>,
+    /// What each manifest or index references, and how its object was listed; only
+    /// documents whose content hashed to their digest.
+    pub documents: Vec<CachedDocument>,
     /// Blobs the referrer scan read and found to be no referrer.
     pub not_referrers: Vec<Digest>,
     /// Cross-repository links the unit holds (key, digest).
@@ -329,16 +329,9 @@ impl Contents {
     /// What `marker` learnt that can outlive the run, plus the unit's `links`, in a stable
     /// order.
     pub fn learned(marker: &Marker<'_>, links: Vec<(String, Digest)>) -> Contents {
-        let mut documents: Vec<(Digest, References)> = marker
-            .learned_documents()
-            .map(|(d, r)| (d.clone(), r.clone()))
-            .collect();
-        documents.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut not_referrers: Vec<Digest> = marker.learned_not_referrers().cloned().collect();
-        not_referrers.sort();
         Contents {
-            documents,
-            not_referrers,
+            documents: marker.learned_documents(),
+            not_referrers: marker.learned_not_referrers(),
             links,
         }
     }
@@ -435,10 +428,13 @@ pub async fn delete_stale(store: &dyn Store, index: &CacheIndex) -> StoreResult<
 // ---- body format ----
 //
 // MAGIC, version (u16), then: unit (str), fingerprint (32 bytes), media-type table (u32 count,
-// str each), documents (u32 count; digest, references each), not-referrers (u32 count,
+// str each), documents (u32 count; digest, listed version, references each), not-referrers
+// (u32 count,
 // digests), links (u32 count; str, digest each), and last the sha256 of everything before it.
 // Integers are big-endian; a str is a u32 length and UTF-8; a digest is an algorithm tag
-// (1 sha256, 2 sha512) and the raw hash; a descriptor is a digest, a media-type index (0 for
+// (1 sha256, 2 sha512) and the raw hash; a listed version is 0, or 1, the size (u64), the
+// last-modified time (u64 seconds and u32 nanoseconds after the epoch) and an ETag (0, or 1
+// and a str); a descriptor is a digest, a media-type index (0 for
 // none, else 1 + table position) and an optional size (0, or 1 and a u64); references are
 // children and subjects (u32 count, descriptors), unsupported and ambiguous (u32 count, strs)
 // and has_manifests (0 or 1).
@@ -450,7 +446,8 @@ const TAG_SHA512: u8 = 2;
 pub fn encode(unit: &str, fingerprint: &Fingerprint, contents: &Contents) -> Vec<u8> {
     let mut media: Vec<&str> = Vec::new();
     let mut media_index: HashMap<&str, u32> = HashMap::new();
-    for (_, refs) in &contents.documents {
+    for doc in &contents.documents {
+        let refs = &doc.references;
         for d in refs.children.iter().chain(&refs.subjects) {
             if let Some(mt) = d.media_type.as_deref() {
                 media_index.entry(mt).or_insert_with(|| {
@@ -470,8 +467,31 @@ pub fn encode(unit: &str, fingerprint: &Fingerprint, contents: &Contents) -> Vec
         w.str(mt);
     }
     w.u32(contents.documents.len() as u32);
-    for (digest, refs) in &contents.documents {
-        w.digest(digest);
+    for doc in &contents.documents {
+        let refs = &doc.references;
+        w.digest(&doc.digest);
+        match &doc.listed {
+            Some(v) => {
+                w.0.push(1);
+                w.0.extend_from_slice(&v.size.to_be_bytes());
+                // Before the epoch cannot be stored: written as the epoch, it only fails to
+                // match next time, and the document is read again.
+                let t = v
+                    .last_modified
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                w.0.extend_from_slice(&t.as_secs().to_be_bytes());
+                w.0.extend_from_slice(&t.subsec_nanos().to_be_bytes());
+                match &v.etag {
+                    Some(e) => {
+                        w.0.push(1);
+                        w.str(e);
+                    }
+                    None => w.0.push(0),
+                }
+            }
+            None => w.0.push(0),
+        }
         for list in [&refs.children, &refs.subjects] {
             w.u32(list.len() as u32);
             for d in list.iter() {
@@ -537,11 +557,36 @@ pub fn decode(body: &[u8]) -> Result<(String, Fingerprint, Contents), &'static s
     for _ in 0..n {
         media.push(r.str()?);
     }
-    // The smallest document: a digest and four empty lists and a flag.
-    let n = r.count(34 + 17)?;
+    // The smallest document: a digest, no listed version, four empty lists and a flag.
+    let n = r.count(33 + 1 + 17)?;
     let mut documents = Vec::with_capacity(n);
     for _ in 0..n {
         let digest = r.digest()?;
+        let listed = match r.u8()? {
+            0 => None,
+            1 => {
+                let size = r.u64()?;
+                let secs = r.u64()?;
+                let nanos = r.u32()?;
+                if nanos >= 1_000_000_000 {
+                    return Err("bad time");
+                }
+                let last_modified = UNIX_EPOCH
+                    .checked_add(Duration::new(secs, nanos))
+                    .ok_or("bad time")?;
+                let etag = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.str()?),
+                    _ => return Err("bad flag"),
+                };
+                Some(ListedVersion {
+                    size,
+                    last_modified,
+                    etag,
+                })
+            }
+            _ => return Err("bad flag"),
+        };
         let mut lists = [Vec::new(), Vec::new()];
         for list in &mut lists {
             let n = r.count(34 + 5)?;
@@ -559,9 +604,7 @@ pub fn decode(body: &[u8]) -> Result<(String, Fingerprint, Contents), &'static s
                 };
                 let size = match r.u8()? {
                     0 => None,
-                    1 => Some(u64::from_be_bytes(
-                        r.take(8)?.try_into().map_err(|_| "truncated")?,
-                    )),
+                    1 => Some(r.u64()?),
                     _ => return Err("bad size flag"),
                 };
                 list.push(Descriptor {
@@ -586,16 +629,17 @@ pub fn decode(body: &[u8]) -> Result<(String, Fingerprint, Contents), &'static s
         };
         let [children, subjects] = lists;
         let [unsupported, ambiguous] = strs;
-        documents.push((
+        documents.push(CachedDocument {
             digest,
-            References {
+            references: References {
                 children,
                 subjects,
                 unsupported,
                 ambiguous,
                 has_manifests,
             },
-        ));
+            listed,
+        });
     }
     let n = r.count(33)?;
     let mut not_referrers = Vec::with_capacity(n);
@@ -661,6 +705,10 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, &'static str> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, &'static str> {
+        let b: [u8; 8] = self.take(8)?.try_into().map_err(|_| "truncated")?;
+        Ok(u64::from_be_bytes(b))
     }
     /// A count of elements of at least `min_size` bytes each, refused if the rest of the
     /// body cannot hold them (so a bad count cannot reserve memory).
@@ -743,9 +791,14 @@ mod tests {
         let manifest = "application/vnd.oci.image.manifest.v1+json";
         Contents {
             documents: vec![
-                (
-                    digest(1),
-                    References {
+                CachedDocument {
+                    digest: digest(1),
+                    listed: Some(ListedVersion {
+                        size: 900,
+                        last_modified: UNIX_EPOCH + Duration::new(1_700_000_000, 123),
+                        etag: Some("\"abc\"".into()),
+                    }),
+                    references: References {
                         children: vec![
                             desc(2, Some(manifest), Some(7)),
                             desc(3, None, None),
@@ -760,8 +813,21 @@ mod tests {
                         ambiguous: vec!["SHA256:AB".into()],
                         has_manifests: true,
                     },
-                ),
-                (sha512(), References::default()),
+                },
+                CachedDocument {
+                    digest: sha512(),
+                    references: References::default(),
+                    listed: None,
+                },
+                CachedDocument {
+                    digest: digest(9),
+                    references: References::default(),
+                    listed: Some(ListedVersion {
+                        size: 0,
+                        last_modified: UNIX_EPOCH,
+                        etag: None,
+                    }),
+                },
             ],
             not_referrers: vec![digest(5), sha512()],
             links: vec![("other/repo/_layers/x".into(), digest(6))],
@@ -770,13 +836,18 @@ mod tests {
 
     fn small() -> Contents {
         Contents {
-            documents: vec![(
-                digest(1),
-                References {
+            documents: vec![CachedDocument {
+                digest: digest(1),
+                references: References {
                     children: vec![desc(2, Some("a"), Some(1))],
                     ..References::default()
                 },
-            )],
+                listed: Some(ListedVersion {
+                    size: 5,
+                    last_modified: UNIX_EPOCH + Duration::new(1, 2),
+                    etag: Some("e".into()),
+                }),
+            }],
             not_referrers: vec![digest(3)],
             links: vec![("k".into(), digest(4))],
         }

@@ -15,6 +15,7 @@
 //! instead of reading it again.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::SystemTime;
 
 use futures::{stream, StreamExt};
 
@@ -27,6 +28,40 @@ use crate::store::{ObjectMeta, Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct FailClosed(pub String);
+
+/// A document known from an earlier read, for [`Marker::prime_cached`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedDocument {
+    /// Its digest; its content hashed to it.
+    pub digest: Digest,
+    /// What it references.
+    pub references: References,
+    /// How the repository's listing showed the object it was read from; `None` when it was
+    /// not listed there (content kept in a global blob space).
+    pub listed: Option<ListedVersion>,
+}
+
+/// What a listing shows of one object, enough to tell that it was not rewritten.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedVersion {
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time.
+    pub last_modified: SystemTime,
+    /// Entity tag, where the listing gives one.
+    pub etag: Option<String>,
+}
+
+impl ListedVersion {
+    /// The version of a listed object.
+    pub fn of(o: &ObjectMeta) -> ListedVersion {
+        ListedVersion {
+            size: o.size,
+            last_modified: o.last_modified,
+            etag: o.etag.clone(),
+        }
+    }
+}
 
 /// Inputs that stay fixed while one repository is marked.
 pub struct MarkContext<'a> {
@@ -134,25 +169,25 @@ impl<'a> Marker<'a> {
     /// Documents and scan verdicts from the persistent cache, all verified against their
     /// digests when the cache was written. Not counted as fetched: no request was made.
     ///
-    /// A cached document stands for a read of its content, which is immutable; one whose
-    /// content would be listed in this repository but is not (deleted since), or a placeholder
-    /// without a content copy, is left out, so that reaching it fails exactly as a read would.
-    pub fn prime_cached(
-        &mut self,
-        documents: Vec<(Digest, References)>,
-        not_referrers: Vec<Digest>,
-    ) {
-        for (digest, refs) in documents {
-            if !self.content_readable(&digest) {
+    /// A cached document stands for a read of its content only while the object it was read
+    /// from is listed exactly as it was then (size, time, ETag): one overwritten, deleted or
+    /// stored as a placeholder since is left out and read again if reached, so that it
+    /// behaves exactly as a read would.
+    pub fn prime_cached(&mut self, documents: Vec<CachedDocument>, not_referrers: Vec<Digest>) {
+        for doc in documents {
+            if !self.cache_still_valid(&doc) {
                 continue;
             }
+            let CachedDocument {
+                digest, references, ..
+            } = doc;
             match self.docs.get(&digest) {
                 None => {
-                    self.docs.insert(digest.clone(), Some(refs));
+                    self.docs.insert(digest.clone(), Some(references));
                     self.addressed.insert(digest);
                 }
                 // Read this run already: the cache confirms what it says, nothing more.
-                Some(Some(known)) if *known == refs => {
+                Some(Some(known)) if *known == references => {
                     self.addressed.insert(digest);
                 }
                 Some(_) => {}
@@ -162,38 +197,57 @@ impl<'a> Marker<'a> {
     }
 
     /// Documents that hashed to their digest and still matter (reachable, or listed in the
-    /// repository): what a cache entry may keep for the next run.
-    pub fn learned_documents(&self) -> impl Iterator<Item = (&Digest, &References)> + '_ {
-        self.docs.iter().filter_map(|(d, refs)| {
-            let refs = refs.as_ref()?;
-            let keep = self.addressed.contains(d)
-                && (self.reachable.contains(d) || self.ctx.blobs.contains_key(d));
-            keep.then_some((d, refs))
-        })
+    /// repository), by digest: what a cache entry may keep for the next run. Placeholders
+    /// are left out (their content copy is checked on every read).
+    pub fn learned_documents(&self) -> Vec<CachedDocument> {
+        let mut out: Vec<CachedDocument> = self
+            .docs
+            .iter()
+            .filter_map(|(d, refs)| {
+                let refs = refs.as_ref()?;
+                let listed = self.ctx.blobs.get(d);
+                if !self.addressed.contains(d)
+                    || listed.is_some_and(|o| self.ctx.layout.is_placeholder(o, d))
+                    || (listed.is_none() && !self.reachable.contains(d))
+                {
+                    return None;
+                }
+                Some(CachedDocument {
+                    digest: d.clone(),
+                    references: refs.clone(),
+                    listed: listed.map(|o| ListedVersion::of(o)),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out
     }
 
-    /// Listed blobs known not to be referrers (content-addressed, so for good).
-    pub fn learned_not_referrers(&self) -> impl Iterator<Item = &Digest> + '_ {
-        self.not_referrers
+    /// Listed blobs known not to be referrers (content-addressed, so for good), by digest.
+    pub fn learned_not_referrers(&self) -> Vec<Digest> {
+        let mut out: Vec<Digest> = self
+            .not_referrers
             .iter()
             .filter(|d| self.ctx.blobs.contains_key(*d))
+            .cloned()
+            .collect();
+        out.sort();
+        out
     }
 
-    /// Whether a read of `digest`'s content could succeed as far as the listing tells: a
-    /// cached document must not hide content that is gone.
-    fn content_readable(&self, digest: &Digest) -> bool {
-        match self.ctx.blobs.get(digest) {
-            Some(o) if self.ctx.layout.is_placeholder(o, digest) => {
-                matches!(self.ctx.placeholders.get(digest), Some(Some(_)))
-            }
-            Some(_) => true,
-            // Content kept outside the repository (a global blob space) is not in its
-            // listing; content that belongs in it and is not listed is gone.
-            None => !self
+    /// Whether a cached document may stand for a read now: its object is listed as it was
+    /// when read, or it was not in the listing then and its content is kept outside this
+    /// repository (a global blob space), where the repository's listing cannot tell.
+    fn cache_still_valid(&self, doc: &CachedDocument) -> bool {
+        match (self.ctx.blobs.get(&doc.digest), &doc.listed) {
+            (Some(o), _) if self.ctx.layout.is_placeholder(o, &doc.digest) => false,
+            (Some(o), Some(then)) => ListedVersion::of(o) == *then,
+            (None, None) => !self
                 .ctx
                 .layout
-                .content_key(self.ctx.repo, digest, None)
+                .content_key(self.ctx.repo, &doc.digest, None)
                 .starts_with(&self.ctx.repo.prefix),
+            _ => false,
         }
     }
 
