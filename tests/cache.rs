@@ -13,8 +13,9 @@ use futures::TryStreamExt;
 use ocigc::digest::Digest;
 use ocigc::gc::cache::{self, CacheIndex, Contents, Fingerprint, IndexEntry, Summary};
 use ocigc::gc::mark::{CachedDocument, ListedVersion, MarkContext, Marker};
+use ocigc::layout::distribution::DistributionLayout;
 use ocigc::layout::oci::OciLayout;
-use ocigc::layout::{KeyKind, Layout, Repository, STATE_PREFIX};
+use ocigc::layout::{KeyKind, Layout, Repository, GLOBAL_REPOSITORY, STATE_PREFIX};
 use ocigc::manifest::{Descriptor, References};
 use ocigc::store::{Instrumented, ObjectMeta, PutCondition, Store};
 
@@ -221,18 +222,25 @@ both_stores!(
 
 /// The repository `name` of an OCI bucket, as the engine would see it.
 async fn repository(store: &dyn Store, name: &str) -> Repository {
+    unit(store, &OciLayout, name).await
+}
+
+/// The collection unit `name` (a repository, or the global unit) as `layout` partitions the
+/// bucket.
+async fn unit(store: &dyn Store, layout: &dyn Layout, name: &str) -> Repository {
     let pages: Vec<Vec<ObjectMeta>> = store.list("").try_collect().await.expect("list");
     let objects: Vec<ObjectMeta> = pages
         .into_iter()
         .flatten()
         .filter(|o| !o.key.starts_with(STATE_PREFIX))
         .collect();
-    OciLayout
-        .partition(objects)
+    let partition = layout.partition(objects);
+    partition
         .repositories
         .into_iter()
+        .chain(partition.global)
         .find(|r| r.name == name)
-        .expect("repository")
+        .expect("unit")
 }
 
 /// What one mark of `repo` found, and what it learnt.
@@ -249,7 +257,16 @@ async fn mark(
     repo: &Repository,
     cached: Option<&Contents>,
 ) -> Result<Marked, String> {
-    let layout = OciLayout;
+    mark_with(store, &OciLayout, repo, cached).await
+}
+
+/// Marks `repo` of `layout` through a counting store, primed with `cached` if given.
+async fn mark_with(
+    store: &Arc<dyn Store>,
+    layout: &dyn Layout,
+    repo: &Repository,
+    cached: Option<&Contents>,
+) -> Result<Marked, String> {
     // Roots are the layout's business (index.json), not counted here.
     let roots = layout
         .read_roots(store.as_ref(), repo)
@@ -267,7 +284,7 @@ async fn mark(
     let placeholders = HashMap::new();
     let mut marker = Marker::new(MarkContext {
         store: &counted,
-        layout: &layout,
+        layout,
         repo,
         blobs: &blobs,
         placeholders: &placeholders,
@@ -491,4 +508,38 @@ async fn a_manifest_rewritten_behind_the_cache_is_read_again() {
         primed.gets >= 1,
         "the rewritten manifest was not read again"
     );
+}
+
+#[tokio::test]
+async fn distribution_units_primed_from_the_cache_make_no_get() {
+    let t = dir_store();
+    let writer: Arc<dyn Store> = Arc::new(common::dist::DistWriter::new(t.store.clone()));
+    let f = Fixture {
+        store: writer.as_ref(),
+    };
+    let amd = f.image("app", "amd64").await;
+    let arm = f.image("app", "arm64").await;
+    let idx = f.index("app", OCI_INDEX, &[&amd, &arm]).await;
+    let old = f.image("app", "old").await;
+    let dist = common::dist::DistWriter {
+        inner: t.store.clone(),
+    };
+    dist.tag("app", "1.0", &idx).await;
+    dist.untagged("app", &old).await;
+    let layout = DistributionLayout {
+        delete_untagged: true,
+    };
+    for name in ["app", GLOBAL_REPOSITORY] {
+        let u = unit(t.store.as_ref(), &layout, name).await;
+        let cold = mark_with(&t.store, &layout, &u, None).await.expect("cold");
+        assert!(cold.gets > 0, "{name}");
+        assert!(!cold.learned.documents.is_empty(), "{name}");
+        let warm = mark_with(&t.store, &layout, &u, Some(&cold.learned))
+            .await
+            .expect("warm");
+        assert_eq!(warm.gets, 0, "{name}: a primed mark made GETs");
+        assert_eq!(warm.manifests_fetched, 0, "{name}");
+        assert_eq!(warm.reachable, cold.reachable, "{name}");
+        assert!(warm.reachable.contains(&parse(&idx)), "{name}");
+    }
 }
