@@ -5,8 +5,9 @@
 //! alone that a unit is unchanged: a fingerprint of what the listing showed, when its pending
 //! candidates mature, and the numbers of its report. So an unchanged unit costs no request at
 //! all. The object's body is read only when the unit changed: what each manifest references
-//! (content-addressed, verified against its digest before it was cached, so valid forever),
-//! the scan's "not a referrer" verdicts and the unit's cross-repository links.
+//! (content-addressed, verified against its digest before it was cached, so valid forever;
+//! with the listed version of the object it was read from, so that a rewritten key is read
+//! again), the scan's "not a referrer" verdicts and the unit's cross-repository links.
 //!
 //! The cache is an optimisation only: a missing, malformed, corrupt or other-version entry is
 //! ignored and costs requests, never safety.
