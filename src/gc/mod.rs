@@ -4,6 +4,7 @@
 //! Layout- and store-agnostic: everything layout-specific goes through [`Layout`], every request
 //! through [`Instrumented`] (concurrency bound, time-out, counts).
 
+pub mod cache;
 pub mod clock;
 mod delete_repo;
 pub mod intent;
