@@ -535,6 +535,7 @@ async fn gc_setup(
     check_lease_ttl(args.store.lease_ttl, request_timeout)?;
     let concurrency = usize::from(args.store.concurrency);
     let gc = GcOptions {
+        no_cache: false,
         grace: args.grace,
         delay: args.delay,
         dry_run: args.store.dry_run,

@@ -135,7 +135,7 @@ async fn a_new_fingerprint_replaces_the_old_entry(t: TestStore) {
 
     let second = write_entry(store, "app", 2, &Contents::default(), Some(&previous)).await;
     assert_ne!(second, first);
-    let k = keys(store).await;
+    let k = all_keys(store).await;
     assert!(!k.contains(&first), "{}: old entry left behind", t.kind);
     assert!(k.contains(&second) && k.contains(&neighbour));
     let index = index_of(store).await;
@@ -207,7 +207,7 @@ async fn stale_duplicates_are_reported_and_removed(t: TestStore) {
     );
 
     assert_eq!(cache::delete_stale(store, &index).await.expect("delete"), 2);
-    let k = keys(store).await;
+    let k = all_keys(store).await;
     assert!(k.contains(&winner) && k.contains(&other_version));
     assert!(!k.contains(loser) && !k.contains(&malformed));
     assert!(index_of(store).await.stale_keys().is_empty());

@@ -19,7 +19,7 @@ use super::sweep::Guard;
 use super::{finish_report, list_all, new_report, probe_clock, sweep, GcError};
 use crate::digest::Digest;
 use crate::gc::plan::Reason;
-use crate::gc::{intent, state};
+use crate::gc::{cache, intent, state};
 use crate::layout::{KeyKind, Layout, Repository};
 use crate::metrics::Metrics;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
@@ -237,6 +237,17 @@ async fn delete_one(
         match intent::list_intents(store, name).await {
             Ok(listed) => keys.extend(listed.into_iter().map(|o| o.key)),
             Err(e) => report.warnings.push(format!("listing intents: {e}")),
+        }
+        // Its cache entries (a nested repository's are under the same prefix: kept).
+        match list_all(store, &format!("{}{name}/", cache::CACHE_PREFIX)).await {
+            Ok(listed) => keys.extend(
+                listed
+                    .state
+                    .into_iter()
+                    .filter(|o| cache::parse_entry_key(&o.key).is_some_and(|e| e.unit == name))
+                    .map(|o| o.key),
+            ),
+            Err(e) => report.warnings.push(format!("listing cache entries: {e}")),
         }
         if let Err(e) = store.delete_batch(&keys).await {
             report.warnings.push(format!("removing state: {e}"));

@@ -108,6 +108,9 @@ pub struct GcOptions {
     /// A run of this one repository (the daemon's hook): only it is collected, only its
     /// prefix is listed where the layout allows, and metrics count it as a hook run.
     pub only: Option<String>,
+    /// Neither read nor write the incremental cache (`_ocigc/cache/`): every repository is
+    /// observed in full. For measurements and for ruling the cache out; never needed for safety.
+    pub no_cache: bool,
 }
 
 impl std::fmt::Debug for dyn Progress {
@@ -146,6 +149,7 @@ impl Default for GcOptions {
             stop: CancellationToken::new(),
             progress: None,
             only: None,
+            no_cache: false,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::cache;
 use super::clock::BucketClock;
 use super::lease::{Acquired, Leases};
 use super::mark::{MarkContext, Marker};
@@ -58,6 +59,26 @@ pub(super) struct RepoInputs {
     /// placeholders not listed yet may keep its blobs alive. The run collects it again once
     /// the whole bucket has been listed.
     pub(super) defer_deletions: bool,
+    /// What the incremental cache knows of the unit, if the run uses it.
+    pub(super) cache: Option<UnitCache>,
+}
+
+/// The incremental cache's view of one unit.
+#[derive(Clone, Debug)]
+pub(super) struct UnitCache {
+    /// The fingerprint of the unit as listed now.
+    pub(super) fingerprint: cache::Fingerprint,
+    /// What went into it besides the listing (settings, roots held elsewhere).
+    pub(super) context: String,
+    /// The unit's entry as the last run that collected it left it.
+    pub(super) entry: Option<cache::IndexEntry>,
+    /// Nothing that could change a decision has changed since that run: the summary is the
+    /// report, and no request is needed.
+    pub(super) unchanged: bool,
+    /// Its contents, where already read (for the links it records).
+    pub(super) contents: Option<cache::Contents>,
+    /// Links the unit holds that keep other repositories' blobs alive, as found this run.
+    pub(super) links: Vec<(String, Digest)>,
 }
 
 /// ocigc state of a repository seen in the listing.
@@ -106,6 +127,26 @@ fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
         .collect();
     out.sort_by(|a, b| a.key.cmp(&b.key));
     out
+}
+
+/// The earliest time at which `plan` could decide differently on the same listing: when a
+/// blob leaves its grace period or a candidate has waited the delay. `None`: never.
+fn wake_at(
+    plan: &RepoPlan,
+    first_seen: &HashMap<Digest, std::time::SystemTime>,
+    policy: PlanPolicy,
+) -> Option<std::time::SystemTime> {
+    plan.items
+        .iter()
+        .filter_map(|i| match i.decision {
+            Decision::Keep(Reason::WithinGrace) => Some(i.last_modified + policy.grace),
+            Decision::Keep(Reason::AwaitingSecondObservation) => {
+                let seen = i.digest.as_ref().and_then(|d| first_seen.get(d)).copied();
+                Some(seen.unwrap_or(policy.now) + policy.delay)
+            }
+            _ => None,
+        })
+        .min()
 }
 
 /// What collecting one repository gave.
@@ -208,7 +249,24 @@ impl RepoRun<'_> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        if let Some(c) = inputs.cache.as_ref().filter(|c| c.unchanged) {
+            if let Some(e) = &c.entry {
+                let sm = &e.summary;
+                report.unchanged = true;
+                report.reachable = crate::report::Tally {
+                    blobs: sm.reachable_blobs,
+                    bytes: sm.reachable_bytes,
+                };
+                report.pending = crate::report::Tally {
+                    blobs: sm.pending_blobs,
+                    bytes: sm.pending_bytes,
+                };
+                report.other_keys = sm.other_keys;
+                return Ok(());
+            }
+        }
         let placeholders = inputs.placeholders.clone();
+        let unit_cache = inputs.cache.clone();
         let blobs: HashMap<Digest, &ObjectMeta> = repo
             .objects
             .iter()
@@ -225,6 +283,20 @@ impl RepoRun<'_> {
             placeholders: &placeholders,
             concurrency: self.concurrency,
         });
+
+        if let Some(c) = &unit_cache {
+            let contents = match (&c.contents, &c.entry) {
+                (Some(contents), _) => Some(contents.clone()),
+                (None, Some(entry)) => within(deadline, cache::read(self.store, entry))
+                    .await
+                    .flatten(),
+                (None, None) => None,
+            };
+            // Content-addressed documents stay true whatever else changed in the unit.
+            if let Some(contents) = contents {
+                marker.prime_cached(contents.documents, contents.not_referrers);
+            }
+        }
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
         let observed = self.observe(repo, &mut marker, leftovers.pending, inputs);
@@ -288,7 +360,72 @@ impl RepoRun<'_> {
         }
         report.manifests_fetched = marker.manifests_fetched;
         report.warnings.extend(marker.warnings.iter().cloned());
+        if let Some(c) = unit_cache {
+            if report.status == RepoStatus::Ok {
+                let remember = self.remember(repo, &marker, &obs, c, report);
+                if within(deadline, remember).await.is_none() {
+                    report
+                        .warnings
+                        .push("timed out writing the incremental cache".into());
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Writes the unit's cache entry after a complete collection: what its listing looks
+    /// like now, when its decisions can next change, and what its documents reference.
+    async fn remember(
+        &self,
+        repo: &Repository,
+        marker: &Marker<'_>,
+        obs: &Observation,
+        c: UnitCache,
+        report: &mut RepoReport,
+    ) {
+        let deleted: HashSet<&str> = report.deleted.iter().map(|d| d.key.as_str()).collect();
+        let fingerprint = if deleted.is_empty() {
+            c.fingerprint
+        } else {
+            cache::fingerprint(
+                repo.objects
+                    .iter()
+                    .filter(|o| !deleted.contains(o.key.as_str())),
+                &c.context,
+            )
+        };
+        // A candidate rescued by a push must be looked at again next run; so must anything
+        // whose clock is running.
+        let wake_at = if report.rescued > 0 {
+            Some(self.clock.now())
+        } else {
+            wake_at(&obs.plan, &obs.pending.first_seen, self.policy)
+        };
+        let summary = cache::Summary {
+            reachable_blobs: report.reachable.blobs,
+            reachable_bytes: report.reachable.bytes,
+            pending_blobs: report.pending.blobs,
+            pending_bytes: report.pending.bytes,
+            other_keys: report.other_keys,
+        };
+        let has_links = !c.links.is_empty();
+        let contents = cache::Contents::learned(marker, c.links);
+        if let Err(e) = cache::write(
+            self.store,
+            &repo.name,
+            &fingerprint,
+            wake_at,
+            has_links,
+            &summary,
+            &contents,
+            c.entry.as_ref(),
+        )
+        .await
+        {
+            report
+                .warnings
+                .push(format!("writing the incremental cache: {e}"));
+        }
     }
 
     fn summarise(&self, report: &mut RepoReport, plan: &RepoPlan) {

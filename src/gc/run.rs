@@ -8,9 +8,10 @@ use futures::stream::BoxStream;
 use futures::{stream, StreamExt};
 use tokio::time::Instant;
 
+use super::cache::{self, CacheIndex};
 use super::lease::Leases;
 use super::plan::PlanPolicy;
-use super::repo::{Collected, Leftovers, RepoInputs, RepoRun};
+use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, UnitCache};
 use super::stop::Stop;
 use super::{
     before_run_deadline, finish_report, intent, lease, new_report, probe_clock, scope, state,
@@ -21,7 +22,7 @@ use crate::layout::{
     list_prefix, partitioner, ContentCopy, Layout, Partition, Partitioner, Rejected, Repository,
     Roots, UnitKind, GLOBAL_REPOSITORY, STATE_PREFIX,
 };
-use crate::report::{timestamp, RepoReport, Report};
+use crate::report::{timestamp, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
 
 /// Runs garbage collection over every selected repository of the bucket, recording the run in
@@ -87,20 +88,24 @@ async fn collect_all(
         })
         .map(|o| o.key.clone())
         .collect();
-    let intents = Mutex::new(intent::by_repository(state));
-    let leftovers = |name: &str| Leftovers {
-        pending: state_keys.contains(&state::pending_key(name)),
-        announcement: state_keys.contains(&intent::deleting_key(name)),
-        lease: state_keys.contains(&lease::lease_key(name)),
-    };
-
     let shared = Shared {
         store: &store,
         layout,
         concurrency: opts.concurrency,
         facts: Mutex::new(Facts::default()),
         tail: Mutex::new(Tail::default()),
+        cache: (!opts.no_cache).then(|| CacheIndex::from_listing(&state)),
+        context: cache_context(layout, opts),
+        intents: Mutex::new(HashMap::new()),
     };
+    *lock(&shared.intents) = intent::by_repository(state);
+    let intents = &shared.intents;
+    let leftovers = |name: &str| Leftovers {
+        pending: state_keys.contains(&state::pending_key(name)),
+        announcement: state_keys.contains(&intent::deleting_key(name)),
+        lease: state_keys.contains(&lease::lease_key(name)),
+    };
+
     let run = RepoRun {
         store: &store,
         layout,
@@ -141,13 +146,27 @@ async fn collect_all(
     // Deletions wait for complete facts where keys elsewhere can keep a blob alive: a link or
     // placeholder listed after a repository may be what keeps its blob.
     let links = layout.links_across_repositories();
-    let inputs_for = |name: &str, facts_complete: bool| {
+    let now = clock.now();
+    let inputs_for = |repo: &Repository, facts_complete: bool, cache: Option<UnitCache>| {
+        let name = repo.name.as_str();
+        let linked = shared.kept_by_others(repo);
         let facts = lock(&shared.facts);
+        let leftover = leftovers(name);
+        let intents = lock(&intents).remove(name).unwrap_or_default();
+        let quiet = intents.is_empty() && !leftover.announcement && !leftover.lease;
+        let cache = cache.map(|mut c| {
+            // Unchanged only while nothing waits on the clock or on ocigc's own state.
+            c.unchanged = c.unchanged
+                && quiet
+                && (c.entry.as_ref()).is_some_and(|e| e.wake_at.is_none_or(|w| now < w));
+            c
+        });
         RepoInputs {
-            leftovers: leftovers(name),
-            intents: lock(&intents).remove(name).unwrap_or_default(),
+            leftovers: leftover,
+            intents,
+            cache,
             dropped_roots: HashSet::new(),
-            linked: facts.linked.get(name).cloned().unwrap_or_default(),
+            linked,
             roots: None,
             placeholders: facts.placeholders.clone(),
             defer_deletions: links && !facts_complete,
@@ -169,7 +188,7 @@ async fn collect_all(
     let mut deferred: Vec<Repository> = Vec::new();
     let collected = units
         .map(|u| {
-            let inputs = inputs_for(&u.repo.name, u.facts_complete);
+            let inputs = inputs_for(&u.repo, u.facts_complete, u.cache);
             run.collect(u.repo, inputs)
         })
         .buffer_unordered(opts.concurrency.max(1));
@@ -192,7 +211,7 @@ async fn collect_all(
 
     // The second pass: repositories whose deletions waited for every link and placeholder of
     // the bucket. Each is listed again (its keys may have changed) and collected with all facts.
-    let (store_ref, run_ref, inputs_ref) = (&store, &run, &inputs_for);
+    let (store_ref, run_ref, inputs_ref, shared_ref) = (&store, &run, &inputs_for, &shared);
     let again = stream::iter(deferred)
         .map(|repo| async move {
             let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
@@ -206,7 +225,15 @@ async fn collect_all(
             });
             match fresh {
                 Ok(Some(repo)) => {
-                    let inputs = inputs_for(&repo.name, true);
+                    let cache = match shared_ref.claim(&repo).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let mut r = RepoReport::new(&repo.name, RepoStatus::Ok);
+                            r.stopped(&Stop::Store(format!("reading its links again: {e}")));
+                            return Some(r);
+                        }
+                    };
+                    let inputs = inputs_for(&repo, true, cache);
                     match run.collect(repo, inputs).await {
                         Collected::Done(r) => Some(r),
                         Collected::Deferred(_) => None,
@@ -215,7 +242,7 @@ async fn collect_all(
                 // Gone since it was listed (deleted): nothing to collect.
                 Ok(None) => None,
                 Err(e) => {
-                    let mut r = RepoReport::new(&repo.name, crate::report::RepoStatus::Ok);
+                    let mut r = RepoReport::new(&repo.name, RepoStatus::Ok);
                     r.stopped(&Stop::Store(format!("listing it again failed: {e}")));
                     Some(r)
                 }
@@ -286,10 +313,20 @@ async fn collect_all(
             roots: merge_roots(tail.global_roots),
             placeholders,
             defer_deletions: false,
+            cache: None,
         };
         if let Collected::Done(r) = run.collect(global, inputs).await {
             done(&r);
             report.repositories.push(r);
+        }
+    }
+    // Entries older runs left twice (collectors racing on a unit) or malformed: the newest
+    // stays, the rest only cost listing.
+    if let Some(index) = shared.cache.as_ref().filter(|_| !opts.dry_run) {
+        if !index.stale_keys().is_empty() {
+            if let Err(e) = cache::delete_stale(&store, index).await {
+                tracing::warn!(error = %e, "removing stale cache entries");
+            }
         }
     }
     if let Some(p) = &opts.progress {
@@ -341,6 +378,12 @@ struct Shared<'a> {
     concurrency: usize,
     facts: Mutex<Facts>,
     tail: Mutex<Tail>,
+    /// The incremental cache's entries as listed, unless the run does without it.
+    cache: Option<CacheIndex>,
+    /// What besides its listing decides a unit (settings, version).
+    context: String,
+    /// Push intents by repository, as listed.
+    intents: Mutex<HashMap<String, Vec<ObjectMeta>>>,
 }
 
 /// A repository the listing completed, and whether the cross-repository facts were complete
@@ -348,6 +391,7 @@ struct Shared<'a> {
 struct Unit {
     repo: Repository,
     facts_complete: bool,
+    cache: Option<UnitCache>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -357,40 +401,76 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared<'_> {
-    /// Learns what `repo` contributes to the cross-repository facts.
-    async fn learn(&self, repo: &Repository) -> Result<(), StoreError> {
+    /// Learns the placeholders `repo` holds and the content copies it has for placeholders
+    /// seen so far.
+    fn learn_placeholders(&self, repo: &Repository) {
+        if !self.layout.links_across_repositories() {
+            return;
+        }
+        let new = self.layout.placeholders_in(repo);
+        let mut facts = lock(&self.facts);
+        if !new.is_empty() {
+            let map = Arc::make_mut(&mut facts.placeholders);
+            for d in new {
+                map.entry(d).or_insert(None);
+            }
+        }
+        if !facts.placeholders.is_empty() {
+            let wanted = |d: &Digest| matches!(facts.placeholders.get(d), Some(None));
+            let copies = self.layout.content_copies(repo, &wanted);
+            if !copies.is_empty() {
+                let map = Arc::make_mut(&mut facts.placeholders);
+                for (d, c) in copies {
+                    map.insert(d, Some(c));
+                }
+            }
+        }
+    }
+
+    /// Learns the links `repo` holds that keep other repositories' blobs alive.
+    async fn learn_links(
+        &self,
+        repo: &Repository,
+        unit_cache: Option<&mut UnitCache>,
+    ) -> Result<(), StoreError> {
         if !self.layout.links_across_repositories() {
             return Ok(());
         }
-        let new = self.layout.placeholders_in(repo);
-        {
-            let mut facts = lock(&self.facts);
-            if !new.is_empty() {
-                let map = Arc::make_mut(&mut facts.placeholders);
-                for d in new {
-                    map.entry(d).or_insert(None);
-                }
+        let links = match unit_cache {
+            Some(c) => {
+                c.links = self.links_of(repo, c).await?;
+                c.links.clone()
             }
-            if !facts.placeholders.is_empty() {
-                let wanted = |d: &Digest| matches!(facts.placeholders.get(d), Some(None));
-                let copies = self.layout.content_copies(repo, &wanted);
-                if !copies.is_empty() {
-                    let map = Arc::make_mut(&mut facts.placeholders);
-                    for (d, c) in copies {
-                        map.insert(d, Some(c));
-                    }
-                }
+            None => {
+                self.layout
+                    .links_in(self.store, repo, self.concurrency)
+                    .await?
             }
-        }
-        let links = self
-            .layout
-            .links_in(self.store, repo, self.concurrency)
-            .await?;
+        };
         let mut facts = lock(&self.facts);
         for (target, d) in links {
             facts.linked.entry(target).or_default().push(d);
         }
         Ok(())
+    }
+
+    /// Blobs of `repo` that keys elsewhere keep alive, as far as the listing has shown them:
+    /// mount links to them, and content copies of digests stored as placeholders.
+    fn kept_by_others(&self, repo: &Repository) -> Vec<Digest> {
+        let facts = lock(&self.facts);
+        let mut kept = facts.linked.get(&repo.name).cloned().unwrap_or_default();
+        if !facts.placeholders.is_empty() {
+            let wanted = |d: &Digest| facts.placeholders.contains_key(d);
+            kept.extend(
+                self.layout
+                    .content_copies(repo, &wanted)
+                    .into_iter()
+                    .map(|(d, _)| d),
+            );
+        }
+        kept.sort_unstable();
+        kept.dedup();
+        kept
     }
 
     /// Learns the facts a partitioner gathered itself (a whole-listing one gathers them all).
@@ -446,14 +526,17 @@ impl Shared<'_> {
                         let page = self.note_defects(page);
                         let part = feed.partitioner.as_mut()?;
                         for repo in part.push(page) {
-                            if let Err(e) = self.claim(&repo).await {
-                                self.fail(e);
-                                return None;
+                            match self.claim(&repo).await {
+                                Ok(cache) => feed.ready.push_back(Unit {
+                                    repo,
+                                    facts_complete: false,
+                                    cache,
+                                }),
+                                Err(e) => {
+                                    self.fail(e);
+                                    return None;
+                                }
                             }
-                            feed.ready.push_back(Unit {
-                                repo,
-                                facts_complete: false,
-                            });
                         }
                     }
                     Some(Err(e)) => {
@@ -469,8 +552,18 @@ impl Shared<'_> {
                         }
                         // Every repository is in hand now: learn from all of them before
                         // handing any out, so that each is decided on complete facts.
-                        for repo in partition.repositories.iter().chain(&partition.global) {
-                            if let Err(e) = self.claim(repo).await {
+                        let mut caches = Vec::with_capacity(partition.repositories.len());
+                        for repo in &partition.repositories {
+                            match self.claim(repo).await {
+                                Ok(c) => caches.push(c),
+                                Err(e) => {
+                                    self.fail(e);
+                                    return None;
+                                }
+                            }
+                        }
+                        if let Some(g) = &partition.global {
+                            if let Err(e) = self.claim(g).await {
                                 self.fail(e);
                                 return None;
                             }
@@ -485,14 +578,60 @@ impl Shared<'_> {
                         tail.global_roots.extend(partition.global_roots);
                         drop(tail);
                         feed.ready
-                            .extend(partition.repositories.into_iter().map(|repo| Unit {
-                                repo,
-                                facts_complete: true,
-                            }));
+                            .extend(partition.repositories.into_iter().zip(caches).map(
+                                |(repo, cache)| Unit {
+                                    repo,
+                                    facts_complete: true,
+                                    cache,
+                                },
+                            ));
                     }
                 }
             }
         })
+    }
+
+    /// What decides `repo` besides its own listing: the run's settings, its push intents, and
+    /// the links and placeholders elsewhere that keep its blobs alive (as far as the listing
+    /// has shown them) - so that a cache entry written while any of these held is not taken
+    /// for the unit's state once they are gone.
+    fn unit_context(&self, repo: &Repository) -> String {
+        let mut extra: Vec<String> = lock(&self.intents)
+            .get(&repo.name)
+            .into_iter()
+            .flatten()
+            .map(|o| format!("intent {} {}", o.key, o.etag.as_deref().unwrap_or("")))
+            .collect();
+        extra.extend(
+            self.kept_by_others(repo)
+                .iter()
+                .map(|d| format!("kept {d}")),
+        );
+        extra.sort_unstable();
+        extra.dedup();
+        format!("{}\n{}", self.context, extra.join("\n"))
+    }
+
+    /// The links `repo` holds: from the cache where its listing is what the cache saw (links
+    /// are objects of the unit), read otherwise.
+    async fn links_of(
+        &self,
+        repo: &Repository,
+        c: &mut UnitCache,
+    ) -> Result<Vec<(String, Digest)>, StoreError> {
+        if let Some(entry) = c.entry.as_ref().filter(|_| c.unchanged) {
+            if !entry.has_links {
+                return Ok(Vec::new());
+            }
+            if let Some(contents) = cache::read(self.store, entry).await {
+                let links = contents.links.clone();
+                c.contents = Some(contents);
+                return Ok(links);
+            }
+        }
+        self.layout
+            .links_in(self.store, repo, self.concurrency)
+            .await
     }
 
     /// Sets ocigc's own keys apart (listed on their own, first) and remembers defects.
@@ -509,8 +648,9 @@ impl Shared<'_> {
         page
     }
 
-    /// Takes a completed repository's defects off the unowned list and learns its facts.
-    async fn claim(&self, repo: &Repository) -> Result<(), StoreError> {
+    /// Takes a completed repository's defects off the unowned list, looks it up in the
+    /// incremental cache and learns its facts.
+    async fn claim(&self, repo: &Repository) -> Result<Option<UnitCache>, StoreError> {
         {
             let mut tail = lock(&self.tail);
             if !tail.defects.is_empty() {
@@ -519,7 +659,23 @@ impl Shared<'_> {
                 }
             }
         }
-        self.learn(repo).await
+        self.learn_placeholders(repo);
+        let mut unit_cache = self.cache.as_ref().map(|index| {
+            let context = self.unit_context(repo);
+            let fingerprint = cache::fingerprint(repo.objects.iter(), &context);
+            let entry = index.entry(&repo.name).cloned();
+            let unchanged = entry.as_ref().is_some_and(|e| e.fingerprint == fingerprint);
+            UnitCache {
+                fingerprint,
+                context,
+                entry,
+                unchanged,
+                contents: None,
+                links: Vec::new(),
+            }
+        });
+        self.learn_links(repo, unit_cache.as_mut()).await?;
+        Ok(unit_cache)
     }
 
     fn fail(&self, e: StoreError) {
@@ -542,4 +698,17 @@ fn merge_roots(mut all: Vec<Roots>) -> Option<Roots> {
     // No single version covers roots read in several parts: the re-check reads them again.
     out.version = None;
     Some(out)
+}
+
+/// What besides a unit's listing decides what a run does with it: the settings, and the
+/// version of ocigc (a new version decides afresh once).
+fn cache_context(layout: &dyn Layout, opts: &GcOptions) -> String {
+    format!(
+        "ocigc {} layout {} {} grace {} delay {}",
+        env!("CARGO_PKG_VERSION"),
+        layout.name(),
+        layout.settings(),
+        opts.grace.as_nanos(),
+        opts.delay.as_nanos()
+    )
 }

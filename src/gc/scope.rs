@@ -6,7 +6,7 @@
 //! bucket's. Where keys elsewhere can keep the repository's blobs alive
 //! ([`Layout::links_across_repositories`]) the whole key space is listed as before.
 
-use super::{intent, lease, list_all, state};
+use super::{cache, intent, lease, list_all, state};
 use crate::layout::{KeySpace, Layout, STATE_PREFIX};
 use crate::store::{ObjectMeta, Store, StoreError};
 
@@ -34,6 +34,12 @@ pub(crate) fn objects_prefix(layout: &dyn Layout, space: &KeySpace, only: Option
 /// announcement and lease.
 async fn repository_state(store: &dyn Store, name: &str) -> Result<Vec<ObjectMeta>, StoreError> {
     let mut state = intent::list_intents(store, name).await?;
+    // Its cache entries (a nested repository's, under the same prefix, are ignored by unit).
+    state.extend(
+        list_all(store, &format!("{}{name}/", cache::CACHE_PREFIX))
+            .await?
+            .state,
+    );
     for key in [
         state::pending_key(name),
         intent::deleting_key(name),

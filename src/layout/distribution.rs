@@ -186,6 +186,10 @@ impl Layout for DistributionLayout {
         self.delete_untagged
     }
 
+    fn settings(&self) -> String {
+        format!("delete_untagged={}", self.delete_untagged)
+    }
+
     fn links_across_repositories(&self) -> bool {
         // A repository owns only links; the blobs they name are global and swept by the
         // global pseudo-repository alone, which a one-repository run never selects. What keeps

@@ -273,6 +273,12 @@ pub trait Layout: Send + Sync {
         None
     }
 
+    /// The layout's settings that change what a run decides (e.g. `--delete-untagged`), as
+    /// text for the incremental cache: a unit cached under other settings is observed afresh.
+    fn settings(&self) -> String {
+        String::new()
+    }
+
     /// Where the layout's keys live.
     fn key_space(&self) -> KeySpace {
         KeySpace::default()

@@ -139,6 +139,10 @@ impl ServerlessRegistryLayout {
 
 #[async_trait]
 impl Layout for ServerlessRegistryLayout {
+    fn settings(&self) -> String {
+        format!("delete_untagged={}", self.delete_untagged)
+    }
+
     fn name(&self) -> &'static str {
         "serverless-registry"
     }
