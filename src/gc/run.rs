@@ -152,7 +152,7 @@ async fn collect_all(
         let linked = shared.kept_by_others(repo);
         let facts = lock(&shared.facts);
         let leftover = leftovers(name);
-        let intents = lock(&intents).remove(name).unwrap_or_default();
+        let intents = lock(intents).remove(name).unwrap_or_default();
         let quiet = intents.is_empty() && !leftover.announcement && !leftover.lease;
         let cache = cache.map(|mut c| {
             // Unchanged only while nothing waits on the clock or on ocigc's own state.
@@ -300,7 +300,7 @@ async fn collect_all(
             .flat_map(|r| r.deleted.iter().map(|d| d.key.clone()))
             .collect();
         // Global blobs are shared by every repository: any repository's intent protects them.
-        let all_intents: Vec<ObjectMeta> = std::mem::take(&mut *lock(&intents))
+        let all_intents: Vec<ObjectMeta> = std::mem::take(&mut *lock(intents))
             .into_values()
             .flatten()
             .collect();
