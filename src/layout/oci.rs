@@ -428,35 +428,44 @@ impl Sink {
             }
             None => {
                 let mut objects = pool.own;
-                objects.extend(pool.adopted);
+                if !pool.adopted.is_empty() {
+                    // In listing order, as every other repository's.
+                    objects.extend(pool.adopted);
+                    objects.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+                }
                 let counted = pool.own_counted + pool.adopted_counted;
                 let name = dir.trim_end_matches('/').to_string();
                 match unit(name, dir, objects, counted) {
-                    Ok(repo) => {
-                        self.note_placeholders(&repo);
-                        self.done.push(repo);
-                    }
+                    Ok(repo) => self.done.push(repo),
                     Err(rejected) => self.rejected.push(rejected),
                 }
             }
         }
     }
 
-    fn note_placeholders(&mut self, repo: &Repository) {
-        for d in OciLayout.placeholders_in(repo) {
-            self.placeholders.entry(d).or_insert(None);
+    /// Notes the placeholders of the repositories handed out by one call, then their
+    /// content copies: a copy counts if it is handed out by the same call as the first
+    /// placeholder of its digest or later (one listed before is missed, see
+    /// [`OciPartitioner`]).
+    fn note_placeholders(&mut self) {
+        for repo in &self.done {
+            for d in OciLayout.placeholders_in(repo) {
+                self.placeholders.entry(d).or_insert(None);
+            }
         }
         if self.placeholders.is_empty() {
             return;
         }
-        let wanted = |d: &Digest| self.placeholders.contains_key(d);
-        for (d, copy) in OciLayout.content_copies(repo, &wanted) {
-            if let Some(slot) = self.placeholders.get_mut(&d) {
-                let better = slot.as_ref().is_none_or(|(name, c)| {
-                    (repo.name.as_str(), copy.key.as_str()) < (name.as_str(), c.key.as_str())
-                });
-                if better {
-                    *slot = Some((repo.name.clone(), copy));
+        for repo in &self.done {
+            let wanted = |d: &Digest| self.placeholders.contains_key(d);
+            for (d, copy) in OciLayout.content_copies(repo, &wanted) {
+                if let Some(slot) = self.placeholders.get_mut(&d) {
+                    let better = slot.as_ref().is_none_or(|(name, c)| {
+                        (repo.name.as_str(), copy.key.as_str()) < (name.as_str(), c.key.as_str())
+                    });
+                    if better {
+                        *slot = Some((repo.name.clone(), copy));
+                    }
                 }
             }
         }
@@ -465,6 +474,12 @@ impl Sink {
 
 /// The streaming partitioner of the `oci` layout: a stack of the directories the listing is
 /// inside of, each holding the keys whose owner its marker decides.
+///
+/// [`Partition::placeholders`] from [`Partitioner::finish`] holds every placeholder digest of
+/// the repositories handed out (O(placeholders) memory), but a content copy only if it was
+/// handed out no earlier than the first placeholder of its digest: remembering every blob
+/// for the other case would cost O(blobs). Batch [`Layout::partition`] sees every
+/// repository and finds every copy.
 #[derive(Debug)]
 pub(super) struct OciPartitioner {
     /// `stack[0]` is the bucket root; each next frame a directory inside the one before.
@@ -589,6 +604,7 @@ impl Partitioner for OciPartitioner {
         for o in page {
             self.push_one(o);
         }
+        self.sink.note_placeholders();
         std::mem::take(&mut self.sink.done)
     }
 
@@ -598,7 +614,10 @@ impl Partitioner for OciPartitioner {
                 self.close(frame);
             }
         }
-        let mut root = self.stack.pop().unwrap_or_else(|| Frame::new(String::new(), true));
+        let mut root = self
+            .stack
+            .pop()
+            .unwrap_or_else(|| Frame::new(String::new(), true));
         if root.marker.is_none() {
             root.marker = Some(false);
             root.pool.set_status("", false);
@@ -628,6 +647,7 @@ impl Partitioner for OciPartitioner {
                 + pool.adopted_counted;
         }
         let mut sink = self.sink;
+        sink.note_placeholders();
         sink.done.sort_by(|a, b| a.name.cmp(&b.name));
         sink.rejected.sort_by(|a, b| a.prefix.cmp(&b.prefix));
         Partition {
