@@ -4,6 +4,8 @@
 //! comes out no later than the first page whose keys prove it complete, and the partitioner
 //! holds no key of a repository it has handed out.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::SystemTime;
 
@@ -14,7 +16,7 @@ use ocigc::layout::serverless_registry::ServerlessRegistryLayout;
 use ocigc::layout::{
     validate_repository_name, ContentCopy, Layout, Partition, Partitioner, Repository, UnitKind,
 };
-use ocigc::store::ObjectMeta;
+use ocigc::store::{ObjectMeta, PutCondition};
 use proptest::prelude::*;
 use proptest::sample::select;
 
@@ -989,3 +991,77 @@ fn keys_out_of_order_are_left_alone() {
         assert!(rest.repositories.is_empty(), "{}", layout.name());
     }
 }
+
+/// Mount links of serverless-registry are found by a size bound (a link holds a key, so no
+/// more than 1024 bytes), not by the lengths of the repository names listed so far: a link
+/// to a repository not listed yet, and a link of a sha512 blob, are read too.
+async fn links_in_reads_every_link_a_size_allows(t: common::TestStore) {
+    let s = &t.store;
+    let put = |key: String, body: Vec<u8>| async move {
+        s.put(&key, body.into(), PutCondition::None)
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    };
+    let content = b"{\"config\": true}".to_vec();
+    let d = common::sha256(&content);
+    let d512 = format!("sha512:{}", "ab".repeat(64));
+    let far = format!("z/{}", "y".repeat(300));
+    put(format!("a/blobs/{d}"), content.clone()).await;
+    put(format!("b/blobs/{d}"), format!("a/blobs/{d}").into_bytes()).await;
+    put(
+        format!("b/blobs/{d512}"),
+        format!("{far}/blobs/{d512}").into_bytes(),
+    )
+    .await;
+    // Small real content and a key-sized blob that names another digest are no links.
+    let small = b"tiny".to_vec();
+    put(format!("b/blobs/{}", common::sha256(&small)), small).await;
+    let other = format!("sha256:{}", "cd".repeat(32));
+    put(
+        format!("b/blobs/{other}"),
+        format!("a/blobs/{d}").into_bytes(),
+    )
+    .await;
+    put("b/manifests/v1".into(), b"{}".to_vec()).await;
+    let layout = ServerlessRegistryLayout::default();
+    let listed = {
+        use futures::TryStreamExt;
+        let pages: Vec<Vec<ObjectMeta>> = s.list("").try_collect().await.expect("list");
+        pages.into_iter().flatten().collect::<Vec<_>>()
+    };
+    let partition = layout.partition(listed);
+    let b = partition
+        .repositories
+        .iter()
+        .find(|r| r.name == "b")
+        .expect("repository b");
+    let mut links = layout.links_in(s.as_ref(), b, 4).await.expect("links_in");
+    links.sort();
+    let d = Digest::parse(&d).expect("d");
+    let d512 = Digest::parse(&d512).expect("d512");
+    assert_eq!(
+        links,
+        vec![("a".to_string(), d.clone()), (far.clone(), d512.clone())]
+    );
+    let a = partition
+        .repositories
+        .iter()
+        .find(|r| r.name == "a")
+        .expect("repository a");
+    assert!(layout
+        .links_in(s.as_ref(), a, 4)
+        .await
+        .expect("links_in")
+        .is_empty());
+    let linked = layout
+        .linked_blobs(s.as_ref(), &partition, 4)
+        .await
+        .expect("linked_blobs");
+    let linked: BTreeMap<String, Vec<Digest>> = linked.into_iter().collect();
+    assert_eq!(
+        linked,
+        BTreeMap::from([("a".to_string(), vec![d]), (far, vec![d512])])
+    );
+}
+
+both_stores!(links_in_reads_every_link_a_size_allows);
