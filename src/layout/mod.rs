@@ -77,7 +77,8 @@ pub struct Partition {
     /// globally; collected after the repositories, with every repository's manifests as roots.
     pub global: Option<Repository>,
     /// The roots of [`Partition::global`] as the listing shows them, where the layout can
-    /// read them there (one LIST pass instead of two).
+    /// read them there (one LIST pass instead of two); given whenever the listing held keys
+    /// of such a layout, with or without global blobs (the engine may list those apart).
     pub global_roots: Option<Roots>,
     /// Every digest stored as a placeholder somewhere in the bucket (de-duplicating
     /// registries), with a content copy to read it from, if the bucket holds one.
@@ -393,7 +394,9 @@ pub trait Layout: Send + Sync {
     /// The layout's name as given to `--layout`.
     fn name(&self) -> &'static str;
 
-    /// Splits a listing (state keys already removed) into repositories.
+    /// Splits a listing (state keys already removed, any order) into repositories: the same
+    /// as pushing it, sorted, through [`Layout::streaming_partitioner`] (the one place the
+    /// ownership rules live), except that every placeholder's content copy is found.
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition;
 
     /// A streaming partitioner for one part of the key space (see [`Partitioner`]); `None`

@@ -124,18 +124,23 @@ async fn read_link(
 }
 
 /// The blobs of `repo` that may be links, as (repository, key, digest): a link holds
-/// `<source>/blobs/<digest>`, so it is longer than `/blobs/<digest>` and no longer than a key.
-fn link_candidates(repo: &Repository) -> impl Iterator<Item = (String, String, Digest)> + '_ {
-    repo.objects.iter().filter_map(|o| match parse(&o.key) {
-        Key::Blob(r, d)
-            if r == repo.name
-                && o.size > ("/blobs/".len() + d.as_str().len()) as u64
-                && o.size <= MAX_KEY_SIZE =>
-        {
-            Some((repo.name.clone(), o.key.clone(), d))
-        }
-        _ => None,
-    })
+/// `<target>/blobs/<digest>`, a key, so its size is at most that of a key, and that of
+/// `/blobs/<digest>` plus the length of a target name that `name_len` accepts.
+fn link_candidates<'a>(
+    repo: &'a Repository,
+    name_len: &'a dyn Fn(u64) -> bool,
+) -> impl Iterator<Item = (String, String, Digest)> + 'a {
+    repo.objects
+        .iter()
+        .filter_map(move |o| match parse(&o.key) {
+            Key::Blob(r, d) if r == repo.name => {
+                let overhead = ("/blobs/".len() + d.as_str().len()) as u64;
+                let fits =
+                    o.size > overhead && o.size <= MAX_KEY_SIZE && name_len(o.size - overhead);
+                fits.then(|| (repo.name.clone(), o.key.clone(), d))
+            }
+            _ => None,
+        })
 }
 
 /// Reads candidate links, as (target repository, digest) for those that are links.
@@ -288,7 +293,9 @@ impl Layout for ServerlessRegistryLayout {
         repo: &Repository,
         concurrency: usize,
     ) -> Result<Vec<(String, Digest)>, StoreError> {
-        read_links(store, link_candidates(repo).collect(), concurrency).await
+        // The repositories a link may name are not all listed yet: any name will do.
+        let any = |_: u64| true;
+        read_links(store, link_candidates(repo, &any).collect(), concurrency).await
     }
 
     fn scans_for_referrers(&self, repo: &Repository) -> bool {
@@ -365,10 +372,17 @@ impl Layout for ServerlessRegistryLayout {
         partition: &Partition,
         concurrency: usize,
     ) -> Result<HashMap<String, Vec<Digest>>, StoreError> {
+        // With every repository listed, a link can only matter if it names one of them.
+        let lengths: HashSet<u64> = partition
+            .repositories
+            .iter()
+            .map(|r| r.name.len() as u64)
+            .collect();
+        let listed = |len: u64| lengths.contains(&len);
         let candidates = partition
             .repositories
             .iter()
-            .flat_map(link_candidates)
+            .flat_map(|r| link_candidates(r, &listed))
             .collect();
         let mut out: HashMap<String, Vec<Digest>> = HashMap::new();
         for (src, d) in read_links(store, candidates, concurrency).await? {
