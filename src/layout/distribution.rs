@@ -112,8 +112,8 @@ struct DistributionPartitioner {
     rejected: Vec<Rejected>,
     global: Vec<ObjectMeta>,
     revisions: Vec<(ObjectMeta, Digest)>,
-    /// Whether any key of the layout was seen (the global roots are then known).
-    seen: bool,
+    /// Whether any repository key was seen: the global roots are then read from the listing.
+    repositories_seen: bool,
     unowned: u64,
 }
 
@@ -126,10 +126,9 @@ impl DistributionPartitioner {
         self.open
             .close(Some(&o.key), &mut self.done, &mut self.rejected);
         if o.key.starts_with(BLOBS) {
-            self.seen = true;
             self.global.push(o);
         } else if let Some(name) = repository_of(&o.key).map(str::to_string) {
-            self.seen = true;
+            self.repositories_seen = true;
             if let Some(d) = revision_link(&o.key) {
                 self.revisions.push((o.clone(), d));
             }
@@ -161,9 +160,10 @@ impl Partitioner for DistributionPartitioner {
             rejected: this.rejected,
             unowned: this.unowned,
             // Every revision link listed, of valid names or not: more roots keep more blobs.
-            // Given whenever the part held layout keys, so that an engine listing the blobs
-            // on their own still has them.
-            global_roots: this.seen.then(|| revision_roots(revisions)),
+            // Given whenever the part held repositories (with or without blobs, which an
+            // engine may list on their own); a part of blobs alone leaves the engine to read
+            // the roots, never to take none for all.
+            global_roots: this.repositories_seen.then(|| revision_roots(revisions)),
             // Nothing to sweep globally without blobs: skip the marking it would cost.
             global: (!this.global.is_empty()).then(|| Repository {
                 kind: UnitKind::Global,
@@ -244,6 +244,11 @@ impl Layout for DistributionLayout {
     }
 
     fn may_split(&self, prefix: &str, objects: &[ObjectMeta], prefixes: &[String]) -> bool {
+        // Above the blob space, a split would part the global blobs from the revision links
+        // that are their roots: the engine lists the two spaces on its own (`key_space`).
+        if BLOBS.starts_with(prefix) && prefix != BLOBS {
+            return false;
+        }
         // A repository is the path before its first `_manifests`, `_layers` or `_uploads`
         // component: a prefix with one below it (a directory, or a key so named) is one.
         !prefixes

@@ -423,6 +423,12 @@ pub trait Layout: Send + Sync {
     /// would collect a repository without seeing all of its keys, twice at once, or under
     /// the wrong owner. A wrong `false` only lists that prefix as one part, less in parallel.
     /// The engine descends only below prefixes this said true of. The default never splits.
+    ///
+    /// Global units depend on more than their own keys (serverless-registry's temp objects
+    /// on every repository's open uploads, distribution's blobs on every revision link): a
+    /// prefix whose split would part them from what they depend on is not split; still, a
+    /// part's [`Partition::global`] and [`Partition::global_roots`] cover that part only,
+    /// and an engine that partitions parts apart must combine them.
     fn may_split(&self, _prefix: &str, _objects: &[ObjectMeta], _prefixes: &[String]) -> bool {
         false
     }

@@ -280,11 +280,17 @@ impl Layout for ServerlessRegistryLayout {
             let rest = rest.trim_end_matches('/');
             KINDS.contains(&rest) || rest == REFERRERS.trim_matches('/')
         };
-        !prefixes
+        // Temp objects (at the bucket root) are stale only if no repository has their upload
+        // open: a part holding them must see every upload, so a root with any is one part.
+        let temps = objects
             .iter()
-            .filter_map(|p| p.strip_prefix(prefix))
-            .chain(objects.iter().filter_map(|o| o.key.strip_prefix(prefix)))
-            .any(is_kind)
+            .any(|o| matches!(parse(&o.key), Key::Temp(_)));
+        !temps
+            && !prefixes
+                .iter()
+                .filter_map(|p| p.strip_prefix(prefix))
+                .chain(objects.iter().filter_map(|o| o.key.strip_prefix(prefix)))
+                .any(is_kind)
     }
 
     async fn links_in(
