@@ -345,7 +345,7 @@ fn oci_placeholders(
 
 fn oci_listing() -> impl Strategy<Value = Vec<ObjectMeta>> {
     let component = select(vec!["a", "b", "a-b", "blobs", "sha256", "B"]);
-    let dir = prop::collection::vec(component, 0..4)
+    let dir = prop::collection::vec(component, 0..6)
         .prop_map(|c| c.iter().map(|c| format!("{c}/")).collect::<String>());
     let leaf = select(vec![
         "oci-layout".to_string(),
@@ -459,7 +459,7 @@ fn check_oci(objects: Vec<ObjectMeta>, cuts: Vec<usize>) -> Result<(), TestCaseE
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(ProptestConfig::with_cases(1000))]
 
     #[test]
     fn oci_streaming_equals_model(objects in oci_listing(), cuts in prop::collection::vec(any::<usize>(), 0..8)) {
