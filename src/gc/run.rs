@@ -152,7 +152,9 @@ async fn collect_all(
         let linked = shared.kept_by_others(repo);
         let facts = lock(&shared.facts);
         let leftover = leftovers(name);
-        let intents = lock(intents).remove(name).unwrap_or_default();
+        // Cloned, not taken: a deferred repository needs them again, and the global unit
+        // needs every repository's.
+        let intents = lock(intents).get(name).cloned().unwrap_or_default();
         let quiet = intents.is_empty() && !leftover.announcement && !leftover.lease;
         let cache = cache.map(|mut c| {
             // Unchanged only while nothing waits on the clock or on ocigc's own state.
@@ -185,10 +187,12 @@ async fn collect_all(
         }
         futures::future::ready(take)
     });
-    let mut deferred: Vec<Repository> = Vec::new();
+    let mut deferred: Vec<Waiting> = Vec::new();
+    let mut held = 0usize;
     let collected = units
         .map(|u| {
-            let inputs = inputs_for(&u.repo, u.facts_complete, u.cache);
+            let complete = u.facts_complete && shared.copies_known();
+            let inputs = inputs_for(&u.repo, complete, u.cache);
             run.collect(u.repo, inputs)
         })
         .buffer_unordered(opts.concurrency.max(1));
@@ -198,7 +202,12 @@ async fn collect_all(
                 done(&r);
                 report.repositories.push(r);
             }
-            Collected::Deferred(repo) => deferred.push(repo),
+            // Held while memory allows; beyond that, listed again when its turn comes.
+            Collected::Deferred(repo) if held + repo.objects.len() <= DEFERRED_BUDGET => {
+                held += repo.objects.len();
+                deferred.push(Waiting::Held(repo));
+            }
+            Collected::Deferred(repo) => deferred.push(Waiting::Named(repo.name)),
         }
         futures::future::ready(())
     });
@@ -209,20 +218,34 @@ async fn collect_all(
     }
     listed?;
 
+    // Content copies listed before the first placeholder of their digest: one more look.
+    if links && !deferred.is_empty() {
+        let found = shared.find_copies(store.list(&prefix), partitioner(layout));
+        before_run_deadline(run_deadline, opts, found)
+            .await?
+            .map_err(list_error)?;
+    }
+
     // The second pass: repositories whose deletions waited for every link and placeholder of
-    // the bucket. Each is listed again (its keys may have changed) and collected with all facts.
+    // the bucket, collected with all of them known.
     let (store_ref, run_ref, inputs_ref, shared_ref) = (&store, &run, &inputs_for, &shared);
     let again = stream::iter(deferred)
-        .map(|repo| async move {
+        .map(|waiting| async move {
             let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
-            let objects = list_prefix(store, &layout.repository_prefix(&repo.name)).await;
-            let fresh = objects.map(|o| {
-                layout
-                    .partition(o)
-                    .repositories
-                    .into_iter()
-                    .find(|r| r.name == repo.name)
-            });
+            let (name, fresh) = match waiting {
+                Waiting::Held(repo) => (repo.name.clone(), Ok(Some(repo))),
+                Waiting::Named(name) => {
+                    let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
+                    let fresh = objects.map(|o| {
+                        layout
+                            .partition(o)
+                            .repositories
+                            .into_iter()
+                            .find(|r| r.name == name)
+                    });
+                    (name, fresh)
+                }
+            };
             match fresh {
                 Ok(Some(repo)) => {
                     let cache = match shared_ref.claim(&repo).await {
@@ -242,7 +265,7 @@ async fn collect_all(
                 // Gone since it was listed (deleted): nothing to collect.
                 Ok(None) => None,
                 Err(e) => {
-                    let mut r = RepoReport::new(&repo.name, RepoStatus::Ok);
+                    let mut r = RepoReport::new(&name, RepoStatus::Ok);
                     r.stopped(&Stop::Store(format!("listing it again failed: {e}")));
                     Some(r)
                 }
@@ -300,10 +323,7 @@ async fn collect_all(
             .flat_map(|r| r.deleted.iter().map(|d| d.key.clone()))
             .collect();
         // Global blobs are shared by every repository: any repository's intent protects them.
-        let all_intents: Vec<ObjectMeta> = std::mem::take(&mut *lock(intents))
-            .into_values()
-            .flatten()
-            .collect();
+        let all_intents: Vec<ObjectMeta> = lock(intents).values().flatten().cloned().collect();
         let placeholders = lock(&shared.facts).placeholders.clone();
         let inputs = RepoInputs {
             leftovers: leftovers(&global.name),
@@ -473,10 +493,11 @@ impl Shared<'_> {
         kept
     }
 
-    /// Learns the facts a partitioner gathered itself (a whole-listing one gathers them all).
-    async fn learn_partition(&self, partition: &Partition) -> Result<(), StoreError> {
+    /// Learns the placeholders a partitioner gathered itself (links are learnt per
+    /// repository, as each is claimed).
+    fn learn_partition(&self, partition: &Partition) {
         if !self.layout.links_across_repositories() {
-            return Ok(());
+            return;
         }
         if !partition.placeholders.is_empty() {
             let mut facts = lock(&self.facts);
@@ -488,15 +509,6 @@ impl Shared<'_> {
                 }
             }
         }
-        let links = self
-            .layout
-            .linked_blobs(self.store, partition, self.concurrency)
-            .await?;
-        let mut facts = lock(&self.facts);
-        for (repo, digests) in links {
-            facts.linked.entry(repo).or_default().extend(digests);
-        }
-        Ok(())
     }
 
     /// The units of one part's listing, handed out as the partitioner completes them.
@@ -546,10 +558,7 @@ impl Shared<'_> {
                     None => {
                         feed.pages = None;
                         let partition = feed.partitioner.take()?.finish();
-                        if let Err(e) = self.learn_partition(&partition).await {
-                            self.fail(e);
-                            return None;
-                        }
+                        self.learn_partition(&partition);
                         // Every repository is in hand now: learn from all of them before
                         // handing any out, so that each is decided on complete facts.
                         let mut caches = Vec::with_capacity(partition.repositories.len());
@@ -678,10 +687,59 @@ impl Shared<'_> {
         Ok(unit_cache)
     }
 
+    /// Whether every placeholder seen so far has a content copy on record.
+    fn copies_known(&self) -> bool {
+        lock(&self.facts).placeholders.values().all(Option::is_some)
+    }
+
+    /// Lists the key space again for the content copies of placeholders whose copy was
+    /// listed before the placeholder itself (nothing else is kept).
+    async fn find_copies<'s>(
+        &'s self,
+        mut pages: BoxStream<'s, Result<Vec<ObjectMeta>, StoreError>>,
+        mut part: Box<dyn Partitioner + 's>,
+    ) -> Result<(), StoreError> {
+        if self.copies_known() {
+            return Ok(());
+        }
+        let record = |repos: Vec<Repository>| {
+            let mut facts = lock(&self.facts);
+            for repo in &repos {
+                let wanted = |d: &Digest| matches!(facts.placeholders.get(d), Some(None));
+                let copies = self.layout.content_copies(repo, &wanted);
+                if !copies.is_empty() {
+                    let map = Arc::make_mut(&mut facts.placeholders);
+                    for (d, c) in copies {
+                        map.insert(d, Some(c));
+                    }
+                }
+            }
+        };
+        while let Some(page) = pages.next().await {
+            let mut page = page?;
+            page.retain(|o| !o.key.starts_with(STATE_PREFIX));
+            record(part.push(page));
+        }
+        record(part.finish().repositories);
+        Ok(())
+    }
+
     fn fail(&self, e: StoreError) {
         let mut tail = lock(&self.tail);
         tail.error.get_or_insert(e);
     }
+}
+
+/// Listed objects that deferred repositories may hold in memory until the second pass; the
+/// rest are listed again then (about 100 bytes each: some 10 MiB).
+const DEFERRED_BUDGET: usize = 100_000;
+
+/// A repository waiting for the second pass.
+enum Waiting {
+    /// With its listing.
+    Held(Repository),
+    /// By name: listed again.
+    Named(String),
 }
 
 /// Joins the global roots the parts of the listing found.

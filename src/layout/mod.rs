@@ -77,7 +77,8 @@ pub struct Partition {
     /// globally; collected after the repositories, with every repository's manifests as roots.
     pub global: Option<Repository>,
     /// The roots of [`Partition::global`] as the listing shows them, where the layout can
-    /// read them there (one LIST pass instead of two).
+    /// read them there (one LIST pass instead of two); given whenever the listing held keys
+    /// of such a layout, with or without global blobs (the engine may list those apart).
     pub global_roots: Option<Roots>,
     /// Every digest stored as a placeholder somewhere in the bucket (de-duplicating
     /// registries), with a content copy to read it from, if the bucket holds one.
@@ -93,23 +94,155 @@ pub struct ContentCopy {
     pub size: u64,
 }
 
-impl Partition {
-    /// Adds a repository found at `prefix`, or, if its name does not parse, a rejected prefix.
-    pub(crate) fn add(&mut self, name: String, prefix: String, objects: Vec<ObjectMeta>) {
-        match validate_repository_name(&name) {
-            Ok(()) => self.repositories.push(Repository {
-                kind: UnitKind::Repository,
-                name,
-                prefix,
-                objects,
-            }),
-            Err(reason) => self.rejected.push(Rejected {
-                prefix,
-                reason,
-                objects: objects.len() as u64,
-            }),
+/// The repository found at `prefix` with `objects` (and `counted` more objects known only by
+/// number), or, if its name does not parse, a rejected prefix.
+pub(crate) fn unit(
+    name: String,
+    prefix: String,
+    objects: Vec<ObjectMeta>,
+    counted: u64,
+) -> Result<Repository, Rejected> {
+    match validate_repository_name(&name) {
+        Ok(()) if counted == 0 => Ok(Repository {
+            kind: UnitKind::Repository,
+            name,
+            prefix,
+            objects,
+        }),
+        // A partitioner counts keys instead of holding them only where no repository it
+        // collects can own them; should that ever be wrong, the repository is left alone
+        // rather than collected without some of its keys.
+        Ok(()) => Err(Rejected {
+            prefix,
+            reason: format!("{counted} of its keys were not kept by the partition"),
+            objects: objects.len() as u64 + counted,
+        }),
+        Err(reason) => Err(Rejected {
+            prefix,
+            reason,
+            objects: objects.len() as u64 + counted,
+        }),
+    }
+}
+
+/// Where a layout's keys live, so that the engine lists (and splits) only that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySpace {
+    /// The prefix every repository's keys live under (`""`: the whole bucket).
+    pub repositories: String,
+    /// The prefix of a global blob space that the engine lists on its own, after every
+    /// repository; `None` where the layout has none (or its keys come in the main listing).
+    pub global: Option<String>,
+}
+
+/// Whether the listing, now at `key`, has gone past every key under `prefix`.
+pub(crate) fn passed(prefix: &str, key: &str) -> bool {
+    key > prefix && !key.starts_with(prefix)
+}
+
+/// Guards a partitioner against a listing out of order: a key not greater than the one
+/// before it is counted as unowned (never collected) instead of being given to a repository
+/// that may already be handed out.
+#[derive(Debug, Default)]
+pub(crate) struct Order {
+    last: Option<String>,
+}
+
+impl Order {
+    /// Whether `key` comes after every key seen so far (and remembers it if so).
+    pub(crate) fn accept(&mut self, key: &str) -> bool {
+        match &mut self.last {
+            Some(last) if key <= last.as_str() => {
+                tracing::warn!(%key, after = %last, "listing out of order; key left alone");
+                false
+            }
+            Some(last) => {
+                last.clear();
+                last.push_str(key);
+                true
+            }
+            None => {
+                self.last = Some(key.to_string());
+                true
+            }
         }
     }
+}
+
+/// Repositories whose keys all lie under their prefix and sort no later than the keys under
+/// a `last` prefix of theirs, for layouts that tell a key's repository from the key alone:
+/// a repository is complete once the listing passes its `last` prefix.
+#[derive(Debug, Default)]
+pub(crate) struct OpenRepos {
+    open: std::collections::BTreeMap<String, OpenRepo>,
+}
+
+#[derive(Debug)]
+struct OpenRepo {
+    prefix: String,
+    last: String,
+    objects: Vec<ObjectMeta>,
+}
+
+impl OpenRepos {
+    /// Adds `object` to repository `name` (at `prefix`, complete after `last`).
+    pub(crate) fn insert(&mut self, name: &str, prefix: String, last: String, object: ObjectMeta) {
+        match self.open.get_mut(name) {
+            Some(r) => r.objects.push(object),
+            None => {
+                self.open.insert(
+                    name.to_string(),
+                    OpenRepo {
+                        prefix,
+                        last,
+                        objects: vec![object],
+                    },
+                );
+            }
+        }
+    }
+
+    /// Hands out every repository the listing, now at `key` (`None`: over), has passed.
+    pub(crate) fn close(
+        &mut self,
+        key: Option<&str>,
+        done: &mut Vec<Repository>,
+        rejected: &mut Vec<Rejected>,
+    ) {
+        let names: Vec<String> = self
+            .open
+            .iter()
+            .filter(|(_, r)| key.is_none_or(|k| passed(&r.last, k)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            if let Some(r) = self.open.remove(&name) {
+                match unit(name, r.prefix, r.objects, 0) {
+                    Ok(repo) => done.push(repo),
+                    Err(r) => rejected.push(r),
+                }
+            }
+        }
+    }
+
+    /// Objects held.
+    pub(crate) fn held(&self) -> usize {
+        self.open.values().map(|r| r.objects.len()).sum()
+    }
+}
+
+/// Batch partition on top of a streaming partitioner: sorts, pushes everything, finishes.
+pub(crate) fn partition_all(
+    mut partitioner: Box<dyn Partitioner + '_>,
+    mut objects: Vec<ObjectMeta>,
+) -> Partition {
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut repositories = partitioner.push(objects);
+    let mut partition = partitioner.finish();
+    repositories.append(&mut partition.repositories);
+    repositories.sort_by(|a, b| a.name.cmp(&b.name));
+    partition.repositories = repositories;
+    partition
 }
 
 impl Repository {
@@ -130,6 +263,9 @@ pub trait Partitioner: Send {
 
     /// The listing of this part is over: every repository still open, and the rest.
     fn finish(self: Box<Self>) -> Partition;
+
+    /// How many listed objects the partitioner holds now (its memory, for metrics and tests).
+    fn held_objects(&self) -> usize;
 }
 
 /// A partitioner that holds every key until the end and partitions them at once: the
@@ -147,6 +283,10 @@ impl Partitioner for CollectAll<'_> {
 
     fn finish(self: Box<Self>) -> Partition {
         self.layout.partition(self.objects)
+    }
+
+    fn held_objects(&self) -> usize {
+        self.objects.len()
     }
 }
 
@@ -248,23 +388,15 @@ pub trait DeletionProtocol: Send {
     }
 }
 
-/// Where a layout's keys live, for the listing.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KeySpace {
-    /// The prefix under which every repository's keys are.
-    pub repositories: String,
-    /// The prefix of a global blob space listed apart, after every repository, if the layout
-    /// has one outside [`KeySpace::repositories`].
-    pub global: Option<String>,
-}
-
 /// A bucket layout.
 #[async_trait]
 pub trait Layout: Send + Sync {
     /// The layout's name as given to `--layout`.
     fn name(&self) -> &'static str;
 
-    /// Splits a listing (state keys already removed) into repositories.
+    /// Splits a listing (state keys already removed, any order) into repositories: the same
+    /// as pushing it, sorted, through [`Layout::streaming_partitioner`] (the one place the
+    /// ownership rules live), except that every placeholder's content copy is found.
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition;
 
     /// A streaming partitioner for one part of the key space (see [`Partitioner`]); `None`
@@ -279,17 +411,43 @@ pub trait Layout: Send + Sync {
         String::new()
     }
 
-    /// Where the layout's keys live.
+    /// Where the layout's keys live (see [`KeySpace`]); the whole bucket unless overridden.
     fn key_space(&self) -> KeySpace {
-        KeySpace::default()
+        KeySpace {
+            repositories: String::new(),
+            global: None,
+        }
     }
 
-    /// Digests that `repo` stores as placeholders (content elsewhere in the bucket).
+    /// Given one level of a delimiter listing under `prefix` (its direct `objects` and its
+    /// sub-`prefixes`, each ending in `/`), whether the keys under `prefix` may be listed and
+    /// partitioned in parts, one per sub-prefix (and one for the direct objects), without
+    /// splitting a repository; false when `prefix` is (or may be) a repository.
+    ///
+    /// A wrong `true` is unsafe: each part's partitioner would hand out its share of one
+    /// repository as a repository of its own (or give it to an enclosing one), so the engine
+    /// would collect a repository without seeing all of its keys, twice at once, or under
+    /// the wrong owner. A wrong `false` only lists that prefix as one part, less in parallel.
+    /// The engine descends only below prefixes this said true of. The default never splits.
+    ///
+    /// Global units depend on more than their own keys (serverless-registry's temp objects
+    /// on every repository's open uploads, distribution's blobs on every revision link): a
+    /// prefix whose split would part them from what they depend on is not split; still, a
+    /// part's [`Partition::global`] and [`Partition::global_roots`] cover that part only,
+    /// and an engine that partitions parts apart must combine them.
+    fn may_split(&self, _prefix: &str, _objects: &[ObjectMeta], _prefixes: &[String]) -> bool {
+        false
+    }
+
+    /// Digests that `repo` stores as placeholders (their content lives elsewhere in the
+    /// bucket), so that the engine can build [`Partition::placeholders`] as repositories
+    /// complete.
     fn placeholders_in(&self, _repo: &Repository) -> Vec<Digest> {
         Vec::new()
     }
 
-    /// Content copies in `repo` of the digests `wanted` accepts.
+    /// Content copies in `repo` (blobs that are no placeholder) of the digests `wanted`
+    /// accepts: where a placeholder elsewhere is read from.
     fn content_copies(
         &self,
         _repo: &Repository,
@@ -298,8 +456,10 @@ pub trait Layout: Send + Sync {
         Vec::new()
     }
 
-    /// Links stored in `repo` that keep another repository's blobs alive, as (target
-    /// repository, digest).
+    /// Links stored in `repo` that keep a blob of another repository alive, as (the target
+    /// repository, the digest): what [`Layout::linked_blobs`] gathers over a whole
+    /// partition, for one repository at a time. Reads objects where links can only be told
+    /// apart by content.
     async fn links_in(
         &self,
         _store: &dyn Store,
