@@ -26,7 +26,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::digest::Digest;
-use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, STATE_PREFIX};
+use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots};
+use crate::namespace::{self, StateKey};
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
 use clock::BucketClock;
@@ -83,7 +84,7 @@ pub(crate) async fn list_all(store: &dyn Store, prefix: &str) -> Result<Listing,
     let (state, objects) = pages
         .into_iter()
         .flatten()
-        .partition(|o| o.key.starts_with(STATE_PREFIX));
+        .partition(|o| namespace::is_state(&o.key));
     Ok(Listing { objects, state })
 }
 
@@ -198,9 +199,10 @@ async fn collect_all(
         .state
         .iter()
         .filter(|o| {
-            o.key.starts_with(state::PENDING_PREFIX)
-                || o.key.starts_with(intent::DELETING_PREFIX)
-                || o.key.starts_with(lease::LEASE_PREFIX)
+            matches!(
+                namespace::classify(&o.key),
+                StateKey::Pending(_) | StateKey::Deleting(_) | StateKey::Lease(_)
+            )
         })
         .map(|o| o.key.clone())
         .collect();

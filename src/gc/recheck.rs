@@ -94,7 +94,7 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
             .map_err(|e| format!("announcing the batch: {e}"))?;
             self.announced = true;
         }
-        let listed = intent::list_intents(run.store, &self.repo.name)
+        let listed = intent::list_intents(run.store, self.repo.into())
             .await
             .map_err(|e| format!("re-listing intents: {e}"))?;
         let new: Vec<ObjectMeta> = listed

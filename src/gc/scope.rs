@@ -7,6 +7,7 @@
 
 use super::{intent, lease, list_all, state, Listing};
 use crate::layout::Layout;
+use crate::namespace::Scope;
 use crate::store::{Store, StoreError};
 
 /// The listing a run of `only` (or of every repository, for `None`) needs.
@@ -34,7 +35,7 @@ async fn list_repository(
     let objects = list_all(store, &layout.repository_prefix(name))
         .await?
         .objects;
-    let mut state = intent::list_intents(store, name).await?;
+    let mut state = intent::list_intents(store, Scope::Repository(name)).await?;
     for key in [
         state::pending_key(name),
         intent::deleting_key(name),
