@@ -939,3 +939,211 @@ async fn intent_command(args: IntentArgs) -> Result<u8, CliError> {
     println!("{key}");
     Ok(EXIT_OK)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `args` as the binary would (no config applied).
+    fn parse(args: &[&str]) -> (Cli, ArgMatches) {
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("ocigc").chain(args.iter().copied()))
+            .expect("valid arguments");
+        let cli = Cli::from_arg_matches(&matches).expect("valid arguments");
+        (cli, matches)
+    }
+
+    fn merged(args: &[&str], toml: &str) -> Result<Cli, String> {
+        let (mut cli, matches) = parse(args);
+        let cfg = FileConfig::parse("c.toml".into(), toml).map_err(|e| e.to_string())?;
+        let keys = config_keys();
+        cfg.check_keys(keys.iter().map(String::as_str))
+            .map_err(|e| e.to_string())?;
+        let (_, m) = matches.subcommand().expect("a subcommand");
+        let done = match &mut cli.command {
+            Command::Gc(g) => merge_config(g, m, &cfg),
+            Command::DeleteRepo(d) => merge_config(d, m, &cfg),
+            Command::Serve(s) => merge_config(s, m, &cfg),
+            Command::Intent(_) => Ok(()),
+        };
+        done.map_err(|e| format!("{:#}", e.error))?;
+        Ok(cli)
+    }
+
+    #[test]
+    fn the_config_keys_are_the_historical_ones() {
+        // Existing configuration files must keep working: these are the keys of every
+        // version so far.
+        let mut historical = [
+            "bucket",
+            "layout",
+            "dry_run",
+            "report",
+            "concurrency",
+            "timeout_request",
+            "s3_path_style",
+            "lease_ttl",
+            "pushgateway",
+            "repos",
+            "grace",
+            "delay",
+            "timeout_repo",
+            "timeout_run",
+            "shard",
+            "delete_untagged",
+            "listen",
+            "interval",
+            "token_file",
+            "insecure_no_auth",
+            "drain_timeout",
+            "max_queued_jobs",
+            "max_connections",
+            "header_read_timeout",
+        ];
+        historical.sort_unstable();
+        assert_eq!(config_keys(), historical);
+    }
+
+    #[test]
+    fn every_key_reaches_its_setting() {
+        let toml = r#"
+            bucket = "s3://bucket-a/team"
+            layout = "distribution"
+            dry_run = true
+            report = "/tmp/r.json"
+            concurrency = 7
+            timeout_request = "11s"
+            s3_path_style = true
+            lease_ttl = "13m"
+            pushgateway = "http://gw:9091"
+            repos = ["team/{a,b}", "x/**"]
+            grace = "2h"
+            delay = "3h"
+            timeout_repo = "4m"
+            timeout_run = "5h"
+            shard = "1/3"
+            delete_untagged = true
+            listen = "127.0.0.1:9"
+            interval = "6m"
+            token_file = "/run/token"
+            insecure_no_auth = true
+            drain_timeout = "7s"
+            max_queued_jobs = 8
+            max_connections = 9
+            header_read_timeout = "12s"
+        "#;
+        let cli = merged(&["serve"], toml).expect("valid");
+        let Command::Serve(s) = cli.command else {
+            panic!("serve expected");
+        };
+        let (g, st) = (&s.gc, &s.gc.store);
+        let m = Duration::from_secs(60);
+        assert_eq!(
+            st.bucket,
+            Some(BucketUrl::S3 {
+                bucket: "bucket-a".into(),
+                prefix: "team".into()
+            })
+        );
+        assert_eq!(st.layout, "distribution");
+        assert!(st.dry_run && st.s3_path_style && g.delete_untagged && s.insecure_no_auth);
+        assert_eq!(st.report, Some(PathBuf::from("/tmp/r.json")));
+        assert_eq!(st.concurrency, 7);
+        assert_eq!(st.timeout_request, Duration::from_secs(11));
+        assert_eq!(st.lease_ttl, 13 * m);
+        assert_eq!(st.pushgateway.as_deref(), Some("http://gw:9091"));
+        assert_eq!(st.clock_offset, Duration::ZERO);
+        // A list in the file is never split at commas (a glob's `{a,b}` stays whole).
+        assert_eq!(g.repos, ["team/{a,b}", "x/**"]);
+        assert_eq!((g.grace, g.delay), (120 * m, 180 * m));
+        assert_eq!(
+            (g.timeout_repo, g.timeout_run),
+            (Some(4 * m), Some(300 * m))
+        );
+        assert_eq!(g.shard, Some(gc::Shard { index: 1, count: 3 }));
+        assert_eq!(s.listen, "127.0.0.1:9".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(s.interval, Some(6 * m));
+        assert_eq!(s.token_file, Some(PathBuf::from("/run/token")));
+        assert_eq!(s.drain_timeout, Duration::from_secs(7));
+        assert_eq!((s.max_queued_jobs, s.max_connections), (8, 9));
+        assert_eq!(s.header_read_timeout, Duration::from_secs(12));
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let toml = "grace = \"2h\"\ndelay = \"0s\"\nconcurrency = 3\nlisten = \"127.0.0.1:1\"\n";
+        let cli = merged(&["gc", "--grace", "5m", "--concurrency=16"], toml).expect("valid");
+        let Command::Gc(g) = cli.command else {
+            panic!("gc expected");
+        };
+        assert_eq!(g.grace, Duration::from_secs(300), "the flag wins");
+        assert_eq!(
+            g.store.concurrency, 16,
+            "a flag equal to the default still wins"
+        );
+        assert_eq!(g.delay, Duration::ZERO, "the file wins over the default");
+        assert_eq!(g.store.layout, "oci", "the default stays");
+        // `listen` is a serve key: accepted in the file, ignored by gc.
+        let cli = merged(&["delete-repo", "app"], toml).expect("valid");
+        let Command::DeleteRepo(d) = cli.command else {
+            panic!("delete-repo expected");
+        };
+        assert_eq!(
+            (d.store.concurrency, d.names.as_slice()),
+            (3, &["app".to_string()][..])
+        );
+    }
+
+    #[test]
+    fn bad_values_in_the_file_name_their_key_and_line() {
+        for (toml, key) in [
+            ("concurrency = 0", "concurrency"),
+            ("concurrency = 1025", "concurrency"),
+            ("concurrency = \"8\"", "concurrency"),
+            ("layout = \"zot\"", "layout"),
+            ("grace = 5", "grace"),
+            ("timeout_run = \"101y\"", "timeout_run"),
+            ("header_read_timeout = \"0s\"", "header_read_timeout"),
+            ("max_connections = -5", "max_connections"),
+            ("shard = \"3/3\"", "shard"),
+            ("bucket = \"gs://elsewhere\"", "bucket"),
+            ("repos = \"team/*\"", "repos"),
+            ("dry_run = \"yes\"", "dry_run"),
+            ("clock_offset = \"1h\"", "clock_offset"),
+            ("log_format = \"json\"", "log_format"),
+        ] {
+            let err = merged(&["serve"], &format!("\n{toml}\n")).expect_err(toml);
+            assert!(err.contains(&format!("key {key}:")), "{toml}: {err}");
+            assert!(err.contains("line 2, column"), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn flag_structs_survive_their_serde_form() {
+        // The merge rebuilds a struct from its serde form: every value the flags accept
+        // must come back unchanged.
+        for bucket in [
+            "s3://bucket-a",
+            "s3://bucket-a/p/q/",
+            "/abs/dir",
+            "rel/dir",
+            "file:///x",
+        ] {
+            let (cli, _) = parse(&[
+                "serve",
+                "--bucket",
+                bucket,
+                "--timeout-run=100y",
+                "--clock-offset=1h 2m 3s 4ms",
+                "--shard=2/5",
+                "--repo=a,b/**",
+            ]);
+            let Command::Serve(before) = cli.command else {
+                panic!("serve expected");
+            };
+            let json = serde_json::to_value(&before).expect("serialise");
+            let after: ServeArgs = serde_json::from_value(json).expect("deserialise");
+            assert_eq!(format!("{after:?}"), format!("{before:?}"), "{bucket}");
+        }
+    }
+}

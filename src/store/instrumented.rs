@@ -260,3 +260,54 @@ impl Store for Instrumented {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::DirStore;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(Op, Outcome)>>);
+
+    impl RequestObserver for Recorder {
+        fn observe(&self, op: Op, outcome: Outcome, _elapsed: Duration) {
+            if let Ok(mut seen) = self.0.lock() {
+                seen.push((op, outcome));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_request_reaches_the_observer_with_its_outcome() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn Store> = Arc::new(DirStore::open(dir.path()).expect("open"));
+        let recorder = Arc::new(Recorder::default());
+        let store = Instrumented::new(inner, 2, Duration::from_secs(10))
+            .with_metrics(Some(recorder.clone()));
+        store
+            .put("a/b", Bytes::from_static(b"x"), PutCondition::None)
+            .await
+            .expect("put");
+        store.get("a/b").await.expect("get");
+        assert!(matches!(
+            store.get("a/missing").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        let pages: Vec<_> = store.list("a/").collect().await;
+        assert_eq!(pages.len(), 1);
+        let seen = recorder.0.lock().expect("lock").clone();
+        assert_eq!(
+            seen,
+            [
+                (Op::Put, Outcome::Ok),
+                (Op::Get, Outcome::Ok),
+                (Op::Get, Outcome::NotFound),
+                (Op::List, Outcome::Ok),
+            ]
+        );
+        let counts = store.counts();
+        assert_eq!((counts.put, counts.get, counts.list), (1, 2, 1));
+    }
+}
