@@ -380,10 +380,11 @@ fn config_keys() -> Vec<String> {
 /// Sets every field of `args` that the user did not give as a flag or variable, and the file
 /// does, from the file. Generic over the flag structs: their serde form is a map from config
 /// key to value, so a setting needs no line of its own here. Each value goes through the
-/// setting's own deserializer (the flag's parser), so a bad one is named by its key.
+/// setting's own deserializer (the flag's parser), so a bad one is named by its key. Without
+/// `m`, every key of the file is taken.
 fn merge_config<A: Serialize + DeserializeOwned>(
     args: &mut A,
-    m: &ArgMatches,
+    m: Option<&ArgMatches>,
     cfg: &FileConfig,
 ) -> Result<(), CliError> {
     let internal = |e: serde_json::Error| fatal(anyhow!("merging the configuration file: {e}"));
@@ -396,7 +397,7 @@ fn merge_config<A: Serialize + DeserializeOwned>(
         let Some(value) = cfg.value(key) else {
             continue;
         };
-        if !fields.contains_key(key) || explicit(m, key) {
+        if !fields.contains_key(key) || m.is_some_and(|m| explicit(m, key)) {
             continue;
         }
         let mut trial = fields.clone();
@@ -419,18 +420,38 @@ fn apply_config(cli: &mut Cli, matches: &ArgMatches) -> Result<(), CliError> {
         return Ok(());
     };
     let cfg = FileConfig::load(path).map_err(|e| usage(e.into()))?;
-    let keys = config_keys();
-    cfg.check_keys(keys.iter().map(String::as_str))
-        .map_err(|e| usage(e.into()))?;
+    check_config(&cfg)?;
     let Some((_, m)) = matches.subcommand() else {
         return Ok(());
     };
     match &mut cli.command {
-        Command::Gc(g) => merge_config(g, m, &cfg),
-        Command::DeleteRepo(d) => merge_config(d, m, &cfg),
-        Command::Serve(s) => merge_config(s, m, &cfg),
+        Command::Gc(g) => merge_config(g, Some(m), &cfg),
+        Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
+        Command::Serve(s) => merge_config(s, Some(m), &cfg),
         Command::Intent(_) => Ok(()),
     }
+}
+
+/// Rejects unknown keys and bad values, whichever command runs: `serve` has every key, so
+/// its flags (defaults only, variables ignored) take the whole file.
+fn check_config(cfg: &FileConfig) -> Result<(), CliError> {
+    let keys = config_keys();
+    cfg.check_keys(keys.iter().map(String::as_str))
+        .map_err(|e| usage(e.into()))?;
+    let defaults = Cli::command()
+        .mut_args(|a| a.env(None::<&str>))
+        .mut_subcommand("serve", |s| s.mut_args(|a| a.env(None::<&str>)))
+        .try_get_matches_from(["ocigc", "serve"])
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let mut serve = match defaults {
+        Ok(Cli {
+            command: Command::Serve(s),
+            ..
+        }) => s,
+        Ok(_) => return Err(fatal(anyhow!("`serve` parsed as another command"))),
+        Err(e) => return Err(fatal(anyhow!("the defaults of `serve` do not parse: {e}"))),
+    };
+    merge_config(&mut serve, None, cfg)
 }
 
 /// The config-file form of settings whose type serde does not read as the flag does: the
@@ -956,14 +977,12 @@ mod tests {
     fn merged(args: &[&str], toml: &str) -> Result<Cli, String> {
         let (mut cli, matches) = parse(args);
         let cfg = FileConfig::parse("c.toml".into(), toml).map_err(|e| e.to_string())?;
-        let keys = config_keys();
-        cfg.check_keys(keys.iter().map(String::as_str))
-            .map_err(|e| e.to_string())?;
+        check_config(&cfg).map_err(|e| format!("{:#}", e.error))?;
         let (_, m) = matches.subcommand().expect("a subcommand");
         let done = match &mut cli.command {
-            Command::Gc(g) => merge_config(g, m, &cfg),
-            Command::DeleteRepo(d) => merge_config(d, m, &cfg),
-            Command::Serve(s) => merge_config(s, m, &cfg),
+            Command::Gc(g) => merge_config(g, Some(m), &cfg),
+            Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
+            Command::Serve(s) => merge_config(s, Some(m), &cfg),
             Command::Intent(_) => Ok(()),
         };
         done.map_err(|e| format!("{:#}", e.error))?;
@@ -1097,6 +1116,9 @@ mod tests {
     #[test]
     fn bad_values_in_the_file_name_their_key_and_line() {
         for (toml, key) in [
+            // A serve key is checked when gc runs too (below, every case runs as gc).
+            ("listen = \"nowhere\"", "listen"),
+            ("max_queued_jobs = 0", "max_queued_jobs"),
             ("concurrency = 0", "concurrency"),
             ("concurrency = 1025", "concurrency"),
             ("concurrency = \"8\"", "concurrency"),
@@ -1112,7 +1134,7 @@ mod tests {
             ("clock_offset = \"1h\"", "clock_offset"),
             ("log_format = \"json\"", "log_format"),
         ] {
-            let err = merged(&["serve"], &format!("\n{toml}\n")).expect_err(toml);
+            let err = merged(&["gc"], &format!("\n{toml}\n")).expect_err(toml);
             assert!(err.contains(&format!("key {key}:")), "{toml}: {err}");
             assert!(err.contains("line 2, column"), "{toml}: {err}");
         }
