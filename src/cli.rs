@@ -3,8 +3,8 @@
 //!
 //! Every setting is declared once, as a field of the flag structs below: its flag, variable,
 //! default, help and validation in `#[arg]`, its config-file form in `#[serde]` (the key is the
-//! field name; the value is checked by the same parser as the flag). [`apply_config`] merges
-//! the file into the parsed flags generically, and [`gc_setup`] turns the result into the
+//! field name; the value is checked by the same parser as the flag). `apply_config` merges
+//! the file into the parsed flags generically, and `gc_setup` turns the result into the
 //! engine's options, in one place each.
 
 use std::net::SocketAddr;

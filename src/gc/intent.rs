@@ -22,6 +22,7 @@ use crate::manifest::Descriptor;
 use crate::namespace::{self, Scope, StateKey};
 use crate::store::{ObjectMeta, PutCondition, Store, StoreError};
 
+/// Key builders of intents and announcements, from [`crate::namespace`] (which owns them).
 pub use crate::namespace::{deleting_key, intents_prefix};
 
 /// Longest lifetime honoured, whatever an intent asks for.

@@ -15,6 +15,7 @@ use super::clock::BucketClock;
 use crate::report::timestamp;
 use crate::store::{PutCondition, PutOutcome, Store, StoreError};
 
+/// The key of a unit's lease, from [`crate::namespace`] (which owns it).
 pub use crate::namespace::lease_key;
 
 #[derive(Debug, Serialize, Deserialize)]

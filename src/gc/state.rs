@@ -19,6 +19,7 @@ use crate::store::{PutCondition, PutOutcome, Store, StoreError};
 /// version are ignored, so a scan that learns to parse more kinds reads every blob again.
 pub const SCAN_VERSION: u32 = 1;
 
+/// The key of a unit's pending state, from [`crate::namespace`] (which owns it).
 pub use crate::namespace::pending_key;
 
 /// One pending candidate.

@@ -20,6 +20,7 @@ use crate::store::{ObjectMeta, Store, StoreError};
 
 pub use name::validate_repository_name;
 
+/// Prefix of ocigc's own state, never part of a repository; [`crate::namespace`] owns it.
 pub use crate::namespace::STATE_PREFIX;
 
 /// Name of the pseudo-repository that holds a layout's global blobs (`distribution`). The
