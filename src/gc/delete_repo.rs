@@ -22,6 +22,7 @@ use crate::gc::plan::Reason;
 use crate::gc::{cache, intent, state};
 use crate::layout::{KeyKind, Layout, Repository};
 use crate::metrics::Metrics;
+use crate::namespace::Scope;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, PutCondition, Store};
 
@@ -234,7 +235,7 @@ async fn delete_one(
         // ocigc's own state for the repository goes last: a crash before this point leaves
         // it for the resumed deletion, which removes it then.
         let mut keys = vec![state::pending_key(name)];
-        match intent::list_intents(store, name).await {
+        match intent::list_intents(store, Scope::Repository(name)).await {
             Ok(listed) => keys.extend(listed.into_iter().map(|o| o.key)),
             Err(e) => report.warnings.push(format!("listing intents: {e}")),
         }

@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 
-use crate::layout::{Layout, STATE_PREFIX};
+use crate::layout::Layout;
+use crate::namespace;
 use crate::report::{timestamp, Report};
 use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
 use clock::BucketClock;
@@ -75,7 +76,7 @@ pub(crate) async fn list_all(store: &dyn Store, prefix: &str) -> Result<Listing,
     let (state, objects) = pages
         .into_iter()
         .flatten()
-        .partition(|o| o.key.starts_with(STATE_PREFIX));
+        .partition(|o| namespace::is_state(&o.key));
     Ok(Listing { objects, state })
 }
 

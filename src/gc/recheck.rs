@@ -97,7 +97,7 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
             .map_err(|e| Stop::Store(format!("announcing the batch: {e}")))?;
             self.announced = true;
         }
-        let listed = intent::list_intents(run.store, &self.repo.name)
+        let listed = intent::list_intents(run.store, self.repo.into())
             .await
             .map_err(|e| Stop::Store(format!("re-listing intents: {e}")))?;
         let new: Vec<ObjectMeta> = listed

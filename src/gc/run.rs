@@ -18,6 +18,7 @@ use super::{
     GcError, GcOptions,
 };
 use crate::digest::Digest;
+use crate::namespace::{self, StateKey};
 use crate::layout::{
     list_prefix, partitioner, ContentCopy, Layout, Partition, Partitioner, Rejected, Repository,
     Roots, UnitKind, GLOBAL_REPOSITORY, STATE_PREFIX,
@@ -82,9 +83,10 @@ async fn collect_all(
     let state_keys: HashSet<String> = state
         .iter()
         .filter(|o| {
-            o.key.starts_with(state::PENDING_PREFIX)
-                || o.key.starts_with(intent::DELETING_PREFIX)
-                || o.key.starts_with(lease::LEASE_PREFIX)
+            matches!(
+                namespace::classify(&o.key),
+                StateKey::Pending(_) | StateKey::Deleting(_) | StateKey::Lease(_)
+            )
         })
         .map(|o| o.key.clone())
         .collect();

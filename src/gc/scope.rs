@@ -7,7 +7,8 @@
 //! ([`Layout::links_across_repositories`]) the whole key space is listed as before.
 
 use super::{cache, intent, lease, list_all, state};
-use crate::layout::{KeySpace, Layout, STATE_PREFIX};
+use crate::layout::{KeySpace, Layout};
+use crate::namespace::{Scope, STATE_PREFIX};
 use crate::store::{ObjectMeta, Store, StoreError};
 
 /// The state objects a run of `only` (or of every repository, for `None`) reads.
@@ -33,7 +34,7 @@ pub(crate) fn objects_prefix(layout: &dyn Layout, space: &KeySpace, only: Option
 /// Every state object a run of `name` reads: its intents, pending candidates, batch
 /// announcement and lease.
 async fn repository_state(store: &dyn Store, name: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-    let mut state = intent::list_intents(store, name).await?;
+    let mut state = intent::list_intents(store, Scope::Repository(name)).await?;
     // Its cache entries (a nested repository's, under the same prefix, are ignored by unit).
     state.extend(
         list_all(store, &format!("{}{name}/", cache::CACHE_PREFIX))

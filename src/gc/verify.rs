@@ -89,7 +89,7 @@ impl RepoRun<'_> {
     }
 
     async fn fresh_intents(&self, repo: &Repository) -> Result<intent::Intents, String> {
-        let listed = intent::list_intents(self.store, &repo.name)
+        let listed = intent::list_intents(self.store, repo.into())
             .await
             .map_err(|e| e.to_string())?;
         intent::read_intents(self.store, &listed, self.clock.now()).await

@@ -20,8 +20,8 @@ use crate::store::{ObjectMeta, Store, StoreError};
 
 pub use name::validate_repository_name;
 
-/// Prefix of ocigc's own state; never part of a repository, never swept.
-pub const STATE_PREFIX: &str = "_ocigc/";
+/// Prefix of ocigc's own state, never part of a repository; [`crate::namespace`] owns it.
+pub use crate::namespace::STATE_PREFIX;
 
 /// Name of the pseudo-repository that holds a layout's global blobs (`distribution`). The
 /// repository grammar forbids a leading `_`, so it never collides with a real repository.

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub use dir::DirStore;
-pub use instrumented::{Instrumented, RequestCounts};
+pub use instrumented::{Instrumented, Outcome, RequestCounts, RequestObserver};
 pub use s3::{S3Settings, S3Store, StaticCredentials};
 pub use url::BucketUrl;
 

@@ -369,11 +369,7 @@ impl Store for S3Store {
     async fn server_time(&self) -> StoreResult<SystemTime> {
         // A HEAD of a key nobody writes: the 404 carries the store's `Date`, and reading it
         // needs no write permission.
-        let key = format!(
-            "{}clock/{}",
-            crate::layout::STATE_PREFIX,
-            uuid::Uuid::new_v4()
-        );
+        let key = crate::namespace::clock_probe_key(&uuid::Uuid::new_v4().to_string());
         let result = self
             .client
             .head_object()
