@@ -198,8 +198,9 @@ pub async fn plan_parts(
         // Nothing to divide: one part, which also holds whatever appears later.
         return whole();
     }
-    let (lo, hi) = shard_slice(&slots, index, count);
-    Ok(group(root, &slots, lo, hi, target))
+    let safe = safe_cuts(&slots);
+    let (lo, hi) = shard_slice(&slots, &safe, index, count);
+    Ok(group(root, &slots, &safe, lo, hi, target))
 }
 
 /// The units of one level, in key order, excluded ones marked.
@@ -233,104 +234,160 @@ fn normal_units(slots: &[Slot]) -> usize {
     slots.iter().filter(|s| !s.excluded).count()
 }
 
-/// The slot range `[lo, hi)` of shard `index` of `count`: the units are dealt by count, in
-/// order, ignoring excluded ones; the first shard reaches back to slot 0 and the last to the
-/// end.
-fn shard_slice(slots: &[Slot], index: u32, count: u32) -> (usize, usize) {
-    let total = normal_units(slots);
-    let (index, count) = (index as usize, count as usize);
-    // Ordinal o of the normal units belongs to shard o * count / total.
-    let first = (index * total).div_ceil(count);
-    let last = ((index + 1) * total).div_ceil(count);
-    let slot_of = |ordinal: usize| {
-        slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.excluded)
-            .nth(ordinal)
-            .map_or(slots.len(), |(i, _)| i)
-    };
-    let lo = if index == 0 { 0 } else { slot_of(first) };
-    let hi = if index + 1 == count {
-        slots.len()
-    } else {
-        slot_of(last)
-    };
-    (lo, hi.max(lo))
+/// The key order of a store that lists a file tree (SeaweedFS): component by component, so
+/// `/` sorts before every other character (`a/b/1` before `a/b-c`). Each byte moves up one
+/// so that `/` alone maps below everything.
+fn tree_key(key: &str) -> Vec<u16> {
+    key.bytes()
+        .map(|b| if b == b'/' { 0 } else { u16::from(b) + 1 })
+        .collect()
 }
 
-/// Parts for the slots `[lo, hi)`: runs of normal units cut at excluded ones and into about
-/// `target` groups of equal unit count, plus the gaps next to excluded prefixes that no run
-/// borders (they hold no key at planning, but may later).
-fn group(root: &str, slots: &[Slot], lo: usize, hi: usize, target: usize) -> Vec<Part> {
-    let total = slots[lo..hi].iter().filter(|s| !s.excluded).count();
-    let range = |after: Option<String>, before: Option<String>| Part {
-        prefix: root.to_string(),
-        after,
-        before,
-    };
-    let mut parts = Vec::new();
-    let mut run: Option<(usize, usize)> = None; // (first slot, group)
-    let mut ordinal = 0usize;
-    for i in lo..hi {
-        let slot = &slots[i];
-        if slot.excluded {
-            if let Some((first, _)) = run.take() {
-                parts.push(part(root, slots, first, i));
+/// Where a cut between slots `j - 1` and `j` gives the same two sides whichever order the
+/// store lists in. Byte order (S3, the directory store) and tree order (SeaweedFS) differ only
+/// where a sibling's name continues a directory's name with a character below `/`
+/// (`alpine-edge` and `alpine/`): a cut never separates such a pair. And a tree-ordered
+/// store skips a whole sibling named like the cut's `StartAfter` (`l0` after `l/`), so a cut
+/// is not placed right before one.
+fn safe_cuts(slots: &[Slot]) -> Vec<bool> {
+    let n = slots.len();
+    let keys: Vec<Vec<u16>> = slots.iter().map(|s| tree_key(s.unit.start())).collect();
+    let mut below_max: Vec<Option<&Vec<u16>>> = vec![None; n + 1];
+    for j in 1..=n {
+        below_max[j] = below_max[j - 1].max(Some(&keys[j - 1]));
+    }
+    let mut above_min: Vec<Option<&Vec<u16>>> = vec![None; n + 1];
+    for j in (0..n).rev() {
+        above_min[j] = match above_min[j + 1] {
+            Some(m) => Some(m.min(&keys[j])),
+            None => Some(&keys[j]),
+        };
+    }
+    (0..=n)
+        .map(|j| {
+            if j == 0 || j == n {
+                return true;
             }
-            if i == 0 {
-                parts.push(range(None, Some(slot.unit.start().to_string())));
-            }
-            let end = slot.unit.end();
-            match slots.get(i + 1) {
-                // A key equal to the end of an excluded prefix (an object `p0` after `p/`) is
-                // before no `after` that follows it: a part of its own.
-                Some(next) if matches!(&next.unit, Unit::Object(k) if *k == end) => {
-                    parts.push(Part {
-                        prefix: end.clone(),
-                        after: None,
-                        before: Some(just_after(&end)),
-                    });
-                }
-                Some(next) if next.excluded => {
-                    parts.push(range(Some(end), Some(next.unit.start().to_string())));
-                }
-                None => parts.push(range(Some(end), None)),
-                Some(_) => {}
-            }
-            continue;
+            let consistent = match (below_max[j], above_min[j]) {
+                (Some(lo), Some(hi)) => lo < hi,
+                _ => true,
+            };
+            let end = slots[j - 1].unit.end();
+            let dir_end = format!("{end}/");
+            let shadowed = matches!(slots[j - 1].unit, Unit::Prefix(_))
+                && slots[j..]
+                    .iter()
+                    .take_while(|s| s.unit.start().starts_with(end.as_str()))
+                    .any(|s| s.unit.start() == end || s.unit.start().starts_with(&dir_end));
+            consistent && !shadowed
+        })
+        .collect()
+}
+
+/// The first safe cut at or after `j`.
+fn snap(safe: &[bool], j: usize) -> usize {
+    (j..safe.len()).find(|&i| safe[i]).unwrap_or(safe.len() - 1)
+}
+
+/// Slot index of the normal unit with this ordinal (the end if there is none).
+fn slot_of(slots: &[Slot], ordinal: usize) -> usize {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.excluded)
+        .nth(ordinal)
+        .map_or(slots.len(), |(i, _)| i)
+}
+
+/// The slot range `[lo, hi)` of shard `index` of `count`: the normal units are dealt by
+/// count, in order, each shard starting at the first safe cut at or after its share; the first
+/// shard reaches back to slot 0 and the last to the end.
+fn shard_slice(slots: &[Slot], safe: &[bool], index: u32, count: u32) -> (usize, usize) {
+    let total = normal_units(slots);
+    let (index, count) = (index as usize, count as usize);
+    let start = |i: usize| {
+        if i == 0 {
+            0
+        } else if i >= count {
+            slots.len()
+        } else {
+            snap(safe, slot_of(slots, (i * total).div_ceil(count)))
         }
-        let g = ordinal * target / total.max(1);
-        ordinal += 1;
-        match run {
-            Some((first, group)) if group != g => {
-                parts.push(part(root, slots, first, i));
-                run = Some((i, g));
-            }
-            Some(_) => {}
-            None => run = Some((i, g)),
+    };
+    (start(index), start(index + 1))
+}
+
+/// Parts for the slots `[lo, hi)`: about `target` ranges of equal unit count, cut only where
+/// [`safe_cuts`] allows, and cut around excluded prefixes where it allows; a range of excluded
+/// prefixes only is no part.
+fn group(
+    root: &str,
+    slots: &[Slot],
+    safe: &[bool],
+    lo: usize,
+    hi: usize,
+    target: usize,
+) -> Vec<Part> {
+    if lo >= hi {
+        return Vec::new();
+    }
+    let total = slots[lo..hi].iter().filter(|s| !s.excluded).count();
+    let first = slots[..lo].iter().filter(|s| !s.excluded).count();
+    let mut cuts = std::collections::BTreeSet::from([lo, hi]);
+    for k in 1..target {
+        let at = snap(safe, slot_of(slots, first + (k * total).div_ceil(target)));
+        if at > lo && at < hi {
+            cuts.insert(at);
         }
     }
-    if let Some((first, _)) = run {
-        parts.push(part(root, slots, first, hi));
+    for h in (lo..hi).filter(|&h| slots[h].excluded) {
+        for at in [h, h + 1] {
+            if at > lo && at < hi && safe[at] {
+                cuts.insert(at);
+            }
+        }
+    }
+    let cuts: Vec<usize> = cuts.into_iter().collect();
+    let only_excluded = |a: usize, b: usize| slots[a..b].iter().all(|s| s.excluded);
+    let mut parts = Vec::new();
+    for (i, w) in cuts.windows(2).enumerate() {
+        let (a, b) = (w[0], w[1]);
+        if !only_excluded(a, b) {
+            let mut p = part(root, slots, a, b);
+            // Up to the excluded prefix that follows, not just to this range's last unit: a
+            // key created in between is not lost.
+            if cuts.get(i + 2).is_some_and(|&c| only_excluded(b, c)) {
+                p.before = Some(slots[b].unit.start().to_string());
+            }
+            parts.push(p);
+            continue;
+        }
+        // The ends of the root beyond an excluded prefix: empty when planned, not later.
+        if a == 0 {
+            parts.push(Part {
+                prefix: root.to_string(),
+                after: None,
+                before: Some(slots[0].unit.start().to_string()),
+            });
+        }
+        if b == slots.len() {
+            parts.push(Part {
+                prefix: root.to_string(),
+                after: Some(slots[b - 1].unit.end()),
+                before: None,
+            });
+        }
     }
     parts
 }
 
-/// The part of the normal slots `[a, b)`: from the end of the slot before `a` (or the root's
-/// start) to the end of slot `b - 1`, or to the start of slot `b` where that one is excluded
-/// (or to the root's end).
+/// The part of the slots `[a, b)`: the keys after the end of slot `a - 1` (or from the
+/// root's start) up to and including the end of slot `b - 1` (or to the root's end).
 fn part(root: &str, slots: &[Slot], a: usize, b: usize) -> Part {
-    let after = a.checked_sub(1).map(|prev| slots[prev].unit.end());
-    let before = match slots.get(b) {
-        Some(next) if next.excluded => Some(next.unit.start().to_string()),
-        Some(_) => Some(just_after(&slots[b - 1].unit.end())),
-        None => None,
-    };
     Part {
         prefix: root.to_string(),
-        after,
-        before,
+        after: a.checked_sub(1).map(|prev| slots[prev].unit.end()),
+        before: (b < slots.len()).then(|| just_after(&slots[b - 1].unit.end())),
     }
 }
 
@@ -394,6 +451,12 @@ mod tests {
         assert_eq!(past_prefix("ab"), "ac");
     }
 
+    fn plan(slots: &[Slot], index: u32, count: u32, target: usize) -> Vec<Part> {
+        let safe = safe_cuts(slots);
+        let (lo, hi) = shard_slice(slots, &safe, index, count);
+        group("", slots, &safe, lo, hi, target)
+    }
+
     /// Every key, present or not at planning, has exactly one part; excluded ones none.
     #[test]
     fn groups_cover_each_key_once_around_exclusions() {
@@ -401,13 +464,14 @@ mod tests {
             obj("A"),
             pre("X/", false),
             pre("_ocigc/", true),
-            obj("_ocigc0"),
             pre("a/", false),
             pre("b/", false),
             obj("c"),
+            pre("zz/", true),
         ];
         for target in 1..=7 {
-            let parts = group("", &slots, 0, slots.len(), target);
+            let parts = plan(&slots, 0, 1, target);
+            assert!(parts.len() <= target + 3, "{parts:?}");
             for key in [
                 "",
                 "0",
@@ -417,7 +481,6 @@ mod tests {
                 "X/1",
                 "X0",
                 "Y",
-                "_ocigc0",
                 "_ocigc0/x",
                 "a",
                 "a/",
@@ -428,13 +491,45 @@ mod tests {
                 "c",
                 "c\0",
                 "d",
-                "\u{10FFFF}",
             ] {
                 assert_eq!(owners(&parts, key), 1, "{key:?} target {target}: {parts:?}");
             }
-            for key in ["_ocigc/", "_ocigc/lease"] {
+            for key in ["_ocigc/", "_ocigc/lease", "zz/1"] {
                 assert_eq!(owners(&parts, key), 0, "{key:?}: {parts:?}");
             }
+        }
+    }
+
+    /// A tree-ordered store would skip `_ocigc0` after `_ocigc/`: the excluded prefix then
+    /// stays in the next part rather than lose it.
+    #[test]
+    fn a_sibling_named_like_the_end_keeps_the_exclusion_in() {
+        let slots = vec![pre("_ocigc/", true), obj("_ocigc0"), pre("a/", false)];
+        let parts = plan(&slots, 0, 1, 2);
+        for key in ["_ocigc0", "a/1", "_ocigc/x"] {
+            assert_eq!(owners(&parts, key), 1, "{key:?}: {parts:?}");
+        }
+        assert_eq!(parts[0].after, None, "{parts:?}");
+    }
+
+    /// `alpine-edge/` sorts before `alpine/` by bytes and after it by tree: never cut between.
+    #[test]
+    fn cuts_never_separate_what_the_two_orders_disagree_on() {
+        let slots = vec![
+            pre("lib/a/", false),
+            pre("lib/alpine-edge/", false),
+            obj("lib/alpine.z"),
+            pre("lib/alpine/", false),
+            pre("lib/alpine0/", false),
+            pre("lib/b/", false),
+        ];
+        let safe = safe_cuts(&slots);
+        assert_eq!(safe, [true, true, false, false, false, true, true]);
+        for target in 1..=6 {
+            let parts = plan(&slots, 0, 1, target);
+            let edge = parts.iter().position(|p| p.contains("lib/alpine-edge/x"));
+            assert_eq!(edge, parts.iter().position(|p| p.contains("lib/alpine/x")));
+            assert_eq!(edge, parts.iter().position(|p| p.contains("lib/alpine0/x")));
         }
     }
 
@@ -445,11 +540,7 @@ mod tests {
             .chain([obj("z")])
             .collect();
         for count in 1..=13u32 {
-            let mut all = Vec::new();
-            for index in 0..count {
-                let (lo, hi) = shard_slice(&slots, index, count);
-                all.push(group("", &slots, lo, hi, 2));
-            }
+            let all: Vec<Vec<Part>> = (0..count).map(|i| plan(&slots, i, count, 2)).collect();
             for key in [
                 "", "r0/a", "r1", "r3/x", "r41", "r5/", "r9/z", "s", "z", "zz",
             ] {

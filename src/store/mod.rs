@@ -203,19 +203,24 @@ pub trait Store: Send + Sync {
     /// Human-readable location, e.g. `s3://bucket/prefix` or `file:///srv/bucket`.
     fn describe(&self) -> String;
 
-    /// Lists every object under `prefix` in pages of at most 1000.
+    /// Lists every object under `prefix` in pages of at most 1000, in the store's key order.
     ///
-    /// Keys come in lexicographic byte order, across pages as well as within one (S3's
-    /// `ListObjectsV2` order): a consumer may treat every key below the last one it has seen as
-    /// complete. The one exception: the directory store reports a directory `d` it cannot read as
-    /// a defect keyed `d` but placed where `d/` sorts, after any sibling such as `d.old`.
+    /// That order is lexicographic by bytes on S3 (and MinIO, moto) and on the directory store,
+    /// across pages as well as within one. Stores that keep a file tree list it component by
+    /// component instead (SeaweedFS: `a/b/1` before `a/b-c`, as if `/` sorted first). Both
+    /// keep every prefix ending in `/` contiguous, which is what a consumer may rely on
+    /// everywhere; "every key below the last one seen is complete" holds only in byte order.
+    /// The directory store reports a directory `d` it cannot read as a defect keyed `d` but
+    /// placed where `d/` sorts.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         self.list_after(prefix, None)
     }
 
-    /// Like [`Store::list`], but only the keys strictly greater than `start_after` (S3's
-    /// `StartAfter`): a listing resumed, or one range of the key space, without reading the
-    /// keys before it.
+    /// Like [`Store::list`], but only the keys after `start_after` (S3's `StartAfter`): a
+    /// listing resumed, or one range of the key space, without reading the keys before it.
+    /// "After" is in the store's order: by bytes, or on a file-tree store by the first path
+    /// component that differs (which skips a whole directory named like `start_after`'s last
+    /// component); [`listing::plan_parts`] places its cuts where the two agree.
     fn list_after<'a>(
         &'a self,
         prefix: &'a str,
