@@ -7,7 +7,7 @@ use common::*;
 use futures::TryStreamExt;
 use std::time::{Duration, SystemTime};
 
-use ocigc::store::{Metadata, PutCondition, PutOutcome, Store, StoreError};
+use ocigc::store::{Instrumented, Metadata, PutCondition, PutOutcome, Store, StoreError};
 
 async fn list_keys(store: &dyn Store, prefix: &str) -> Vec<String> {
     let pages: Vec<_> = store.list(prefix).try_collect().await.expect("list");
@@ -366,7 +366,7 @@ async fn level_listing(t: TestStore) {
             .iter()
             .all(|o| o.defect.is_none() && o.size == 1));
     }
-    // A level of more than one page arrives in several, each in order.
+    // A level of more than one page arrives in several, each in order, each one request.
     let pages: Vec<_> = s
         .list_level_pages("many/")
         .try_collect()
@@ -377,6 +377,66 @@ async fn level_listing(t: TestStore) {
         assert!(page.objects.len() + page.prefixes.len() <= 1000);
         assert!(page.objects.windows(2).all(|w| w[0].key < w[1].key));
     }
+    let counted = Instrumented::new(t.store.clone(), 4, Duration::from_secs(60));
+    let level = counted.list_level("many/").await.expect("level");
+    assert_eq!(level.objects.len(), 1005);
+    assert_eq!(counted.counts().list, pages.len() as u64, "{}", t.kind);
+    let after: Vec<_> = counted
+        .list_after("many/", Some("many/00010"))
+        .try_collect()
+        .await
+        .expect("list");
+    assert_eq!(
+        counted.counts().list,
+        pages.len() as u64 + after.len() as u64
+    );
+}
+
+/// Sends the first page of a level, then never answers.
+struct StallAfterFirstPage(std::sync::Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl common::wrap::Intercept for StallAfterFirstPage {
+    fn inner(&self) -> &std::sync::Arc<dyn Store> {
+        &self.0
+    }
+    fn list_level_pages<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> futures::stream::BoxStream<'a, ocigc::store::StoreResult<ocigc::store::Level>> {
+        Box::pin(
+            self.0
+                .list_level_pages(prefix)
+                .take(1)
+                .chain(futures::stream::pending()),
+        )
+    }
+}
+
+/// Every page of a level listing is a request under the time-out: a store that stalls on the
+/// second page fails the level, counted as the one request that arrived.
+#[tokio::test]
+async fn level_pages_are_timed_out_requests() {
+    let t = dir_store();
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    for i in 0..1005 {
+        f.put(&format!("many/{i:05}"), b"x").await;
+    }
+    let stalled: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(common::wrap::Wrapped(StallAfterFirstPage(t.store.clone())));
+    let counted = Instrumented::new(stalled, 1, Duration::from_millis(300));
+    let err = counted.list_level("many/").await.expect_err("stalled");
+    assert!(matches!(err, StoreError::Timeout { .. }), "{err}");
+    assert_eq!(counted.counts().list, 1);
+    // The permit went back: the next request runs under the bound of one (and stalls too).
+    let again = tokio::time::timeout(Duration::from_secs(10), counted.list_level("")).await;
+    assert!(
+        matches!(again, Ok(Err(StoreError::Timeout { .. }))),
+        "{again:?}"
+    );
+    assert_eq!(counted.counts().list, 2);
 }
 
 use futures::StreamExt;

@@ -7,16 +7,21 @@
 //! keys land in one part. Consecutive units are then grouped into contiguous key ranges
 //! ([`Part`]) that [`list_part`] lists with `StartAfter`.
 //!
-//! Boundaries are exact: between a unit ending at `x` (an object key, or the first string past
-//! a prefix, `p/` → `p0`) and the next, the lower part takes the keys `<= x` and the upper one
+//! Cuts are exact: between a unit ending at `x` (an object key, or the first string past a
+//! prefix, `p/` → `p0`) and the next, the lower part takes the keys `<= x` and the upper one
 //! the keys `> x`, so every key under the root, including one created after planning, falls in
-//! exactly one part of a plan. Excluded prefixes are cut out: the part before one ends at its
-//! start, the part after it begins at its end. Two things a plan cannot see:
+//! exactly one part. Cuts are placed only where byte order (S3, the directory store) and tree
+//! order (SeaweedFS, see [`Store::list`]) agree, so one plan serves both kinds of store, and
+//! every part lists the same keys on either.
 //!
-//! - a key named exactly like the end of an excluded prefix (`_ocigc0` after `_ocigc/`) that
-//!   is created after planning lies in no part;
-//! - an excluded prefix inside a unit the policy refuses to split stays in that unit's part
-//!   (the repository stays whole), so a consumer still filters excluded keys itself.
+//! Excluded prefixes are cut out where such a cut is allowed: the part before one ends at its
+//! start, the part after it begins at its end. What a plan cannot see:
+//!
+//! - a key created after planning between two excluded prefixes, or named exactly like the end
+//!   of one (`_ocigc0` after `_ocigc/`), lies in no part;
+//! - an excluded prefix where no cut is allowed (inside a unit the policy refuses to split, or
+//!   next to a sibling the two orders disagree on) stays in its neighbour's part, so consumers
+//!   still filter excluded keys themselves.
 //!
 //! Shards planned at different moments see different units: their boundaries can move, so two
 //! shards may overlap at a boundary, or leave out a prefix created in between at one. The
@@ -123,9 +128,10 @@ struct Slot {
     depth: usize,
 }
 
-/// Plans the parts of `root`: at most `target_parts` contiguous ranges (plus one per excluded
-/// prefix that falls between units) that together hold every key under `root` not under an
-/// `exclude` prefix exactly once, none splitting a prefix the `policy` refuses to split.
+/// Plans the parts of `root`: about `target_parts` contiguous ranges (fewer where cuts are not
+/// allowed, up to two more per excluded prefix) that together hold every key under `root` not
+/// under an `exclude` prefix exactly once, none splitting a prefix the `policy` refuses to
+/// split. A root the policy refuses to split is one part.
 ///
 /// With `shard` = `(i, n)`, plans only the `i`-th of `n` contiguous slices of the units (shard
 /// 0 from the start of `root`, shard `n - 1` to its end): `n` shards planned on the same bucket
