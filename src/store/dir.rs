@@ -1669,6 +1669,61 @@ mod tests {
         assert_eq!(defects(&all).len(), 1);
     }
 
+    /// A walk on a thread of its own (it sends with `blocking_send`): the keys it listed and
+    /// the directories it read.
+    fn walk_recorded(
+        root: Arc<OwnedFd>,
+        prefix: &str,
+        after: Option<&str>,
+    ) -> (Vec<String>, Vec<String>) {
+        let read = std::sync::Mutex::new(Vec::new());
+        let recording = |rel: &str, fd: OwnedFd| {
+            read.lock().expect("lock").push(rel.to_string());
+            open_listing(rel, fd)
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let ok = std::thread::scope(|s| {
+            s.spawn(|| walk(root.as_fd(), prefix, after, &tx, &recording).is_ok())
+                .join()
+                .expect("walker")
+        });
+        assert!(ok, "the receiver stayed");
+        let mut listed = Vec::new();
+        while let Ok(page) = rx.try_recv() {
+            listed.extend(page.expect("page").into_iter().map(|o| o.key));
+        }
+        let read = read.into_inner().expect("lock");
+        (listed, read)
+    }
+
+    /// Keys come in byte order (a directory `b` sorts as `b/`, after `b-c` and `b.x`), and a
+    /// start skips whole subtrees before it without reading them.
+    #[tokio::test]
+    async fn listing_is_sorted_and_skips_what_lies_before_the_start() {
+        let bucket = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(bucket.path()).expect("open");
+        let mut keys = vec![
+            "a/b-c/1", "a/b.x", "a/b/1", "a/b/2/3", "a/b0", "z/1", "m/q/r", "m/q-s", "m/\u{e9}",
+        ];
+        for k in &keys {
+            store
+                .put(k, Bytes::from_static(b"x"), PutCondition::None)
+                .await
+                .expect("put");
+        }
+        keys.sort();
+        let root = || Arc::clone(&store.fd);
+        let (listed, _) = walk_recorded(root(), "", None);
+        assert_eq!(listed, keys);
+        let (listed, read) = walk_recorded(root(), "", Some("a/b0"));
+        assert_eq!(listed, ["m/q-s", "m/q/r", "m/\u{e9}", "z/1"]);
+        // `a` is read (the start lies inside it), `a/b` and `a/b-c` are not.
+        assert_eq!(read, ["", "a", "m", "m/q", "z"]);
+        let (listed, read) = walk_recorded(root(), "a/", Some("a/b/1"));
+        assert_eq!(listed, ["a/b/2/3", "a/b0"]);
+        assert_eq!(read, ["a", "a/b", "a/b/2"]);
+    }
+
     /// Below an object there is nothing, as on S3: not an error, and not a defect.
     #[tokio::test]
     async fn keys_below_an_object_are_absent() {
