@@ -94,23 +94,21 @@ impl Unit {
     }
 }
 
-/// The first string greater than every string starting with `p/`: `p0` (`'0'` follows `'/'`).
+/// The first string greater than every string starting with `p`: for `p/`, `p0` (`'0'` follows
+/// `'/'`). Delimiter listings give prefixes ending in `/`; any other has its last character
+/// raised the same way.
 fn past_prefix(p: &str) -> String {
-    match p.strip_suffix('/') {
-        Some(stem) => format!("{stem}0"),
-        // Units from a delimiter listing always end in '/'; any other prefix is bounded the
-        // same way by its last byte's successor, found by the general rule below.
-        None => {
-            let mut bytes = p.as_bytes().to_vec();
-            while let Some(last) = bytes.pop() {
-                if last < 0x7f {
-                    bytes.push(last + 1);
-                    return String::from_utf8(bytes).unwrap_or_default();
-                }
-            }
-            String::new()
+    let mut chars: Vec<char> = p.chars().collect();
+    while let Some(last) = chars.pop() {
+        // The next scalar value (surrogates are not characters).
+        let next = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return chars.into_iter().collect();
         }
     }
+    // Only for a prefix made of `char::MAX` alone: nothing lies past it but longer keys.
+    format!("{p}{}", char::MAX)
 }
 
 /// The first string after `x`.
@@ -455,6 +453,8 @@ mod tests {
         assert!("a/b/\u{10FFFF}\u{10FFFF}" < past_prefix("a/b/").as_str());
         assert!("a/b.x" < "a/b/");
         assert_eq!(past_prefix("ab"), "ac");
+        assert_eq!(past_prefix("a\u{d7ff}"), "a\u{e000}");
+        assert_eq!(past_prefix("a\u{10FFFF}"), "b");
     }
 
     fn plan(slots: &[Slot], index: u32, count: u32, target: usize) -> Vec<Part> {
