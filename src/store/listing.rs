@@ -175,11 +175,13 @@ pub async fn plan_parts(
     // Prefixes that hold an excluded prefix deeper down are split to cut it out, whatever the
     // count; the others only while there are too few units.
     let mut queue: VecDeque<(String, usize)> = prefixes_of(&slots).collect();
+    // Kept up to date rather than counted again: a wide root queues a prefix per unit.
+    let mut units = normal_units(&slots);
     while let Some((prefix, depth)) = queue.pop_front() {
         let holds_excluded = exclude
             .iter()
             .any(|e| e.starts_with(prefix.as_str()) && *e != prefix);
-        let wanted = normal_units(&slots) < target && listings < budget && depth <= MAX_DEPTH;
+        let wanted = units < target && listings < budget && depth <= MAX_DEPTH;
         if !holds_excluded && !wanted {
             continue;
         }
@@ -195,6 +197,7 @@ pub async fn plan_parts(
             continue;
         }
         let children = expand(&level, depth + 1, exclude);
+        units = units + normal_units(&children) - 1;
         queue.extend(prefixes_of(&children));
         slots.splice(at..=at, children);
     }
