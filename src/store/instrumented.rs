@@ -15,8 +15,8 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use super::{
-    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError,
-    StoreResult,
+    DeleteFailure, Level, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store,
+    StoreError, StoreResult,
 };
 
 /// How a store request ended, as far as an observer cares.
@@ -189,14 +189,14 @@ impl Instrumented {
     }
 }
 
-#[async_trait]
-impl Store for Instrumented {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
-        let pages = self.inner.list(prefix);
+impl Instrumented {
+    /// Passes a listing through page by page: each page is one request, waited for under a
+    /// permit and the time-out, and counted.
+    fn pages<'a, T: Send + 'a>(
+        &'a self,
+        prefix: &'a str,
+        pages: BoxStream<'a, StoreResult<T>>,
+    ) -> BoxStream<'a, StoreResult<T>> {
         Box::pin(futures::stream::unfold(
             Some(pages),
             move |pages| async move {
@@ -222,6 +222,31 @@ impl Store for Instrumented {
                 }
             },
         ))
+    }
+}
+
+#[async_trait]
+impl Store for Instrumented {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    // Each listing goes to the same method of the inner store, which may be a wrapper that
+    // changes only one of them.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.pages(prefix, self.inner.list(prefix))
+    }
+
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.pages(prefix, self.inner.list_after(prefix, start_after))
+    }
+
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        self.pages(prefix, self.inner.list_level_pages(prefix))
     }
 
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
