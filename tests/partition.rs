@@ -222,8 +222,16 @@ fn page_of(pages: &[Vec<ObjectMeta>], i: usize) -> usize {
     pages.len()
 }
 
+/// Past `prefix` in both listing orders: byte order, and the tree order of SeaweedFS, where
+/// `/` sorts before every other character (a partitioner must not take either for passed
+/// early).
 fn passed(prefix: &str, key: &str) -> bool {
-    key > prefix && !key.starts_with(prefix)
+    let tree = |k: &str| -> Vec<u16> {
+        k.bytes()
+            .map(|c| if c == b'/' { 0 } else { u16::from(c) + 1 })
+            .collect()
+    };
+    key > prefix && !key.starts_with(prefix) && tree(key) > tree(prefix)
 }
 
 // ---------------------------------------------------------------------------------------

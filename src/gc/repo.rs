@@ -61,6 +61,8 @@ pub(super) struct RepoInputs {
     pub(super) defer_deletions: bool,
     /// What the incremental cache knows of the unit, if the run uses it.
     pub(super) cache: Option<UnitCache>,
+    /// Documents a first look at the unit this run already read (a deferred repository).
+    pub(super) primed: Option<cache::Contents>,
 }
 
 /// The incremental cache's view of one unit.
@@ -79,6 +81,9 @@ pub(super) struct UnitCache {
     pub(super) contents: Option<cache::Contents>,
     /// Links the unit holds that keep other repositories' blobs alive, as found this run.
     pub(super) links: Vec<(String, Digest)>,
+    /// This run's decisions depend on keys outside the unit's listing (push intents, links or
+    /// placeholders elsewhere): its entry must not let the next run skip it.
+    pub(super) volatile: bool,
 }
 
 /// ocigc state of a repository seen in the listing.
@@ -155,11 +160,12 @@ pub(super) enum Collected {
     Done(RepoReport),
     /// Handed back unobserved-for-good: the run collects it again once every repository has
     /// been listed (see [`RepoInputs::defer_deletions`]).
-    Deferred(Repository),
+    Deferred(Repository, cache::Contents),
 }
 
-/// The repository must wait for the second pass.
-struct Deferral;
+/// The repository must wait for the second pass; what marking learnt so far, so that the
+/// second pass reads none of it again.
+struct Deferral(cache::Contents);
 
 /// Runs `work` until `deadline`; `None` if the deadline came first.
 async fn within<T>(
@@ -200,9 +206,9 @@ impl RepoRun<'_> {
         let defer = inputs.defer_deletions;
         match self.collect_inner(&repo, inputs, &mut report).await {
             Ok(()) => {}
-            Err(Deferral) if defer => return Collected::Deferred(repo),
+            Err(Deferral(learnt)) if defer => return Collected::Deferred(repo, learnt),
             // Only a run that asked for deferral gets one.
-            Err(Deferral) => {}
+            Err(Deferral(_)) => {}
         }
         tracing::info!(
             run_id = %self.run_id,
@@ -267,6 +273,7 @@ impl RepoRun<'_> {
         }
         let placeholders = inputs.placeholders.clone();
         let unit_cache = inputs.cache.clone();
+        let primed = inputs.primed.clone();
         let blobs: HashMap<Digest, &ObjectMeta> = repo
             .objects
             .iter()
@@ -297,6 +304,9 @@ impl RepoRun<'_> {
                 marker.prime_cached(contents.documents, contents.not_referrers);
             }
         }
+        if let Some(p) = primed {
+            marker.prime_cached(p.documents, p.not_referrers);
+        }
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
         let observed = self.observe(repo, &mut marker, leftovers.pending, inputs);
@@ -321,7 +331,7 @@ impl RepoRun<'_> {
             Ok(o) => o,
             // Facts other repositories hold (a content copy listed later) may be what was
             // missing: the second pass decides with all of them.
-            Err(_) if defer => return Err(Deferral),
+            Err(_) if defer => return Err(Deferral(cache::Contents::learned(&marker, Vec::new()))),
             Err(reason) => {
                 tracing::error!(repo = %repo.name, %reason, "repository failed closed");
                 report.stopped(&Stop::FailedClosed(reason));
@@ -331,7 +341,7 @@ impl RepoRun<'_> {
         };
         // A deletion may remove what a link or placeholder listed later keeps alive.
         if defer && obs.plan.deletions().next().is_some() {
-            return Err(Deferral);
+            return Err(Deferral(cache::Contents::learned(&marker, Vec::new())));
         }
         obs.deadline = deadline;
         obs.leftovers = leftovers;
@@ -394,10 +404,12 @@ impl RepoRun<'_> {
                 &c.context,
             )
         };
-        // A candidate rescued by a push must be looked at again next run; so must anything
-        // whose clock is running.
-        let wake_at = if report.rescued > 0 {
-            Some(self.clock.now())
+        // A candidate rescued by a push must be looked at again next run, and so must a unit
+        // that keys outside its listing decided; otherwise when the first clock runs out.
+        // (The epoch, not now: entry times are rounded up to the second, and a run within
+        // the same second must not take the entry as current.)
+        let wake_at = if report.rescued > 0 || c.volatile {
+            Some(std::time::UNIX_EPOCH)
         } else {
             wake_at(&obs.plan, &obs.pending.first_seen, self.policy)
         };

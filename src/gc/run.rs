@@ -18,11 +18,11 @@ use super::{
     GcError, GcOptions,
 };
 use crate::digest::Digest;
-use crate::namespace::{self, StateKey};
 use crate::layout::{
     list_prefix, partitioner, ContentCopy, Layout, Partition, Partitioner, Rejected, Repository,
     Roots, UnitKind, GLOBAL_REPOSITORY, STATE_PREFIX,
 };
+use crate::namespace::{self, StateKey};
 use crate::report::{timestamp, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
 
@@ -163,6 +163,9 @@ async fn collect_all(
             c.unchanged = c.unchanged
                 && quiet
                 && (c.entry.as_ref()).is_some_and(|e| e.wake_at.is_none_or(|w| now < w));
+            // Decided by keys outside its listing: looked at again next run, whatever its
+            // listing says then (they may be gone).
+            c.volatile = !intents.is_empty() || !linked.is_empty();
             c
         });
         RepoInputs {
@@ -174,6 +177,7 @@ async fn collect_all(
             roots: None,
             placeholders: facts.placeholders.clone(),
             defer_deletions: links && !facts_complete,
+            primed: None,
         }
     };
 
@@ -205,11 +209,11 @@ async fn collect_all(
                 report.repositories.push(r);
             }
             // Held while memory allows; beyond that, listed again when its turn comes.
-            Collected::Deferred(repo) if held + repo.objects.len() <= DEFERRED_BUDGET => {
+            Collected::Deferred(repo, learnt) if held + repo.objects.len() <= DEFERRED_BUDGET => {
                 held += repo.objects.len();
-                deferred.push(Waiting::Held(repo));
+                deferred.push(Waiting::Held(repo, learnt));
             }
-            Collected::Deferred(repo) => deferred.push(Waiting::Named(repo.name)),
+            Collected::Deferred(repo, learnt) => deferred.push(Waiting::Named(repo.name, learnt)),
         }
         futures::future::ready(())
     });
@@ -234,9 +238,9 @@ async fn collect_all(
     let again = stream::iter(deferred)
         .map(|waiting| async move {
             let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
-            let (name, fresh) = match waiting {
-                Waiting::Held(repo) => (repo.name.clone(), Ok(Some(repo))),
-                Waiting::Named(name) => {
+            let (name, fresh, learnt) = match waiting {
+                Waiting::Held(repo, learnt) => (repo.name.clone(), Ok(Some(repo)), learnt),
+                Waiting::Named(name, learnt) => {
                     let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
                     let fresh = objects.map(|o| {
                         layout
@@ -245,7 +249,7 @@ async fn collect_all(
                             .into_iter()
                             .find(|r| r.name == name)
                     });
-                    (name, fresh)
+                    (name, fresh, learnt)
                 }
             };
             match fresh {
@@ -258,10 +262,11 @@ async fn collect_all(
                             return Some(r);
                         }
                     };
-                    let inputs = inputs_for(&repo, true, cache);
+                    let mut inputs = inputs_for(&repo, true, cache);
+                    inputs.primed = Some(learnt);
                     match run.collect(repo, inputs).await {
                         Collected::Done(r) => Some(r),
-                        Collected::Deferred(_) => None,
+                        Collected::Deferred(..) => None,
                     }
                 }
                 // Gone since it was listed (deleted): nothing to collect.
@@ -327,15 +332,47 @@ async fn collect_all(
         // Global blobs are shared by every repository: any repository's intent protects them.
         let all_intents: Vec<ObjectMeta> = lock(intents).values().flatten().cloned().collect();
         let placeholders = lock(&shared.facts).placeholders.clone();
+        let roots = merge_roots(tail.global_roots);
+        let leftover = leftovers(&global.name);
+        // Cached like a repository, with its roots (held by the repositories) as context; an
+        // intent anywhere, or roots that must be read, mean a full look.
+        let cache = match (&shared.cache, &roots) {
+            (Some(index), Some(roots)) => {
+                let context = format!(
+                    "{}\nroots {}",
+                    shared.context,
+                    roots_fingerprint(roots, &dropped_roots)
+                );
+                let fingerprint = cache::fingerprint(global.objects.iter(), &context);
+                let entry = index.entry(&global.name).cloned();
+                let unchanged = all_intents.is_empty()
+                    && !leftover.announcement
+                    && !leftover.lease
+                    && entry.as_ref().is_some_and(|e| {
+                        e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
+                    });
+                Some(UnitCache {
+                    fingerprint,
+                    context,
+                    entry,
+                    unchanged,
+                    contents: None,
+                    links: Vec::new(),
+                    volatile: !all_intents.is_empty(),
+                })
+            }
+            _ => None,
+        };
         let inputs = RepoInputs {
-            leftovers: leftovers(&global.name),
+            leftovers: leftover,
             intents: all_intents,
             dropped_roots,
             linked: Vec::new(),
-            roots: merge_roots(tail.global_roots),
+            roots,
             placeholders,
             defer_deletions: false,
-            cache: None,
+            cache,
+            primed: None,
         };
         if let Collected::Done(r) = run.collect(global, inputs).await {
             done(&r);
@@ -602,27 +639,6 @@ impl Shared<'_> {
         })
     }
 
-    /// What decides `repo` besides its own listing: the run's settings, its push intents, and
-    /// the links and placeholders elsewhere that keep its blobs alive (as far as the listing
-    /// has shown them) - so that a cache entry written while any of these held is not taken
-    /// for the unit's state once they are gone.
-    fn unit_context(&self, repo: &Repository) -> String {
-        let mut extra: Vec<String> = lock(&self.intents)
-            .get(&repo.name)
-            .into_iter()
-            .flatten()
-            .map(|o| format!("intent {} {}", o.key, o.etag.as_deref().unwrap_or("")))
-            .collect();
-        extra.extend(
-            self.kept_by_others(repo)
-                .iter()
-                .map(|d| format!("kept {d}")),
-        );
-        extra.sort_unstable();
-        extra.dedup();
-        format!("{}\n{}", self.context, extra.join("\n"))
-    }
-
     /// The links `repo` holds: from the cache where its listing is what the cache saw (links
     /// are objects of the unit), read otherwise.
     async fn links_of(
@@ -672,7 +688,7 @@ impl Shared<'_> {
         }
         self.learn_placeholders(repo);
         let mut unit_cache = self.cache.as_ref().map(|index| {
-            let context = self.unit_context(repo);
+            let context = self.context.clone();
             let fingerprint = cache::fingerprint(repo.objects.iter(), &context);
             let entry = index.entry(&repo.name).cloned();
             let unchanged = entry.as_ref().is_some_and(|e| e.fingerprint == fingerprint);
@@ -683,6 +699,7 @@ impl Shared<'_> {
                 unchanged,
                 contents: None,
                 links: Vec::new(),
+                volatile: false,
             }
         });
         self.learn_links(repo, unit_cache.as_mut()).await?;
@@ -736,12 +753,31 @@ impl Shared<'_> {
 /// rest are listed again then (about 100 bytes each: some 10 MiB).
 const DEFERRED_BUDGET: usize = 100_000;
 
-/// A repository waiting for the second pass.
+/// A repository waiting for the second pass, with the documents its first look read.
 enum Waiting {
     /// With its listing.
-    Held(Repository),
+    Held(Repository, cache::Contents),
     /// By name: listed again.
-    Named(String),
+    Named(String, cache::Contents),
+}
+
+/// A digest of the global unit's roots as listed (their keys and what they name), less those
+/// the repositories dropped this run.
+fn roots_fingerprint(roots: &Roots, dropped: &HashSet<String>) -> String {
+    let mut lines: Vec<String> = if roots.sources.len() == roots.descriptors.len() {
+        (roots.sources.iter().zip(&roots.descriptors))
+            .filter(|(k, _)| !dropped.contains(*k))
+            .map(|(k, d)| format!("{k} {}", d.digest))
+            .collect()
+    } else {
+        roots
+            .descriptors
+            .iter()
+            .map(|d| d.digest.to_string())
+            .collect()
+    };
+    lines.sort_unstable();
+    Digest::sha256_of(lines.join("\n").as_bytes()).to_string()
 }
 
 /// Joins the global roots the parts of the listing found.

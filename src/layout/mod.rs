@@ -135,13 +135,25 @@ pub struct KeySpace {
     pub global: Option<String>,
 }
 
-/// Whether the listing, now at `key`, has gone past every key under `prefix`.
+/// Compares keys in the order a store that walks a tree lists them (SeaweedFS): `/` before
+/// every other character, so a directory's keys come before those of a sibling whose name
+/// merely starts with the directory's (`a/x` before `a-b/x`; byte order has `a-b/x` first).
+/// Both orders keep every directory's keys together, which is what the partitioners rely
+/// on; where they must compare a key with a prefix not seen yet, they require both orders to
+/// agree, so that a store listing in either is never taken to have passed a prefix early.
+fn tree_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let rank = |c: u8| if c == b'/' { 0u16 } else { u16::from(c) + 1 };
+    a.bytes().map(rank).cmp(b.bytes().map(rank))
+}
+
+/// Whether the listing, now at `key`, has gone past every key under `prefix`, whichever of
+/// the two listing orders (see [`tree_cmp`]) the store uses.
 pub(crate) fn passed(prefix: &str, key: &str) -> bool {
-    key > prefix && !key.starts_with(prefix)
+    !key.starts_with(prefix) && key > prefix && tree_cmp(key, prefix) == std::cmp::Ordering::Greater
 }
 
 /// Guards a partitioner against a listing out of order: a key not greater than the one
-/// before it is counted as unowned (never collected) instead of being given to a repository
+/// before it (in either listing order, see [`tree_cmp`]) is counted as unowned (never collected) instead of being given to a repository
 /// that may already be handed out.
 #[derive(Debug, Default)]
 pub(crate) struct Order {
@@ -152,7 +164,10 @@ impl Order {
     /// Whether `key` comes after every key seen so far (and remembers it if so).
     pub(crate) fn accept(&mut self, key: &str) -> bool {
         match &mut self.last {
-            Some(last) if key <= last.as_str() => {
+            // Later in byte order (S3, the directory store) or in tree order (SeaweedFS).
+            Some(last)
+                if key <= last.as_str() && tree_cmp(key, last) != std::cmp::Ordering::Greater =>
+            {
                 tracing::warn!(%key, after = %last, "listing out of order; key left alone");
                 false
             }
@@ -604,6 +619,28 @@ pub(crate) fn listing_version<'a>(objects: impl Iterator<Item = &'a ObjectMeta>)
     Digest::sha256_of(lines.join("\n").as_bytes())
         .hex()
         .to_string()
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+
+    #[test]
+    fn both_listing_orders_are_accepted_and_neither_passes_a_prefix_early() {
+        // Byte order (S3) and tree order (SeaweedFS) of the same keys.
+        let bytes = ["a-b/x", "a/x", "a/z"];
+        let tree = ["a/x", "a/z", "a-b/x"];
+        for keys in [bytes, tree] {
+            let mut order = Order::default();
+            assert!(keys.iter().all(|k| order.accept(k)), "{keys:?}");
+            assert!(!order.accept(keys[2]), "a repeated key");
+            assert!(!order.accept(""), "a key before every other");
+        }
+        // `a-b/x` is before `a/` in byte order: it does not prove `a/` complete.
+        assert!(!passed("a/", "a-b/x"));
+        assert!(passed("a/", "b"));
+        assert!(!passed("a/", "a/y"));
+    }
 }
 
 /// A listed object with only a key, for the layouts' unit tests.

@@ -48,7 +48,7 @@ const TMP_DIR: &str = ".ocigc-tmp";
 const META_DIR: &str = ".ocigc-meta";
 const PAGE: usize = 1000;
 /// Rounds of "create the parents, rename in" before a put racing with pruning gives up.
-const ATTEMPTS: usize = 16;
+const ATTEMPTS: usize = 24;
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
@@ -826,12 +826,27 @@ fn write_tmp(root: BorrowedFd<'_>, key: &str, body: &[u8]) -> StoreResult<Staged
     Ok(staged)
 }
 
+/// Waits a little before retry `attempt` of a put that lost a race with pruning: nothing at
+/// first, then doubling from 50 µs up to 50 ms (about half a second in all), so that a writer
+/// is not starved by deleters emptying the same directory over and over.
+fn backoff(attempt: usize) {
+    if attempt < 4 {
+        std::thread::yield_now();
+    } else {
+        let micros = 50u64 << (attempt - 4).min(10);
+        std::thread::sleep(std::time::Duration::from_micros(micros));
+    }
+}
+
 /// Renames `staged` to `key`, re-creating parents that a concurrent delete may have just
 /// pruned. Refuses to replace anything but a regular file.
 fn install(root: BorrowedFd<'_>, staged: &Staged, key: &str) -> StoreResult<()> {
     let (parents, leaf) = split_key(key)?;
     let mut last = Errno::NOENT;
-    for _ in 0..ATTEMPTS {
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            backoff(attempt);
+        }
         let chain = match open_dirs(root, &parents, true) {
             Ok(c) => c,
             Err(Refusal::Os(e)) if e == Errno::NOENT => {
