@@ -158,10 +158,16 @@ pub struct GcArgs {
     #[arg(long, env = "OCIGC_TIMEOUT_RUN", value_parser = parse_duration)]
     #[serde(with = "setting::optional_duration")]
     pub timeout_run: Option<Duration>,
-    /// Collect only shard I of N (a stable hash of the repository name decides).
+    /// Collect only shard I of N: the I-th of N contiguous slices of the key space, cut between
+    /// repositories; it lists its own slice (and the others' where links cross repositories).
     #[arg(long, env = "OCIGC_SHARD", value_name = "I/N", value_parser = gc::Shard::parse)]
     #[serde(with = "setting::shard")]
     pub shard: Option<gc::Shard>,
+    /// List a key space longer than one page in about N parts at once (within --concurrency);
+    /// 1 lists it in one sequence.
+    #[arg(long, env = "OCIGC_LIST_PARTS", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub list_parts: u16,
     /// Also delete manifests no tag reaches (serverless-registry and distribution layouts);
     /// an index's children and the referrers of a kept manifest are always kept.
     #[arg(long, env = "OCIGC_DELETE_UNTAGGED")]
@@ -670,6 +676,7 @@ async fn gc_setup(
         repos,
         shard: args.shard,
         concurrency,
+        list_parts: usize::from(args.list_parts),
         request_timeout,
         repo_timeout: args.timeout_repo,
         run_timeout: args.timeout_run,
@@ -1014,6 +1021,7 @@ mod tests {
             "timeout_repo",
             "timeout_run",
             "shard",
+            "list_parts",
             "delete_untagged",
             "listen",
             "interval",
@@ -1046,6 +1054,7 @@ mod tests {
             timeout_repo = "4m"
             timeout_run = "5h"
             shard = "1/3"
+            list_parts = 5
             delete_untagged = true
             listen = "127.0.0.1:9"
             interval = "6m"
@@ -1085,6 +1094,7 @@ mod tests {
             (Some(4 * m), Some(300 * m))
         );
         assert_eq!(g.shard, Some(gc::Shard { index: 1, count: 3 }));
+        assert_eq!(g.list_parts, 5);
         assert_eq!(s.listen, "127.0.0.1:9".parse::<SocketAddr>().expect("addr"));
         assert_eq!(s.interval, Some(6 * m));
         assert_eq!(s.token_file, Some(PathBuf::from("/run/token")));

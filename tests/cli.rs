@@ -603,6 +603,7 @@ fn absurd_durations_and_numbers_exit_2_naming_the_setting_without_panicking() {
     ));
     for v in ["0", "-1", "1025", "99999999999999999999"] {
         cases.push((args("gc", "--concurrency", v), "--concurrency".into()));
+        cases.push((args("gc", "--list-parts", v), "--list-parts".into()));
     }
     for flag in ["--max-queued-jobs", "--max-connections"] {
         for v in ["0", "-1", "4294967297", "99999999999999999999", "many"] {

@@ -11,6 +11,7 @@ pub mod intent;
 pub mod lease;
 pub mod mark;
 mod options;
+mod parts;
 pub mod plan;
 mod recheck;
 mod repo;

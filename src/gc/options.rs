@@ -34,8 +34,10 @@ impl RepoFilter {
     }
 }
 
-/// One shard of a sharded run: this process collects the repositories whose stable hash falls
-/// in `index` out of `count`. The union of all shards is every repository exactly once.
+/// One shard of a sharded run: this process collects the repositories of the `index`-th of
+/// `count` contiguous slices of the key space, cut between repositories (see
+/// [`crate::store::plan_shards`]); shards planned on the same listing cover every repository
+/// exactly once, and the global unit is the first shard's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
     /// This shard, `0..count`.
@@ -60,17 +62,6 @@ impl Shard {
         }
         Ok(Shard { index, count })
     }
-
-    /// Whether this shard owns `repository`. FNV-1a: fixed forever, so every process and
-    /// every version agrees on the split.
-    pub fn owns(&self, repository: &str) -> bool {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in repository.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h % u64::from(self.count) == u64::from(self.index)
-    }
 }
 
 /// Settings of a `gc` run.
@@ -88,6 +79,9 @@ pub struct GcOptions {
     pub shard: Option<Shard>,
     /// Store requests in flight at most (also repositories collected at once).
     pub concurrency: usize,
+    /// About how many parts a listing longer than one page is split into and listed at once
+    /// (within `concurrency`); 1 lists sequentially.
+    pub list_parts: usize,
     /// Time-out of one store request, retries included.
     pub request_timeout: Duration,
     /// Time-out of one repository.
@@ -140,6 +134,7 @@ impl Default for GcOptions {
             repos: RepoFilter::default(),
             shard: None,
             concurrency: 16,
+            list_parts: 16,
             request_timeout: Duration::from_secs(60),
             repo_timeout: None,
             run_timeout: None,
@@ -157,30 +152,6 @@ impl Default for GcOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shards_cover_every_repository_exactly_once() {
-        let names: Vec<String> = (0..5000)
-            .map(|i| format!("team-{}/app-{i}", i % 37))
-            .collect();
-        for count in [1u32, 2, 3, 7, 16] {
-            let shards: Vec<Shard> = (0..count).map(|index| Shard { index, count }).collect();
-            let mut sizes = vec![0usize; count as usize];
-            for n in &names {
-                let owners: Vec<_> = shards.iter().filter(|s| s.owns(n)).collect();
-                assert_eq!(owners.len(), 1, "{n} with {count} shards");
-                sizes[owners[0].index as usize] += 1;
-            }
-            // Balanced within 20% of the mean.
-            let mean = names.len() / count as usize;
-            assert!(
-                sizes
-                    .iter()
-                    .all(|&s| s * 5 >= mean * 4 && s * 5 <= mean * 6),
-                "{sizes:?}"
-            );
-        }
-    }
 
     #[test]
     fn shard_syntax() {

@@ -14,8 +14,8 @@ use super::plan::PlanPolicy;
 use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, UnitCache};
 use super::stop::Stop;
 use super::{
-    before_run_deadline, finish_report, intent, lease, new_report, probe_clock, scope, state,
-    GcError, GcOptions,
+    before_run_deadline, finish_report, intent, lease, new_report, parts, probe_clock, scope,
+    state, GcError, GcOptions,
 };
 use crate::digest::Digest;
 use crate::layout::{
@@ -99,6 +99,7 @@ async fn collect_all(
         cache: (!opts.no_cache).then(|| CacheIndex::from_listing(&state)),
         context: cache_context(layout, opts),
         intents: Mutex::new(HashMap::new()),
+        parts_left: std::sync::atomic::AtomicUsize::new(0),
     };
     *lock(&shared.intents) = intent::by_repository(state);
     let intents = &shared.intents;
@@ -130,9 +131,11 @@ async fn collect_all(
         repo_timeout: opts.repo_timeout,
         stop: opts.stop.clone(),
     };
+    // A shard's repositories are those of its own parts (see `parts`); the global unit is the
+    // first shard's.
     let wanted = |r: &Repository| {
         opts.repos.matches(&r.name)
-            && opts.shard.is_none_or(|s| s.owns(&r.name))
+            && (!r.is_global() || opts.shard.is_none_or(|s| s.index == 0))
             && opts.only.as_ref().is_none_or(|n| *n == r.name)
     };
     if let Some(p) = &opts.progress {
@@ -185,14 +188,64 @@ async fn collect_all(
     // and dropped when done.
     let key_space = layout.key_space();
     let prefix = scope::objects_prefix(layout, &key_space, opts.only.as_deref());
-    let pages = store.list(&prefix);
-    let units = shared.units(pages, partitioner(layout)).filter(|u| {
-        let take = layout.per_repository_gc() && wanted(&u.repo);
-        if take {
-            found.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        futures::future::ready(take)
-    });
+    let shard = opts.shard.filter(|_| opts.only.is_none());
+    // The global unit's roots are every repository's; links anywhere keep blobs alive.
+    let owns_global = shard.is_none_or(|s| s.index == 0);
+    let needs_all = links || (key_space.global.is_some() && owns_global);
+    let listing = if layout.per_repository_gc() || needs_all {
+        let request = parts::Request {
+            prefix: &prefix,
+            exclude: &[STATE_PREFIX],
+            parts: opts.list_parts,
+            shard,
+            others: needs_all,
+        };
+        let planned = parts::plan(&store, layout, request);
+        before_run_deadline(run_deadline, opts, planned)
+            .await?
+            .map_err(list_error)?
+    } else {
+        // Nothing of this shard's to collect, nothing it must know.
+        parts::Listing::Parts(Vec::new())
+    };
+    let (sequential, planned) = match listing {
+        parts::Listing::Sequential(pages) => (Some(pages), Vec::new()),
+        parts::Listing::Parts(planned) => (None, planned),
+    };
+    // Each part's pages come through a driver (see `parts::drive`); the partitioners and
+    // the claims run in one producer that never waits for the collection, which takes the
+    // completed units from a backlog that holds the drivers back when it grows.
+    let backlog: parts::Backlog<Unit> = parts::Backlog::new(BACKLOG_BUDGET);
+    let mut drivers = Vec::new();
+    let mut feeds: Vec<std::pin::Pin<Box<dyn futures::Stream<Item = Unit> + Send + '_>>> =
+        Vec::new();
+    let mut feed = |pages, own| {
+        let (driver, pages) = parts::drive(pages, &backlog);
+        drivers.push(driver);
+        feeds.push(Box::pin(shared.units(pages, partitioner(layout), own)));
+    };
+    if let Some(pages) = sequential {
+        feed(pages, true);
+    }
+    for part in &planned {
+        feed(part.pages(&store), part.own);
+    }
+    shared
+        .parts_left
+        .store(feeds.len(), std::sync::atomic::Ordering::SeqCst);
+    let producer = async {
+        let listed = stream::select_all(feeds).for_each(|u| {
+            if u.own && layout.per_repository_gc() && wanted(&u.repo) {
+                found.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let weight = u.repo.objects.len();
+                backlog.push(u, weight);
+            }
+            futures::future::ready(())
+        });
+        futures::join!(futures::future::join_all(drivers), listed);
+        backlog.close();
+    };
+    let units = backlog.stream();
     let mut deferred: Vec<Waiting> = Vec::new();
     let mut held = 0usize;
     let collected = units
@@ -217,7 +270,10 @@ async fn collect_all(
         }
         futures::future::ready(())
     });
-    let listed = before_run_deadline(run_deadline, opts, collected).await;
+    let both = async {
+        futures::join!(producer, collected);
+    };
+    let listed = before_run_deadline(run_deadline, opts, both).await;
     let tail = std::mem::take(&mut *lock(&shared.tail));
     if let Some(e) = tail.error {
         return Err(list_error(e));
@@ -305,8 +361,8 @@ async fn collect_all(
     // The global blob space last, so that its roots are read after the repositories dropped
     // what they dropped (untagged manifests), and what only those used goes in this same run.
     let mut global_objects = tail.global_objects;
-    if let (Some(g), None) = (&key_space.global, &opts.only) {
-        let listed = list_prefix(&store, g);
+    if let (Some(g), None, true) = (&key_space.global, &opts.only, owns_global) {
+        let listed = list_whole(&store, layout, g, opts.list_parts, opts.concurrency);
         global_objects.extend(
             before_run_deadline(run_deadline, opts, listed)
                 .await?
@@ -443,12 +499,16 @@ struct Shared<'a> {
     context: String,
     /// Push intents by repository, as listed.
     intents: Mutex<HashMap<String, Vec<ObjectMeta>>>,
+    /// Parts of the listing not yet through: the facts are complete when none is left.
+    parts_left: std::sync::atomic::AtomicUsize,
 }
 
 /// A repository the listing completed, and whether the cross-repository facts were complete
 /// when it was handed out.
 struct Unit {
     repo: Repository,
+    /// Of the run's own parts (a shard lists others' only for their facts).
+    own: bool,
     facts_complete: bool,
     cache: Option<UnitCache>,
 }
@@ -555,7 +615,8 @@ impl Shared<'_> {
         &'s self,
         pages: BoxStream<'s, Result<Vec<ObjectMeta>, StoreError>>,
         partitioner: Box<dyn Partitioner + 's>,
-    ) -> impl futures::Stream<Item = Unit> + 's {
+        own: bool,
+    ) -> impl futures::Stream<Item = Unit> + Send + 's {
         struct Feed<'s> {
             pages: Option<BoxStream<'s, Result<Vec<ObjectMeta>, StoreError>>>,
             partitioner: Option<Box<dyn Partitioner + 's>>,
@@ -580,6 +641,7 @@ impl Shared<'_> {
                             match self.claim(&repo).await {
                                 Ok(cache) => feed.ready.push_back(Unit {
                                     repo,
+                                    own,
                                     facts_complete: false,
                                     cache,
                                 }),
@@ -597,6 +659,11 @@ impl Shared<'_> {
                     None => {
                         feed.pages = None;
                         let partition = feed.partitioner.take()?.finish();
+                        // Only the last part through sees every fact before handing out.
+                        let last = self
+                            .parts_left
+                            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+                            == 1;
                         self.learn_partition(&partition);
                         // Every repository is in hand now: learn from all of them before
                         // handing any out, so that each is decided on complete facts.
@@ -629,7 +696,8 @@ impl Shared<'_> {
                             .extend(partition.repositories.into_iter().zip(caches).map(
                                 |(repo, cache)| Unit {
                                     repo,
-                                    facts_complete: true,
+                                    own,
+                                    facts_complete: last,
                                     cache,
                                 },
                             ));
@@ -749,6 +817,10 @@ impl Shared<'_> {
     }
 }
 
+/// Listed objects of completed repositories waiting for the collection, beyond which the
+/// listing pauses (about 100 bytes each: some 10 MiB).
+const BACKLOG_BUDGET: usize = 100_000;
+
 /// Listed objects that deferred repositories may hold in memory until the second pass; the
 /// rest are listed again then (about 100 bytes each: some 10 MiB).
 const DEFERRED_BUDGET: usize = 100_000;
@@ -807,4 +879,42 @@ fn cache_context(layout: &dyn Layout, opts: &GcOptions) -> String {
         opts.grace.as_nanos(),
         opts.delay.as_nanos()
     )
+}
+
+/// Every object under `prefix`, listed in parts at once where it is long (the global blob
+/// space), in key order.
+async fn list_whole(
+    store: &dyn Store,
+    layout: &dyn Layout,
+    prefix: &str,
+    list_parts: usize,
+    concurrency: usize,
+) -> Result<Vec<ObjectMeta>, StoreError> {
+    use futures::TryStreamExt as _;
+    let request = parts::Request {
+        prefix,
+        exclude: &[],
+        parts: list_parts,
+        shard: None,
+        others: false,
+    };
+    let pages: Vec<Vec<ObjectMeta>> = match parts::plan(store, layout, request).await? {
+        parts::Listing::Sequential(pages) => pages.try_collect().await?,
+        parts::Listing::Parts(planned) => {
+            // Futures built first: a closure over `&PlannedPart` in the stream would make
+            // the run's future not provably `Send`.
+            let lists: Vec<_> = planned
+                .iter()
+                .map(|p| p.pages(store).try_collect::<Vec<_>>())
+                .collect();
+            let lists: Vec<Vec<Vec<ObjectMeta>>> = stream::iter(lists)
+                .buffer_unordered(concurrency.max(1))
+                .try_collect()
+                .await?;
+            lists.into_iter().flatten().collect()
+        }
+    };
+    let mut objects: Vec<ObjectMeta> = pages.into_iter().flatten().collect();
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(objects)
 }

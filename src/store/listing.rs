@@ -152,22 +152,57 @@ pub async fn plan_parts(
             message: format!("shard {index}/{count} does not exist"),
         });
     }
+    let mut shards = plan_shards(store, root, policy, target_parts, exclude, count).await?;
+    Ok(std::mem::take(&mut shards[index as usize]))
+}
+
+/// Plans every shard's parts at once, from one set of level listings: element `i` is what
+/// [`plan_parts`] gives shard `i` of `shards` (at least one shard is planned). A run that
+/// lists its own shard but needs facts from the others' keys lists those parts too.
+pub async fn plan_shards(
+    store: &dyn Store,
+    root: &str,
+    policy: &dyn SplitPolicy,
+    target_parts: usize,
+    exclude: &[&str],
+    shards: u32,
+) -> StoreResult<Vec<Vec<Part>>> {
+    let count = shards.max(1);
     let target = target_parts.max(1);
+    let mut planned: Vec<Vec<Part>> = vec![Vec::new(); count as usize];
     if exclude.iter().any(|e| root.starts_with(e)) {
-        return Ok(Vec::new());
+        return Ok(planned);
     }
-    let whole = || {
-        let all = Part {
+    match plan_units(store, root, policy, target, exclude).await? {
+        Some(slots) => {
+            let safe = safe_cuts(&slots);
+            for (index, parts) in (0..count).zip(planned.iter_mut()) {
+                let (lo, hi) = shard_slice(&slots, &safe, index, count);
+                *parts = group(root, &slots, &safe, lo, hi, target);
+            }
+        }
+        // The root as one unit: it goes to the first shard.
+        None => planned[0].push(Part {
             prefix: root.to_string(),
             after: None,
             before: None,
-        };
-        // The root as one unit: it goes to the first shard.
-        Ok(if index == 0 { vec![all] } else { Vec::new() })
-    };
+        }),
+    }
+    Ok(planned)
+}
+
+/// The units of `root` in key order, split breadth-first as far as the policy allows and the
+/// target wants; `None` when the root is not to be divided at all.
+async fn plan_units(
+    store: &dyn Store,
+    root: &str,
+    policy: &dyn SplitPolicy,
+    target: usize,
+    exclude: &[&str],
+) -> StoreResult<Option<Vec<Slot>>> {
     let level = store.list_level(root).await?;
     if !policy.may_split(root, &level) {
-        return whole();
+        return Ok(None);
     }
     let mut slots = expand(&level, 1, exclude);
     let mut listings = 1usize;
@@ -201,13 +236,8 @@ pub async fn plan_parts(
         queue.extend(prefixes_of(&children));
         slots.splice(at..=at, children);
     }
-    if slots.is_empty() {
-        // Nothing to divide: one part, which also holds whatever appears later.
-        return whole();
-    }
-    let safe = safe_cuts(&slots);
-    let (lo, hi) = shard_slice(&slots, &safe, index, count);
-    Ok(group(root, &slots, &safe, lo, hi, target))
+    // Nothing to divide: one part, which also holds whatever appears later.
+    Ok((!slots.is_empty()).then_some(slots))
 }
 
 /// The units of one level, in key order, excluded ones marked.

@@ -17,7 +17,7 @@ use futures::stream::BoxStream;
 
 pub use dir::DirStore;
 pub use instrumented::{Instrumented, Outcome, RequestCounts, RequestObserver};
-pub use listing::{list_part, plan_parts, Part, SplitPolicy};
+pub use listing::{list_part, plan_parts, plan_shards, Part, SplitPolicy};
 pub use s3::{S3Settings, S3Store, StaticCredentials};
 pub use url::BucketUrl;
 

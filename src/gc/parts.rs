@@ -1,0 +1,287 @@
+//! How a run lists a key space (SPEC §6b): parts listed concurrently, each in key order, so
+//! that a listing's wall time follows the store's parallelism rather than its page count.
+//!
+//! The first page is read as a plain listing: a key space that fits in it (most hook runs,
+//! small buckets) costs exactly what it did, with no planning. A longer one is planned into
+//! parts ([`plan_shards`], cut only between repositories, see [`Layout::may_split`]); the
+//! first page's keys are handed to the parts that own them and each part resumes where the
+//! page ended, so no key is listed twice. A shard lists its own parts, and the other shards'
+//! too where its decisions depend on keys there (cross-repository links, or the global
+//! unit's roots), collecting only what is its own.
+
+use futures::stream::{self, BoxStream};
+use futures::StreamExt as _;
+
+use super::options::Shard;
+use crate::layout::Layout;
+use crate::store::{list_part, plan_shards, Level, ObjectMeta, Part, SplitPolicy, Store};
+use crate::store::{StoreError, StoreResult};
+
+/// A first page this long means the listing goes on (stores page by 1000 keys).
+const FULL_PAGE: usize = 1000;
+
+/// The layout's answer to "may this prefix be listed in parts" ([`Layout::may_split`]).
+pub(super) struct LayoutSplit<'a>(pub &'a dyn Layout);
+
+impl SplitPolicy for LayoutSplit<'_> {
+    fn may_split(&self, prefix: &str, level: &Level) -> bool {
+        self.0.may_split(prefix, &level.objects, &level.prefixes)
+    }
+}
+
+/// How a key space is to be listed.
+pub(super) struct Request<'a> {
+    /// The prefix to list.
+    pub prefix: &'a str,
+    /// Prefixes under it that are never listed as part of it (ocigc's own state).
+    pub exclude: &'a [&'a str],
+    /// About how many parts to list at once; 1 lists sequentially.
+    pub parts: usize,
+    /// This run's shard, if it is one.
+    pub shard: Option<Shard>,
+    /// A shard lists the other shards' parts too (for facts, not to collect them).
+    pub others: bool,
+}
+
+/// One part of a planned listing.
+pub(super) struct PlannedPart {
+    /// Keys of the first page that fall in this part.
+    seed: Vec<ObjectMeta>,
+    /// What is left to list of the part (its range, resumed after the first page where that
+    /// ended inside it); `None` when the first page held all of it.
+    rest: Option<Part>,
+    /// The run's own: a shard collects only the repositories of its own parts.
+    pub own: bool,
+}
+
+impl PlannedPart {
+    /// The part's pages in key order: the first page's share, then the rest of the part.
+    pub fn pages<'a>(
+        &'a self,
+        store: &'a dyn Store,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        let seed = stream::iter((!self.seed.is_empty()).then(|| Ok(self.seed.clone())));
+        match &self.rest {
+            Some(rest) => seed.chain(list_part(store, rest)).boxed(),
+            None => seed.boxed(),
+        }
+    }
+}
+
+/// A key space's listing, as planned.
+pub(super) enum Listing<'a> {
+    /// One listing in key order (the first page already read, handed out again first).
+    Sequential(BoxStream<'a, StoreResult<Vec<ObjectMeta>>>),
+    /// Parts to list concurrently.
+    Parts(Vec<PlannedPart>),
+}
+
+/// Plans the listing of `req.prefix`: sequential when it fits in one page or one part is
+/// asked for (and the run is no shard), in parts otherwise.
+pub(super) async fn plan<'a>(
+    store: &'a dyn Store,
+    layout: &dyn Layout,
+    req: Request<'a>,
+) -> Result<Listing<'a>, StoreError> {
+    let policy = LayoutSplit(layout);
+    let Some(shard) = req.shard else {
+        let mut pages = store.list(req.prefix);
+        let first = match pages.next().await {
+            Some(page) => page?,
+            None => Vec::new(),
+        };
+        if req.parts <= 1 || first.len() < FULL_PAGE {
+            return Ok(Listing::Sequential(
+                stream::iter([Ok(first)]).chain(pages).boxed(),
+            ));
+        }
+        drop(pages);
+        let planned = plan_shards(store, req.prefix, &policy, req.parts, req.exclude, 1).await?;
+        let parts = planned.into_iter().flatten().collect();
+        return Ok(Listing::Parts(after_first_page(parts, first)));
+    };
+    // A shard plans first: the first page of the bucket is usually another shard's.
+    let planned = plan_shards(
+        store,
+        req.prefix,
+        &policy,
+        req.parts,
+        req.exclude,
+        shard.count,
+    )
+    .await?;
+    let parts = planned
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i == shard.index as usize || req.others)
+        .flat_map(|(i, parts)| {
+            parts.into_iter().map(move |part| PlannedPart {
+                seed: Vec::new(),
+                rest: Some(part),
+                own: i == shard.index as usize,
+            })
+        })
+        .collect();
+    Ok(Listing::Parts(parts))
+}
+
+/// The parts of an unsharded listing whose first page (`first`, full) has been read: each
+/// part gets the page's keys that fall in it and resumes after the page's last key if that
+/// lies inside it; a part wholly before that key is complete already.
+fn after_first_page(parts: Vec<Part>, first: Vec<ObjectMeta>) -> Vec<PlannedPart> {
+    let last = first.last().map(|o| o.key.clone()).unwrap_or_default();
+    let mut first = first;
+    parts
+        .into_iter()
+        .map(|part| {
+            let (seed, kept): (Vec<ObjectMeta>, Vec<ObjectMeta>) =
+                first.drain(..).partition(|o| part.contains(&o.key));
+            first = kept;
+            let rest = if part.contains(&last) {
+                Some(Part {
+                    after: Some(last.clone()),
+                    ..part
+                })
+            } else if part.before.as_deref().is_some_and(|b| b <= last.as_str()) {
+                // Every key of it sorts before the page's last one: the page held them all
+                // (cuts lie where the stores' orders agree).
+                None
+            } else {
+                Some(part)
+            };
+            PlannedPart {
+                seed,
+                rest,
+                own: true,
+            }
+        })
+        .collect()
+}
+
+/// Pages of one listing passed on through a channel by a driver future. The run polls the
+/// drivers apart from the collection, so a page request, once started, is always driven to
+/// its end: none is left half-done while the collection is busy (holding one of the store's
+/// request permits, its time-out running), which could starve the collection of permits.
+/// Before each request the driver waits for room in `backlog`, which bounds what the listing
+/// runs ahead of the collection.
+pub(super) fn drive<'a, T: Send + 'a>(
+    mut pages: BoxStream<'a, StoreResult<Vec<ObjectMeta>>>,
+    backlog: &'a Backlog<T>,
+) -> (
+    impl std::future::Future<Output = ()> + Send + 'a,
+    BoxStream<'a, StoreResult<Vec<ObjectMeta>>>,
+) {
+    let (mut tx, rx) = futures::channel::mpsc::channel(1);
+    let driver = async move {
+        use futures::SinkExt as _;
+        loop {
+            backlog.room().await;
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            // The receiving end stopped (an error there, or the run ended): so does this.
+            if tx.send(page).await.is_err() {
+                break;
+            }
+        }
+    };
+    (driver, rx.boxed())
+}
+
+/// Units the listing completed, waiting for the collection: a queue whose weight (listed
+/// objects) is bounded by holding back the listing's drivers, never by blocking the one who
+/// pushes (which would leave requests half-done, see [`drive`]).
+pub(super) struct Backlog<T> {
+    state: std::sync::Mutex<BacklogState<T>>,
+    budget: usize,
+    ready: tokio::sync::Notify,
+    room: tokio::sync::Notify,
+}
+
+struct BacklogState<T> {
+    queue: std::collections::VecDeque<(T, usize)>,
+    weight: usize,
+    closed: bool,
+}
+
+impl<T> Backlog<T> {
+    /// A backlog that holds back the listing while it weighs `budget` or more.
+    pub fn new(budget: usize) -> Backlog<T> {
+        Backlog {
+            state: std::sync::Mutex::new(BacklogState {
+                queue: std::collections::VecDeque::new(),
+                weight: 0,
+                closed: false,
+            }),
+            budget,
+            ready: tokio::sync::Notify::new(),
+            room: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BacklogState<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `item` of `weight`; never waits.
+    pub fn push(&self, item: T, weight: usize) {
+        let mut s = self.lock();
+        s.weight += weight;
+        s.queue.push_back((item, weight));
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    /// No more items come.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits until the backlog weighs less than its budget.
+    async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().weight < self.budget {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The items as they come, until closed and empty.
+    pub fn stream(&self) -> BoxStream<'_, T>
+    where
+        T: Send,
+    {
+        stream::unfold(self, Self::next_of).boxed()
+    }
+
+    async fn next_of(&self) -> Option<(T, &Self)> {
+        self.pop().await.map(|item| (item, self))
+    }
+
+    /// The next item, waiting for one; `None` once closed and empty.
+    async fn pop(&self) -> Option<T> {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if let Some((item, weight)) = s.queue.pop_front() {
+                    s.weight -= weight;
+                    drop(s);
+                    self.room.notify_waiters();
+                    return Some(item);
+                }
+                if s.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+}
