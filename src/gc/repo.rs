@@ -86,6 +86,27 @@ pub(super) struct UnitCache {
     pub(super) volatile: bool,
 }
 
+impl UnitCache {
+    /// The cache's view of a unit listed as `fingerprint` under `context`, with its entry.
+    pub(super) fn new(
+        fingerprint: cache::Fingerprint,
+        context: String,
+        entry: Option<cache::IndexEntry>,
+        unchanged: bool,
+        volatile: bool,
+    ) -> UnitCache {
+        UnitCache {
+            fingerprint,
+            context,
+            entry,
+            unchanged,
+            contents: None,
+            links: Vec::new(),
+            volatile,
+        }
+    }
+}
+
 /// ocigc state of a repository seen in the listing.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Leftovers {

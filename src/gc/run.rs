@@ -407,15 +407,14 @@ async fn collect_all(
                     && entry.as_ref().is_some_and(|e| {
                         e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
                     });
-                Some(UnitCache {
+                let volatile = !all_intents.is_empty();
+                Some(UnitCache::new(
                     fingerprint,
                     context,
                     entry,
                     unchanged,
-                    contents: None,
-                    links: Vec::new(),
-                    volatile: !all_intents.is_empty(),
-                })
+                    volatile,
+                ))
             }
             _ => None,
         };
@@ -760,15 +759,7 @@ impl Shared<'_> {
             let fingerprint = cache::fingerprint(repo.objects.iter(), &context);
             let entry = index.entry(&repo.name).cloned();
             let unchanged = entry.as_ref().is_some_and(|e| e.fingerprint == fingerprint);
-            UnitCache {
-                fingerprint,
-                context,
-                entry,
-                unchanged,
-                contents: None,
-                links: Vec::new(),
-                volatile: false,
-            }
+            UnitCache::new(fingerprint, context, entry, unchanged, false)
         });
         self.learn_links(repo, unit_cache.as_mut()).await?;
         Ok(unit_cache)
