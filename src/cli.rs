@@ -172,6 +172,10 @@ pub struct GcArgs {
     /// an index's children and the referrers of a kept manifest are always kept.
     #[arg(long, env = "OCIGC_DELETE_UNTAGGED")]
     pub delete_untagged: bool,
+    /// Neither read nor write the incremental cache (`_ocigc/cache/`): every repository is
+    /// read in full. For measurements and for ruling the cache out; safety never needs it.
+    #[arg(long, env = "OCIGC_NO_CACHE")]
+    pub no_cache: bool,
 }
 
 /// Flags of `ocigc delete-repo`.
@@ -669,7 +673,6 @@ async fn gc_setup(
     check_lease_ttl(args.store.lease_ttl, request_timeout)?;
     let concurrency = args.store.concurrency;
     let gc = GcOptions {
-        no_cache: false,
         grace: args.grace,
         delay: args.delay,
         dry_run: args.store.dry_run,
@@ -686,6 +689,7 @@ async fn gc_setup(
         stop: Default::default(),
         progress: None,
         only: None,
+        no_cache: args.no_cache,
     };
     Ok((
         store,
@@ -1023,6 +1027,7 @@ mod tests {
             "shard",
             "list_parts",
             "delete_untagged",
+            "no_cache",
             "listen",
             "interval",
             "token_file",
@@ -1056,6 +1061,7 @@ mod tests {
             shard = "1/3"
             list_parts = 5
             delete_untagged = true
+            no_cache = true
             listen = "127.0.0.1:9"
             interval = "6m"
             token_file = "/run/token"
@@ -1080,6 +1086,7 @@ mod tests {
         );
         assert_eq!(st.layout, "distribution");
         assert!(st.dry_run && st.s3_path_style && g.delete_untagged && s.insecure_no_auth);
+        assert!(g.no_cache);
         assert_eq!(st.report, Some(PathBuf::from("/tmp/r.json")));
         assert_eq!(st.concurrency, 7);
         assert_eq!(st.timeout_request, Duration::from_secs(11));

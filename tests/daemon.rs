@@ -948,3 +948,50 @@ async fn distribution_hook_gcs_find_the_pending_state_of_earlier_runs() {
         Err(e) => panic!("reading the pending state: {e}"),
     }
 }
+
+/// Scheduled runs keep the incremental cache and hook runs use it; `serve --no-cache` does
+/// neither.
+#[tokio::test]
+async fn scheduled_runs_use_the_cache_unless_told_not_to() {
+    for no_cache in [false, true] {
+        let dir = example();
+        let bucket = dir.path().join("bucket");
+        let mut extra = vec!["--interval", "1h", "--delay", "0s"];
+        if no_cache {
+            extra.push("--no-cache");
+        }
+        let d = start(&bucket, &extra);
+        // The first scheduled run starts at once; its end is logged.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = d._lines.recv_timeout(left).expect("no scheduled run ended");
+            if line.contains("gc run finished") {
+                break;
+            }
+        }
+        let store = ocigc::store::DirStore::open(&bucket).expect("bucket");
+        let cached: Vec<String> = all_keys(&store)
+            .await
+            .into_iter()
+            .filter(|k| k.starts_with("_ocigc/cache/"))
+            .collect();
+        assert_eq!(cached.is_empty(), no_cache, "{cached:#?}");
+
+        let (s, body) = call(
+            reqwest::Method::POST,
+            &format!("{}/v1/repos/library/alpine/gc", d.base),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(s, 202, "{body}");
+        let job = wait_job(&d, body["job"].as_str().expect("job id")).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["result"]["unchanged"], !no_cache, "{job}");
+        assert_eq!(
+            job["result"]["manifests_fetched"].as_u64() == Some(0),
+            !no_cache,
+            "{job}"
+        );
+    }
+}

@@ -9,8 +9,9 @@
 //! with the listed version of the object it was read from, so that a rewritten key is read
 //! again), the scan's "not a referrer" verdicts and the unit's cross-repository links.
 //!
-//! The cache is an optimisation only: a missing, malformed, corrupt or other-version entry is
-//! ignored and costs requests, never safety.
+//! The cache is an optimisation only: a missing, malformed, corrupt or other-version entry
+//! (another cache version's prefix, or an object another release of ocigc wrote) is ignored
+//! and costs requests, never safety.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,8 +38,13 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// Largest cache object read or written; a bigger one is ignored (it only costs requests).
 pub const MAX_CACHE_SIZE: u64 = 64 * 1024 * 1024;
 
-/// Format version of the object's body.
-const FORMAT_VERSION: u16 = 1;
+/// Format version of the object's body (2: it names the release that wrote it).
+const FORMAT_VERSION: u16 = 2;
+
+/// The release whose parser found the cached references. Another release's objects are
+/// ignored: a document it read may reference what it did not see (the bug a release fixed),
+/// and a changed unit primed with its findings would lose those blobs.
+const RELEASE: &str = env!("CARGO_PKG_VERSION");
 
 /// Leading bytes of every body.
 const MAGIC: &[u8; 8] = b"OCIGCCHE";
@@ -428,10 +434,10 @@ pub async fn delete_stale(store: &dyn Store, index: &CacheIndex) -> StoreResult<
 
 // ---- body format ----
 //
-// MAGIC, version (u16), then: unit (str), fingerprint (32 bytes), media-type table (u32 count,
-// str each), documents (u32 count; digest, listed version, references each), not-referrers
-// (u32 count,
-// digests), links (u32 count; str, digest each), and last the sha256 of everything before it.
+// MAGIC, version (u16), then: the release of ocigc that wrote it (str), unit (str),
+// fingerprint (32 bytes), media-type table (u32 count, str each), documents (u32 count;
+// digest, listed version, references each), not-referrers (u32 count, digests), links (u32
+// count; str, digest each), and last the sha256 of everything before it.
 // Integers are big-endian; a str is a u32 length and UTF-8; a digest is an algorithm tag
 // (1 sha256, 2 sha512) and the raw hash; a listed version is 0, or 1, the size (u64), the
 // last-modified time (u64 seconds and u32 nanoseconds after the epoch) and an ETag (0, or 1
@@ -445,6 +451,17 @@ const TAG_SHA512: u8 = 2;
 
 /// Serialises a cache object's body.
 pub fn encode(unit: &str, fingerprint: &Fingerprint, contents: &Contents) -> Vec<u8> {
+    encode_as(RELEASE, unit, fingerprint, contents)
+}
+
+/// [`encode`] as release `release` of ocigc writes it: what a cache left by another release
+/// holds (for tests of upgrades).
+pub fn encode_as(
+    release: &str,
+    unit: &str,
+    fingerprint: &Fingerprint,
+    contents: &Contents,
+) -> Vec<u8> {
     let mut media: Vec<&str> = Vec::new();
     let mut media_index: HashMap<&str, u32> = HashMap::new();
     for doc in &contents.documents {
@@ -461,6 +478,7 @@ pub fn encode(unit: &str, fingerprint: &Fingerprint, contents: &Contents) -> Vec
     let mut w = Writer(Vec::new());
     w.0.extend_from_slice(MAGIC);
     w.0.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    w.str(release);
     w.str(unit);
     w.0.extend_from_slice(&fingerprint.0);
     w.u32(media.len() as u32);
@@ -551,6 +569,9 @@ pub fn decode(body: &[u8]) -> Result<(String, Fingerprint, Contents), &'static s
         return Err("checksum mismatch");
     }
     let mut r = Reader(&content[MAGIC.len() + 2..]);
+    if r.str()? != RELEASE {
+        return Err("written by another release of ocigc");
+    }
     let unit = r.str()?;
     let fingerprint = Fingerprint(r.take(32)?.try_into().map_err(|_| "truncated")?);
     let n = r.count(4)?;
@@ -896,11 +917,26 @@ mod tests {
     }
 
     #[test]
+    fn another_release_is_ignored() {
+        let fp = Fingerprint([1; 32]);
+        let body = encode_as("0.0.0-another", "app", &fp, &small());
+        assert_eq!(
+            decode(&body).err(),
+            Some("written by another release of ocigc")
+        );
+        let ours = encode_as(RELEASE, "app", &fp, &small());
+        assert_eq!(ours, encode("app", &fp, &small()));
+        assert_eq!(decode(&ours).map(|(_, _, c)| c), Ok(small()));
+    }
+
+    #[test]
     fn a_count_larger_than_the_body_is_refused_without_allocating() {
         // A media table claiming u32::MAX entries, with a valid checksum.
         let mut body = Vec::new();
         body.extend_from_slice(MAGIC);
         body.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+        body.extend_from_slice(&(RELEASE.len() as u32).to_be_bytes());
+        body.extend_from_slice(RELEASE.as_bytes());
         body.extend_from_slice(&3u32.to_be_bytes());
         body.extend_from_slice(b"app");
         body.extend_from_slice(&[0; 32]);
