@@ -2,6 +2,7 @@
 //! counts requests, bounds concurrency and enforces per-request time-outs for both.
 
 mod dir;
+mod generated;
 mod instrumented;
 mod s3;
 mod url;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub use dir::DirStore;
+pub use generated::{GeneratedSpec, GeneratedSpecError, GeneratedStore, GENERATED_SCHEME};
 pub use instrumented::{Instrumented, RequestCounts};
 pub use s3::{S3Settings, S3Store, StaticCredentials};
 pub use url::BucketUrl;
