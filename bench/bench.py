@@ -52,6 +52,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from proxy_selftest import selftest  # noqa: E402
 from servers import Buckets, Proxy, Seaweed, child_env, free_ports  # noqa: E402
 
 
@@ -891,13 +892,15 @@ def main():
     args = p.parse_args()
     if args.smoke:
         SMOKE = True
-        args.objects, args.rss_keys, args.gen_keys, args.list_keys = 600, 20_000, 60_000, 3000
-        args.moto_objects, args.classic_repos, args.classic_tags = 600, 3, 3
+        args.objects, args.rss_keys, args.gen_keys, args.list_keys = 600, 10_000, 30_000, 3000
+        args.moto_objects, args.classic_repos, args.classic_tags = 450, 3, 3
     stages = set(args.stages.split(","))
     work = tempfile.mkdtemp(prefix="ocigc-bench-")
     results = {}
     started = time.monotonic()
     try:
+        ok, detail = selftest()
+        check(ok, "proxy: five requests pipelined on one connection, framed and counted exactly", detail)
         if "a" in stages:
             t0 = time.monotonic()
             stage_rss(args, work, results)
