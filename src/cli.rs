@@ -1,5 +1,11 @@
 //! Command-line interface: argument parsing (every flag also from an `OCIGC_*` variable and
 //! the `--config` file), store and layout set-up, report output, metrics push and exit codes.
+//!
+//! Every setting is declared once, as a field of the flag structs below: its flag, variable,
+//! default, help and validation in `#[arg]`, its config-file form in `#[serde]` (the key is the
+//! field name; the value is checked by the same parser as the flag). `apply_config` merges
+//! the file into the parsed flags generically, and `gc_setup` turns the result into the
+//! engine's options, in one place each.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +16,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::config::FileConfig;
 use crate::daemon::{self, ServeOptions};
@@ -17,6 +25,7 @@ use crate::digest::Digest;
 use crate::gc::{self, intent, DeleteRepoOptions, GcOptions, RepoFilter};
 use crate::layout::{self, validate_repository_name, Layout, LayoutOptions};
 use crate::metrics::{redact_url, Metrics};
+use crate::namespace::{self, StateKey};
 use crate::report::Report;
 use crate::store::{BucketUrl, DirStore, S3Settings, S3Store, StaticCredentials, Store};
 
@@ -71,13 +80,15 @@ pub enum Command {
 }
 
 /// Flags shared by every command that touches a bucket.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct StoreArgs {
     /// The bucket: s3://bucket[/prefix], file:///path or a plain directory path (required).
     #[arg(long, env = "OCIGC_BUCKET")]
+    #[serde(with = "setting::bucket")]
     pub bucket: Option<BucketUrl>,
     /// Bucket layout.
     #[arg(long, env = "OCIGC_LAYOUT", default_value = "oci", value_parser = layout::NAMES)]
+    #[serde(deserialize_with = "setting::layout")]
     pub layout: String,
     /// Report what would be deleted; delete nothing.
     #[arg(long, env = "OCIGC_DRY_RUN")]
@@ -87,31 +98,40 @@ pub struct StoreArgs {
     pub report: Option<PathBuf>,
     /// Store requests in flight at most.
     #[arg(long, env = "OCIGC_CONCURRENCY", default_value_t = 16,
-          value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub concurrency: u16,
+          value_parser = parse_count::<MAX_CONCURRENCY>)]
+    #[serde(deserialize_with = "setting::count::<MAX_CONCURRENCY, _>")]
+    pub concurrency: usize,
     /// Time-out of one attempt of one store request (S3 requests are tried 3 times).
     #[arg(long, env = "OCIGC_TIMEOUT_REQUEST", default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "setting::duration")]
     pub timeout_request: Duration,
     /// Path-style S3 addressing (endpoint/bucket/key), as MinIO and most local servers need.
     #[arg(long, env = "OCIGC_S3_PATH_STYLE")]
     pub s3_path_style: bool,
     /// Lifetime of a repository lease between renewals; at least 4 request time-outs.
     #[arg(long, env = "OCIGC_LEASE_TTL", default_value = "10m", value_parser = parse_duration)]
+    #[serde(with = "setting::duration")]
     pub lease_ttl: Duration,
     /// Push the run's metrics to this Prometheus Pushgateway at the end (job `ocigc`, grouped
     /// by bucket), whatever the outcome; `user:password@` in it is sent as basic auth and
     /// never printed.
     #[arg(long, env = "OCIGC_PUSHGATEWAY", value_name = "URL")]
     pub pushgateway: Option<String>,
-    /// Pretend the bucket clock is this far ahead (drills and crash tests only).
+    /// Pretend the bucket clock is this far ahead (drills and crash tests only). Hidden flags
+    /// are no config keys.
     #[arg(long, hide = true, default_value = "0s", value_parser = parse_duration)]
+    #[serde(with = "setting::duration")]
     pub clock_offset: Duration,
 }
 
+/// Upper bound of `--concurrency`.
+const MAX_CONCURRENCY: usize = 1024;
+
 /// Flags of `ocigc gc`.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct GcArgs {
     #[command(flatten)]
+    #[serde(flatten)]
     pub store: StoreArgs,
     /// Only repositories matching GLOB (repeatable; '*' stays within a path segment, '**' spans).
     #[arg(
@@ -124,18 +144,23 @@ pub struct GcArgs {
     pub repos: Vec<String>,
     /// Keep unreferenced blobs modified less than this long ago.
     #[arg(long, env = "OCIGC_GRACE", default_value = "24h", value_parser = parse_duration)]
+    #[serde(with = "setting::duration")]
     pub grace: Duration,
     /// Delete only blobs seen unreferenced at observations this far apart; 0s deletes in this run.
     #[arg(long, env = "OCIGC_DELAY", default_value = "1h", value_parser = parse_duration)]
+    #[serde(with = "setting::duration")]
     pub delay: Duration,
     /// Abandon a repository (between delete batches) after this long.
     #[arg(long, env = "OCIGC_TIMEOUT_REPO", value_parser = parse_duration)]
+    #[serde(with = "setting::optional_duration")]
     pub timeout_repo: Option<Duration>,
     /// Stop starting repositories, and abandon running ones, after this long.
     #[arg(long, env = "OCIGC_TIMEOUT_RUN", value_parser = parse_duration)]
+    #[serde(with = "setting::optional_duration")]
     pub timeout_run: Option<Duration>,
     /// Collect only shard I of N (a stable hash of the repository name decides).
     #[arg(long, env = "OCIGC_SHARD", value_name = "I/N", value_parser = gc::Shard::parse)]
+    #[serde(with = "setting::shard")]
     pub shard: Option<gc::Shard>,
     /// Also delete manifests no tag reaches (serverless-registry and distribution layouts);
     /// an index's children and the referrers of a kept manifest are always kept.
@@ -144,9 +169,10 @@ pub struct GcArgs {
 }
 
 /// Flags of `ocigc delete-repo`.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct DeleteRepoArgs {
     #[command(flatten)]
+    #[serde(flatten)]
     pub store: StoreArgs,
     /// Repositories to delete, by full name (e.g. team/app).
     #[arg(required = true, value_name = "NAME")]
@@ -155,15 +181,17 @@ pub struct DeleteRepoArgs {
 
 /// Flags of `ocigc serve` (plus every flag of `gc`). The hook token comes from `--token-file`
 /// or the `OCIGC_TOKEN` variable, never from the command line.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct ServeArgs {
     #[command(flatten)]
+    #[serde(flatten)]
     pub gc: GcArgs,
     /// Address of the HTTP API and /metrics.
     #[arg(long, env = "OCIGC_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// Run a full GC at start and then every DURATION; without it, only on request.
     #[arg(long, env = "OCIGC_INTERVAL", value_parser = parse_duration)]
+    #[serde(with = "setting::optional_duration")]
     pub interval: Option<Duration>,
     /// File holding the bearer token of the hook API.
     #[arg(long, env = "OCIGC_TOKEN_FILE", value_name = "FILE")]
@@ -174,20 +202,27 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, wait at most this long for running work and open connections
     /// before exiting.
     #[arg(long, env = "OCIGC_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "setting::duration")]
     pub drain_timeout: Duration,
     /// Hook jobs waiting for a slot at most; further hook requests are answered 429 with
     /// Retry-After.
     #[arg(long, env = "OCIGC_MAX_QUEUED_JOBS", default_value_t = daemon::DEFAULT_MAX_QUEUED_JOBS,
           value_parser = parse_count::<MAX_QUEUED_JOBS>)]
+    #[serde(deserialize_with = "setting::count::<MAX_QUEUED_JOBS, _>")]
     pub max_queued_jobs: usize,
     /// HTTP connections open at most; more wait until one closes.
     #[arg(long, env = "OCIGC_MAX_CONNECTIONS", default_value_t = daemon::DEFAULT_MAX_CONNECTIONS,
           value_parser = parse_count::<MAX_CONNECTIONS>)]
+    #[serde(deserialize_with = "setting::count::<MAX_CONNECTIONS, _>")]
     pub max_connections: usize,
     /// Close a connection that takes longer than this to send a request head, or stays idle
     /// this long between requests.
     #[arg(long, env = "OCIGC_HEADER_READ_TIMEOUT", default_value = "10s",
           value_parser = parse_positive_duration)]
+    #[serde(
+        serialize_with = "setting::duration::serialize",
+        deserialize_with = "setting::positive_duration"
+    )]
     pub header_read_timeout: Duration,
 }
 
@@ -322,127 +357,220 @@ fn explicit(m: &ArgMatches, id: &str) -> bool {
     )
 }
 
-fn config_duration(key: &str, value: &str) -> Result<Duration, CliError> {
-    parse_duration(value).map_err(|e| usage(anyhow!("config key {key}: {e}")))
+/// Subcommands whose flags the configuration file sets.
+const CONFIGURED: [&str; 3] = ["gc", "delete-repo", "serve"];
+
+/// The configuration keys: the long flags of [`CONFIGURED`] commands, hidden ones (drills)
+/// and global ones (`--config` itself, `--log-format`) excepted.
+fn config_keys() -> Vec<String> {
+    let cli = Cli::command();
+    let mut keys: Vec<String> = cli
+        .get_subcommands()
+        .filter(|c| CONFIGURED.contains(&c.get_name()))
+        .flat_map(|c| c.get_arguments())
+        .filter(|a| a.get_long().is_some() && !a.is_hide_set() && !a.is_global_set())
+        .map(|a| a.get_id().to_string())
+        .filter(|id| id != "help" && id != "version")
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
-/// Fills every setting not given as a flag or variable from the configuration file.
-fn apply_store_config(cfg: &FileConfig, m: &ArgMatches, s: &mut StoreArgs) -> Result<(), CliError> {
-    if let (false, Some(b)) = (explicit(m, "bucket"), &cfg.bucket) {
-        s.bucket = Some(
-            b.parse()
-                .map_err(|e| usage(anyhow!("config key bucket: {e}")))?,
-        );
-    }
-    if let (false, Some(l)) = (explicit(m, "layout"), &cfg.layout) {
-        if !layout::NAMES.contains(&l.as_str()) {
-            return Err(usage(anyhow!("config key layout: unknown layout {l:?}")));
+/// Sets every field of `args` that the user did not give as a flag or variable, and the file
+/// does, from the file. Generic over the flag structs: their serde form is a map from config
+/// key to value, so a setting needs no line of its own here. Each value goes through the
+/// setting's own deserializer (the flag's parser), so a bad one is named by its key. Without
+/// `m`, every key of the file is taken.
+fn merge_config<A: Serialize + DeserializeOwned>(
+    args: &mut A,
+    m: Option<&ArgMatches>,
+    cfg: &FileConfig,
+) -> Result<(), CliError> {
+    let internal = |e: serde_json::Error| fatal(anyhow!("merging the configuration file: {e}"));
+    let serde_json::Value::Object(mut fields) = serde_json::to_value(&*args).map_err(internal)?
+    else {
+        return Err(fatal(anyhow!("flags do not serialise to a map")));
+    };
+    let mut changed = false;
+    for key in cfg.keys() {
+        let Some(value) = cfg.value(key) else {
+            continue;
+        };
+        if !fields.contains_key(key) || m.is_some_and(|m| explicit(m, key)) {
+            continue;
         }
-        s.layout = l.clone();
-    }
-    if let (false, Some(v)) = (explicit(m, "dry_run"), cfg.dry_run) {
-        s.dry_run = v;
-    }
-    if let (false, Some(v)) = (explicit(m, "report"), &cfg.report) {
-        s.report = Some(v.clone());
-    }
-    if let (false, Some(v)) = (explicit(m, "concurrency"), cfg.concurrency) {
-        if !(1..=1024).contains(&v) {
-            return Err(usage(anyhow!(
-                "config key concurrency: {v} is not in 1..=1024"
-            )));
+        let mut trial = fields.clone();
+        trial.insert(key.to_string(), value.clone());
+        if let Err(e) = serde_json::from_value::<A>(serde_json::Value::Object(trial)) {
+            return Err(usage(cfg.error_at(key, &e.to_string()).into()));
         }
-        s.concurrency = v;
+        fields.insert(key.to_string(), value.clone());
+        changed = true;
     }
-    if let (false, Some(v)) = (explicit(m, "timeout_request"), &cfg.timeout_request) {
-        s.timeout_request = config_duration("timeout_request", v)?;
-    }
-    if let (false, Some(v)) = (explicit(m, "s3_path_style"), cfg.s3_path_style) {
-        s.s3_path_style = v;
-    }
-    if let (false, Some(v)) = (explicit(m, "lease_ttl"), &cfg.lease_ttl) {
-        s.lease_ttl = config_duration("lease_ttl", v)?;
-    }
-    if let (false, Some(v)) = (explicit(m, "pushgateway"), &cfg.pushgateway) {
-        s.pushgateway = Some(v.clone());
+    if changed {
+        *args = serde_json::from_value(serde_json::Value::Object(fields)).map_err(internal)?;
     }
     Ok(())
 }
 
-fn apply_gc_config(cfg: &FileConfig, m: &ArgMatches, g: &mut GcArgs) -> Result<(), CliError> {
-    apply_store_config(cfg, m, &mut g.store)?;
-    if let (false, Some(v)) = (explicit(m, "repos"), &cfg.repos) {
-        g.repos = v.clone();
-    }
-    if let (false, Some(v)) = (explicit(m, "grace"), &cfg.grace) {
-        g.grace = config_duration("grace", v)?;
-    }
-    if let (false, Some(v)) = (explicit(m, "delay"), &cfg.delay) {
-        g.delay = config_duration("delay", v)?;
-    }
-    if let (false, Some(v)) = (explicit(m, "timeout_repo"), &cfg.timeout_repo) {
-        g.timeout_repo = Some(config_duration("timeout_repo", v)?);
-    }
-    if let (false, Some(v)) = (explicit(m, "timeout_run"), &cfg.timeout_run) {
-        g.timeout_run = Some(config_duration("timeout_run", v)?);
-    }
-    if let (false, Some(v)) = (explicit(m, "shard"), &cfg.shard) {
-        g.shard = Some(gc::Shard::parse(v).map_err(|e| usage(anyhow!("config key shard: {e}")))?);
-    }
-    if let (false, Some(v)) = (explicit(m, "delete_untagged"), cfg.delete_untagged) {
-        g.delete_untagged = v;
-    }
-    Ok(())
-}
-
-fn apply_serve_config(cfg: &FileConfig, m: &ArgMatches, s: &mut ServeArgs) -> Result<(), CliError> {
-    apply_gc_config(cfg, m, &mut s.gc)?;
-    if let (false, Some(v)) = (explicit(m, "listen"), &cfg.listen) {
-        s.listen = v
-            .parse()
-            .map_err(|e| usage(anyhow!("config key listen: {v:?}: {e}")))?;
-    }
-    if let (false, Some(v)) = (explicit(m, "interval"), &cfg.interval) {
-        s.interval = Some(config_duration("interval", v)?);
-    }
-    if let (false, Some(v)) = (explicit(m, "token_file"), &cfg.token_file) {
-        s.token_file = Some(v.clone());
-    }
-    if let (false, Some(v)) = (explicit(m, "insecure_no_auth"), cfg.insecure_no_auth) {
-        s.insecure_no_auth = v;
-    }
-    if let (false, Some(v)) = (explicit(m, "drain_timeout"), &cfg.drain_timeout) {
-        s.drain_timeout = config_duration("drain_timeout", v)?;
-    }
-    if let (false, Some(v)) = (explicit(m, "max_queued_jobs"), cfg.max_queued_jobs) {
-        s.max_queued_jobs = parse_count::<MAX_QUEUED_JOBS>(&v.to_string())
-            .map_err(|e| usage(anyhow!("config key max_queued_jobs: {e}")))?;
-    }
-    if let (false, Some(v)) = (explicit(m, "max_connections"), cfg.max_connections) {
-        s.max_connections = parse_count::<MAX_CONNECTIONS>(&v.to_string())
-            .map_err(|e| usage(anyhow!("config key max_connections: {e}")))?;
-    }
-    if let (false, Some(v)) = (explicit(m, "header_read_timeout"), &cfg.header_read_timeout) {
-        s.header_read_timeout = parse_positive_duration(v)
-            .map_err(|e| usage(anyhow!("config key header_read_timeout: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Applies `--config` to the parsed command.
+/// Applies `--config` to the parsed command: precedence flag > variable > file > default.
 fn apply_config(cli: &mut Cli, matches: &ArgMatches) -> Result<(), CliError> {
     let Some(path) = &cli.config else {
         return Ok(());
     };
     let cfg = FileConfig::load(path).map_err(|e| usage(e.into()))?;
+    check_config(&cfg)?;
     let Some((_, m)) = matches.subcommand() else {
         return Ok(());
     };
     match &mut cli.command {
-        Command::Gc(g) => apply_gc_config(&cfg, m, g),
-        Command::DeleteRepo(d) => apply_store_config(&cfg, m, &mut d.store),
-        Command::Serve(s) => apply_serve_config(&cfg, m, s),
+        Command::Gc(g) => merge_config(g, Some(m), &cfg),
+        Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
+        Command::Serve(s) => merge_config(s, Some(m), &cfg),
         Command::Intent(_) => Ok(()),
+    }
+}
+
+/// Rejects unknown keys and bad values, whichever command runs: `serve` has every key, so
+/// its flags (defaults only, variables ignored) take the whole file.
+fn check_config(cfg: &FileConfig) -> Result<(), CliError> {
+    let keys = config_keys();
+    cfg.check_keys(keys.iter().map(String::as_str))
+        .map_err(|e| usage(e.into()))?;
+    let defaults = Cli::command()
+        .mut_args(|a| a.env(None::<&str>))
+        .mut_subcommand("serve", |s| s.mut_args(|a| a.env(None::<&str>)))
+        .try_get_matches_from(["ocigc", "serve"])
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let mut serve = match defaults {
+        Ok(Cli {
+            command: Command::Serve(s),
+            ..
+        }) => s,
+        Ok(_) => return Err(fatal(anyhow!("`serve` parsed as another command"))),
+        Err(e) => return Err(fatal(anyhow!("the defaults of `serve` do not parse: {e}"))),
+    };
+    merge_config(&mut serve, None, cfg)
+}
+
+/// The config-file form of settings whose type serde does not read as the flag does: the
+/// same parser as the flag's, so bounds and messages are declared once.
+mod setting {
+    use std::time::Duration;
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::gc::Shard;
+    use crate::store::BucketUrl;
+
+    /// A duration as `humantime` writes and `--grace` reads it.
+    pub mod duration {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(&humantime::format_duration(*d))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            super::super::parse_duration(&String::deserialize(d)?).map_err(D::Error::custom)
+        }
+    }
+
+    /// An optional duration.
+    pub mod optional_duration {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.collect_str(&humantime::format_duration(*d)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|v| super::super::parse_duration(&v).map_err(D::Error::custom))
+                .transpose()
+        }
+    }
+
+    /// A duration above zero.
+    pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        super::parse_positive_duration(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    /// A count in `1..=MAX`, an integer in the file.
+    pub fn count<'de, const MAX: usize, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        // Read as any value: a flattened struct buffers integers as i64 or u64 only.
+        match serde_json::Value::deserialize(d)? {
+            // The same bound as the flag's; the number is shown, as no secret is one.
+            serde_json::Value::Number(n) => super::parse_count::<MAX>(&n.to_string())
+                .map_err(|_| D::Error::custom(format!("{n} is not a whole number in 1..={MAX}"))),
+            _ => Err(D::Error::custom("expected a whole number")),
+        }
+    }
+
+    /// One of the layouts.
+    pub fn layout<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let name = String::deserialize(d)?;
+        if !crate::layout::NAMES.contains(&name.as_str()) {
+            return Err(D::Error::custom(format!(
+                "unknown layout `{name}` (one of: {})",
+                crate::layout::NAMES.join(", ")
+            )));
+        }
+        Ok(name)
+    }
+
+    /// A bucket URL, written back in a form that parses to the same bucket.
+    pub mod bucket {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(b: &Option<BucketUrl>, s: S) -> Result<S::Ok, S::Error> {
+            match b {
+                None => s.serialize_none(),
+                Some(BucketUrl::S3 { bucket, prefix }) => {
+                    s.collect_str(&format_args!("s3://{bucket}/{prefix}"))
+                }
+                Some(BucketUrl::Dir(path)) => {
+                    let path = path
+                        .to_str()
+                        .ok_or_else(|| serde::ser::Error::custom("the bucket path is not UTF-8"))?;
+                    // `file://` keeps an absolute path from reading as another scheme.
+                    if path.starts_with('/') {
+                        s.collect_str(&format_args!("file://{path}"))
+                    } else {
+                        s.serialize_str(path)
+                    }
+                }
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BucketUrl>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|v| v.parse().map_err(D::Error::custom))
+                .transpose()
+        }
+    }
+
+    /// `--shard I/N`.
+    pub mod shard {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &Option<Shard>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.collect_str(&format_args!("{}/{}", v.index, v.count)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Shard>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|v| Shard::parse(&v).map_err(D::Error::custom))
+                .transpose()
+        }
     }
 }
 
@@ -533,8 +661,9 @@ async fn gc_setup(
     )?;
     let (store, request_timeout) = open_store(&args.store).await?;
     check_lease_ttl(args.store.lease_ttl, request_timeout)?;
-    let concurrency = usize::from(args.store.concurrency);
+    let concurrency = args.store.concurrency;
     let gc = GcOptions {
+        no_cache: false,
         grace: args.grace,
         delay: args.delay,
         dry_run: args.store.dry_run,
@@ -551,15 +680,24 @@ async fn gc_setup(
         progress: None,
         only: None,
     };
-    let delete = DeleteRepoOptions {
-        dry_run: args.store.dry_run,
-        concurrency,
+    Ok((
+        store,
+        layout,
+        gc,
+        delete_options(&args.store, request_timeout),
+    ))
+}
+
+/// The settings of a repository deletion, from the flags.
+fn delete_options(args: &StoreArgs, request_timeout: Duration) -> DeleteRepoOptions {
+    DeleteRepoOptions {
+        dry_run: args.dry_run,
+        concurrency: args.concurrency,
         request_timeout,
-        lease_ttl: args.store.lease_ttl,
-        clock_offset: args.store.clock_offset,
+        lease_ttl: args.lease_ttl,
+        clock_offset: args.clock_offset,
         metrics: None,
-    };
-    Ok((store, layout, gc, delete))
+    }
 }
 
 /// Pushes to the Pushgateway, if one is configured. A failed push is logged, not fatal: the
@@ -612,6 +750,10 @@ impl gc::Progress for TerminalProgress {
         self.bar.set_message("0 deleted");
     }
 
+    fn found(&self, repositories: u64) {
+        self.bar.set_length(repositories);
+    }
+
     fn repository_done(&self, name: &str, deleted: u64) {
         use std::sync::atomic::Ordering;
         let total = self.deleted.fetch_add(deleted, Ordering::Relaxed) + deleted;
@@ -656,12 +798,8 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             check_lease_ttl(args.store.lease_ttl, request_timeout)?;
             let metrics = Arc::new(Metrics::new());
             let opts = DeleteRepoOptions {
-                dry_run: args.store.dry_run,
-                concurrency: usize::from(args.store.concurrency),
-                request_timeout,
-                lease_ttl: args.store.lease_ttl,
-                clock_offset: args.store.clock_offset,
                 metrics: Some(metrics.clone()),
+                ..delete_options(&args.store, request_timeout)
             };
             let result = gc::delete_repositories(store.clone(), layout, &args.names, &opts).await;
             push_metrics(&args.store, store.as_ref(), &metrics).await;
@@ -803,7 +941,7 @@ fn emit(report: &Report, target: Option<&PathBuf>) -> Result<(), CliError> {
 async fn intent_command(args: IntentArgs) -> Result<u8, CliError> {
     let (store, _) = open_bucket(&args.bucket, args.s3_path_style, Duration::from_secs(30)).await?;
     if let Some(key) = &args.release {
-        if !key.starts_with(intent::INTENT_PREFIX) {
+        if !matches!(namespace::classify(key), StateKey::Intent { .. }) {
             return Err(usage(anyhow!("{key:?} is not an intent key")));
         }
         store
@@ -826,4 +964,213 @@ async fn intent_command(args: IntentArgs) -> Result<u8, CliError> {
         .map_err(fatal)?;
     println!("{key}");
     Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `args` as the binary would (no config applied).
+    fn parse(args: &[&str]) -> (Cli, ArgMatches) {
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("ocigc").chain(args.iter().copied()))
+            .expect("valid arguments");
+        let cli = Cli::from_arg_matches(&matches).expect("valid arguments");
+        (cli, matches)
+    }
+
+    fn merged(args: &[&str], toml: &str) -> Result<Cli, String> {
+        let (mut cli, matches) = parse(args);
+        let cfg = FileConfig::parse("c.toml".into(), toml).map_err(|e| e.to_string())?;
+        check_config(&cfg).map_err(|e| format!("{:#}", e.error))?;
+        let (_, m) = matches.subcommand().expect("a subcommand");
+        let done = match &mut cli.command {
+            Command::Gc(g) => merge_config(g, Some(m), &cfg),
+            Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
+            Command::Serve(s) => merge_config(s, Some(m), &cfg),
+            Command::Intent(_) => Ok(()),
+        };
+        done.map_err(|e| format!("{:#}", e.error))?;
+        Ok(cli)
+    }
+
+    #[test]
+    fn the_config_keys_are_the_historical_ones() {
+        // Existing configuration files must keep working: these are the keys of every
+        // version so far.
+        let mut historical = [
+            "bucket",
+            "layout",
+            "dry_run",
+            "report",
+            "concurrency",
+            "timeout_request",
+            "s3_path_style",
+            "lease_ttl",
+            "pushgateway",
+            "repos",
+            "grace",
+            "delay",
+            "timeout_repo",
+            "timeout_run",
+            "shard",
+            "delete_untagged",
+            "listen",
+            "interval",
+            "token_file",
+            "insecure_no_auth",
+            "drain_timeout",
+            "max_queued_jobs",
+            "max_connections",
+            "header_read_timeout",
+        ];
+        historical.sort_unstable();
+        assert_eq!(config_keys(), historical);
+    }
+
+    #[test]
+    fn every_key_reaches_its_setting() {
+        let toml = r#"
+            bucket = "s3://bucket-a/team"
+            layout = "distribution"
+            dry_run = true
+            report = "/tmp/r.json"
+            concurrency = 7
+            timeout_request = "11s"
+            s3_path_style = true
+            lease_ttl = "13m"
+            pushgateway = "http://gw:9091"
+            repos = ["team/{a,b}", "x/**"]
+            grace = "2h"
+            delay = "3h"
+            timeout_repo = "4m"
+            timeout_run = "5h"
+            shard = "1/3"
+            delete_untagged = true
+            listen = "127.0.0.1:9"
+            interval = "6m"
+            token_file = "/run/token"
+            insecure_no_auth = true
+            drain_timeout = "7s"
+            max_queued_jobs = 8
+            max_connections = 9
+            header_read_timeout = "12s"
+        "#;
+        let cli = merged(&["serve"], toml).expect("valid");
+        let Command::Serve(s) = cli.command else {
+            panic!("serve expected");
+        };
+        let (g, st) = (&s.gc, &s.gc.store);
+        let m = Duration::from_secs(60);
+        assert_eq!(
+            st.bucket,
+            Some(BucketUrl::S3 {
+                bucket: "bucket-a".into(),
+                prefix: "team".into()
+            })
+        );
+        assert_eq!(st.layout, "distribution");
+        assert!(st.dry_run && st.s3_path_style && g.delete_untagged && s.insecure_no_auth);
+        assert_eq!(st.report, Some(PathBuf::from("/tmp/r.json")));
+        assert_eq!(st.concurrency, 7);
+        assert_eq!(st.timeout_request, Duration::from_secs(11));
+        assert_eq!(st.lease_ttl, 13 * m);
+        assert_eq!(st.pushgateway.as_deref(), Some("http://gw:9091"));
+        assert_eq!(st.clock_offset, Duration::ZERO);
+        // A list in the file is never split at commas (a glob's `{a,b}` stays whole).
+        assert_eq!(g.repos, ["team/{a,b}", "x/**"]);
+        assert_eq!((g.grace, g.delay), (120 * m, 180 * m));
+        assert_eq!(
+            (g.timeout_repo, g.timeout_run),
+            (Some(4 * m), Some(300 * m))
+        );
+        assert_eq!(g.shard, Some(gc::Shard { index: 1, count: 3 }));
+        assert_eq!(s.listen, "127.0.0.1:9".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(s.interval, Some(6 * m));
+        assert_eq!(s.token_file, Some(PathBuf::from("/run/token")));
+        assert_eq!(s.drain_timeout, Duration::from_secs(7));
+        assert_eq!((s.max_queued_jobs, s.max_connections), (8, 9));
+        assert_eq!(s.header_read_timeout, Duration::from_secs(12));
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let toml = "grace = \"2h\"\ndelay = \"0s\"\nconcurrency = 3\nlisten = \"127.0.0.1:1\"\n";
+        let cli = merged(&["gc", "--grace", "5m", "--concurrency=16"], toml).expect("valid");
+        let Command::Gc(g) = cli.command else {
+            panic!("gc expected");
+        };
+        assert_eq!(g.grace, Duration::from_secs(300), "the flag wins");
+        assert_eq!(
+            g.store.concurrency, 16,
+            "a flag equal to the default still wins"
+        );
+        assert_eq!(g.delay, Duration::ZERO, "the file wins over the default");
+        assert_eq!(g.store.layout, "oci", "the default stays");
+        // `listen` is a serve key: accepted in the file, ignored by gc.
+        let cli = merged(&["delete-repo", "app"], toml).expect("valid");
+        let Command::DeleteRepo(d) = cli.command else {
+            panic!("delete-repo expected");
+        };
+        assert_eq!(
+            (d.store.concurrency, d.names.as_slice()),
+            (3, &["app".to_string()][..])
+        );
+    }
+
+    #[test]
+    fn bad_values_in_the_file_name_their_key_and_line() {
+        for (toml, key) in [
+            // A serve key is checked when gc runs too (below, every case runs as gc).
+            ("listen = \"nowhere\"", "listen"),
+            ("max_queued_jobs = 0", "max_queued_jobs"),
+            ("concurrency = 0", "concurrency"),
+            ("concurrency = 1025", "concurrency"),
+            ("concurrency = \"8\"", "concurrency"),
+            ("layout = \"zot\"", "layout"),
+            ("grace = 5", "grace"),
+            ("timeout_run = \"101y\"", "timeout_run"),
+            ("header_read_timeout = \"0s\"", "header_read_timeout"),
+            ("max_connections = -5", "max_connections"),
+            ("shard = \"3/3\"", "shard"),
+            ("bucket = \"gs://elsewhere\"", "bucket"),
+            ("repos = \"team/*\"", "repos"),
+            ("dry_run = \"yes\"", "dry_run"),
+            ("clock_offset = \"1h\"", "clock_offset"),
+            ("log_format = \"json\"", "log_format"),
+        ] {
+            let err = merged(&["gc"], &format!("\n{toml}\n")).expect_err(toml);
+            assert!(err.contains(&format!("key {key}:")), "{toml}: {err}");
+            assert!(err.contains("line 2, column"), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn flag_structs_survive_their_serde_form() {
+        // The merge rebuilds a struct from its serde form: every value the flags accept
+        // must come back unchanged.
+        for bucket in [
+            "s3://bucket-a",
+            "s3://bucket-a/p/q/",
+            "/abs/dir",
+            "rel/dir",
+            "file:///x",
+        ] {
+            let (cli, _) = parse(&[
+                "serve",
+                "--bucket",
+                bucket,
+                "--timeout-run=100y",
+                "--clock-offset=1h 2m 3s 4ms",
+                "--shard=2/5",
+                "--repo=a,b/**",
+            ]);
+            let Command::Serve(before) = cli.command else {
+                panic!("serve expected");
+            };
+            let json = serde_json::to_value(&before).expect("serialise");
+            let after: ServeArgs = serde_json::from_value(json).expect("deserialise");
+            assert_eq!(format!("{after:?}"), format!("{before:?}"), "{bucket}");
+        }
+    }
 }

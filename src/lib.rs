@@ -12,5 +12,6 @@ pub mod gc;
 pub mod layout;
 pub mod manifest;
 pub mod metrics;
+pub mod namespace;
 pub mod report;
 pub mod store;

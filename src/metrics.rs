@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use crate::report::{RepoStatus, Report};
-use crate::store::Op;
+use crate::store::{Op, Outcome, RequestObserver};
 
 /// Outcome labels of `ocigc_runs_total{result}`.
 pub const RUN_RESULTS: [&str; 3] = ["ok", "partial", "failed"];
@@ -18,8 +18,6 @@ pub const RUN_RESULTS: [&str; 3] = ["ok", "partial", "failed"];
 pub const REPO_STATUSES: [&str; 4] = ["ok", "failed", "skipped", "timeout"];
 /// Labels of `ocigc_timeouts_total{scope}`.
 pub const TIMEOUT_SCOPES: [&str; 3] = ["request", "repo", "run"];
-/// Labels of `ocigc_store_requests_total{result}`.
-pub const REQUEST_RESULTS: [&str; 4] = ["ok", "not_found", "timeout", "error"];
 const OPS: [Op; 5] = [Op::List, Op::Get, Op::Head, Op::Put, Op::Delete];
 
 /// Every metric name of SPEC §5 (the dashboard and alerts rely on them).
@@ -94,6 +92,22 @@ fn counter_vec(r: &Registry, name: &str, help: &str, label: &[&str]) -> IntCount
         r,
         IntCounterVec::new(Opts::new(name, help), label).expect("valid metric"),
     )
+}
+
+/// Store requests feed `ocigc_store_requests_total`, `ocigc_store_request_duration_seconds`
+/// and, on a time-out, `ocigc_timeouts_total{scope="request"}`.
+impl RequestObserver for Metrics {
+    fn observe(&self, op: Op, outcome: Outcome, elapsed: Duration) {
+        self.store_requests
+            .with_label_values(&[op.as_str(), outcome.as_str()])
+            .inc();
+        self.store_request_duration
+            .with_label_values(&[op.as_str()])
+            .observe(elapsed.as_secs_f64());
+        if outcome == Outcome::Timeout {
+            self.timeouts.with_label_values(&["request"]).inc();
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -264,25 +278,13 @@ impl Metrics {
             m.timeouts.with_label_values(&[l]);
         }
         for op in OPS {
-            for res in REQUEST_RESULTS {
-                m.store_requests.with_label_values(&[op.as_str(), res]);
+            for res in Outcome::ALL {
+                m.store_requests
+                    .with_label_values(&[op.as_str(), res.as_str()]);
             }
             m.store_request_duration.with_label_values(&[op.as_str()]);
         }
         m
-    }
-
-    /// Records one store request.
-    pub fn request(&self, op: Op, result: &str, took: Duration) {
-        self.store_requests
-            .with_label_values(&[op.as_str(), result])
-            .inc();
-        self.store_request_duration
-            .with_label_values(&[op.as_str()])
-            .observe(took.as_secs_f64());
-        if result == "timeout" {
-            self.timeouts.with_label_values(&["request"]).inc();
-        }
     }
 
     fn repo_figures(&self, report: &Report) {
@@ -499,8 +501,8 @@ mod tests {
     #[test]
     fn request_timeouts_count_in_scope_request() {
         let m = Metrics::new();
-        m.request(Op::Get, "timeout", Duration::from_secs(1));
-        m.request(Op::Get, "ok", Duration::from_millis(3));
+        m.observe(Op::Get, Outcome::Timeout, Duration::from_secs(1));
+        m.observe(Op::Get, Outcome::Ok, Duration::from_millis(3));
         let text = m.encode();
         assert!(text.contains("ocigc_timeouts_total{scope=\"request\"} 1"));
         assert!(text.contains("ocigc_store_requests_total{op=\"get\",result=\"ok\"} 1"));

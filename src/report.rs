@@ -86,6 +86,9 @@ pub struct RepoReport {
     pub warnings: Vec<String>,
     /// What made the repository fail or time out.
     pub errors: Vec<String>,
+    /// Nothing that could change a decision changed since the run that last collected it: its
+    /// figures are that run's (from the incremental cache), and no request was made for it.
+    pub unchanged: bool,
 }
 
 impl RepoReport {
@@ -106,6 +109,7 @@ impl RepoReport {
             lease_conflict: false,
             warnings: Vec::new(),
             errors: Vec::new(),
+            unchanged: false,
         }
     }
 

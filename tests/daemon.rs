@@ -481,6 +481,7 @@ async fn distribution_hook_gc_lists_only_its_repository_and_keeps_what_it_needs(
     let own = [
         "docker/registry/v2/repositories/team/app/",
         "_ocigc/intents/team/app/",
+        "_ocigc/cache/v1/team/app/",
     ];
     assert!(!listed.is_empty());
     for prefix in &listed {

@@ -308,8 +308,12 @@ async fn other_keys_young_blobs_and_dry_run(t: TestStore) {
 /// pusher that does so after the batch is caught by the verify pass.
 async fn recheck_and_verify_see_a_manifest_pushed_during_the_run(t: TestStore) {
     for (when, expect_dangling) in [
-        // The roots come from the bucket listing; the first LIST of the links is the re-check.
-        (When::BeforeList("docker/registry/v2/repositories/"), false),
+        // The roots come from the listing of the repositories; the second LIST of the links
+        // is the re-check.
+        (
+            When::BeforeNthList("docker/registry/v2/repositories/", 2),
+            false,
+        ),
         (When::AfterDelete("/data"), true),
     ] {
         let repo = if expect_dangling { "late" } else { "early" };

@@ -484,14 +484,15 @@ async fn request_counts_are_close_to_the_minimum(t: TestStore) {
     let big = vec![7u8; 5 * 1024 * 1024];
     f.blob("app", OCI_LAYER, &big).await;
     let report = gc(&t.store, &eager()).await;
-    // Minimum: one LIST page, index.json + one manifest, one delete batch; the 5 MiB garbage
+    // Minimum: one LIST page of ocigc's state (listed first), one LIST page of the
+    // repositories, index.json + one manifest, one delete batch; the 5 MiB garbage
     // layer is too large to be a manifest and is never read. On top: the clock (one HEAD, its
     // `Date` read; nothing written) and the protocol for a repository with something to delete (lease PUT and
     // release, pending-state GET, re-check HEAD + batch announcement PUT and removal + intents
-    // LIST, verify GET + intents LIST).
+    // LIST, verify GET + intents LIST), and the PUT of the repository's incremental-cache entry.
     let r = report.requests;
-    assert_eq!((r.list, r.get, r.delete), (1 + 2, 2 + 2, 1 + 2), "{r:?}");
-    assert_eq!((r.put, r.head), (2, 1 + 1), "{r:?}");
+    assert_eq!((r.list, r.get, r.delete), (2 + 2, 2 + 2, 1 + 2), "{r:?}");
+    assert_eq!((r.put, r.head), (3, 1 + 1), "{r:?}");
 }
 
 /// The referrer scan reads each small garbage blob once: its pending entry remembers that it
@@ -511,8 +512,11 @@ async fn pending_state_spares_rereading_garbage(t: TestStore) {
     let sig_body = t.store.get(&sig_key).await.expect("signature").body;
     f.put(&sig_key, b"upload in progress").await;
 
+    // Without the incremental cache, which would skip the unchanged second run altogether
+    // (asserted below): this is the pending state's own memory.
     let wait = GcOptions {
         delay: Duration::from_secs(3600),
+        no_cache: true,
         ..eager()
     };
     let first = gc(&t.store, &wait).await;
@@ -535,6 +539,22 @@ async fn pending_state_spares_rereading_garbage(t: TestStore) {
         fetched(&second)
     );
     assert!(all_deleted_keys(&second).is_empty());
+    // With the cache: the first such run remembers, the next finds the repository unchanged
+    // (nothing matures before the delay) and reads nothing at all.
+    let cached = GcOptions {
+        no_cache: false,
+        ..wait.clone()
+    };
+    gc(&t.store, &cached).await;
+    let quiet = gc(&t.store, &cached).await;
+    assert!(repo_report(&quiet, "app").unchanged, "{quiet:#?}");
+    assert_eq!(fetched(&quiet), 0);
+    assert_eq!(
+        (quiet.requests.get, quiet.requests.put),
+        (0, 0),
+        "{:?}",
+        quiet.requests
+    );
 
     // The upload completes; the next run is past the delay.
     f.put(&sig_key, &sig_body).await;

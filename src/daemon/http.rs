@@ -177,7 +177,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
     // One HEAD of a key that need not exist: proves the store answers and accepts our
     // credentials.
-    let probe = app.store.head("_ocigc/readyz");
+    let probe = app.store.head(crate::namespace::readiness_probe_key());
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("store: {e}")),

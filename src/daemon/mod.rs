@@ -59,8 +59,6 @@ pub struct ServeOptions {
 pub const DEFAULT_MAX_QUEUED_JOBS: usize = 64;
 /// Default of [`ServeOptions::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
-/// Default of [`ServeOptions::header_read_timeout`].
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The state shared by the HTTP handlers, the scheduler and the jobs.
 pub(crate) struct App {

@@ -14,13 +14,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::lease::{Acquired, Lease, Leases};
+use super::stop::Stop;
 use super::sweep::Guard;
 use super::{finish_report, list_all, new_report, probe_clock, sweep, GcError};
 use crate::digest::Digest;
 use crate::gc::plan::Reason;
-use crate::gc::{intent, state};
+use crate::gc::{cache, intent, state};
 use crate::layout::{KeyKind, Layout, Repository};
 use crate::metrics::Metrics;
+use crate::namespace::Scope;
 use crate::report::{timestamp, Deleted, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, PutCondition, Store};
 
@@ -88,11 +90,11 @@ struct LeaseGuard<'a, 'l> {
 
 #[async_trait]
 impl Guard for LeaseGuard<'_, '_> {
-    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, Stop> {
         self.leases
             .keep(self.lease)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Stop::LeaseLost(e.to_string()))?;
         Ok(batch)
     }
 }
@@ -221,7 +223,7 @@ async fn delete_one(
         report.deleted.extend(swept.deleted);
         let failed = !swept.errors.is_empty() || swept.stopped.is_some();
         report.errors.extend(swept.errors);
-        report.errors.extend(swept.stopped);
+        report.errors.extend(swept.stopped.map(|s| s.message()));
         if failed {
             // Later phases wait: the marker must outlive every other key.
             report.status = RepoStatus::Failed;
@@ -233,9 +235,20 @@ async fn delete_one(
         // ocigc's own state for the repository goes last: a crash before this point leaves
         // it for the resumed deletion, which removes it then.
         let mut keys = vec![state::pending_key(name)];
-        match intent::list_intents(store, name).await {
+        match intent::list_intents(store, Scope::Repository(name)).await {
             Ok(listed) => keys.extend(listed.into_iter().map(|o| o.key)),
             Err(e) => report.warnings.push(format!("listing intents: {e}")),
+        }
+        // Its cache entries (a nested repository's are under the same prefix: kept).
+        match list_all(store, &format!("{}{name}/", cache::CACHE_PREFIX)).await {
+            Ok(listed) => keys.extend(
+                listed
+                    .state
+                    .into_iter()
+                    .filter(|o| cache::parse_entry_key(&o.key).is_some_and(|e| e.unit == name))
+                    .map(|o| o.key),
+            ),
+            Err(e) => report.warnings.push(format!("listing cache entries: {e}")),
         }
         if let Err(e) = store.delete_batch(&keys).await {
             report.warnings.push(format!("removing state: {e}"));

@@ -18,12 +18,12 @@ use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::layout::GLOBAL_REPOSITORY;
 use crate::manifest::Descriptor;
+use crate::namespace::{self, Scope, StateKey};
 use crate::store::{ObjectMeta, PutCondition, Store, StoreError};
 
-/// Where intents live.
-pub const INTENT_PREFIX: &str = "_ocigc/intents/";
+/// Key builders of intents and announcements, from [`crate::namespace`] (which owns them).
+pub use crate::namespace::{deleting_key, intents_prefix};
 
 /// Longest lifetime honoured, whatever an intent asks for.
 pub const MAX_INTENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -31,11 +31,6 @@ pub const MAX_INTENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Largest intent read (tens of thousands of digests); a larger one fails its repository
 /// closed, as an unreadable intent does.
 pub const MAX_INTENT_SIZE: u64 = 1024 * 1024;
-
-/// The listing prefix of a repository's intents.
-pub fn intents_prefix(repo: &str) -> String {
-    format!("{INTENT_PREFIX}{repo}/")
-}
 
 /// An intent as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +51,7 @@ pub async fn write_intent(
     digests: &[Digest],
     ttl: Duration,
 ) -> Result<String, StoreError> {
-    let key = format!("{}{}.json", intents_prefix(repo), uuid::Uuid::new_v4());
+    let key = namespace::intent_key(repo, &uuid::Uuid::new_v4().to_string());
     let intent = Intent {
         version: 1,
         digests: digests.iter().map(Digest::to_string).collect(),
@@ -78,14 +73,10 @@ pub struct Intents {
     pub expired: Vec<String>,
 }
 
-/// Whether `key` is an intent of `repo` itself (not of a nested repository). Every intent
-/// protects the global blobs of [`GLOBAL_REPOSITORY`].
-pub fn is_own_intent(repo: &str, key: &str) -> bool {
-    if repo == GLOBAL_REPOSITORY {
-        return key.starts_with(INTENT_PREFIX) && key.ends_with(".json");
-    }
-    key.strip_prefix(&intents_prefix(repo))
-        .is_some_and(|rest| !rest.contains('/') && rest.ends_with(".json"))
+/// Whether `key` is an intent `scope` honours: a repository's own (not a nested
+/// repository's); every intent for the global blob space.
+pub fn is_own_intent(scope: Scope<'_>, key: &str) -> bool {
+    namespace::intent_scope_matches(scope, key)
 }
 
 /// Groups intent objects of a bucket listing by repository (other state keys are dropped).
@@ -94,31 +85,26 @@ pub fn by_repository(
 ) -> std::collections::HashMap<String, Vec<ObjectMeta>> {
     let mut out: std::collections::HashMap<String, Vec<ObjectMeta>> = Default::default();
     for o in state {
-        let repo = o
-            .key
-            .strip_prefix(INTENT_PREFIX)
-            .and_then(|rest| rest.rsplit_once('/'))
-            .filter(|(_, file)| file.ends_with(".json"))
-            .map(|(repo, _)| repo.to_string());
-        if let Some(repo) = repo {
-            out.entry(repo).or_default().push(o);
-        }
+        let repo = match namespace::classify(&o.key) {
+            StateKey::Intent { repository, .. } if !repository.is_empty() => repository,
+            _ => continue,
+        };
+        out.entry(repo.to_string()).or_default().push(o);
     }
     out
 }
 
-/// Lists the intents of `repo` (one LIST).
-pub async fn list_intents(store: &dyn Store, repo: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-    let prefix = if repo == GLOBAL_REPOSITORY {
-        INTENT_PREFIX.to_string()
-    } else {
-        intents_prefix(repo)
-    };
+/// Lists the intents `scope` honours (one listing).
+pub async fn list_intents(
+    store: &dyn Store,
+    scope: Scope<'_>,
+) -> Result<Vec<ObjectMeta>, StoreError> {
+    let prefix = namespace::intents_listing_prefix(scope);
     let pages: Vec<Vec<ObjectMeta>> = store.list(&prefix).try_collect().await?;
     Ok(pages
         .into_iter()
         .flatten()
-        .filter(|o| is_own_intent(repo, &o.key))
+        .filter(|o| is_own_intent(scope, &o.key))
         .collect())
 }
 
@@ -141,9 +127,11 @@ mod tests {
         assert_eq!(grouped["team/app"].len(), 1);
         assert_eq!(grouped["team/app/tools"].len(), 1);
         assert_eq!(grouped.len(), 2);
-        assert!(is_own_intent("team/app", "_ocigc/intents/team/app/1.json"));
-        assert!(!is_own_intent(
-            "team/app",
+        let app = Scope::Repository("team/app");
+        assert!(is_own_intent(app, "_ocigc/intents/team/app/1.json"));
+        assert!(!is_own_intent(app, "_ocigc/intents/team/app/tools/2.json"));
+        assert!(is_own_intent(
+            Scope::Global,
             "_ocigc/intents/team/app/tools/2.json"
         ));
     }
@@ -189,14 +177,6 @@ pub async fn read_intents(
         }
     }
     Ok(out)
-}
-
-/// Where a collector announces the batch it is about to delete.
-pub const DELETING_PREFIX: &str = "_ocigc/deleting/";
-
-/// The key of a repository's deletion announcement.
-pub fn deleting_key(repo: &str) -> String {
-    format!("{DELETING_PREFIX}{repo}.json")
 }
 
 /// A deletion announcement: the digests of the batch in flight.
@@ -268,7 +248,7 @@ pub async fn begin_reuse(
     loop {
         // Shared blobs (the distribution layout) are deleted under the global announcement.
         let mut conflict = None;
-        for announcement in [deleting_key(repo), deleting_key(GLOBAL_REPOSITORY)] {
+        for announcement in [deleting_key(repo), deleting_key(Scope::Global.name())] {
             let announced = match store.get(&announcement).await {
                 Ok(o) => serde_json::from_slice::<Deleting>(&o.body).ok(),
                 Err(StoreError::NotFound { .. }) => None,

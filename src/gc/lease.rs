@@ -15,13 +15,8 @@ use super::clock::BucketClock;
 use crate::report::timestamp;
 use crate::store::{PutCondition, PutOutcome, Store, StoreError};
 
-/// Where leases live.
-pub const LEASE_PREFIX: &str = "_ocigc/leases/";
-
-/// The key of a repository's lease.
-pub fn lease_key(repo: &str) -> String {
-    format!("{LEASE_PREFIX}{repo}.json")
-}
+/// The key of a unit's lease, from [`crate::namespace`] (which owns it).
+pub use crate::namespace::lease_key;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct LeaseFile {

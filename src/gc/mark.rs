@@ -9,9 +9,13 @@
 //! and without `subject` are remembered in the pending state, so a later run skips them.
 //!
 //! A [`Marker`] keeps what it has read, so the re-check before each delete batch and the verify
-//! pass after the sweep only fetch documents that are new since the first mark.
+//! pass after the sweep only fetch documents that are new since the first mark. Every document
+//! read is hashed: what hashes to its digest can never change, so a later run may be primed
+//! with it from the persistent cache ([`Marker::prime_cached`], [`Marker::learned_documents`])
+//! instead of reading it again.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::SystemTime;
 
 use futures::{stream, StreamExt};
 
@@ -24,6 +28,40 @@ use crate::store::{ObjectMeta, Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct FailClosed(pub String);
+
+/// A document known from an earlier read, for [`Marker::prime_cached`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedDocument {
+    /// Its digest; its content hashed to it.
+    pub digest: Digest,
+    /// What it references.
+    pub references: References,
+    /// How the repository's listing showed the object it was read from; `None` when it was
+    /// not listed there (content kept in a global blob space).
+    pub listed: Option<ListedVersion>,
+}
+
+/// What a listing shows of one object, enough to tell that it was not rewritten.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedVersion {
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time.
+    pub last_modified: SystemTime,
+    /// Entity tag, where the listing gives one.
+    pub etag: Option<String>,
+}
+
+impl ListedVersion {
+    /// The version of a listed object.
+    pub fn of(o: &ObjectMeta) -> ListedVersion {
+        ListedVersion {
+            size: o.size,
+            last_modified: o.last_modified,
+            etag: o.etag.clone(),
+        }
+    }
+}
 
 /// Inputs that stay fixed while one repository is marked.
 pub struct MarkContext<'a> {
@@ -41,8 +79,8 @@ pub struct MarkContext<'a> {
     pub concurrency: usize,
 }
 
-/// `addressed` says the content hashed to its digest (checked on scan reads only): such a
-/// blob can never change, and neither can what the scan learnt from it.
+/// `addressed` says the content hashed to its digest: such a blob can never change, and
+/// neither can what was learnt from it.
 enum Read {
     /// Parsed references.
     Doc { refs: References, addressed: bool },
@@ -78,6 +116,9 @@ pub struct Marker<'a> {
     ctx: MarkContext<'a>,
     /// Documents already read: `Some(references)`, or `None` for opaque or missing blobs.
     docs: HashMap<Digest, Option<References>>,
+    /// Documents of `docs` whose content hashed to their digest (here, or when a cache entry
+    /// was written): only these may outlive the run.
+    addressed: HashSet<Digest>,
     /// Referrers found among unreferenced blobs, by subject.
     referrers: HashMap<Digest, Vec<Descriptor>>,
     scanned: bool,
@@ -108,6 +149,7 @@ impl<'a> Marker<'a> {
             scanned: !ctx.layout.scans_for_referrers(ctx.repo),
             ctx,
             docs: HashMap::new(),
+            addressed: HashSet::new(),
             not_referrers: HashSet::new(),
             referrers,
             reachable: HashSet::new(),
@@ -121,6 +163,91 @@ impl<'a> Marker<'a> {
         self.manifests_fetched += documents.len() as u64;
         for (digest, refs) in documents {
             self.docs.entry(digest).or_insert(Some(refs));
+        }
+    }
+
+    /// Documents and scan verdicts from the persistent cache, all verified against their
+    /// digests when the cache was written. Not counted as fetched: no request was made.
+    ///
+    /// A cached document stands for a read of its content only while the object it was read
+    /// from is listed exactly as it was then (size, time, ETag): one overwritten, deleted or
+    /// stored as a placeholder since is left out and read again if reached, so that it
+    /// behaves exactly as a read would.
+    pub fn prime_cached(&mut self, documents: Vec<CachedDocument>, not_referrers: Vec<Digest>) {
+        for doc in documents {
+            if !self.cache_still_valid(&doc) {
+                continue;
+            }
+            let CachedDocument {
+                digest, references, ..
+            } = doc;
+            match self.docs.get(&digest) {
+                None => {
+                    self.docs.insert(digest.clone(), Some(references));
+                    self.addressed.insert(digest);
+                }
+                // Read this run already: the cache confirms what it says, nothing more.
+                Some(Some(known)) if *known == references => {
+                    self.addressed.insert(digest);
+                }
+                Some(_) => {}
+            }
+        }
+        self.not_referrers.extend(not_referrers);
+    }
+
+    /// Documents that hashed to their digest and still matter (reachable, or listed in the
+    /// repository), by digest: what a cache entry may keep for the next run. Placeholders
+    /// are left out (their content copy is checked on every read).
+    pub fn learned_documents(&self) -> Vec<CachedDocument> {
+        let mut out: Vec<CachedDocument> = self
+            .docs
+            .iter()
+            .filter_map(|(d, refs)| {
+                let refs = refs.as_ref()?;
+                let listed = self.ctx.blobs.get(d);
+                if !self.addressed.contains(d)
+                    || listed.is_some_and(|o| self.ctx.layout.is_placeholder(o, d))
+                    || (listed.is_none() && !self.reachable.contains(d))
+                {
+                    return None;
+                }
+                Some(CachedDocument {
+                    digest: d.clone(),
+                    references: refs.clone(),
+                    listed: listed.map(|o| ListedVersion::of(o)),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out
+    }
+
+    /// Listed blobs known not to be referrers (content-addressed, so for good), by digest.
+    pub fn learned_not_referrers(&self) -> Vec<Digest> {
+        let mut out: Vec<Digest> = self
+            .not_referrers
+            .iter()
+            .filter(|d| self.ctx.blobs.contains_key(*d))
+            .cloned()
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whether a cached document may stand for a read now: its object is listed as it was
+    /// when read, or it was not in the listing then and its content is kept outside this
+    /// repository (a global blob space), where the repository's listing cannot tell.
+    fn cache_still_valid(&self, doc: &CachedDocument) -> bool {
+        match (self.ctx.blobs.get(&doc.digest), &doc.listed) {
+            (Some(o), _) if self.ctx.layout.is_placeholder(o, &doc.digest) => false,
+            (Some(o), Some(then)) => ListedVersion::of(o) == *then,
+            (None, None) => !self
+                .ctx
+                .layout
+                .content_key(self.ctx.repo, &doc.digest, None)
+                .starts_with(&self.ctx.repo.prefix),
+            _ => false,
         }
     }
 
@@ -283,7 +410,7 @@ impl<'a> Marker<'a> {
             }
             for (digest, must_parse, read) in self.read_all(wanted.into_iter().collect()).await {
                 match read? {
-                    Read::Doc { refs, .. } => {
+                    Read::Doc { refs, addressed } => {
                         Self::follow(
                             walk,
                             &mut self.warnings,
@@ -292,6 +419,9 @@ impl<'a> Marker<'a> {
                             must_parse,
                             &mut next,
                         )?;
+                        if addressed {
+                            self.addressed.insert(digest.clone());
+                        }
                         self.docs.insert(digest, Some(refs));
                     }
                     Read::Opaque { .. } => {
@@ -321,24 +451,34 @@ impl<'a> Marker<'a> {
     /// or the verify pass can follow them even once deleted; configs and other leaf documents
     /// (most garbage) are dropped, and read again should they become reachable.
     async fn scan_for_referrers(&mut self, seen: &HashSet<Digest>) -> Result<(), FailClosed> {
-        let candidates: Vec<Digest> = self
-            .ctx
-            .blobs
-            .iter()
-            .filter(|(d, o)| {
-                self.content_size(d, o) <= MAX_MANIFEST_SIZE
-                    && !seen.contains(*d)
-                    && !self.docs.contains_key(*d)
-                    && !self.not_referrers.contains(*d)
-                    && self.ctx.layout.may_hold_manifest(self.ctx.repo, &o.key)
-            })
-            .map(|(d, _)| (*d).clone())
-            .collect();
+        let mut candidates: Vec<Digest> = Vec::new();
+        let mut known: Vec<(Digest, References)> = Vec::new();
+        for (d, o) in self.ctx.blobs.iter() {
+            let eligible = self.content_size(d, o) <= MAX_MANIFEST_SIZE
+                && !seen.contains(d)
+                && !self.not_referrers.contains(d)
+                && self.ctx.layout.may_hold_manifest(self.ctx.repo, &o.key);
+            if !eligible {
+                continue;
+            }
+            match self.docs.get(d) {
+                None => candidates.push(d.clone()),
+                // Known without a read (primed, or from the cache): its subjects count as
+                // much as those of one read now.
+                Some(Some(refs)) if !refs.subjects.is_empty() => {
+                    known.push((d.clone(), refs.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+        for (digest, refs) in known {
+            self.index_subjects(&digest, &refs);
+        }
         self.manifests_fetched += candidates.len() as u64;
         let this = &*self;
         let found: Vec<(Digest, Result<Scanned, FailClosed>)> = stream::iter(candidates)
             .map(|d| async move {
-                let r = this.read(&d, false, true).await.map(|read| match read {
+                let r = this.read(&d, false).await.map(|read| match read {
                     Read::Doc { refs, addressed }
                         if !refs.children.is_empty() || !refs.subjects.is_empty() =>
                     {
@@ -364,6 +504,7 @@ impl<'a> Marker<'a> {
                     // Content that does not hash to its digest may still change (an upload in
                     // progress): not cached, so whatever reaches it later reads it again.
                     if addressed {
+                        self.addressed.insert(digest.clone());
                         self.docs.insert(digest, Some(refs));
                     }
                 }
@@ -436,12 +577,7 @@ impl<'a> Marker<'a> {
         Ok(())
     }
 
-    async fn read(
-        &self,
-        digest: &Digest,
-        must_parse: bool,
-        scan: bool,
-    ) -> Result<Read, FailClosed> {
+    async fn read(&self, digest: &Digest, must_parse: bool) -> Result<Read, FailClosed> {
         let (key, elsewhere) = match self.source_key(digest) {
             Ok(k) => k,
             Err(e) if must_parse => return Err(e),
@@ -460,16 +596,16 @@ impl<'a> Marker<'a> {
             // An unreadable document might reference anything: nothing is safe to delete.
             Err(e) => return Err(FailClosed(format!("cannot read {key}: {e}"))),
         };
-        let hashes_to_digest = (scan || elsewhere) && Digest::sha256_of(&body) == *digest;
+        // Manifests are at most 4 MiB: hashing every read is cheap, and only what hashes to
+        // its digest may be remembered across runs; anything at a digest key that does not
+        // (a mount link, an upload in progress) may still change.
+        let addressed = content_matches(digest, &body);
         // Content read from another repository's copy must be that digest's content.
-        if elsewhere && !hashes_to_digest {
+        if elsewhere && !addressed {
             return Err(FailClosed(format!(
                 "content copy {key} of placeholder {digest} does not match its digest"
             )));
         }
-        // Only what the scan learns is remembered across runs; anything at a digest key that
-        // does not hash to it (a mount link, an upload in progress) may still change.
-        let addressed = scan && hashes_to_digest;
         match manifest::references(&body) {
             Ok(refs) => Ok(Read::Doc { refs, addressed }),
             Err(e) if must_parse => Err(FailClosed(format!("manifest {digest} ({key}): {e}"))),
@@ -486,11 +622,47 @@ impl<'a> Marker<'a> {
         let this = &*self;
         stream::iter(wanted)
             .map(|(d, must)| async move {
-                let r = this.read(&d, must, false).await;
+                let r = this.read(&d, must).await;
                 (d, must, r)
             })
             .buffer_unordered(this.ctx.concurrency.max(1))
             .collect()
             .await
+    }
+}
+
+/// Whether `body` is the content `digest` names (sha256 or sha512).
+fn content_matches(digest: &Digest, body: &[u8]) -> bool {
+    use sha2::Digest as _;
+    let hash: Vec<u8> = match digest.algorithm() {
+        "sha256" => sha2::Sha256::digest(body).to_vec(),
+        "sha512" => sha2::Sha512::digest(body).to_vec(),
+        _ => return false,
+    };
+    let hex = digest.hex().as_bytes();
+    hex.len() == hash.len() * 2
+        && hash.iter().zip(hex.chunks(2)).all(|(b, pair)| {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            pair == [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]]
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_matches_sha256_and_sha512_only() {
+        use sha2::Digest as _;
+        let body = b"{}";
+        assert!(content_matches(&Digest::sha256_of(body), body));
+        assert!(!content_matches(&Digest::sha256_of(body), b"{ }"));
+        let hex: String = sha2::Sha512::digest(body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let d512 = Digest::from_parts("sha512", &hex).expect("sha512");
+        assert!(content_matches(&d512, body));
+        assert!(!content_matches(&d512, b"[]"));
     }
 }

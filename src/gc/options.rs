@@ -108,6 +108,9 @@ pub struct GcOptions {
     /// A run of this one repository (the daemon's hook): only it is collected, only its
     /// prefix is listed where the layout allows, and metrics count it as a hook run.
     pub only: Option<String>,
+    /// Neither read nor write the incremental cache (`_ocigc/cache/`): every repository is
+    /// observed in full. For measurements and for ruling the cache out; never needed for safety.
+    pub no_cache: bool,
 }
 
 impl std::fmt::Debug for dyn Progress {
@@ -118,8 +121,10 @@ impl std::fmt::Debug for dyn Progress {
 
 /// Receives progress of a run (the CLI draws a progress bar from it on a terminal).
 pub trait Progress: Send + Sync {
-    /// The run is about to collect `repositories` repositories.
+    /// The run is about to collect `repositories` repositories (as far as it knows yet).
     fn start(&self, repositories: u64);
+    /// The listing has found `repositories` repositories to collect so far.
+    fn found(&self, _repositories: u64) {}
     /// One repository is done.
     fn repository_done(&self, name: &str, deleted: u64);
     /// The run is over.
@@ -144,6 +149,7 @@ impl Default for GcOptions {
             stop: CancellationToken::new(),
             progress: None,
             only: None,
+            no_cache: false,
         }
     }
 }

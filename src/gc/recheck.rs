@@ -6,7 +6,9 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 
-use super::{intent, sweep, RepoRun, SHUTTING_DOWN};
+use super::repo::RepoRun;
+use super::stop::{Phase, Stop};
+use super::{intent, sweep};
 use crate::digest::Digest;
 use crate::gc::lease::Lease;
 use crate::gc::mark::Marker;
@@ -27,21 +29,19 @@ pub(super) struct RepoGuard<'g, 'm, 'r> {
     pub(super) announced: bool,
     /// The layout's registry protocol, and whether it was begun.
     pub(super) protocol: Option<(Box<dyn DeletionProtocol>, bool)>,
-    /// The protocol refused a batch: the repository is left for a later run.
-    pub(super) refused: bool,
 }
 
 #[async_trait]
 impl sweep::Guard for RepoGuard<'_, '_, '_> {
-    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, Stop> {
         let run = self.run;
         if run.stop.is_cancelled() {
-            return Err(SHUTTING_DOWN.into());
+            return Err(Stop::Shutdown(Phase::Recheck));
         }
         run.leases
             .keep(&mut self.lease)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Stop::LeaseLost(e.to_string()))?;
         // Before the roots are re-read: a push that finished before the protocol let this
         // batch through has its manifest in that re-read.
         if let Some((p, begun)) = &mut self.protocol {
@@ -54,22 +54,25 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
                 p.before_batch(run.store, now).await
             };
             if let Err(e) = asked.await {
-                self.refused = matches!(e, ProtocolError::Refused(_));
-                return Err(format!("the registry's GC protocol: {e}"));
+                let why = format!("the registry's GC protocol: {e}");
+                return Err(match e {
+                    ProtocolError::Refused(_) => Stop::Refused(why),
+                    ProtocolError::Store { .. } => Stop::Store(why),
+                });
             }
         }
         let version = run
             .layout
             .roots_version(run.store, self.repo)
             .await
-            .map_err(|e| format!("re-reading roots: {e}"))?;
+            .map_err(|e| Stop::FailedClosed(format!("re-reading roots: {e}")))?;
         let mut more: Vec<Descriptor> = Vec::new();
         if version.is_none() || version != self.roots_version {
             let roots = run
                 .layout
                 .read_roots(run.store, self.repo)
                 .await
-                .map_err(|e| format!("re-reading roots: {e}"))?;
+                .map_err(|e| Stop::FailedClosed(format!("re-reading roots: {e}")))?;
             self.roots_version = roots.version;
             self.marker.prime(roots.documents);
             more.extend(roots.descriptors);
@@ -91,21 +94,26 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
                 run.clock.now() + run.leases.ttl,
             )
             .await
-            .map_err(|e| format!("announcing the batch: {e}"))?;
+            .map_err(|e| Stop::Store(format!("announcing the batch: {e}")))?;
             self.announced = true;
         }
-        let listed = intent::list_intents(run.store, &self.repo.name)
+        let listed = intent::list_intents(run.store, self.repo.into())
             .await
-            .map_err(|e| format!("re-listing intents: {e}"))?;
+            .map_err(|e| Stop::Store(format!("re-listing intents: {e}")))?;
         let new: Vec<ObjectMeta> = listed
             .into_iter()
             .filter(|o| !self.intents_seen.contains(&o.key))
             .collect();
-        let read = intent::read_intents(run.store, &new, run.clock.now()).await?;
+        let read = intent::read_intents(run.store, &new, run.clock.now())
+            .await
+            .map_err(Stop::FailedClosed)?;
         self.intents_seen.extend(new.into_iter().map(|o| o.key));
         more.extend(read.roots);
         if !more.is_empty() {
-            self.marker.mark(&more).await.map_err(|e| e.0)?;
+            self.marker
+                .mark(&more)
+                .await
+                .map_err(|e| Stop::FailedClosed(e.0))?;
         }
         let before = batch.len();
         let safe: Vec<Deleted> = batch

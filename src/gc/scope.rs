@@ -1,40 +1,46 @@
-//! What a run lists: the whole bucket, or, for a run of one repository whose blobs nothing
-//! outside its prefix keeps alive, that prefix and the repository's own ocigc state.
+//! What a run lists: ocigc's own state, then the key space of the repositories - the whole
+//! of it, or, for a run of one repository whose blobs nothing outside its prefix keeps alive,
+//! that prefix and the repository's own state.
 //!
 //! A hook GC of one repository then costs the repository's share of the listing, not the
 //! bucket's. Where keys elsewhere can keep the repository's blobs alive
-//! ([`Layout::links_across_repositories`]) the whole bucket is listed as before.
+//! ([`Layout::links_across_repositories`]) the whole key space is listed as before.
 
-use super::{intent, lease, list_all, state, Listing};
-use crate::layout::Layout;
-use crate::store::{Store, StoreError};
+use super::{cache, intent, lease, list_all, state};
+use crate::layout::{KeySpace, Layout};
+use crate::namespace::{Scope, STATE_PREFIX};
+use crate::store::{ObjectMeta, Store, StoreError};
 
-/// The listing a run of `only` (or of every repository, for `None`) needs.
-pub(crate) async fn list_for_run(
+/// The state objects a run of `only` (or of every repository, for `None`) reads.
+pub(crate) async fn list_state(
     store: &dyn Store,
     layout: &dyn Layout,
     only: Option<&str>,
-) -> Result<Listing, StoreError> {
+) -> Result<Vec<ObjectMeta>, StoreError> {
     match only {
-        Some(name) if !layout.links_across_repositories() => {
-            list_repository(store, layout, name).await
-        }
-        _ => list_all(store, "").await,
+        Some(name) if !layout.links_across_repositories() => repository_state(store, name).await,
+        _ => Ok(list_all(store, STATE_PREFIX).await?.state),
     }
 }
 
-/// The prefix of `name` (nested repositories included: the layout's partition separates them
-/// out) and every state object a run of `name` reads: its intents, pending candidates, batch
+/// The prefix whose listing holds every repository a run of `only` collects.
+pub(crate) fn objects_prefix(layout: &dyn Layout, space: &KeySpace, only: Option<&str>) -> String {
+    match only {
+        Some(name) if !layout.links_across_repositories() => layout.repository_prefix(name),
+        _ => space.repositories.clone(),
+    }
+}
+
+/// Every state object a run of `name` reads: its intents, pending candidates, batch
 /// announcement and lease.
-async fn list_repository(
-    store: &dyn Store,
-    layout: &dyn Layout,
-    name: &str,
-) -> Result<Listing, StoreError> {
-    let objects = list_all(store, &layout.repository_prefix(name))
-        .await?
-        .objects;
-    let mut state = intent::list_intents(store, name).await?;
+async fn repository_state(store: &dyn Store, name: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+    let mut state = intent::list_intents(store, Scope::Repository(name)).await?;
+    // Its cache entries (a nested repository's, under the same prefix, are ignored by unit).
+    state.extend(
+        list_all(store, &format!("{}{name}/", cache::CACHE_PREFIX))
+            .await?
+            .state,
+    );
     for key in [
         state::pending_key(name),
         intent::deleting_key(name),
@@ -42,5 +48,5 @@ async fn list_repository(
     ] {
         state.extend(store.head(&key).await?);
     }
-    Ok(Listing { objects, state })
+    Ok(state)
 }

@@ -12,21 +12,15 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::layout::STATE_PREFIX;
 use crate::report::timestamp;
 use crate::store::{PutCondition, PutOutcome, Store, StoreError};
-
-/// Where pending state lives.
-pub const PENDING_PREFIX: &str = "_ocigc/pending/";
 
 /// Version of the referrer scan's "not a referrer" verdict; flags written under another
 /// version are ignored, so a scan that learns to parse more kinds reads every blob again.
 pub const SCAN_VERSION: u32 = 1;
 
-/// The key of a repository's pending state.
-pub fn pending_key(repo: &str) -> String {
-    format!("{PENDING_PREFIX}{repo}.json")
-}
+/// The key of a unit's pending state, from [`crate::namespace`] (which owns it).
+pub use crate::namespace::pending_key;
 
 /// One pending candidate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,7 +130,6 @@ pub async fn write_pending(
     candidates: &[Candidate],
 ) -> Result<bool, StoreError> {
     let key = pending_key(repo);
-    debug_assert!(key.starts_with(STATE_PREFIX));
     if candidates.is_empty() {
         if previous.etag.is_some() {
             let failures = store.delete_batch(std::slice::from_ref(&key)).await?;

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use futures::future::join_all;
 use tokio::time::Instant;
 
+use super::stop::{Phase, Stop};
 use crate::report::Deleted;
 use crate::store::{Store, MAX_DELETE_BATCH};
 
@@ -18,7 +19,7 @@ use crate::store::{Store, MAX_DELETE_BATCH};
 #[async_trait]
 pub trait Guard: Send {
     /// Filters `batch`; an error stops the sweep before this batch.
-    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String>;
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, Stop>;
 
     /// Runs after each delete request returned, whatever its outcome.
     async fn after_batch(&mut self) {}
@@ -29,7 +30,7 @@ pub struct NoGuard;
 
 #[async_trait]
 impl Guard for NoGuard {
-    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, String> {
+    async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, Stop> {
         Ok(batch)
     }
 }
@@ -41,16 +42,16 @@ pub struct SweepOutcome {
     pub deleted: Vec<Deleted>,
     /// Keys or batches that failed.
     pub errors: Vec<String>,
-    /// True when the deadline passed before every batch was sent.
-    pub timed_out: bool,
-    /// Why the guard stopped the sweep, if it did.
-    pub stopped: Option<String>,
+    /// Why the sweep stopped before every batch was sent: the deadline (between batches or
+    /// during a re-check) or the guard.
+    pub stopped: Option<Stop>,
 }
 
 /// Deletes `items` in rounds of `batches_per_round` batches of at most [`MAX_DELETE_BATCH`]
 /// keys: the guard sees each round before any of its batches is sent, and the batches of a
-/// round go out concurrently. Stops before a round if `deadline` has passed or `guard` says so,
-/// and after a batch that failed as a whole.
+/// round go out concurrently. Stops before a round if `deadline` has passed or `guard` says so
+/// (a re-check that outlasts the deadline is abandoned), and after a batch that failed as a
+/// whole.
 pub async fn sweep(
     store: &dyn Store,
     items: Vec<Deleted>,
@@ -63,11 +64,18 @@ pub async fn sweep(
     let mut rest = items.into_iter().peekable();
     while rest.peek().is_some() {
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            out.timed_out = true;
+            out.stopped = Some(Stop::Timeout(Phase::Sweeping));
             break;
         }
         let round: Vec<Deleted> = rest.by_ref().take(round_size).collect();
-        let round = match guard.before_batch(round).await {
+        // The re-check is bounded by the same deadline as the batches it guards.
+        let checked = match deadline {
+            Some(d) => tokio::time::timeout_at(d, guard.before_batch(round))
+                .await
+                .unwrap_or(Err(Stop::Timeout(Phase::Recheck))),
+            None => guard.before_batch(round).await,
+        };
+        let round = match checked {
             Ok(b) => b,
             Err(why) => {
                 guard.after_batch().await;

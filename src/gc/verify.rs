@@ -3,28 +3,24 @@
 
 use futures::{stream, StreamExt};
 
-use super::{intent, RepoRun};
+use super::intent;
+use super::repo::RepoRun;
+use super::stop::Stop;
 use crate::digest::Digest;
 use crate::gc::mark::Marker;
 use crate::layout::{Repository, RootsError};
-use crate::report::{RepoReport, RepoStatus};
+use crate::report::RepoReport;
 use crate::store::Store;
 
 impl RepoRun<'_> {
-    pub(super) async fn verify_if_deleted(
+    /// Re-reads the roots after the sweep: a deleted blob that is now reachable is a dangling
+    /// reference, logged, counted and failing the repository.
+    pub(super) async fn verify(
         &self,
         repo: &Repository,
         marker: &mut Marker<'_>,
         report: &mut RepoReport,
     ) {
-        if !report.deleted.is_empty() {
-            self.verify(repo, marker, report).await;
-        }
-    }
-
-    /// Re-reads the roots after the sweep: a deleted blob that is now reachable is a dangling
-    /// reference, logged, counted and failing the repository.
-    async fn verify(&self, repo: &Repository, marker: &mut Marker<'_>, report: &mut RepoReport) {
         crate::failpoint::hit("before-verify");
         let roots = match self.layout.read_roots(self.store, repo).await {
             Ok(r) => r,
@@ -87,17 +83,13 @@ impl RepoRun<'_> {
             tracing::error!(repo = %repo.name, digest = %d, "dangling reference: a deleted blob is referenced");
         }
         if !dangling.is_empty() {
-            report.status = RepoStatus::Failed;
-            report.errors.push(format!(
-                "{} deleted blobs are referenced: dangling references",
-                dangling.len()
-            ));
+            report.stopped(&Stop::Dangling(dangling.len()));
             report.dangling_references = dangling;
         }
     }
 
     async fn fresh_intents(&self, repo: &Repository) -> Result<intent::Intents, String> {
-        let listed = intent::list_intents(self.store, &repo.name)
+        let listed = intent::list_intents(self.store, repo.into())
             .await
             .map_err(|e| e.to_string())?;
         intent::read_intents(self.store, &listed, self.clock.now()).await

@@ -9,13 +9,14 @@
 //! is swept when no tag reaches its manifest (directly, through an index, or as a referrer of a
 //! kept manifest), and the global sweep then reclaims what only that manifest used.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 
 use super::{
-    list_prefix as list, listing_version, KeyKind, Layout, Partition, Repository, Roots,
-    RootsError, UnitKind, GLOBAL_REPOSITORY,
+    list_prefix as list, listing_version, partition_all, KeyKind, KeySpace, Layout, OpenRepos,
+    Order, Partition, Partitioner, Rejected, Repository, Roots, RootsError, UnitKind,
+    GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
@@ -100,6 +101,85 @@ fn untyped_root(digest: Digest) -> Descriptor {
     }
 }
 
+/// The streaming partitioner of the layout: a repository's keys all sort under its prefix and
+/// no later than its `_uploads/`; the global blobs and every revision link (the global roots)
+/// are kept to the end.
+#[derive(Debug, Default)]
+struct DistributionPartitioner {
+    order: Order,
+    open: OpenRepos,
+    done: Vec<Repository>,
+    rejected: Vec<Rejected>,
+    global: Vec<ObjectMeta>,
+    revisions: Vec<(ObjectMeta, Digest)>,
+    /// Whether any repository key was seen: the global roots are then read from the listing.
+    repositories_seen: bool,
+    unowned: u64,
+}
+
+impl DistributionPartitioner {
+    fn push_one(&mut self, o: ObjectMeta) {
+        if !self.order.accept(&o.key) {
+            self.unowned += 1;
+            return;
+        }
+        self.open
+            .close(Some(&o.key), &mut self.done, &mut self.rejected);
+        if o.key.starts_with(BLOBS) {
+            self.global.push(o);
+        } else if let Some(name) = repository_of(&o.key).map(str::to_string) {
+            self.repositories_seen = true;
+            if let Some(d) = revision_link(&o.key) {
+                self.revisions.push((o.clone(), d));
+            }
+            let prefix = format!("{REPOSITORIES}{name}/");
+            let last = format!("{prefix}_uploads/");
+            self.open.insert(&name, prefix, last, o);
+        } else {
+            self.unowned += 1;
+        }
+    }
+}
+
+impl Partitioner for DistributionPartitioner {
+    fn push(&mut self, page: Vec<ObjectMeta>) -> Vec<Repository> {
+        for o in page {
+            self.push_one(o);
+        }
+        std::mem::take(&mut self.done)
+    }
+
+    fn finish(self: Box<Self>) -> Partition {
+        let mut this = *self;
+        this.open.close(None, &mut this.done, &mut this.rejected);
+        this.done.sort_by(|a, b| a.name.cmp(&b.name));
+        this.rejected.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        let revisions = this.revisions;
+        Partition {
+            repositories: this.done,
+            rejected: this.rejected,
+            unowned: this.unowned,
+            // Every revision link listed, of valid names or not: more roots keep more blobs.
+            // Given whenever the part held repositories (with or without blobs, which an
+            // engine may list on their own); a part of blobs alone leaves the engine to read
+            // the roots, never to take none for all.
+            global_roots: this.repositories_seen.then(|| revision_roots(revisions)),
+            // Nothing to sweep globally without blobs: skip the marking it would cost.
+            global: (!this.global.is_empty()).then(|| Repository {
+                kind: UnitKind::Global,
+                name: GLOBAL_REPOSITORY.into(),
+                prefix: BLOBS.into(),
+                objects: this.global,
+            }),
+            placeholders: HashMap::new(),
+        }
+    }
+
+    fn held_objects(&self) -> usize {
+        self.open.held() + self.global.len() + self.revisions.len()
+    }
+}
+
 impl DistributionLayout {
     /// Every manifest revision of every repository, read now: the roots of the global sweep.
     async fn current_revision_roots(&self, store: &dyn Store) -> Result<Roots, RootsError> {
@@ -149,41 +229,41 @@ impl Layout for DistributionLayout {
     }
 
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition {
-        let mut global = Vec::new();
-        let mut repos: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
-        let mut partition = Partition::default();
-        let mut revisions: Vec<(ObjectMeta, Digest)> = Vec::new();
-        for o in objects {
-            if o.key.starts_with(BLOBS) {
-                global.push(o);
-            } else if let Some(name) = repository_of(&o.key) {
-                if let Some(d) = revision_link(&o.key) {
-                    revisions.push((o.clone(), d));
-                }
-                repos.entry(name.to_string()).or_default().push(o);
-            } else {
-                partition.unowned += 1;
-            }
+        partition_all(Box::new(DistributionPartitioner::default()), objects)
+    }
+
+    fn streaming_partitioner(&self) -> Option<Box<dyn Partitioner + '_>> {
+        Some(Box::new(DistributionPartitioner::default()))
+    }
+
+    fn key_space(&self) -> KeySpace {
+        KeySpace {
+            repositories: REPOSITORIES.into(),
+            global: Some(BLOBS.into()),
         }
-        for (name, objects) in repos {
-            let prefix = self.repository_prefix(&name);
-            partition.add(name, prefix, objects);
+    }
+
+    fn may_split(&self, prefix: &str, objects: &[ObjectMeta], prefixes: &[String]) -> bool {
+        // Above the blob space, a split would part the global blobs from the revision links
+        // that are their roots: the engine lists the two spaces on its own (`key_space`).
+        if BLOBS.starts_with(prefix) && prefix != BLOBS {
+            return false;
         }
-        // Nothing to sweep globally without blobs: skip the marking it would cost.
-        if !global.is_empty() {
-            partition.global_roots = Some(revision_roots(revisions));
-            partition.global = Some(Repository {
-                kind: UnitKind::Global,
-                name: GLOBAL_REPOSITORY.into(),
-                prefix: BLOBS.into(),
-                objects: global,
-            });
-        }
-        partition
+        // A repository is the path before its first `_manifests`, `_layers` or `_uploads`
+        // component: a prefix with one below it (a directory, or a key so named) is one.
+        !prefixes
+            .iter()
+            .filter_map(|p| p.strip_prefix(prefix))
+            .chain(objects.iter().filter_map(|o| o.key.strip_prefix(prefix)))
+            .any(|rest| REPO_DIRS.contains(&rest.trim_end_matches('/')))
     }
 
     fn per_repository_gc(&self) -> bool {
         self.delete_untagged
+    }
+
+    fn settings(&self) -> String {
+        format!("delete_untagged={}", self.delete_untagged)
     }
 
     fn links_across_repositories(&self) -> bool {

@@ -20,8 +20,8 @@ use crate::store::{ObjectMeta, Store, StoreError};
 
 pub use name::validate_repository_name;
 
-/// Prefix of ocigc's own state; never part of a repository, never swept.
-pub const STATE_PREFIX: &str = "_ocigc/";
+/// Prefix of ocigc's own state, never part of a repository; [`crate::namespace`] owns it.
+pub use crate::namespace::STATE_PREFIX;
 
 /// Name of the pseudo-repository that holds a layout's global blobs (`distribution`). The
 /// repository grammar forbids a leading `_`, so it never collides with a real repository.
@@ -77,7 +77,8 @@ pub struct Partition {
     /// globally; collected after the repositories, with every repository's manifests as roots.
     pub global: Option<Repository>,
     /// The roots of [`Partition::global`] as the listing shows them, where the layout can
-    /// read them there (one LIST pass instead of two).
+    /// read them there (one LIST pass instead of two); given whenever the listing held keys
+    /// of such a layout, with or without global blobs (the engine may list those apart).
     pub global_roots: Option<Roots>,
     /// Every digest stored as a placeholder somewhere in the bucket (de-duplicating
     /// registries), with a content copy to read it from, if the bucket holds one.
@@ -93,23 +94,170 @@ pub struct ContentCopy {
     pub size: u64,
 }
 
-impl Partition {
-    /// Adds a repository found at `prefix`, or, if its name does not parse, a rejected prefix.
-    pub(crate) fn add(&mut self, name: String, prefix: String, objects: Vec<ObjectMeta>) {
-        match validate_repository_name(&name) {
-            Ok(()) => self.repositories.push(Repository {
-                kind: UnitKind::Repository,
-                name,
-                prefix,
-                objects,
-            }),
-            Err(reason) => self.rejected.push(Rejected {
-                prefix,
-                reason,
-                objects: objects.len() as u64,
-            }),
+/// The repository found at `prefix` with `objects` (and `counted` more objects known only by
+/// number), or, if its name does not parse, a rejected prefix.
+pub(crate) fn unit(
+    name: String,
+    prefix: String,
+    objects: Vec<ObjectMeta>,
+    counted: u64,
+) -> Result<Repository, Rejected> {
+    match validate_repository_name(&name) {
+        Ok(()) if counted == 0 => Ok(Repository {
+            kind: UnitKind::Repository,
+            name,
+            prefix,
+            objects,
+        }),
+        // A partitioner counts keys instead of holding them only where no repository it
+        // collects can own them; should that ever be wrong, the repository is left alone
+        // rather than collected without some of its keys.
+        Ok(()) => Err(Rejected {
+            prefix,
+            reason: format!("{counted} of its keys were not kept by the partition"),
+            objects: objects.len() as u64 + counted,
+        }),
+        Err(reason) => Err(Rejected {
+            prefix,
+            reason,
+            objects: objects.len() as u64 + counted,
+        }),
+    }
+}
+
+/// Where a layout's keys live, so that the engine lists (and splits) only that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySpace {
+    /// The prefix every repository's keys live under (`""`: the whole bucket).
+    pub repositories: String,
+    /// The prefix of a global blob space that the engine lists on its own, after every
+    /// repository; `None` where the layout has none (or its keys come in the main listing).
+    pub global: Option<String>,
+}
+
+/// Compares keys in the order a store that walks a tree lists them (SeaweedFS): `/` before
+/// every other character, so a directory's keys come before those of a sibling whose name
+/// merely starts with the directory's (`a/x` before `a-b/x`; byte order has `a-b/x` first).
+/// Both orders keep every directory's keys together, which is what the partitioners rely
+/// on; where they must compare a key with a prefix not seen yet, they require both orders to
+/// agree, so that a store listing in either is never taken to have passed a prefix early.
+fn tree_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let rank = |c: u8| if c == b'/' { 0u16 } else { u16::from(c) + 1 };
+    a.bytes().map(rank).cmp(b.bytes().map(rank))
+}
+
+/// Whether the listing, now at `key`, has gone past every key under `prefix`, whichever of
+/// the two listing orders (see [`tree_cmp`]) the store uses.
+pub(crate) fn passed(prefix: &str, key: &str) -> bool {
+    !key.starts_with(prefix) && key > prefix && tree_cmp(key, prefix) == std::cmp::Ordering::Greater
+}
+
+/// Guards a partitioner against a listing out of order: a key not greater than the one
+/// before it (in either listing order, see [`tree_cmp`]) is counted as unowned (never collected) instead of being given to a repository
+/// that may already be handed out.
+#[derive(Debug, Default)]
+pub(crate) struct Order {
+    last: Option<String>,
+}
+
+impl Order {
+    /// Whether `key` comes after every key seen so far (and remembers it if so).
+    pub(crate) fn accept(&mut self, key: &str) -> bool {
+        match &mut self.last {
+            // Later in byte order (S3, the directory store) or in tree order (SeaweedFS).
+            Some(last)
+                if key <= last.as_str() && tree_cmp(key, last) != std::cmp::Ordering::Greater =>
+            {
+                tracing::warn!(%key, after = %last, "listing out of order; key left alone");
+                false
+            }
+            Some(last) => {
+                last.clear();
+                last.push_str(key);
+                true
+            }
+            None => {
+                self.last = Some(key.to_string());
+                true
+            }
         }
     }
+}
+
+/// Repositories whose keys all lie under their prefix and sort no later than the keys under
+/// a `last` prefix of theirs, for layouts that tell a key's repository from the key alone:
+/// a repository is complete once the listing passes its `last` prefix.
+#[derive(Debug, Default)]
+pub(crate) struct OpenRepos {
+    open: std::collections::BTreeMap<String, OpenRepo>,
+}
+
+#[derive(Debug)]
+struct OpenRepo {
+    prefix: String,
+    last: String,
+    objects: Vec<ObjectMeta>,
+}
+
+impl OpenRepos {
+    /// Adds `object` to repository `name` (at `prefix`, complete after `last`).
+    pub(crate) fn insert(&mut self, name: &str, prefix: String, last: String, object: ObjectMeta) {
+        match self.open.get_mut(name) {
+            Some(r) => r.objects.push(object),
+            None => {
+                self.open.insert(
+                    name.to_string(),
+                    OpenRepo {
+                        prefix,
+                        last,
+                        objects: vec![object],
+                    },
+                );
+            }
+        }
+    }
+
+    /// Hands out every repository the listing, now at `key` (`None`: over), has passed.
+    pub(crate) fn close(
+        &mut self,
+        key: Option<&str>,
+        done: &mut Vec<Repository>,
+        rejected: &mut Vec<Rejected>,
+    ) {
+        let names: Vec<String> = self
+            .open
+            .iter()
+            .filter(|(_, r)| key.is_none_or(|k| passed(&r.last, k)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            if let Some(r) = self.open.remove(&name) {
+                match unit(name, r.prefix, r.objects, 0) {
+                    Ok(repo) => done.push(repo),
+                    Err(r) => rejected.push(r),
+                }
+            }
+        }
+    }
+
+    /// Objects held.
+    pub(crate) fn held(&self) -> usize {
+        self.open.values().map(|r| r.objects.len()).sum()
+    }
+}
+
+/// Batch partition on top of a streaming partitioner: sorts, pushes everything, finishes.
+pub(crate) fn partition_all(
+    mut partitioner: Box<dyn Partitioner + '_>,
+    mut objects: Vec<ObjectMeta>,
+) -> Partition {
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut repositories = partitioner.push(objects);
+    let mut partition = partitioner.finish();
+    repositories.append(&mut partition.repositories);
+    repositories.sort_by(|a, b| a.name.cmp(&b.name));
+    partition.repositories = repositories;
+    partition
 }
 
 impl Repository {
@@ -130,6 +278,9 @@ pub trait Partitioner: Send {
 
     /// The listing of this part is over: every repository still open, and the rest.
     fn finish(self: Box<Self>) -> Partition;
+
+    /// How many listed objects the partitioner holds now (its memory, for metrics and tests).
+    fn held_objects(&self) -> usize;
 }
 
 /// A partitioner that holds every key until the end and partitions them at once: the
@@ -147,6 +298,10 @@ impl Partitioner for CollectAll<'_> {
 
     fn finish(self: Box<Self>) -> Partition {
         self.layout.partition(self.objects)
+    }
+
+    fn held_objects(&self) -> usize {
+        self.objects.len()
     }
 }
 
@@ -254,13 +409,79 @@ pub trait Layout: Send + Sync {
     /// The layout's name as given to `--layout`.
     fn name(&self) -> &'static str;
 
-    /// Splits a listing (state keys already removed) into repositories.
+    /// Splits a listing (state keys already removed, any order) into repositories: the same
+    /// as pushing it, sorted, through [`Layout::streaming_partitioner`] (the one place the
+    /// ownership rules live), except that every placeholder's content copy is found.
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition;
 
     /// A streaming partitioner for one part of the key space (see [`Partitioner`]); `None`
     /// where the layout has none, and [`partitioner`] falls back to [`CollectAll`].
     fn streaming_partitioner(&self) -> Option<Box<dyn Partitioner + '_>> {
         None
+    }
+
+    /// The layout's settings that change what a run decides (e.g. `--delete-untagged`), as
+    /// text for the incremental cache: a unit cached under other settings is observed afresh.
+    fn settings(&self) -> String {
+        String::new()
+    }
+
+    /// Where the layout's keys live (see [`KeySpace`]); the whole bucket unless overridden.
+    fn key_space(&self) -> KeySpace {
+        KeySpace {
+            repositories: String::new(),
+            global: None,
+        }
+    }
+
+    /// Given one level of a delimiter listing under `prefix` (its direct `objects` and its
+    /// sub-`prefixes`, each ending in `/`), whether the keys under `prefix` may be listed and
+    /// partitioned in parts, one per sub-prefix (and one for the direct objects), without
+    /// splitting a repository; false when `prefix` is (or may be) a repository.
+    ///
+    /// A wrong `true` is unsafe: each part's partitioner would hand out its share of one
+    /// repository as a repository of its own (or give it to an enclosing one), so the engine
+    /// would collect a repository without seeing all of its keys, twice at once, or under
+    /// the wrong owner. A wrong `false` only lists that prefix as one part, less in parallel.
+    /// The engine descends only below prefixes this said true of. The default never splits.
+    ///
+    /// Global units depend on more than their own keys (serverless-registry's temp objects
+    /// on every repository's open uploads, distribution's blobs on every revision link): a
+    /// prefix whose split would part them from what they depend on is not split; still, a
+    /// part's [`Partition::global`] and [`Partition::global_roots`] cover that part only,
+    /// and an engine that partitions parts apart must combine them.
+    fn may_split(&self, _prefix: &str, _objects: &[ObjectMeta], _prefixes: &[String]) -> bool {
+        false
+    }
+
+    /// Digests that `repo` stores as placeholders (their content lives elsewhere in the
+    /// bucket), so that the engine can build [`Partition::placeholders`] as repositories
+    /// complete.
+    fn placeholders_in(&self, _repo: &Repository) -> Vec<Digest> {
+        Vec::new()
+    }
+
+    /// Content copies in `repo` (blobs that are no placeholder) of the digests `wanted`
+    /// accepts: where a placeholder elsewhere is read from.
+    fn content_copies(
+        &self,
+        _repo: &Repository,
+        _wanted: &dyn Fn(&Digest) -> bool,
+    ) -> Vec<(Digest, ContentCopy)> {
+        Vec::new()
+    }
+
+    /// Links stored in `repo` that keep a blob of another repository alive, as (the target
+    /// repository, the digest): what [`Layout::linked_blobs`] gathers over a whole
+    /// partition, for one repository at a time. Reads objects where links can only be told
+    /// apart by content.
+    async fn links_in(
+        &self,
+        _store: &dyn Store,
+        _repo: &Repository,
+        _concurrency: usize,
+    ) -> Result<Vec<(String, Digest)>, StoreError> {
+        Ok(Vec::new())
     }
 
     /// Whether the listed blob `object` of digest `digest` is a placeholder whose content lives
@@ -398,6 +619,28 @@ pub(crate) fn listing_version<'a>(objects: impl Iterator<Item = &'a ObjectMeta>)
     Digest::sha256_of(lines.join("\n").as_bytes())
         .hex()
         .to_string()
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+
+    #[test]
+    fn both_listing_orders_are_accepted_and_neither_passes_a_prefix_early() {
+        // Byte order (S3) and tree order (SeaweedFS) of the same keys.
+        let bytes = ["a-b/x", "a/x", "a/z"];
+        let tree = ["a/x", "a/z", "a-b/x"];
+        for keys in [bytes, tree] {
+            let mut order = Order::default();
+            assert!(keys.iter().all(|k| order.accept(k)), "{keys:?}");
+            assert!(!order.accept(keys[2]), "a repeated key");
+            assert!(!order.accept(""), "a key before every other");
+        }
+        // `a-b/x` is before `a/` in byte order: it does not prove `a/` complete.
+        assert!(!passed("a/", "a-b/x"));
+        assert!(passed("a/", "b"));
+        assert!(!passed("a/", "a/y"));
+    }
 }
 
 /// A listed object with only a key, for the layouts' unit tests.

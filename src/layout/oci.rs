@@ -12,7 +12,10 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ContentCopy, KeyKind, Layout, Partition, Rejected, Repository, Roots, RootsError};
+use super::{
+    partition_all, unit, ContentCopy, KeyKind, Layout, Order, Partition, Partitioner, Rejected,
+    Repository, Roots, RootsError,
+};
 use crate::digest::Digest;
 use crate::manifest;
 use crate::store::{ObjectMeta, Store, StoreError};
@@ -53,32 +56,9 @@ fn is_placeholder(object: &ObjectMeta, digest: &Digest) -> bool {
     object.size == 0 && object.defect.is_none() && !EMPTY_CONTENT.contains(&digest.as_str())
 }
 
-/// The repository prefix whose `blobs/` holds `prefix`, if any: such a layout is content of
-/// that repository, never a repository of its own.
-fn reserving_owner<'p>(prefix: &'p str, prefixes: &HashMap<String, usize>) -> Option<&'p str> {
-    prefix.match_indices(BLOBS).find_map(|(i, _)| {
-        let owner = &prefix[..i];
-        (owner.is_empty() || owner.ends_with('/'))
-            .then_some(owner)
-            .filter(|o| prefixes.contains_key(*o))
-    })
-}
-
 /// The OCI Image Layout per repository.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OciLayout;
-
-/// The longest registered repository prefix that owns `key`.
-fn owner(key: &str, prefixes: &HashMap<String, usize>) -> Option<usize> {
-    let mut end = key.len();
-    while let Some(i) = key[..end].rfind('/') {
-        if let Some(&idx) = prefixes.get(&key[..=i]) {
-            return Some(idx);
-        }
-        end = i;
-    }
-    prefixes.get("").copied()
-}
 
 #[async_trait]
 impl Layout for OciLayout {
@@ -87,80 +67,48 @@ impl Layout for OciLayout {
     }
 
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition {
-        let mut prefixes: HashMap<String, usize> = HashMap::new();
-        for o in &objects {
-            let prefix = if o.key == MARKER {
-                Some(String::new())
-            } else {
-                o.key
-                    .strip_suffix(MARKER)
-                    .filter(|p| p.ends_with('/'))
-                    .map(str::to_string)
-            };
-            if let Some(p) = prefix {
-                let next = prefixes.len();
-                prefixes.entry(p).or_insert(next);
-            }
-        }
-        // Layouts inside another repository's `blobs/` are set apart first: their keys stay
-        // with the repository whose blob space they are in (where they are no blobs, so
-        // never swept), and nothing can delete them as a repository of their own.
-        let reserved: HashMap<String, String> = prefixes
-            .keys()
-            .filter_map(|p| reserving_owner(p, &prefixes).map(|o| (p.clone(), o.to_string())))
-            .collect();
-        let mut kept: Vec<String> = prefixes
-            .into_keys()
-            .filter(|p| !reserved.contains_key(p))
-            .collect();
-        kept.sort_unstable();
-        let prefixes: HashMap<String, usize> =
-            kept.into_iter().enumerate().map(|(i, p)| (p, i)).collect();
-        let reserved_index: HashMap<String, usize> = reserved
-            .keys()
-            .enumerate()
-            .map(|(i, p)| (p.clone(), i))
-            .collect();
-        let mut reserved_counts = vec![0u64; reserved_index.len()];
-        let mut groups: Vec<Vec<ObjectMeta>> = vec![Vec::new(); prefixes.len()];
-        let mut unowned = 0;
-        for o in objects {
-            if !reserved_index.is_empty() {
-                if let Some(i) = owner(&o.key, &reserved_index) {
-                    reserved_counts[i] += 1;
-                }
-            }
-            match owner(&o.key, &prefixes) {
-                Some(i) => groups[i].push(o),
-                None => unowned += 1,
-            }
-        }
-        let mut partition = Partition {
-            unowned,
-            ..Partition::default()
-        };
-        for (prefix, i) in &reserved_index {
-            let holder = reserved[prefix].trim_end_matches('/');
-            partition.rejected.push(Rejected {
-                prefix: prefix.clone(),
-                reason: format!(
-                    "inside the blobs/ of repository {holder:?}: content of that repository, \
-                     not a repository"
-                ),
-                objects: reserved_counts[*i],
-            });
-        }
-        for (prefix, idx) in prefixes {
-            let objects = std::mem::take(&mut groups[idx]);
-            let name = prefix.trim_end_matches('/').to_string();
-            partition.add(name, prefix, objects);
-        }
-        // Sorted first, so that the content copy a placeholder is read from is the same one
-        // every run.
-        partition.repositories.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut partition = partition_all(Box::new(OciPartitioner::new()), objects);
+        // With every repository in hand, the content copy of a placeholder is the first in
+        // name order, whether it was listed before or after the placeholder.
         partition.placeholders = placeholders(&partition.repositories);
-        partition.rejected.sort_by(|a, b| a.prefix.cmp(&b.prefix));
         partition
+    }
+
+    fn streaming_partitioner(&self) -> Option<Box<dyn Partitioner + '_>> {
+        Some(Box::new(OciPartitioner::new()))
+    }
+
+    fn may_split(&self, prefix: &str, objects: &[ObjectMeta], _prefixes: &[String]) -> bool {
+        // A layout owns every key below it that no nested layout owns (a layout at the
+        // bucket root too), so a prefix with a marker is one part; below a prefix without
+        // one, every layout (nested, or inside a `blobs/`) lies in one sub-prefix.
+        !objects
+            .iter()
+            .any(|o| o.key.strip_prefix(prefix) == Some(MARKER))
+    }
+
+    fn placeholders_in(&self, repo: &Repository) -> Vec<Digest> {
+        blobs_of(repo)
+            .filter(|(o, d)| is_placeholder(o, d))
+            .map(|(_, d)| d)
+            .collect()
+    }
+
+    fn content_copies(
+        &self,
+        repo: &Repository,
+        wanted: &dyn Fn(&Digest) -> bool,
+    ) -> Vec<(Digest, ContentCopy)> {
+        blobs_of(repo)
+            .filter(|(o, d)| !is_placeholder(o, d) && wanted(d))
+            .map(|(o, d)| {
+                let copy = ContentCopy {
+                    key: o.key.clone(),
+                    size: o.size,
+                };
+                (d, copy)
+            })
+            .collect()
     }
 
     fn is_placeholder(&self, object: &ObjectMeta, digest: &Digest) -> bool {
@@ -315,6 +263,410 @@ fn placeholders(repositories: &[Repository]) -> HashMap<Digest, Option<ContentCo
         out.entry(d).or_insert(None);
     }
     out
+}
+
+/// Keys below an open directory whose owner is not known yet.
+///
+/// The owner of a key is the longest directory above it with an `oci-layout` marker that is
+/// not inside another layout's `blobs/` (such a layout is *reserved*: its keys are content of
+/// the layout whose `blobs/` holds it). A directory's marker sorts after its `blobs/`,
+/// `index.json` and most nested directories, so keys wait in the pool of the deepest open
+/// directory until that directory closes (or its marker is known), then move up or go to it.
+#[derive(Debug, Default)]
+struct Pool {
+    /// Keys that are this directory's if it is a layout.
+    own: Vec<ObjectMeta>,
+    /// Keys of `own` held only by number: no directory that could still own them is one
+    /// that can be collected (the bucket root, invalid names, known non-layouts).
+    own_counted: u64,
+    /// Keys of a reserved layout below (counted there), on their way to the nearest layout
+    /// that owns them.
+    adopted: Vec<ObjectMeta>,
+    /// Keys of `adopted` held only by number.
+    adopted_counted: u64,
+    /// Layouts below whose reservation depends on markers not known yet.
+    deferred: Vec<Deferred>,
+}
+
+impl Pool {
+    fn held(&self) -> usize {
+        self.own.len()
+            + self.adopted.len()
+            + self.deferred.iter().map(|d| d.pool.held()).sum::<usize>()
+    }
+
+    fn absorb(&mut self, other: Pool) {
+        self.own.extend(other.own);
+        self.own_counted += other.own_counted;
+        self.adopted.extend(other.adopted);
+        self.adopted_counted += other.adopted_counted;
+        self.deferred.extend(other.deferred);
+    }
+
+    /// Drops the keys themselves, keeping their number.
+    fn count_only(&mut self) {
+        self.own_counted += std::mem::take(&mut self.own).len() as u64;
+        self.adopted_counted += std::mem::take(&mut self.adopted).len() as u64;
+    }
+
+    /// Records that directory `dir` is (or is not) a layout in every deferred layout that
+    /// waits for it.
+    fn set_status(&mut self, dir: &str, present: bool) {
+        for d in &mut self.deferred {
+            for (holder, status) in &mut d.holders {
+                if holder == dir {
+                    *status = Some(present);
+                }
+            }
+            d.pool.set_status(dir, present);
+        }
+    }
+}
+
+/// A layout inside the `blobs/` of directories whose markers are not known yet.
+#[derive(Debug)]
+struct Deferred {
+    dir: String,
+    /// Directories whose `blobs/` holds `dir`, shallowest first, and whether each is a layout.
+    holders: Vec<(String, Option<bool>)>,
+    pool: Pool,
+}
+
+impl Deferred {
+    fn ready(&self) -> bool {
+        self.holders.iter().all(|(_, s)| s.is_some())
+    }
+}
+
+/// A directory the listing is inside of.
+#[derive(Debug)]
+struct Frame {
+    dir: String,
+    /// Whether `dir` has a marker; `None` until the listing reaches where it would sort.
+    marker: Option<bool>,
+    /// No directory from the root down to this one can be a collected repository, so keys
+    /// that reach this pool are kept by number only.
+    counts_only: bool,
+    pool: Pool,
+}
+
+impl Frame {
+    fn new(dir: String, parent_counts_only: bool) -> Frame {
+        let counts_only = parent_counts_only && !may_collect(&dir, None);
+        Frame {
+            dir,
+            marker: None,
+            counts_only,
+            pool: Pool::default(),
+        }
+    }
+}
+
+/// Whether the layout at `dir`, with marker status `marker`, may be a collected repository.
+fn may_collect(dir: &str, marker: Option<bool>) -> bool {
+    marker != Some(false) && super::validate_repository_name(dir.trim_end_matches('/')).is_ok()
+}
+
+/// Where resolved layouts go.
+#[derive(Debug, Default)]
+struct Sink {
+    done: Vec<Repository>,
+    rejected: Vec<Rejected>,
+    /// Placeholder digests of the repositories handed out, with the first content copy (by
+    /// repository name, then key) in a repository handed out no earlier.
+    placeholders: HashMap<Digest, Option<(String, ContentCopy)>>,
+}
+
+impl Sink {
+    /// Resolves every deferred layout of `pool` whose holders are all known, into `pool`.
+    fn resolve_ready(&mut self, pool: &mut Pool) {
+        if pool.deferred.iter().any(Deferred::ready) {
+            let (ready, waiting): (Vec<Deferred>, Vec<Deferred>) =
+                std::mem::take(&mut pool.deferred)
+                    .into_iter()
+                    .partition(Deferred::ready);
+            pool.deferred = waiting;
+            for d in ready {
+                self.resolve(d, pool);
+            }
+        }
+    }
+
+    /// Decides a layout whose holders are known: a repository (or rejected name) of its
+    /// own, or content of the layout that reserves it, whose keys go on up through `out`.
+    fn resolve(&mut self, item: Deferred, out: &mut Pool) {
+        let Deferred {
+            dir,
+            holders,
+            mut pool,
+        } = item;
+        for mut nested in std::mem::take(&mut pool.deferred) {
+            // Holders above `dir` are `dir`'s own; `dir` is a layout; any other is known
+            // by now, and one that is not counts as a layout (its keys stay unswept).
+            for (h, status) in &mut nested.holders {
+                if status.is_none() {
+                    let inherited = holders.iter().find(|(x, _)| x == h).and_then(|(_, s)| *s);
+                    *status = Some(*h == dir || inherited != Some(false));
+                }
+            }
+            self.resolve(nested, &mut pool);
+        }
+        match holders.iter().find(|(_, s)| *s != Some(false)) {
+            Some((holder, _)) => {
+                let holder = holder.trim_end_matches('/');
+                self.rejected.push(Rejected {
+                    prefix: dir,
+                    reason: format!(
+                        "inside the blobs/ of repository {holder:?}: content of that repository, \
+                         not a repository"
+                    ),
+                    objects: pool.own.len() as u64 + pool.own_counted,
+                });
+                out.adopted.extend(pool.own);
+                out.adopted.extend(pool.adopted);
+                out.adopted_counted += pool.own_counted + pool.adopted_counted;
+            }
+            None => {
+                let mut objects = pool.own;
+                if !pool.adopted.is_empty() {
+                    // In listing order, as every other repository's.
+                    objects.extend(pool.adopted);
+                    objects.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+                }
+                let counted = pool.own_counted + pool.adopted_counted;
+                let name = dir.trim_end_matches('/').to_string();
+                match unit(name, dir, objects, counted) {
+                    Ok(repo) => self.done.push(repo),
+                    Err(rejected) => self.rejected.push(rejected),
+                }
+            }
+        }
+    }
+
+    /// Notes the placeholders of the repositories handed out by one call, then their
+    /// content copies: a copy counts if it is handed out by the same call as the first
+    /// placeholder of its digest or later (one listed before is missed, see
+    /// [`OciPartitioner`]).
+    fn note_placeholders(&mut self) {
+        for repo in &self.done {
+            for d in OciLayout.placeholders_in(repo) {
+                self.placeholders.entry(d).or_insert(None);
+            }
+        }
+        if self.placeholders.is_empty() {
+            return;
+        }
+        for repo in &self.done {
+            let wanted = |d: &Digest| self.placeholders.contains_key(d);
+            for (d, copy) in OciLayout.content_copies(repo, &wanted) {
+                if let Some(slot) = self.placeholders.get_mut(&d) {
+                    let better = slot.as_ref().is_none_or(|(name, c)| {
+                        (repo.name.as_str(), copy.key.as_str()) < (name.as_str(), c.key.as_str())
+                    });
+                    if better {
+                        *slot = Some((repo.name.clone(), copy));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The streaming partitioner of the `oci` layout: a stack of the directories the listing is
+/// inside of, each holding the keys whose owner its marker decides.
+///
+/// [`Partition::placeholders`] from [`Partitioner::finish`] holds every placeholder digest of
+/// the repositories handed out (O(placeholders) memory), but a content copy only if it was
+/// handed out no earlier than the first placeholder of its digest: remembering every blob
+/// for the other case would cost O(blobs). Batch [`Layout::partition`] sees every
+/// repository and finds every copy.
+#[derive(Debug)]
+pub(super) struct OciPartitioner {
+    /// `stack[0]` is the bucket root; each next frame a directory inside the one before.
+    stack: Vec<Frame>,
+    order: Order,
+    sink: Sink,
+    unowned: u64,
+}
+
+impl OciPartitioner {
+    pub(super) fn new() -> OciPartitioner {
+        OciPartitioner {
+            stack: vec![Frame::new(String::new(), true)],
+            order: Order::default(),
+            sink: Sink::default(),
+            unowned: 0,
+        }
+    }
+
+    fn push_one(&mut self, o: ObjectMeta) {
+        if !self.order.accept(&o.key) {
+            self.unowned += 1;
+            return;
+        }
+        while self.stack.len() > 1
+            && !self
+                .stack
+                .last()
+                .is_some_and(|f| o.key.starts_with(f.dir.as_str()))
+        {
+            if let Some(frame) = self.stack.pop() {
+                self.close(frame);
+            }
+        }
+        let known = self.stack.last().map_or(0, |f| f.dir.len());
+        for (i, _) in o.key.match_indices('/').filter(|(i, _)| *i >= known) {
+            let parent = self.stack.last().is_none_or(|f| f.counts_only);
+            self.stack.push(Frame::new(o.key[..=i].to_string(), parent));
+        }
+        for idx in 0..self.stack.len() {
+            let frame = &self.stack[idx];
+            if frame.marker.is_none() {
+                let rest = &o.key[frame.dir.len()..];
+                if rest >= MARKER {
+                    self.marker_known(idx, rest == MARKER);
+                }
+            }
+        }
+        if let Some(frame) = self.stack.last_mut() {
+            if frame.counts_only {
+                frame.pool.own_counted += 1;
+            } else {
+                frame.pool.own.push(o);
+            }
+        }
+    }
+
+    /// The listing has reached where the marker of `stack[idx]` sorts.
+    fn marker_known(&mut self, idx: usize, present: bool) {
+        let frame = &mut self.stack[idx];
+        frame.marker = Some(present);
+        let dir = frame.dir.clone();
+        frame.pool.set_status(&dir, present);
+        self.sink.resolve_ready(&mut frame.pool);
+        // A directory known to be no layout may make the keys below it countable.
+        let mut counts_only = idx == 0 || self.stack[idx - 1].counts_only;
+        for frame in &mut self.stack[idx..] {
+            counts_only = counts_only && !may_collect(&frame.dir, frame.marker);
+            if counts_only {
+                frame.pool.count_only();
+            }
+            frame.counts_only = counts_only;
+        }
+    }
+
+    /// The listing has passed everything under `frame`: its keys go to it or up.
+    fn close(&mut self, mut frame: Frame) {
+        if frame.marker.is_none() {
+            frame.marker = Some(false);
+            frame.pool.set_status(&frame.dir, false);
+            self.sink.resolve_ready(&mut frame.pool);
+        }
+        if frame.marker == Some(true) {
+            let holders: Vec<(String, Option<bool>)> = self
+                .stack
+                .iter()
+                .filter(|a| {
+                    frame
+                        .dir
+                        .strip_prefix(a.dir.as_str())
+                        .is_some_and(|rest| rest.starts_with(BLOBS))
+                })
+                .map(|a| (a.dir.clone(), a.marker))
+                .collect();
+            let item = Deferred {
+                dir: frame.dir,
+                holders,
+                pool: frame.pool,
+            };
+            let Some(parent) = self.stack.last_mut() else {
+                return;
+            };
+            if item.ready() {
+                self.sink.resolve(item, &mut parent.pool);
+            } else {
+                parent.pool.deferred.push(item);
+            }
+            if parent.counts_only {
+                parent.pool.count_only();
+            }
+        } else if let Some(parent) = self.stack.last_mut() {
+            parent.pool.absorb(frame.pool);
+            if parent.counts_only {
+                parent.pool.count_only();
+            }
+        }
+    }
+}
+
+impl Partitioner for OciPartitioner {
+    fn push(&mut self, page: Vec<ObjectMeta>) -> Vec<Repository> {
+        for o in page {
+            self.push_one(o);
+        }
+        self.sink.note_placeholders();
+        std::mem::take(&mut self.sink.done)
+    }
+
+    fn finish(mut self: Box<Self>) -> Partition {
+        while self.stack.len() > 1 {
+            if let Some(frame) = self.stack.pop() {
+                self.close(frame);
+            }
+        }
+        let mut root = self
+            .stack
+            .pop()
+            .unwrap_or_else(|| Frame::new(String::new(), true));
+        if root.marker.is_none() {
+            root.marker = Some(false);
+            root.pool.set_status("", false);
+        }
+        self.sink.resolve_ready(&mut root.pool);
+        // Every holder is known by now; a deferred layout left is resolved as reserved by
+        // any holder not known (it cannot be), which keeps its keys unswept.
+        for mut d in std::mem::take(&mut root.pool.deferred) {
+            for (_, s) in &mut d.holders {
+                s.get_or_insert(true);
+            }
+            self.sink.resolve(d, &mut root.pool);
+        }
+        let pool = root.pool;
+        if root.marker == Some(true) {
+            self.sink.resolve(
+                Deferred {
+                    dir: String::new(),
+                    holders: Vec::new(),
+                    pool,
+                },
+                &mut Pool::default(),
+            );
+        } else {
+            self.unowned += (pool.own.len() + pool.adopted.len()) as u64
+                + pool.own_counted
+                + pool.adopted_counted;
+        }
+        let mut sink = self.sink;
+        sink.note_placeholders();
+        sink.done.sort_by(|a, b| a.name.cmp(&b.name));
+        sink.rejected.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        Partition {
+            repositories: sink.done,
+            rejected: sink.rejected,
+            unowned: self.unowned,
+            global: None,
+            global_roots: None,
+            placeholders: sink
+                .placeholders
+                .into_iter()
+                .map(|(d, c)| (d, c.map(|(_, c)| c)))
+                .collect(),
+        }
+    }
+
+    fn held_objects(&self) -> usize {
+        self.stack.iter().map(|f| f.pool.held()).sum()
+    }
 }
 
 #[cfg(test)]

@@ -15,15 +15,16 @@
 //! `--delete-untagged` the tags only, so that untagged manifests are swept like blobs unless an
 //! index or a kept manifest's referrer needs them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 
 use super::serverless_protocol::ServerlessProtocol;
 use super::{
-    list_prefix, listing_version, DeletionProtocol, KeyKind, Layout, Partition, Repository, Roots,
-    RootsError, UnitKind, GLOBAL_REPOSITORY,
+    list_prefix, listing_version, partition_all, DeletionProtocol, KeyKind, Layout, OpenRepos,
+    Order, Partition, Partitioner, Rejected, Repository, Roots, RootsError, UnitKind,
+    GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{self, Descriptor, UNTYPED_MANIFEST};
@@ -32,9 +33,9 @@ use crate::store::{ObjectMeta, Store, StoreError};
 /// Second-to-last path components that end a repository name.
 const KINDS: [&str; 5] = ["blobs", "manifests", "uploads", "gc", "insertion"];
 const REFERRERS: &str = "/_referrers/";
-/// Added to a source repository's name length to give the size of a link to one of its blobs:
-/// `/blobs/` (7) and `sha256:<64 hex>` (71).
-const LINK_OVERHEAD: u64 = 7 + 71;
+/// Longest key the stores the registry runs on accept (R2, S3): a link holds a key, so no
+/// link is larger.
+const MAX_KEY_SIZE: u64 = 1024;
 
 /// cloudflare/serverless-registry's R2 layout.
 #[derive(Clone, Copy, Debug, Default)]
@@ -122,6 +123,127 @@ async fn read_link(
     Ok(target.map(|src| (src, digest)))
 }
 
+/// The blobs of `repo` that may be links, as (repository, key, digest): a link holds
+/// `<target>/blobs/<digest>`, a key, so its size is at most that of a key, and that of
+/// `/blobs/<digest>` plus the length of a target name that `name_len` accepts.
+fn link_candidates<'a>(
+    repo: &'a Repository,
+    name_len: &'a dyn Fn(u64) -> bool,
+) -> impl Iterator<Item = (String, String, Digest)> + 'a {
+    repo.objects
+        .iter()
+        .filter_map(move |o| match parse(&o.key) {
+            Key::Blob(r, d) if r == repo.name => {
+                let overhead = ("/blobs/".len() + d.as_str().len()) as u64;
+                let fits =
+                    o.size > overhead && o.size <= MAX_KEY_SIZE && name_len(o.size - overhead);
+                fits.then(|| (repo.name.clone(), o.key.clone(), d))
+            }
+            _ => None,
+        })
+}
+
+/// Reads candidate links, as (target repository, digest) for those that are links.
+async fn read_links(
+    store: &dyn Store,
+    candidates: Vec<(String, String, Digest)>,
+    concurrency: usize,
+) -> Result<Vec<(String, Digest)>, StoreError> {
+    let read: Vec<Option<(String, Digest)>> = stream::iter(candidates)
+        .map(|(name, key, digest)| read_link(store, name, key, digest))
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    Ok(read.into_iter().flatten().collect())
+}
+
+/// The streaming partitioner of the layout: a key names its repository, whose keys all sort
+/// under `<name>/` and no later than `<name>/uploads/`.
+#[derive(Debug, Default)]
+struct ServerlessPartitioner {
+    order: Order,
+    open: OpenRepos,
+    done: Vec<Repository>,
+    rejected: Vec<Rejected>,
+    /// Temp objects at the bucket root: whether they are stale needs every upload id.
+    temps: Vec<ObjectMeta>,
+    open_uploads: HashSet<String>,
+    unowned: u64,
+}
+
+impl ServerlessPartitioner {
+    fn push_one(&mut self, o: ObjectMeta) {
+        if !self.order.accept(&o.key) {
+            self.unowned += 1;
+            return;
+        }
+        self.open
+            .close(Some(&o.key), &mut self.done, &mut self.rejected);
+        let repo = match parse(&o.key) {
+            Key::Temp(_) => {
+                self.temps.push(o);
+                return;
+            }
+            Key::Unknown => {
+                self.unowned += 1;
+                return;
+            }
+            Key::Upload(r, id) => {
+                self.open_uploads.insert(id.to_string());
+                r.to_string()
+            }
+            Key::Blob(r, _) | Key::Manifest(r, _) | Key::Referrer(r, ..) | Key::Other(r) => {
+                r.to_string()
+            }
+        };
+        let prefix = format!("{repo}/");
+        let last = format!("{prefix}uploads/");
+        self.open.insert(&repo, prefix, last, o);
+    }
+}
+
+impl Partitioner for ServerlessPartitioner {
+    fn push(&mut self, page: Vec<ObjectMeta>) -> Vec<Repository> {
+        for o in page {
+            self.push_one(o);
+        }
+        std::mem::take(&mut self.done)
+    }
+
+    fn finish(mut self: Box<Self>) -> Partition {
+        self.open.close(None, &mut self.done, &mut self.rejected);
+        self.done.sort_by(|a, b| a.name.cmp(&b.name));
+        self.rejected.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        let mut partition = Partition {
+            repositories: self.done,
+            rejected: self.rejected,
+            unowned: self.unowned,
+            ..Partition::default()
+        };
+        // Temp objects of an upload that is still open are the registry's business.
+        let open_uploads = self.open_uploads;
+        let (open, stale): (Vec<ObjectMeta>, Vec<ObjectMeta>) =
+            self.temps.into_iter().partition(|o| match parse(&o.key) {
+                Key::Temp(id) => open_uploads.contains(id),
+                _ => true,
+            });
+        partition.unowned += open.len() as u64;
+        if !stale.is_empty() {
+            partition.global = Some(Repository {
+                kind: UnitKind::Global,
+                name: GLOBAL_REPOSITORY.into(),
+                prefix: String::new(),
+                objects: stale,
+            });
+        }
+        partition
+    }
+
+    fn held_objects(&self) -> usize {
+        self.open.held() + self.temps.len()
+    }
+}
+
 impl ServerlessRegistryLayout {
     /// The manifests of `repo` as listed now (nested repositories' keys left out).
     async fn list_manifests(
@@ -139,48 +261,51 @@ impl ServerlessRegistryLayout {
 
 #[async_trait]
 impl Layout for ServerlessRegistryLayout {
+    fn settings(&self) -> String {
+        format!("delete_untagged={}", self.delete_untagged)
+    }
+
     fn name(&self) -> &'static str {
         "serverless-registry"
     }
 
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition {
-        let mut repos: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
-        let mut temps = Vec::new();
-        let mut open_uploads: HashSet<String> = HashSet::new();
-        let mut partition = Partition::default();
-        for o in objects {
-            match parse(&o.key) {
-                Key::Temp(_) => temps.push(o),
-                Key::Unknown => partition.unowned += 1,
-                Key::Upload(r, id) => {
-                    open_uploads.insert(id.to_string());
-                    repos.entry(r.to_string()).or_default().push(o);
-                }
-                Key::Blob(r, _) | Key::Manifest(r, _) | Key::Referrer(r, ..) | Key::Other(r) => {
-                    repos.entry(r.to_string()).or_default().push(o);
-                }
-            }
-        }
-        for (name, objects) in repos {
-            let prefix = self.repository_prefix(&name);
-            partition.add(name, prefix, objects);
-        }
-        // Temp objects of an upload that is still open are the registry's business.
-        let (open, stale): (Vec<ObjectMeta>, Vec<ObjectMeta>) =
-            temps.into_iter().partition(|o| match parse(&o.key) {
-                Key::Temp(id) => open_uploads.contains(id),
-                _ => true,
-            });
-        partition.unowned += open.len() as u64;
-        if !stale.is_empty() {
-            partition.global = Some(Repository {
-                kind: UnitKind::Global,
-                name: GLOBAL_REPOSITORY.into(),
-                prefix: String::new(),
-                objects: stale,
-            });
-        }
-        partition
+        partition_all(Box::new(ServerlessPartitioner::default()), objects)
+    }
+
+    fn streaming_partitioner(&self) -> Option<Box<dyn Partitioner + '_>> {
+        Some(Box::new(ServerlessPartitioner::default()))
+    }
+
+    fn may_split(&self, prefix: &str, objects: &[ObjectMeta], prefixes: &[String]) -> bool {
+        // A repository's keys are `<name>/<kind>/<leaf>` and `<name>/_referrers/...`: a
+        // prefix with such a sub-directory (or a key named like one) is a repository.
+        let is_kind = |rest: &str| {
+            let rest = rest.trim_end_matches('/');
+            KINDS.contains(&rest) || rest == REFERRERS.trim_matches('/')
+        };
+        // Temp objects (at the bucket root) are stale only if no repository has their upload
+        // open: a part holding them must see every upload, so a root with any is one part.
+        let temps = objects
+            .iter()
+            .any(|o| matches!(parse(&o.key), Key::Temp(_)));
+        !temps
+            && !prefixes
+                .iter()
+                .filter_map(|p| p.strip_prefix(prefix))
+                .chain(objects.iter().filter_map(|o| o.key.strip_prefix(prefix)))
+                .any(is_kind)
+    }
+
+    async fn links_in(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        concurrency: usize,
+    ) -> Result<Vec<(String, Digest)>, StoreError> {
+        // The repositories a link may name are not all listed yet: any name will do.
+        let any = |_: u64| true;
+        read_links(store, link_candidates(repo, &any).collect(), concurrency).await
     }
 
     fn scans_for_referrers(&self, repo: &Repository) -> bool {
@@ -257,29 +382,20 @@ impl Layout for ServerlessRegistryLayout {
         partition: &Partition,
         concurrency: usize,
     ) -> Result<HashMap<String, Vec<Digest>>, StoreError> {
-        // A link is as long as its target key: only blobs of exactly such a size are read.
+        // With every repository listed, a link can only matter if it names one of them.
         let lengths: HashSet<u64> = partition
             .repositories
             .iter()
-            .map(|r| r.name.len() as u64 + LINK_OVERHEAD)
+            .map(|r| r.name.len() as u64)
             .collect();
-        let candidates: Vec<(String, String, Digest)> = partition
+        let listed = |len: u64| lengths.contains(&len);
+        let candidates = partition
             .repositories
             .iter()
-            .flat_map(|r| r.objects.iter().map(move |o| (r, o)))
-            .filter(|(_, o)| lengths.contains(&o.size))
-            .filter_map(|(r, o)| match parse(&o.key) {
-                Key::Blob(_, d) => Some((r.name.clone(), o.key.clone(), d)),
-                _ => None,
-            })
+            .flat_map(|r| link_candidates(r, &listed))
             .collect();
-        let read: Vec<Option<(String, Digest)>> = stream::iter(candidates)
-            .map(|(name, key, digest)| read_link(store, name, key, digest))
-            .buffer_unordered(concurrency.max(1))
-            .try_collect()
-            .await?;
         let mut out: HashMap<String, Vec<Digest>> = HashMap::new();
-        for (src, d) in read.into_iter().flatten() {
+        for (src, d) in read_links(store, candidates, concurrency).await? {
             out.entry(src).or_default().push(d);
         }
         Ok(out)
@@ -432,7 +548,9 @@ mod tests {
         assert_eq!(names, ["a", "a/insertion", "gone"]);
         let a = &p.repositories[0];
         let owned: Vec<_> = a.objects.iter().map(|o| o.key.clone()).collect();
-        assert_eq!(owned, markers);
+        let mut sorted = markers.to_vec();
+        sorted.sort();
+        assert_eq!(owned, sorted, "in listing order");
         for k in &markers {
             assert_eq!(layout.classify(a, k), KeyKind::Other, "{k}");
         }

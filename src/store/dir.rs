@@ -32,13 +32,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use futures::StreamExt as _;
 use rustix::fs::{self as rfs, AtFlags, Dir, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError,
-    StoreResult,
+    DeleteFailure, Level, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store,
+    StoreError, StoreResult,
 };
 
 /// Directory (relative to the root) that holds temporary files and the lock; never listed.
@@ -47,7 +48,7 @@ const TMP_DIR: &str = ".ocigc-tmp";
 const META_DIR: &str = ".ocigc-meta";
 const PAGE: usize = 1000;
 /// Rounds of "create the parents, rename in" before a put racing with pruning gives up.
-const ATTEMPTS: usize = 16;
+const ATTEMPTS: usize = 24;
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
@@ -356,14 +357,22 @@ fn open_listing(_rel: &str, fd: OwnedFd) -> io::Result<Dir> {
 /// One listing in progress: the page being filled and where pages go.
 struct Lister<'a> {
     prefix: &'a str,
+    start_after: Option<&'a str>,
     tx: &'a tokio::sync::mpsc::Sender<StoreResult<Vec<ObjectMeta>>>,
     page: Vec<ObjectMeta>,
     sent_any: bool,
 }
 
 impl Lister<'_> {
-    /// Adds an entry; `Err` once the receiver is gone.
+    /// Adds an entry (unless it lies at or before `start_after`); `Err` once the receiver is
+    /// gone.
     fn emit(&mut self, meta: ObjectMeta) -> Result<(), ()> {
+        if self
+            .start_after
+            .is_some_and(|after| meta.key.as_str() <= after)
+        {
+            return Ok(());
+        }
         self.page.push(meta);
         if self.page.len() == PAGE {
             let page = std::mem::replace(&mut self.page, Vec::with_capacity(PAGE));
@@ -380,18 +389,128 @@ impl Lister<'_> {
         }
         Ok(())
     }
+
+    /// True when nothing at `key` or below it can be listed: everything there is at or before
+    /// `start_after`. Such a subtree is not read at all.
+    fn passed(&self, key: &str) -> bool {
+        let Some(after) = self.start_after else {
+            return false;
+        };
+        // "k" < "k/" < "k/…": past all of them once `after` is beyond "k/" and not inside it.
+        let dir = format!("{key}/");
+        after > dir.as_str() && !after.starts_with(&dir)
+    }
+}
+
+/// An entry of a directory being listed, still to visit.
+struct Pending {
+    name: std::ffi::CString,
+    /// From the directory entry (or a `stat` where the file system does not say): it decides
+    /// where the entry sorts, and is checked again when the entry is visited.
+    is_dir: bool,
+}
+
+/// The order of keys among siblings: a directory `d` holds keys `d/…`, so it sorts as `d/`,
+/// after a sibling file `d.x` and before `d0`. Names that are not UTF-8 sort as they list.
+fn sibling_order(a: &Pending, b: &Pending) -> std::cmp::Ordering {
+    let a_name = String::from_utf8_lossy(a.name.to_bytes());
+    let b_name = String::from_utf8_lossy(b.name.to_bytes());
+    let slash = |d: bool| if d { Some(&b'/') } else { None };
+    let a_key = a_name.as_bytes().iter().chain(slash(a.is_dir));
+    let b_key = b_name.as_bytes().iter().chain(slash(b.is_dir));
+    a_key.cmp(b_key)
+}
+
+/// A directory whose entries are being listed: it stays open (for `statat` and `openat` of its
+/// entries) until its last entry is visited; its entries wait smallest last.
+struct Frame {
+    rel: String,
+    dir: Dir,
+    pending: Vec<Pending>,
+}
+
+/// Joins a directory's relative path and an entry name into a key.
+fn child_key(rel: &str, name: &str) -> String {
+    if rel.is_empty() {
+        name.to_string()
+    } else {
+        format!("{rel}/{name}")
+    }
+}
+
+/// Reads the entries of `dir` that can hold listed keys, sorted to be visited in key order.
+/// A read error below the root becomes a defect at the directory (what was read still lists);
+/// at the root it fails the listing.
+fn read_frame(out: &mut Lister<'_>, rel: String, mut dir: Dir) -> Result<Option<Frame>, ()> {
+    let mut pending = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) if rel.is_empty() => {
+                send_err(out.tx, "", "reading the root", e)?;
+                return Ok(None);
+            }
+            Err(e) => {
+                out.emit(defect(
+                    rel.clone(),
+                    format!("directory cannot be read: {e}"),
+                ))?;
+                break;
+            }
+        };
+        let bytes = entry.file_name().to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        let lossy = String::from_utf8_lossy(bytes);
+        if rel.is_empty() && (lossy == TMP_DIR || lossy == META_DIR) {
+            continue;
+        }
+        let key = child_key(&rel, &lossy);
+        let inside = key.starts_with(out.prefix);
+        let above = out.prefix.starts_with(&format!("{key}/"));
+        if (!inside && !above) || out.passed(&key) {
+            continue;
+        }
+        let is_dir = match entry.file_type() {
+            FileType::Unknown => match dir.fd() {
+                Ok(fd) => match rfs::statat(fd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => kind_of(&st) == FileType::Directory,
+                    Err(Errno::NOENT) => continue,
+                    // Visited as a file: the `stat` there reports it.
+                    Err(_) => false,
+                },
+                Err(_) => false,
+            },
+            kind => kind == FileType::Directory,
+        };
+        if !is_dir && out.start_after.is_some_and(|after| key.as_str() <= after) {
+            continue;
+        }
+        pending.push(Pending {
+            name: entry.file_name().to_owned(),
+            is_dir,
+        });
+    }
+    // Descending, so that popping visits the smallest first.
+    pending.sort_unstable_by(|a, b| sibling_order(b, a));
+    Ok(Some(Frame { rel, dir, pending }))
 }
 
 /// Walks the tree from the deepest directory `prefix` names, sending pages of what it finds
-/// under `prefix`.
+/// under `prefix` after `start_after`, in key order. Holds the unvisited entries of the
+/// directories on the current path, sorted, and skips subtrees entirely at or before
+/// `start_after` without opening them.
 fn walk(
     root: BorrowedFd<'_>,
     prefix: &str,
+    start_after: Option<&str>,
     tx: &tokio::sync::mpsc::Sender<StoreResult<Vec<ObjectMeta>>>,
     read_dir: OpenListing<'_>,
 ) -> Result<(), ()> {
     let mut out = Lister {
         prefix,
+        start_after,
         tx,
         page: Vec::with_capacity(PAGE),
         sent_any: false,
@@ -410,64 +529,71 @@ fn walk(
     if unreachable {
         return out.finish();
     }
-    // Directories still to read, by relative path; each is reopened from the root when its
-    // turn comes, so a wide tree does not hold a descriptor per pending directory.
-    let mut stack = vec![start.join("/")];
-    while let Some(rel) = stack.pop() {
-        let comps: Vec<&str> = if rel.is_empty() {
-            Vec::new()
-        } else {
-            rel.split('/').collect()
-        };
-        let fd = match open_dirs(root, &comps, false) {
-            Ok(mut chain) => match chain.pop() {
-                Some(fd) => fd,
-                // A descriptor of its own: a duplicate would share the read position with
-                // every other listing.
-                None => match rfs::openat(root, ".", DIR_FLAGS, Mode::empty()) {
-                    Ok(fd) => fd,
-                    Err(e) => return send_err(tx, "", "opening the root", e),
-                },
+    let rel = start.join("/");
+    let fd = match open_dirs(root, &start, false) {
+        Ok(mut chain) => match chain.pop() {
+            Some(fd) => fd,
+            // A descriptor of its own: a duplicate would share the read position with
+            // every other listing.
+            None => match rfs::openat(root, ".", DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(e) => return send_err(tx, "", "opening the root", e),
             },
-            // Removed since its parent was read (a concurrent delete), or the prefix runs
-            // through an object.
+        },
+        // The prefix runs through nothing, or through an object.
+        Err(r) if r.is_absent() => return out.finish(),
+        Err(r) => {
+            out.emit(defect(rel, r.reason()))?;
+            return out.finish();
+        }
+    };
+    let mut frames = Vec::new();
+    match read_dir(&rel, fd) {
+        Ok(dir) => match read_frame(&mut out, rel, dir)? {
+            Some(frame) => frames.push(frame),
+            None => return Ok(()),
+        },
+        Err(e) if rel.is_empty() => return send_err(tx, "", "reading the root", e),
+        Err(e) => out.emit(defect(rel, format!("directory cannot be read: {e}")))?,
+    }
+    while let Some(frame) = frames.last_mut() {
+        let Some(entry) = frame.pending.pop() else {
+            frames.pop();
+            continue;
+        };
+        let dir_fd = match frame.dir.fd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                out.emit(defect(
+                    frame.rel.clone(),
+                    format!("directory cannot be read: {e}"),
+                ))?;
+                frames.pop();
+                continue;
+            }
+        };
+        let Some(key) = visit(&mut out, dir_fd, &frame.rel, &entry.name)? else {
+            continue;
+        };
+        let Ok(name) = entry.name.to_str() else {
+            continue;
+        };
+        let child = match open_child_dir(dir_fd, name, &key) {
+            Ok(fd) => fd,
+            // Removed since its parent was read (a concurrent delete).
             Err(r) if r.is_absent() => continue,
             Err(r) => {
-                out.emit(defect(rel, r.reason()))?;
+                out.emit(defect(key, r.reason()))?;
                 continue;
             }
         };
-        let mut dir = match read_dir(&rel, fd) {
-            Ok(d) => d,
-            Err(e) if rel.is_empty() => return send_err(tx, "", "reading the root", e),
-            Err(e) => {
-                out.emit(defect(rel, format!("directory cannot be read: {e}")))?;
-                continue;
+        match read_dir(&key, child) {
+            Ok(dir) => {
+                if let Some(frame) = read_frame(&mut out, key, dir)? {
+                    frames.push(frame);
+                }
             }
-        };
-        while let Some(entry) = dir.read() {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) if rel.is_empty() => return send_err(tx, "", "reading the root", e),
-                Err(e) => {
-                    out.emit(defect(
-                        rel.clone(),
-                        format!("directory cannot be read: {e}"),
-                    ))?;
-                    break;
-                }
-            };
-            let dir_fd = match dir.fd() {
-                Ok(fd) => fd,
-                Err(e) => {
-                    out.emit(defect(
-                        rel.clone(),
-                        format!("directory cannot be read: {e}"),
-                    ))?;
-                    break;
-                }
-            };
-            list_entry(&mut out, dir_fd, &rel, entry.file_name(), &mut stack)?;
+            Err(e) => out.emit(defect(key, format!("directory cannot be read: {e}")))?,
         }
     }
     out.finish()
@@ -483,62 +609,177 @@ fn send_err(
         .map_err(|_| ())
 }
 
-/// Lists one directory entry: an object, a directory to walk later, or a defect.
-fn list_entry(
+/// What one directory entry is, for a listing.
+enum Seen {
+    /// A regular file: an object.
+    Object(ObjectMeta),
+    /// A directory, by key.
+    Dir(String),
+    /// Something that is not an object; reported as a defect.
+    Defect(ObjectMeta),
+    /// Nothing to list (gone since the directory was read).
+    Nothing,
+}
+
+/// Classifies one entry of `dir` (at `rel`) by `lstat`.
+fn classify(dir: BorrowedFd<'_>, rel: &str, name: &CStr) -> Seen {
+    let key = child_key(rel, &String::from_utf8_lossy(name.to_bytes()));
+    let Ok(utf8) = name.to_str() else {
+        return Seen::Defect(defect(key, "the name is not UTF-8".into()));
+    };
+    let st = match rfs::statat(dir, utf8, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        // Removed since the directory was read: a concurrent delete.
+        Err(Errno::NOENT) => return Seen::Nothing,
+        Err(e) => return Seen::Defect(defect(key, format!("cannot stat: {e}"))),
+    };
+    match kind_of(&st) {
+        FileType::RegularFile => {
+            let f = facts(&st);
+            Seen::Object(ObjectMeta::new(key, f.size, f.modified, None))
+        }
+        FileType::Directory => Seen::Dir(key),
+        FileType::Symlink => Seen::Defect(defect(
+            key,
+            "a symbolic link; the directory store never follows one".into(),
+        )),
+        other => Seen::Defect(defect(
+            key,
+            format!("{}, not a regular file", kind_name(other)),
+        )),
+    }
+}
+
+/// Lists one directory entry: emits an object or a defect, or returns the key of a directory
+/// to walk into.
+fn visit(
     out: &mut Lister<'_>,
     dir: BorrowedFd<'_>,
     rel: &str,
     name: &CStr,
-    stack: &mut Vec<String>,
-) -> Result<(), ()> {
-    let bytes = name.to_bytes();
-    if bytes == b"." || bytes == b".." {
-        return Ok(());
-    }
-    let lossy = String::from_utf8_lossy(bytes);
-    if rel.is_empty() && (lossy == TMP_DIR || lossy == META_DIR) {
-        return Ok(());
-    }
-    let key = if rel.is_empty() {
-        lossy.into_owned()
-    } else {
-        format!("{rel}/{lossy}")
-    };
-    let inside = key.starts_with(out.prefix);
-    let above = out.prefix.starts_with(&format!("{key}/"));
-    if !inside && !above {
-        return Ok(());
-    }
-    let Ok(name) = name.to_str() else {
-        return out.emit(defect(key, "the name is not UTF-8".into()));
-    };
-    let st = match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => st,
-        // Removed since the directory was read: a concurrent delete.
-        Err(Errno::NOENT) => return Ok(()),
-        Err(e) => return out.emit(defect(key, format!("cannot stat: {e}"))),
-    };
-    match kind_of(&st) {
-        FileType::RegularFile if inside => {
-            let f = facts(&st);
-            out.emit(ObjectMeta::new(key, f.size, f.modified, None))
-        }
+) -> Result<Option<String>, ()> {
+    match classify(dir, rel, name) {
         // A file where the prefix needs a directory: nothing can lie below it.
-        FileType::RegularFile => Ok(()),
-        FileType::Directory => {
-            stack.push(key);
-            Ok(())
-        }
-        FileType::Symlink => out.emit(defect(
-            key,
-            "a symbolic link; the directory store never follows one".into(),
-        )),
-        other if inside => out.emit(defect(
-            key,
-            format!("{}, not a regular file", kind_name(other)),
-        )),
-        _ => Ok(()),
+        Seen::Object(meta) if !meta.key.starts_with(out.prefix) => Ok(None),
+        // A symlink on the prefix's path hides what the prefix names: reported either way.
+        Seen::Object(meta) | Seen::Defect(meta) => out.emit(meta).map(|()| None),
+        Seen::Dir(key) => Ok(Some(key)),
+        Seen::Nothing => Ok(None),
     }
+}
+
+/// One level below `prefix`: the entries of the one directory it names whose names continue
+/// the prefix, sorted; each page holds at most [`PAGE`] objects and prefixes together.
+fn level_sync(
+    root: BorrowedFd<'_>,
+    prefix: &str,
+    read_dir: OpenListing<'_>,
+) -> StoreResult<Vec<Level>> {
+    let (rel, partial) = match prefix.rfind('/') {
+        Some(i) => (&prefix[..i], &prefix[i + 1..]),
+        None => ("", prefix),
+    };
+    let comps: Vec<&str> = if rel.is_empty() {
+        Vec::new()
+    } else {
+        rel.split('/').collect()
+    };
+    let unreachable = comps
+        .iter()
+        .any(|c| c.is_empty() || *c == "." || *c == "..")
+        || comps
+            .first()
+            .is_some_and(|c| *c == TMP_DIR || *c == META_DIR);
+    let mut level = Level::default();
+    if unreachable {
+        return Ok(vec![level]);
+    }
+    let fd = match open_dirs(root, &comps, false) {
+        Ok(mut chain) => match chain.pop() {
+            Some(fd) => fd,
+            None => rfs::openat(root, ".", DIR_FLAGS, Mode::empty())
+                .map_err(|e| io_request(Op::List, "", "opening the root", e))?,
+        },
+        Err(r) if r.is_absent() => return Ok(vec![level]),
+        Err(r) => {
+            level.objects.push(defect(rel.to_string(), r.reason()));
+            return Ok(vec![level]);
+        }
+    };
+    let mut dir = match read_dir(rel, fd) {
+        Ok(d) => d,
+        Err(e) if rel.is_empty() => return Err(io_request(Op::List, "", "reading the root", e)),
+        Err(e) => {
+            level.objects.push(defect(
+                rel.to_string(),
+                format!("directory cannot be read: {e}"),
+            ));
+            return Ok(vec![level]);
+        }
+    };
+    while let Some(entry) = dir.read() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) if rel.is_empty() => {
+                return Err(io_request(Op::List, "", "reading the root", e))
+            }
+            Err(e) => {
+                level.objects.push(defect(
+                    rel.to_string(),
+                    format!("directory cannot be read: {e}"),
+                ));
+                break;
+            }
+        };
+        let bytes = entry.file_name().to_bytes();
+        if bytes == b"." || bytes == b".." || !bytes.starts_with(partial.as_bytes()) {
+            continue;
+        }
+        if rel.is_empty() && (bytes == TMP_DIR.as_bytes() || bytes == META_DIR.as_bytes()) {
+            continue;
+        }
+        let dir_fd = dir
+            .fd()
+            .map_err(|e| io_request(Op::List, rel, "reading a directory", e))?;
+        match classify(dir_fd, rel, entry.file_name()) {
+            Seen::Object(meta) | Seen::Defect(meta) => level.objects.push(meta),
+            Seen::Dir(key) => level.prefixes.push(format!("{key}/")),
+            Seen::Nothing => {}
+        }
+    }
+    level.normalize();
+    Ok(paged(level))
+}
+
+/// Splits a sorted level into pages of at most [`PAGE`] entries, in key order, as S3 would
+/// send it: one (possibly empty) page at least.
+fn paged(level: Level) -> Vec<Level> {
+    let mut pages = vec![Level::default()];
+    let mut objects = level.objects.into_iter().peekable();
+    let mut prefixes = level.prefixes.into_iter().peekable();
+    loop {
+        let take_object = match (objects.peek(), prefixes.peek()) {
+            (Some(o), Some(p)) => o.key.as_str() < p.as_str(),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        let full = pages
+            .last()
+            .is_some_and(|p| p.objects.len() + p.prefixes.len() >= PAGE);
+        if full {
+            pages.push(Level::default());
+        }
+        let Some(page) = pages.last_mut() else {
+            break;
+        };
+        if take_object {
+            page.objects.extend(objects.next());
+        } else {
+            page.prefixes.extend(prefixes.next());
+        }
+    }
+    pages
 }
 
 /// A temporary file in [`TMP_DIR`], removed when dropped unless it was renamed away.
@@ -585,12 +826,27 @@ fn write_tmp(root: BorrowedFd<'_>, key: &str, body: &[u8]) -> StoreResult<Staged
     Ok(staged)
 }
 
+/// Waits a little before retry `attempt` of a put that lost a race with pruning: nothing at
+/// first, then doubling from 50 µs up to 50 ms (about half a second in all), so that a writer
+/// is not starved by deleters emptying the same directory over and over.
+fn backoff(attempt: usize) {
+    if attempt < 4 {
+        std::thread::yield_now();
+    } else {
+        let micros = 50u64 << (attempt - 4).min(10);
+        std::thread::sleep(std::time::Duration::from_micros(micros));
+    }
+}
+
 /// Renames `staged` to `key`, re-creating parents that a concurrent delete may have just
 /// pruned. Refuses to replace anything but a regular file.
 fn install(root: BorrowedFd<'_>, staged: &Staged, key: &str) -> StoreResult<()> {
     let (parents, leaf) = split_key(key)?;
     let mut last = Errno::NOENT;
-    for _ in 0..ATTEMPTS {
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            backoff(attempt);
+        }
         let chain = match open_dirs(root, &parents, true) {
             Ok(c) => c,
             Err(Refusal::Os(e)) if e == Errno::NOENT => {
@@ -877,16 +1133,43 @@ impl Store for DirStore {
         format!("file://{}", self.root.display())
     }
 
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let root = Arc::clone(&self.fd);
         let prefix = prefix.to_string();
+        let start_after = start_after.map(str::to_string);
         tokio::task::spawn_blocking(move || {
-            let _ = walk(root.as_fd(), &prefix, &tx, &open_listing);
+            let _ = walk(
+                root.as_fd(),
+                &prefix,
+                start_after.as_deref(),
+                &tx,
+                &open_listing,
+            );
         });
         Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }))
+    }
+
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        let root = Arc::clone(&self.fd);
+        let owned = prefix.to_string();
+        let read = blocking(Op::List, prefix, move || {
+            level_sync(root.as_fd(), &owned, &open_listing)
+        });
+        Box::pin(
+            futures::stream::once(read)
+                .map(|pages| match pages {
+                    Ok(pages) => futures::stream::iter(pages.into_iter().map(Ok)).left_stream(),
+                    Err(e) => futures::stream::iter([Err(e)]).right_stream(),
+                })
+                .flatten(),
+        )
     }
 
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
@@ -1379,7 +1662,8 @@ mod tests {
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let root = Arc::clone(&store.fd);
-        let walker = std::thread::spawn(move || walk(root.as_fd(), "", &tx, &unreadable).is_ok());
+        let walker =
+            std::thread::spawn(move || walk(root.as_fd(), "", None, &tx, &unreadable).is_ok());
         let mut listed = Vec::new();
         while let Some(page) = rx.recv().await {
             listed.extend(page.expect("page"));
@@ -1398,6 +1682,61 @@ mod tests {
         let all = listing(&store, "a/").await;
         assert_eq!(objects(&all), ["a/blobs/1"]);
         assert_eq!(defects(&all).len(), 1);
+    }
+
+    /// A walk on a thread of its own (it sends with `blocking_send`): the keys it listed and
+    /// the directories it read.
+    fn walk_recorded(
+        root: Arc<OwnedFd>,
+        prefix: &str,
+        after: Option<&str>,
+    ) -> (Vec<String>, Vec<String>) {
+        let read = std::sync::Mutex::new(Vec::new());
+        let recording = |rel: &str, fd: OwnedFd| {
+            read.lock().expect("lock").push(rel.to_string());
+            open_listing(rel, fd)
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let ok = std::thread::scope(|s| {
+            s.spawn(|| walk(root.as_fd(), prefix, after, &tx, &recording).is_ok())
+                .join()
+                .expect("walker")
+        });
+        assert!(ok, "the receiver stayed");
+        let mut listed = Vec::new();
+        while let Ok(page) = rx.try_recv() {
+            listed.extend(page.expect("page").into_iter().map(|o| o.key));
+        }
+        let read = read.into_inner().expect("lock");
+        (listed, read)
+    }
+
+    /// Keys come in byte order (a directory `b` sorts as `b/`, after `b-c` and `b.x`), and a
+    /// start skips whole subtrees before it without reading them.
+    #[tokio::test]
+    async fn listing_is_sorted_and_skips_what_lies_before_the_start() {
+        let bucket = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(bucket.path()).expect("open");
+        let mut keys = vec![
+            "a/b-c/1", "a/b.x", "a/b/1", "a/b/2/3", "a/b0", "z/1", "m/q/r", "m/q-s", "m/\u{e9}",
+        ];
+        for k in &keys {
+            store
+                .put(k, Bytes::from_static(b"x"), PutCondition::None)
+                .await
+                .expect("put");
+        }
+        keys.sort();
+        let root = || Arc::clone(&store.fd);
+        let (listed, _) = walk_recorded(root(), "", None);
+        assert_eq!(listed, keys);
+        let (listed, read) = walk_recorded(root(), "", Some("a/b0"));
+        assert_eq!(listed, ["m/q-s", "m/q/r", "m/\u{e9}", "z/1"]);
+        // `a` is read (the start lies inside it), `a/b` and `a/b-c` are not.
+        assert_eq!(read, ["", "a", "m", "m/q", "z"]);
+        let (listed, read) = walk_recorded(root(), "a/", Some("a/b/1"));
+        assert_eq!(listed, ["a/b/2/3", "a/b0"]);
+        assert_eq!(read, ["a", "a/b", "a/b/2"]);
     }
 
     /// Below an object there is nothing, as on S3: not an error, and not a defect.

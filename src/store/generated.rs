@@ -22,8 +22,8 @@ use futures::stream::{self, BoxStream, StreamExt};
 use sha2::Digest as _;
 
 use super::{
-    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError,
-    StoreResult,
+    DeleteFailure, Level, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store,
+    StoreError, StoreResult,
 };
 
 /// The URL scheme of a generated bucket.
@@ -34,6 +34,8 @@ const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const MARKER_BODY: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+/// The directory holding every repository, and the start of each repository's name.
+const REPO_DIR: &str = "bench/";
 const REPO_PREFIX: &str = "bench/app-";
 /// Keys in one listing page, as S3 returns them.
 const PAGE: usize = 1000;
@@ -442,13 +444,19 @@ impl GeneratedStore {
         )
     }
 
-    /// The first repository with a key under `prefix`; the ones that have any are contiguous.
-    fn first_repo(&self, prefix: &str) -> u64 {
+    /// The first repository that may hold a key under `prefix` greater than `after`. Each
+    /// repository's keys share the prefix `<name>/` and the names sort like their indexes, so
+    /// the repositories whose `<name>/` sorts before a bound without being a prefix of it hold
+    /// only keys below that bound: they are a run at the start, found by bisection.
+    fn first_repo(&self, prefix: &str, after: Option<&str>) -> u64 {
+        let below = |index: u64, bound: &str| {
+            let rp = format!("{}/", self.spec.repo_name(index));
+            rp.as_str() < bound && !bound.starts_with(&rp)
+        };
         let (mut lo, mut hi) = (0, self.spec.repos);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let rp = format!("{}/", self.spec.repo_name(mid));
-            if rp.as_str() < prefix && !prefix.starts_with(&rp) {
+            if below(mid, prefix) || after.is_some_and(|a| below(mid, a)) {
                 lo = mid + 1;
             } else {
                 hi = mid;
@@ -462,17 +470,100 @@ impl GeneratedStore {
         rp.starts_with(prefix) || prefix.starts_with(&rp)
     }
 
-    /// Generated keys under `prefix` of repository `index`, sorted.
-    fn repo_keys(&self, index: u64, prefix: &str) -> VecDeque<ObjectMeta> {
+    /// Generated keys of repository `index` under `prefix` and after `after`, sorted.
+    fn repo_keys(&self, index: u64, prefix: &str, after: Option<&str>) -> VecDeque<ObjectMeta> {
         let name = self.spec.repo_name(index);
         self.repo(index)
             .entries
             .iter()
             .map(|e| (format!("{name}/{}", e.suffix()), e))
-            .filter(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
             .map(|(k, e)| self.meta(k, e))
             .collect()
     }
+
+    /// The state objects under `prefix` after `after`, as a listing shows them.
+    fn state_keys(&self, prefix: &str, after: Option<&str>) -> VecDeque<ObjectMeta> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
+            .map(|(k, s)| {
+                ObjectMeta::new(
+                    k.clone(),
+                    s.body.len() as u64,
+                    s.modified,
+                    Some(s.etag.clone()),
+                )
+            })
+            .collect()
+    }
+
+    /// The whole level below `prefix` (delimiter `/`), sorted: what S3 returns over its pages.
+    fn level(&self, prefix: &str) -> Level {
+        let mut level = Level::default();
+        let above = prefix.len() < REPO_DIR.len() && REPO_DIR.starts_with(prefix);
+        if above {
+            // Above the repositories: every generated key falls under one sub-prefix.
+            level.prefixes.push(REPO_DIR.to_string());
+        }
+        let mut add = |meta: ObjectMeta| match meta.key[prefix.len()..].find('/') {
+            Some(at) => level
+                .prefixes
+                .push(meta.key[..prefix.len() + at + 1].to_string()),
+            None => level.objects.push(meta),
+        };
+        let mut index = if above {
+            self.spec.repos
+        } else {
+            self.first_repo(prefix, None)
+        };
+        while index < self.spec.repos && self.repo_overlaps(index, prefix) {
+            let rp = format!("{}/", self.spec.repo_name(index));
+            if prefix.len() < rp.len() {
+                // Names hold no `/`: the level's entry for this repository is `<name>/`.
+                add(ObjectMeta::new(rp, 0, self.epoch(), None));
+            } else {
+                self.repo_keys(index, prefix, None)
+                    .into_iter()
+                    .for_each(&mut add);
+            }
+            index += 1;
+        }
+        self.state_keys(prefix, None).into_iter().for_each(add);
+        level.normalize();
+        level
+    }
+}
+
+/// A level cut into pages of at most [`PAGE`] entries, objects and prefixes merged in key order
+/// within and across pages; an empty level is one empty page, as on S3.
+fn level_pages(level: Level) -> Vec<Level> {
+    let mut pages = vec![Level::default()];
+    let mut objects = level.objects.into_iter().peekable();
+    let mut prefixes = level.prefixes.into_iter().peekable();
+    loop {
+        let take_object = match (objects.peek(), prefixes.peek()) {
+            (Some(o), Some(p)) => o.key.as_str() < p.as_str(),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        let full = pages
+            .last()
+            .is_some_and(|p| p.objects.len() + p.prefixes.len() >= PAGE);
+        if full {
+            pages.push(Level::default());
+        }
+        let Some(page) = pages.last_mut() else { break };
+        if take_object {
+            page.objects.extend(objects.next());
+        } else {
+            page.prefixes.extend(prefixes.next());
+        }
+    }
+    pages
 }
 
 /// Where a listing is: the next repository to synthesize, the rest of the current one, and the
@@ -494,26 +585,15 @@ impl Store for GeneratedStore {
         )
     }
 
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
-        let state: VecDeque<ObjectMeta> = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, s)| {
-                ObjectMeta::new(
-                    k.clone(),
-                    s.body.len() as u64,
-                    s.modified,
-                    Some(s.etag.clone()),
-                )
-            })
-            .collect();
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         let cursor = Cursor {
-            next_repo: self.first_repo(prefix),
+            next_repo: self.first_repo(prefix, after),
             current: VecDeque::new(),
-            state,
+            state: self.state_keys(prefix, after),
             done: false,
         };
         stream::unfold(cursor, move |mut c| async move {
@@ -526,7 +606,7 @@ impl Store for GeneratedStore {
                     && c.next_repo < self.spec.repos
                     && self.repo_overlaps(c.next_repo, prefix)
                 {
-                    c.current = self.repo_keys(c.next_repo, prefix);
+                    c.current = self.repo_keys(c.next_repo, prefix, after);
                     c.next_repo += 1;
                     continue;
                 }
@@ -552,6 +632,10 @@ impl Store for GeneratedStore {
             Some((Ok(page), c))
         })
         .boxed()
+    }
+
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        stream::iter(level_pages(self.level(prefix)).into_iter().map(Ok)).boxed()
     }
 
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
@@ -768,6 +852,89 @@ mod tests {
         assert_eq!(all.len() as u64, s.total_keys() + 2);
         assert!(all.windows(2).all(|w| w[0].key < w[1].key), "sorted");
         assert_eq!(all[0].key, "_ocigc/pending/x.json");
+    }
+
+    /// Listings after a key and level listings agree with the full listing, whatever the key
+    /// or prefix: inside a repository, between two, above all of them, in the state objects.
+    #[tokio::test]
+    async fn ranges_and_levels_agree_with_the_full_listing() {
+        let s = GeneratedSpec {
+            dirty: 2,
+            ..spec(12, 3, 2, 1)
+        };
+        let store = GeneratedStore::new(s.clone());
+        for key in ["_ocigc/cache/x", "_ocigc/leases/y", "zz/top"] {
+            store
+                .put(key, Bytes::from_static(b"{}"), PutCondition::None)
+                .await
+                .expect("put");
+        }
+        let all: Vec<String> = keys(&store, "").await.into_iter().map(|o| o.key).collect();
+        let mut afters: Vec<String> = ["", "_", "_ocigc/", "bench/", "bench/app-", "zz", "~"]
+            .map(String::from)
+            .into();
+        afters.extend(all.iter().step_by(7).cloned());
+        afters.push(format!("{}/", s.repo_name(5)));
+        afters.push(format!("{}/blobs/sha256/8", s.repo_name(5)));
+        for prefix in ["", "bench/", &format!("{}/", s.repo_name(5)), "_ocigc/"] {
+            for after in &afters {
+                let pages: Vec<Vec<ObjectMeta>> = store
+                    .list_after(prefix, Some(after))
+                    .try_collect()
+                    .await
+                    .expect("list");
+                let got: Vec<String> = pages.into_iter().flatten().map(|o| o.key).collect();
+                let want: Vec<String> = all
+                    .iter()
+                    .filter(|k| k.starts_with(prefix) && k.as_str() > after.as_str())
+                    .cloned()
+                    .collect();
+                assert_eq!(got, want, "prefix {prefix:?} after {after:?}");
+            }
+        }
+        let repo = s.repo_name(4);
+        for prefix in [
+            "".to_string(),
+            "b".into(),
+            "bench/".into(),
+            "bench/app-00001".into(),
+            format!("{repo}/"),
+            format!("{repo}/blobs/"),
+            format!("{repo}/blobs/sha256/"),
+            "_ocigc/".into(),
+            "nothing/".into(),
+        ] {
+            let pages: Vec<Level> = store
+                .list_level_pages(&prefix)
+                .try_collect()
+                .await
+                .expect("level");
+            assert!(!pages.is_empty(), "{prefix:?}: at least one page");
+            let mut level = store.list_level(&prefix).await.expect("level");
+            let (mut objects, mut prefixes) = (Vec::new(), Vec::new());
+            for k in all.iter().filter(|k| k.starts_with(&prefix)) {
+                match k[prefix.len()..].find('/') {
+                    Some(at) => prefixes.push(k[..prefix.len() + at + 1].to_string()),
+                    None => objects.push(k.clone()),
+                }
+            }
+            prefixes.dedup();
+            let got: Vec<String> = level.objects.drain(..).map(|o| o.key).collect();
+            assert_eq!((got, level.prefixes), (objects, prefixes), "{prefix:?}");
+        }
+        // A level wider than a page comes in pages of at most PAGE entries, in order.
+        let wide = GeneratedStore::new(spec(2500, 1, 1, 0));
+        let pages: Vec<Level> = wide
+            .list_level_pages("bench/")
+            .try_collect()
+            .await
+            .expect("level");
+        assert_eq!(
+            pages.iter().map(|p| p.prefixes.len()).collect::<Vec<_>>(),
+            [1000, 1000, 500]
+        );
+        let names: Vec<&String> = pages.iter().flat_map(|p| &p.prefixes).collect();
+        assert!(names.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[tokio::test]

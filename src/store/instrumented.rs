@@ -1,5 +1,6 @@
 //! The layer every request goes through: a bound on requests in flight (back-pressure), a
-//! time-out on each request, and counts by operation for the report and the metrics.
+//! time-out on each request, and counts by operation for the report. Metrics see requests
+//! through [`RequestObserver`], so the store layer knows nothing of who watches it.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,12 +14,60 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::metrics::Metrics;
-
 use super::{
-    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError,
-    StoreResult,
+    DeleteFailure, Level, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store,
+    StoreError, StoreResult,
 };
+
+/// How a store request ended, as far as an observer cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// It succeeded.
+    Ok,
+    /// The key does not exist (an expected answer, not a failure of the store).
+    NotFound,
+    /// No answer within the request time-out.
+    Timeout,
+    /// Any other failure.
+    Error,
+}
+
+impl Outcome {
+    /// Every outcome, in label order.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Ok,
+        Outcome::NotFound,
+        Outcome::Timeout,
+        Outcome::Error,
+    ];
+
+    /// Lower-case name, as used in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::NotFound => "not_found",
+            Outcome::Timeout => "timeout",
+            Outcome::Error => "error",
+        }
+    }
+
+    fn of<T>(result: &StoreResult<T>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Ok,
+            Err(StoreError::NotFound { .. }) => Outcome::NotFound,
+            Err(StoreError::Timeout { .. }) => Outcome::Timeout,
+            Err(_) => Outcome::Error,
+        }
+    }
+}
+
+/// Watches every request [`Instrumented`] makes (the metrics implement it); called once per
+/// request, after it ended, so it must be cheap and must not block.
+pub trait RequestObserver: Send + Sync {
+    /// One request of `op` ended with `outcome` after `elapsed` (waiting for a permit
+    /// excluded).
+    fn observe(&self, op: Op, outcome: Outcome, elapsed: Duration);
+}
 
 /// Requests made, by operation (a LIST page and a batch delete count as one each).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -53,7 +102,7 @@ pub struct Instrumented {
     permits: Semaphore,
     timeout: Duration,
     counters: Counters,
-    metrics: Option<Arc<Metrics>>,
+    observer: Option<Arc<dyn RequestObserver>>,
 }
 
 impl Instrumented {
@@ -65,14 +114,23 @@ impl Instrumented {
             permits: Semaphore::new(concurrency.max(1)),
             timeout,
             counters: Counters::default(),
-            metrics: None,
+            observer: None,
         }
     }
 
-    /// Also records every request in `metrics`.
-    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Instrumented {
-        self.metrics = metrics;
+    /// Also reports every request to `observer`.
+    pub fn with_observer(mut self, observer: Option<Arc<dyn RequestObserver>>) -> Instrumented {
+        self.observer = observer;
         self
+    }
+
+    /// [`Instrumented::with_observer`] for a concrete observer type, as the engine holds its
+    /// metrics (`Option<Arc<Metrics>>`); kept so its call sites need no cast.
+    pub fn with_metrics<O: RequestObserver + 'static>(
+        self,
+        observer: Option<Arc<O>>,
+    ) -> Instrumented {
+        self.with_observer(observer.map(|o| o as Arc<dyn RequestObserver>))
     }
 
     /// Requests made so far.
@@ -100,14 +158,8 @@ impl Instrumented {
     }
 
     fn record<T>(&self, op: Op, result: &StoreResult<T>, started: std::time::Instant) {
-        if let Some(m) = &self.metrics {
-            let label = match result {
-                Ok(_) => "ok",
-                Err(StoreError::NotFound { .. }) => "not_found",
-                Err(StoreError::Timeout { .. }) => "timeout",
-                Err(_) => "error",
-            };
-            m.request(op, label, started.elapsed());
+        if let Some(o) = &self.observer {
+            o.observe(op, Outcome::of(result), started.elapsed());
         }
     }
 
@@ -137,14 +189,14 @@ impl Instrumented {
     }
 }
 
-#[async_trait]
-impl Store for Instrumented {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
-        let pages = self.inner.list(prefix);
+impl Instrumented {
+    /// Passes a listing through page by page: each page is one request, waited for under a
+    /// permit and the time-out, and counted.
+    fn pages<'a, T: Send + 'a>(
+        &'a self,
+        prefix: &'a str,
+        pages: BoxStream<'a, StoreResult<T>>,
+    ) -> BoxStream<'a, StoreResult<T>> {
         Box::pin(futures::stream::unfold(
             Some(pages),
             move |pages| async move {
@@ -170,6 +222,31 @@ impl Store for Instrumented {
                 }
             },
         ))
+    }
+}
+
+#[async_trait]
+impl Store for Instrumented {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    // Each listing goes to the same method of the inner store, which may be a wrapper that
+    // changes only one of them.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.pages(prefix, self.inner.list(prefix))
+    }
+
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.pages(prefix, self.inner.list_after(prefix, start_after))
+    }
+
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        self.pages(prefix, self.inner.list_level_pages(prefix))
     }
 
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
@@ -206,5 +283,56 @@ impl Store for Instrumented {
         let first = keys.first().map(String::as_str).unwrap_or_default();
         self.call(Op::Delete, first, self.inner.delete_batch(keys))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::DirStore;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(Op, Outcome)>>);
+
+    impl RequestObserver for Recorder {
+        fn observe(&self, op: Op, outcome: Outcome, _elapsed: Duration) {
+            if let Ok(mut seen) = self.0.lock() {
+                seen.push((op, outcome));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_request_reaches_the_observer_with_its_outcome() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn Store> = Arc::new(DirStore::open(dir.path()).expect("open"));
+        let recorder = Arc::new(Recorder::default());
+        let store = Instrumented::new(inner, 2, Duration::from_secs(10))
+            .with_metrics(Some(recorder.clone()));
+        store
+            .put("a/b", Bytes::from_static(b"x"), PutCondition::None)
+            .await
+            .expect("put");
+        store.get("a/b").await.expect("get");
+        assert!(matches!(
+            store.get("a/missing").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        let pages: Vec<_> = store.list("a/").collect().await;
+        assert_eq!(pages.len(), 1);
+        let seen = recorder.0.lock().expect("lock").clone();
+        assert_eq!(
+            seen,
+            [
+                (Op::Put, Outcome::Ok),
+                (Op::Get, Outcome::Ok),
+                (Op::Get, Outcome::NotFound),
+                (Op::List, Outcome::Ok),
+            ]
+        );
+        let counts = store.counts();
+        assert_eq!((counts.put, counts.get, counts.list), (1, 2, 1));
     }
 }

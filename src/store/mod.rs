@@ -4,6 +4,7 @@
 mod dir;
 mod generated;
 mod instrumented;
+pub mod listing;
 mod s3;
 mod url;
 
@@ -17,7 +18,8 @@ use futures::stream::BoxStream;
 
 pub use dir::DirStore;
 pub use generated::{GeneratedSpec, GeneratedSpecError, GeneratedStore, GENERATED_SCHEME};
-pub use instrumented::{Instrumented, RequestCounts};
+pub use instrumented::{Instrumented, Outcome, RequestCounts, RequestObserver};
+pub use listing::{list_part, plan_parts, Part, SplitPolicy};
 pub use s3::{S3Settings, S3Store, StaticCredentials};
 pub use url::BucketUrl;
 
@@ -104,6 +106,25 @@ pub struct DeleteFailure {
     pub message: String,
 }
 
+/// One level of the key space below a prefix, as a listing with delimiter `/` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Level {
+    /// Objects whose key has no `/` after the prefix, in key order.
+    pub objects: Vec<ObjectMeta>,
+    /// Sub-prefixes, each the prefix plus one name and a `/`, in byte order, without repeats.
+    pub prefixes: Vec<String>,
+}
+
+impl Level {
+    /// Puts the objects and prefixes in order and drops repeated prefixes, so that a level
+    /// collected from several pages (or a store that sends them unordered) reads the same.
+    pub fn normalize(&mut self) {
+        self.objects.sort_by(|a, b| a.key.cmp(&b.key));
+        self.prefixes.sort();
+        self.prefixes.dedup();
+    }
+}
+
 /// Store operations, for error messages and request accounting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -184,8 +205,48 @@ pub trait Store: Send + Sync {
     /// Human-readable location, e.g. `s3://bucket/prefix` or `file:///srv/bucket`.
     fn describe(&self) -> String;
 
-    /// Lists every object under `prefix` in pages of at most 1000, in no particular order.
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>>;
+    /// Lists every object under `prefix` in pages of at most 1000, in the store's key order.
+    ///
+    /// That order is lexicographic by bytes on S3 (and MinIO, moto) and on the directory store,
+    /// across pages as well as within one. Stores that keep a file tree list it component by
+    /// component instead (SeaweedFS: `a/b/1` before `a/b-c`, as if `/` sorted first). Both
+    /// keep every prefix ending in `/` contiguous, which is what a consumer may rely on
+    /// everywhere; "every key below the last one seen is complete" holds only in byte order.
+    /// The directory store reports a directory `d` it cannot read as a defect keyed `d` but
+    /// placed where `d/` sorts.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.list_after(prefix, None)
+    }
+
+    /// Like [`Store::list`], but only the keys after `start_after` (S3's `StartAfter`): a
+    /// listing resumed, or one range of the key space, without reading the keys before it.
+    /// "After" is in the store's order: by bytes, or on a file-tree store by the first path
+    /// component that differs (which skips a whole directory named like `start_after`'s last
+    /// component); [`listing::plan_parts`] places its cuts where the two agree.
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>>;
+
+    /// One level below `prefix` (delimiter `/`), one item per request: each page's objects and
+    /// sub-prefixes, in order within the page. [`Store::list_level`] collects them.
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>>;
+
+    /// The objects directly under `prefix` and its sub-prefixes (each ending in `/`), all pages
+    /// collected, both sorted.
+    async fn list_level(&self, prefix: &str) -> StoreResult<Level> {
+        use futures::StreamExt as _;
+        let mut level = Level::default();
+        let mut pages = self.list_level_pages(prefix);
+        while let Some(page) = pages.next().await {
+            let page = page?;
+            level.objects.extend(page.objects);
+            level.prefixes.extend(page.prefixes);
+        }
+        level.normalize();
+        Ok(level)
+    }
 
     /// Reads a whole object and its ETag, refusing ([`StoreError::TooLarge`]) one of more
     /// than `limit` bytes without holding more than `limit + 1` bytes of it in memory.

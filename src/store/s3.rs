@@ -22,8 +22,8 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use super::{
-    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store, StoreError,
-    StoreResult,
+    DeleteFailure, Level, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store,
+    StoreError, StoreResult,
 };
 
 /// Behaviour defaults are pinned so an SDK upgrade cannot silently change retries or checksums.
@@ -169,6 +169,15 @@ impl S3Store {
         }
     }
 
+    fn object_meta(&self, o: &aws_sdk_s3::types::Object) -> Option<ObjectMeta> {
+        Some(ObjectMeta::new(
+            self.relative_key(o.key()?)?,
+            o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+            to_system_time(o.last_modified()),
+            o.e_tag().map(str::to_string),
+        ))
+    }
+
     fn relative_key<'k>(&self, full: &'k str) -> Option<&'k str> {
         if self.prefix.is_empty() {
             Some(full)
@@ -244,12 +253,54 @@ impl Store for S3Store {
         }
     }
 
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
-        let full_prefix = if self.prefix.is_empty() {
-            prefix.to_string()
-        } else {
-            format!("{}/{prefix}", self.prefix)
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        let full_prefix = self.full_key(prefix);
+        let start_after = start_after.map(|k| self.full_key(k));
+        let init = ListState {
+            token: None,
+            done: false,
         };
+        Box::pin(futures::stream::try_unfold(init, move |state| {
+            let full_prefix = full_prefix.clone();
+            let start_after = start_after.clone();
+            async move {
+                if state.done {
+                    return Ok(None);
+                }
+                // StartAfter only matters for the first request; the token carries it on.
+                let first = state.token.is_none();
+                let out = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&full_prefix)
+                    .max_keys(1000)
+                    .set_start_after(start_after.filter(|_| first))
+                    .set_continuation_token(state.token)
+                    .send()
+                    .await
+                    .map_err(|e| map_err(Op::List, &full_prefix, e))?;
+                let page = out
+                    .contents()
+                    .iter()
+                    .filter_map(|o| self.object_meta(o))
+                    .collect();
+                let token = out.next_continuation_token().map(str::to_string);
+                let next = ListState {
+                    done: !out.is_truncated().unwrap_or(false) || token.is_none(),
+                    token,
+                };
+                Ok(Some((page, next)))
+            }
+        }))
+    }
+
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        let full_prefix = self.full_key(prefix);
         let init = ListState {
             token: None,
             done: false,
@@ -265,30 +316,30 @@ impl Store for S3Store {
                     .list_objects_v2()
                     .bucket(&self.bucket)
                     .prefix(&full_prefix)
+                    .delimiter("/")
                     .max_keys(1000)
                     .set_continuation_token(state.token)
                     .send()
                     .await
                     .map_err(|e| map_err(Op::List, &full_prefix, e))?;
-                let page = out
-                    .contents()
-                    .iter()
-                    .filter_map(|o| {
-                        let key = self.relative_key(o.key()?)?;
-                        Some(ObjectMeta::new(
-                            key,
-                            o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                            to_system_time(o.last_modified()),
-                            o.e_tag().map(str::to_string),
-                        ))
-                    })
-                    .collect();
+                let level = Level {
+                    objects: out
+                        .contents()
+                        .iter()
+                        .filter_map(|o| self.object_meta(o))
+                        .collect(),
+                    prefixes: out
+                        .common_prefixes()
+                        .iter()
+                        .filter_map(|p| Some(self.relative_key(p.prefix()?)?.to_string()))
+                        .collect(),
+                };
                 let token = out.next_continuation_token().map(str::to_string);
                 let next = ListState {
                     done: !out.is_truncated().unwrap_or(false) || token.is_none(),
                     token,
                 };
-                Ok(Some((page, next)))
+                Ok(Some((level, next)))
             }
         }))
     }
@@ -369,11 +420,7 @@ impl Store for S3Store {
     async fn server_time(&self) -> StoreResult<SystemTime> {
         // A HEAD of a key nobody writes: the 404 carries the store's `Date`, and reading it
         // needs no write permission.
-        let key = format!(
-            "{}clock/{}",
-            crate::layout::STATE_PREFIX,
-            uuid::Uuid::new_v4()
-        );
+        let key = crate::namespace::clock_probe_key(&uuid::Uuid::new_v4().to_string());
         let result = self
             .client
             .head_object()

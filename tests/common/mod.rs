@@ -331,9 +331,22 @@ impl Fixture<'_> {
 }
 
 /// Every key in the store (state included).
-pub async fn keys(store: &dyn Store) -> BTreeSet<String> {
+/// Every key of the bucket, the incremental cache's included.
+pub async fn all_keys(store: &dyn Store) -> BTreeSet<String> {
     let pages: Vec<_> = store.list("").try_collect().await.expect("list");
     pages.into_iter().flatten().map(|o| o.key).collect()
+}
+
+/// Every key of the bucket but the incremental cache's (ocigc's memory between runs, which
+/// the scenarios do not count as content or as state left behind).
+pub async fn keys(store: &dyn Store) -> BTreeSet<String> {
+    let pages: Vec<_> = store.list("").try_collect().await.expect("list");
+    pages
+        .into_iter()
+        .flatten()
+        .map(|o| o.key)
+        .filter(|k| !k.starts_with("_ocigc/cache/"))
+        .collect()
 }
 
 /// Options for a run that deletes unreferenced blobs immediately.

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use ocigc::store::{
-    DeleteFailure, Metadata, Object, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
+    DeleteFailure, Level, Metadata, Object, ObjectMeta, PutCondition, PutOutcome, Store,
+    StoreResult,
 };
 
 /// The operations a wrapper may change; each defaults to the wrapped store's.
@@ -21,6 +22,16 @@ pub trait Intercept: Send + Sync {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         self.inner().list(prefix)
+    }
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.inner().list_after(prefix, start_after)
+    }
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        self.inner().list_level_pages(prefix)
     }
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
         self.inner().get_capped(key, limit).await
@@ -62,6 +73,16 @@ impl<T: Intercept> Store for Wrapped<T> {
     }
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
         self.0.list(prefix)
+    }
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.0.list_after(prefix, start_after)
+    }
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        self.0.list_level_pages(prefix)
     }
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
         self.0.get_capped(key, limit).await

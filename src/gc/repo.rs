@@ -1,0 +1,728 @@
+//! The per-repository spine (SPEC §3.2-§3.7): observe (roots, intents, pending state, mark,
+//! plan), then act under the lease (re-check and sweep, state, verify).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::cache;
+use super::clock::BucketClock;
+use super::lease::{Acquired, Leases};
+use super::mark::{MarkContext, Marker};
+use super::plan::{plan, Decision, PlanPolicy, Reason, RepoPlan};
+use super::recheck::RepoGuard;
+use super::state::{self, Pending};
+use super::stop::{Phase, Stop};
+use super::{intent, sweep};
+use crate::digest::Digest;
+use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots};
+use crate::report::{Deleted, RepoReport, RepoStatus};
+use crate::store::{Instrumented, ObjectMeta, Store};
+
+/// What stays the same for every repository of one run.
+pub(super) struct RepoRun<'a> {
+    pub(super) store: &'a Instrumented,
+    pub(super) layout: &'a dyn Layout,
+    pub(super) policy: PlanPolicy,
+    pub(super) clock: BucketClock,
+    pub(super) leases: Leases<'a>,
+    pub(super) run_id: String,
+    pub(super) dry_run: bool,
+    pub(super) concurrency: usize,
+    pub(super) run_deadline: Option<Instant>,
+    pub(super) repo_timeout: Option<Duration>,
+    pub(super) stop: CancellationToken,
+}
+
+/// What the run found for one repository before collecting it.
+#[derive(Debug)]
+pub(super) struct RepoInputs {
+    /// ocigc state of the repository in the listing.
+    pub(super) leftovers: Leftovers,
+    /// Its push intents in the listing.
+    pub(super) intents: Vec<ObjectMeta>,
+    /// Keys of roots that repositories collected earlier in this run deleted (or, in a dry
+    /// run, would have deleted).
+    pub(super) dropped_roots: HashSet<String>,
+    /// Its blobs that links in other repositories keep alive.
+    pub(super) linked: Vec<Digest>,
+    /// Its roots as the bucket listing showed them, where the layout could read them there
+    /// (saving a second pass); otherwise they are read when the repository is collected.
+    pub(super) roots: Option<Roots>,
+    /// Digests stored as placeholders somewhere in the bucket, as far as the listing has
+    /// shown them, with a content copy to read each from.
+    pub(super) placeholders: Arc<HashMap<Digest, Option<ContentCopy>>>,
+    /// Hand the repository back instead of deleting anything (or failing closed): links or
+    /// placeholders not listed yet may keep its blobs alive. The run collects it again once
+    /// the whole bucket has been listed.
+    pub(super) defer_deletions: bool,
+    /// What the incremental cache knows of the unit, if the run uses it.
+    pub(super) cache: Option<UnitCache>,
+    /// Documents a first look at the unit this run already read (a deferred repository).
+    pub(super) primed: Option<cache::Contents>,
+}
+
+/// The incremental cache's view of one unit.
+#[derive(Clone, Debug)]
+pub(super) struct UnitCache {
+    /// The fingerprint of the unit as listed now.
+    pub(super) fingerprint: cache::Fingerprint,
+    /// What went into it besides the listing (settings, roots held elsewhere).
+    pub(super) context: String,
+    /// The unit's entry as the last run that collected it left it.
+    pub(super) entry: Option<cache::IndexEntry>,
+    /// Nothing that could change a decision has changed since that run: the summary is the
+    /// report, and no request is needed.
+    pub(super) unchanged: bool,
+    /// Its contents, where already read (for the links it records).
+    pub(super) contents: Option<cache::Contents>,
+    /// Links the unit holds that keep other repositories' blobs alive, as found this run.
+    pub(super) links: Vec<(String, Digest)>,
+    /// This run's decisions depend on keys outside the unit's listing (push intents, links or
+    /// placeholders elsewhere): its entry must not let the next run skip it.
+    pub(super) volatile: bool,
+}
+
+/// ocigc state of a repository seen in the listing.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Leftovers {
+    /// Pending candidates are stored.
+    pub(super) pending: bool,
+    /// A batch announcement is stored (its run died mid-batch).
+    pub(super) announcement: bool,
+    /// A lease is stored: held by a live collector, or left by a dead one.
+    pub(super) lease: bool,
+}
+
+/// Why a repository's lease is taken.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// To delete, or to update ocigc's state.
+    Work,
+    /// Only to remove a lease a dead run left behind.
+    TidyLease,
+}
+
+/// What one observation of a repository found, and the limits it is acted on under.
+struct Observation {
+    deadline: Option<Instant>,
+    leftovers: Leftovers,
+    roots_version: Option<String>,
+    intents_seen: HashSet<String>,
+    expired_intents: Vec<String>,
+    pending: Pending,
+    plan: RepoPlan,
+}
+
+fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
+    let mut out: Vec<Deleted> = plan
+        .deletions()
+        .map(|i| Deleted {
+            key: i.key.clone(),
+            digest: i.digest.clone(),
+            size: i.size,
+            reason: match i.decision {
+                Decision::Delete(r) | Decision::Keep(r) => r,
+            },
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// The earliest time at which `plan` could decide differently on the same listing: when a
+/// blob leaves its grace period or a candidate has waited the delay. `None`: never.
+fn wake_at(
+    plan: &RepoPlan,
+    first_seen: &HashMap<Digest, std::time::SystemTime>,
+    policy: PlanPolicy,
+) -> Option<std::time::SystemTime> {
+    plan.items
+        .iter()
+        .filter_map(|i| match i.decision {
+            Decision::Keep(Reason::WithinGrace) => Some(i.last_modified + policy.grace),
+            Decision::Keep(Reason::AwaitingSecondObservation) => {
+                let seen = i.digest.as_ref().and_then(|d| first_seen.get(d)).copied();
+                Some(seen.unwrap_or(policy.now) + policy.delay)
+            }
+            _ => None,
+        })
+        .min()
+}
+
+/// What collecting one repository gave.
+pub(super) enum Collected {
+    /// Its report.
+    Done(RepoReport),
+    /// Handed back unobserved-for-good: the run collects it again once every repository has
+    /// been listed (see [`RepoInputs::defer_deletions`]).
+    Deferred(Repository, cache::Contents),
+}
+
+/// The repository must wait for the second pass; what marking learnt so far, so that the
+/// second pass reads none of it again.
+struct Deferral(cache::Contents);
+
+/// Runs `work` until `deadline`; `None` if the deadline came first.
+async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
+impl RepoRun<'_> {
+    /// The verify pass, bounded by the repository's deadline.
+    async fn verify_within(
+        &self,
+        deadline: Option<Instant>,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        report: &mut RepoReport,
+    ) {
+        if report.deleted.is_empty() {
+            return;
+        }
+        let verified = self.verify(repo, marker, report);
+        if within(deadline, verified).await.is_none() {
+            report.stopped(&Stop::Timeout(Phase::Verify));
+        }
+    }
+
+    /// Collects one repository; returns its report, or hands it back for the second pass of a
+    /// run whose cross-repository facts were incomplete when it was observed (see
+    /// [`RepoInputs::defer_deletions`]).
+    pub(super) async fn collect(&self, repo: Repository, inputs: RepoInputs) -> Collected {
+        let mut report = RepoReport::new(&repo.name, RepoStatus::Ok);
+        report.objects = repo.objects.len() as u64;
+        report.bytes = repo.objects.iter().map(|o| o.size).sum();
+        let defer = inputs.defer_deletions;
+        match self.collect_inner(&repo, inputs, &mut report).await {
+            Ok(()) => {}
+            Err(Deferral(learnt)) if defer => return Collected::Deferred(repo, learnt),
+            // Only a run that asked for deferral gets one.
+            Err(Deferral(_)) => {}
+        }
+        tracing::info!(
+            run_id = %self.run_id,
+            repo = %repo.name,
+            status = ?report.status,
+            deleted = report.deleted.len(),
+            pending = report.pending.blobs,
+            rescued = report.rescued,
+            "repository collected"
+        );
+        Collected::Done(report)
+    }
+
+    async fn collect_inner(
+        &self,
+        repo: &Repository,
+        inputs: RepoInputs,
+        report: &mut RepoReport,
+    ) -> Result<(), Deferral> {
+        let leftovers = inputs.leftovers;
+        let defer = inputs.defer_deletions;
+        let defects: Vec<String> = (repo.objects.iter())
+            .filter_map(|o| Some(format!("{} ({})", o.key, o.defect.as_deref()?)))
+            .collect();
+        if !defects.is_empty() {
+            // What cannot be read may be a manifest or a blob some image needs.
+            tracing::error!(repo = %repo.name, ?defects, "repository failed closed");
+            report.stopped(&Stop::FailedClosed(format!(
+                "not objects: {}",
+                defects.join("; ")
+            )));
+            return Ok(());
+        }
+        let now = Instant::now();
+        if self.run_deadline.is_some_and(|d| now >= d) {
+            report.stopped(&Stop::Timeout(Phase::Start));
+            return Ok(());
+        }
+        if self.stop.is_cancelled() {
+            report.stopped(&Stop::Shutdown(Phase::Start));
+            return Ok(());
+        }
+        let deadline = match (self.run_deadline, self.repo_timeout.map(|t| now + t)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(c) = inputs.cache.as_ref().filter(|c| c.unchanged) {
+            if let Some(e) = &c.entry {
+                let sm = &e.summary;
+                report.unchanged = true;
+                report.reachable = crate::report::Tally {
+                    blobs: sm.reachable_blobs,
+                    bytes: sm.reachable_bytes,
+                };
+                report.pending = crate::report::Tally {
+                    blobs: sm.pending_blobs,
+                    bytes: sm.pending_bytes,
+                };
+                report.other_keys = sm.other_keys;
+                return Ok(());
+            }
+        }
+        let placeholders = inputs.placeholders.clone();
+        let unit_cache = inputs.cache.clone();
+        let primed = inputs.primed.clone();
+        let blobs: HashMap<Digest, &ObjectMeta> = repo
+            .objects
+            .iter()
+            .filter_map(|o| match self.layout.classify(repo, &o.key) {
+                KeyKind::Blob(d) => Some((d, o)),
+                KeyKind::Scratch | KeyKind::Other => None,
+            })
+            .collect();
+        let mut marker = Marker::new(MarkContext {
+            store: self.store,
+            layout: self.layout,
+            repo,
+            blobs: &blobs,
+            placeholders: &placeholders,
+            concurrency: self.concurrency,
+        });
+
+        if let Some(c) = &unit_cache {
+            let contents = match (&c.contents, &c.entry) {
+                (Some(contents), _) => Some(contents.clone()),
+                (None, Some(entry)) => within(deadline, cache::read(self.store, entry))
+                    .await
+                    .flatten(),
+                (None, None) => None,
+            };
+            // Content-addressed documents stay true whatever else changed in the unit.
+            if let Some(contents) = contents {
+                marker.prime_cached(contents.documents, contents.not_referrers);
+            }
+        }
+        if let Some(p) = primed {
+            marker.prime_cached(p.documents, p.not_referrers);
+        }
+
+        // Observing has no side effects, so a time-out may cancel it anywhere.
+        let observed = self.observe(repo, &mut marker, leftovers.pending, inputs);
+        let limit = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let observed = tokio::select! {
+            r = observed => r,
+            () = limit => {
+                report.stopped(&Stop::Timeout(Phase::Marking));
+                return Ok(());
+            }
+            () = self.stop.cancelled() => {
+                report.stopped(&Stop::Shutdown(Phase::Marking));
+                return Ok(());
+            }
+        };
+        let mut obs = match observed {
+            Ok(o) => o,
+            // Facts other repositories hold (a content copy listed later) may be what was
+            // missing: the second pass decides with all of them.
+            Err(_) if defer => return Err(Deferral(cache::Contents::learned(&marker, Vec::new()))),
+            Err(reason) => {
+                tracing::error!(repo = %repo.name, %reason, "repository failed closed");
+                report.stopped(&Stop::FailedClosed(reason));
+                report.warnings.extend(marker.warnings.iter().cloned());
+                return Ok(());
+            }
+        };
+        // A deletion may remove what a link or placeholder listed later keeps alive.
+        if defer && obs.plan.deletions().next().is_some() {
+            return Err(Deferral(cache::Contents::learned(&marker, Vec::new())));
+        }
+        obs.deadline = deadline;
+        obs.leftovers = leftovers;
+        self.summarise(report, &obs.plan);
+        if self.dry_run {
+            report.deleted = deletions_of(&obs.plan);
+            report.manifests_fetched = marker.manifests_fetched;
+            report.warnings.extend(marker.warnings.iter().cloned());
+            return Ok(());
+        }
+        let has_candidates = obs.plan.items.iter().any(|i| {
+            matches!(
+                i.decision,
+                Decision::Delete(_) | Decision::Keep(Reason::AwaitingSecondObservation)
+            )
+        });
+        let work = has_candidates
+            || obs.pending.etag.is_some()
+            || !obs.expired_intents.is_empty()
+            || leftovers.announcement;
+        if work || leftovers.lease {
+            // With nothing else to do, the lease is only taken to tidy one a dead run left;
+            // one a live collector holds is none of this run's business then.
+            let mode = if work { Mode::Work } else { Mode::TidyLease };
+            self.act(repo, &mut marker, &mut obs, mode, report).await;
+        }
+        report.manifests_fetched = marker.manifests_fetched;
+        report.warnings.extend(marker.warnings.iter().cloned());
+        if let Some(c) = unit_cache {
+            if report.status == RepoStatus::Ok {
+                let remember = self.remember(repo, &marker, &obs, c, report);
+                if within(deadline, remember).await.is_none() {
+                    report
+                        .warnings
+                        .push("timed out writing the incremental cache".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the unit's cache entry after a complete collection: what its listing looks
+    /// like now, when its decisions can next change, and what its documents reference.
+    async fn remember(
+        &self,
+        repo: &Repository,
+        marker: &Marker<'_>,
+        obs: &Observation,
+        c: UnitCache,
+        report: &mut RepoReport,
+    ) {
+        let deleted: HashSet<&str> = report.deleted.iter().map(|d| d.key.as_str()).collect();
+        let fingerprint = if deleted.is_empty() {
+            c.fingerprint
+        } else {
+            cache::fingerprint(
+                repo.objects
+                    .iter()
+                    .filter(|o| !deleted.contains(o.key.as_str())),
+                &c.context,
+            )
+        };
+        // A candidate rescued by a push must be looked at again next run, and so must a unit
+        // that keys outside its listing decided; otherwise when the first clock runs out.
+        // (The epoch, not now: entry times are rounded up to the second, and a run within
+        // the same second must not take the entry as current.)
+        let wake_at = if report.rescued > 0 || c.volatile {
+            Some(std::time::UNIX_EPOCH)
+        } else {
+            wake_at(&obs.plan, &obs.pending.first_seen, self.policy)
+        };
+        let summary = cache::Summary {
+            reachable_blobs: report.reachable.blobs,
+            reachable_bytes: report.reachable.bytes,
+            pending_blobs: report.pending.blobs,
+            pending_bytes: report.pending.bytes,
+            other_keys: report.other_keys,
+        };
+        let has_links = !c.links.is_empty();
+        let contents = cache::Contents::learned(marker, c.links);
+        if let Err(e) = cache::write(
+            self.store,
+            &repo.name,
+            &fingerprint,
+            wake_at,
+            has_links,
+            &summary,
+            &contents,
+            c.entry.as_ref(),
+        )
+        .await
+        {
+            report
+                .warnings
+                .push(format!("writing the incremental cache: {e}"));
+        }
+    }
+
+    fn summarise(&self, report: &mut RepoReport, plan: &RepoPlan) {
+        report.reachable = plan.tally(&[Reason::Reachable]);
+        report.pending = plan.tally(&[Reason::WithinGrace, Reason::AwaitingSecondObservation]);
+        report.other_keys = plan
+            .items
+            .iter()
+            .filter(|i| i.decision == Decision::Keep(Reason::NotABlob))
+            .count() as u64;
+    }
+
+    /// Reads roots, intents and pending state, marks, and plans.
+    async fn observe(
+        &self,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        has_pending: bool,
+        inputs: RepoInputs,
+    ) -> Result<Observation, String> {
+        let RepoInputs {
+            intents,
+            dropped_roots,
+            linked,
+            roots,
+            ..
+        } = inputs;
+        let intents = intents.as_slice();
+        let mut roots = match roots {
+            Some(r) => r,
+            None => self
+                .layout
+                .read_roots(self.store, repo)
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        if !dropped_roots.is_empty() && roots.sources.len() == roots.descriptors.len() {
+            let mut sources = roots.sources.iter();
+            roots
+                .descriptors
+                .retain(|_| sources.next().is_some_and(|k| !dropped_roots.contains(k)));
+        }
+        let read = intent::read_intents(self.store, intents, self.clock.now()).await?;
+        let mut warnings = Vec::new();
+        let pending = if has_pending {
+            state::read_pending(self.store, &repo.name, &mut warnings)
+                .await
+                .map_err(|e| format!("reading pending state: {e}"))?
+        } else {
+            Pending::default()
+        };
+        marker.warnings.extend(warnings);
+        marker.assume_not_referrers(pending.not_referrers.iter().cloned());
+        marker.prime(roots.documents);
+        let mut descriptors = roots.descriptors;
+        descriptors.extend(read.roots);
+        marker.mark(&descriptors).await.map_err(|e| e.0)?;
+        // Linked blobs are kept, not marked from: as unread roots they would hide what they
+        // are (a manifest an index lists, an unlisted referrer) from the walk and the scan.
+        marker.reachable.extend(linked.iter().cloned());
+        marker.check_placeholders().map_err(|e| e.0)?;
+        let plan = plan(
+            self.layout,
+            repo,
+            &marker.reachable,
+            &pending.first_seen,
+            self.policy,
+        );
+        Ok(Observation {
+            deadline: None,
+            leftovers: Leftovers::default(),
+            roots_version: roots.version,
+            intents_seen: intents.iter().map(|o| o.key.clone()).collect(),
+            expired_intents: read.expired,
+            pending,
+            plan,
+        })
+    }
+
+    /// Everything with side effects, under the repository's lease.
+    async fn act(
+        &self,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        obs: &mut Observation,
+        mode: Mode,
+        report: &mut RepoReport,
+    ) {
+        let lease = match self.leases.acquire(&repo.name).await {
+            Ok(Acquired::Ours(l)) => l,
+            Ok(Acquired::Held { .. }) if mode == Mode::TidyLease => return,
+            Ok(Acquired::Held { owner, expires_at }) => {
+                tracing::warn!(repo = %repo.name, %owner, %expires_at, "lease held by another collector");
+                report.stopped(&Stop::LeaseHeld {
+                    owner,
+                    expires_at: expires_at.to_string(),
+                });
+                return;
+            }
+            Err(e) => {
+                report.stopped(&Stop::Store(format!(
+                    "taking the lease failed, nothing deleted: {e}"
+                )));
+                return;
+            }
+        };
+        crate::failpoint::hit("lease-acquired");
+        if let Some(dead) = lease.taken_over_from.clone() {
+            self.recover_protocol(repo, &dead, report).await;
+        }
+        // The state may have moved on since the listing (a collector that held the lease
+        // until just now): plan again with what is stored now.
+        let mut warnings = Vec::new();
+        match state::read_pending(self.store, &repo.name, &mut warnings).await {
+            Ok(fresh) => {
+                if fresh.etag != obs.pending.etag {
+                    obs.plan = plan(
+                        self.layout,
+                        repo,
+                        &marker.reachable,
+                        &fresh.first_seen,
+                        self.policy,
+                    );
+                    self.summarise(report, &obs.plan);
+                }
+                obs.pending = fresh;
+            }
+            Err(e) => {
+                report.stopped(&Stop::Store(format!(
+                    "reading pending state failed, nothing deleted: {e}"
+                )));
+                self.leases.release(lease).await;
+                return;
+            }
+        }
+        report.warnings.extend(warnings);
+
+        let mut guard = RepoGuard {
+            run: self,
+            repo,
+            marker,
+            lease,
+            roots_version: obs.roots_version.clone(),
+            intents_seen: std::mem::take(&mut obs.intents_seen),
+            rescued: 0,
+            announced: false,
+            protocol: self
+                .layout
+                .deletion_protocol(repo, &self.run_id)
+                .map(|p| (p, false)),
+        };
+        let swept = sweep::sweep(
+            self.store,
+            deletions_of(&obs.plan),
+            obs.deadline,
+            self.layout.batches_per_recheck(repo),
+            &mut guard,
+        )
+        .await;
+        let RepoGuard {
+            marker,
+            rescued,
+            lease,
+            protocol,
+            ..
+        } = guard;
+        report.rescued = rescued;
+        report.deleted = swept.deleted;
+        if let Some(stop) = swept.stopped {
+            report.stopped(&stop);
+        }
+        if !swept.errors.is_empty() {
+            report.stopped(&Stop::Store(swept.errors.join("; ")));
+        }
+        // Not bounded by the deadline: the registry's pushers refuse manifests while its GC
+        // marker stands, so ending it must not be abandoned (each request has its time-out).
+        if let Some((mut p, true)) = protocol {
+            if let Err(e) = p.end(self.store, self.clock.now()).await {
+                report.stopped(&Stop::Store(format!(
+                    "ending the registry's GC protocol (pushes fail until it is ended): {e}"
+                )));
+            }
+        }
+
+        if lease.is_lost() {
+            // The repository is another collector's now: its state is not ours to write.
+            self.verify_within(obs.deadline, repo, marker, report).await;
+            return;
+        }
+        crate::failpoint::hit("before-state-write");
+        // Bounded like every phase: an unwritten state only delays later deletions.
+        let wrote = self.write_state(repo, marker, obs, report);
+        if within(obs.deadline, wrote).await.is_none() {
+            report.stopped(&Stop::Timeout(Phase::State));
+        }
+        crate::failpoint::hit("after-state-write");
+        if !obs.expired_intents.is_empty() {
+            match self.store.delete_batch(&obs.expired_intents).await {
+                Ok(f) if f.is_empty() => {}
+                Ok(f) => report
+                    .warnings
+                    .push(format!("{} expired intents not removed", f.len())),
+                Err(e) => report
+                    .warnings
+                    .push(format!("removing expired intents: {e}")),
+            }
+        }
+        // An announcement left by a run that died mid-batch: that batch is long over.
+        if obs.leftovers.announcement {
+            if let Err(e) = intent::clear_deletion(self.store, &repo.name).await {
+                report
+                    .warnings
+                    .push(format!("removing a stale batch announcement: {e}"));
+            }
+        }
+        self.verify_within(obs.deadline, repo, marker, report).await;
+        self.leases.release(lease).await;
+    }
+
+    /// Withdraws the registry-protocol announcement a collector that died holding this
+    /// repository's lease left behind: the registry's pushers refuse manifests while it stands.
+    async fn recover_protocol(&self, repo: &Repository, dead: &str, report: &mut RepoReport) {
+        let Some(mut p) = self.layout.deletion_protocol(repo, &self.run_id) else {
+            return;
+        };
+        match p.recover(self.store, self.clock.now(), dead).await {
+            Ok(true) => report.warnings.push(format!(
+                "withdrew the registry GC marker that run {dead} left when it died"
+            )),
+            Ok(false) => {}
+            Err(e) => report.warnings.push(format!(
+                "could not withdraw the registry GC marker that run {dead} left: {e}"
+            )),
+        }
+    }
+
+    /// Persists the candidates still pending after the sweep, keeping first-seen times.
+    async fn write_state(
+        &self,
+        repo: &Repository,
+        marker: &Marker<'_>,
+        obs: &Observation,
+        report: &mut RepoReport,
+    ) {
+        let deleted: HashSet<&str> = report.deleted.iter().map(|d| d.key.as_str()).collect();
+        let now = self.clock.now();
+        let candidates: Vec<state::Candidate> = obs
+            .plan
+            .items
+            .iter()
+            .filter(|i| match i.decision {
+                Decision::Keep(Reason::AwaitingSecondObservation) => true,
+                Decision::Delete(_) => !deleted.contains(i.key.as_str()),
+                Decision::Keep(_) => false,
+            })
+            .filter_map(|i| {
+                let d = i.digest.clone()?;
+                // Referenced again since the plan was made: no longer a candidate.
+                if marker.reachable.contains(&d) {
+                    return None;
+                }
+                let first_seen = obs.pending.first_seen.get(&d).copied().unwrap_or(now);
+                Some(state::Candidate {
+                    not_a_referrer: marker.is_not_a_referrer(&d),
+                    digest: d,
+                    first_seen,
+                    size: i.size,
+                })
+            })
+            .collect();
+        match state::write_pending(
+            self.store,
+            &repo.name,
+            &self.run_id,
+            now,
+            &obs.pending,
+            &candidates,
+        )
+        .await
+        {
+            Ok(true) => {}
+            Ok(false) => report.stopped(&Stop::LeaseLost(
+                "pending state changed underneath this run".into(),
+            )),
+            Err(e) => report.stopped(&Stop::Store(format!("writing pending state: {e}"))),
+        }
+    }
+}

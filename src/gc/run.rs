@@ -1,0 +1,810 @@
+//! One run (SPEC §3): the bucket clock, the listing, the repositories collected as the
+//! listing completes them, the global blob space last, and the report.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures::stream::BoxStream;
+use futures::{stream, StreamExt};
+use tokio::time::Instant;
+
+use super::cache::{self, CacheIndex};
+use super::lease::Leases;
+use super::plan::PlanPolicy;
+use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, UnitCache};
+use super::stop::Stop;
+use super::{
+    before_run_deadline, finish_report, intent, lease, new_report, probe_clock, scope, state,
+    GcError, GcOptions,
+};
+use crate::digest::Digest;
+use crate::layout::{
+    list_prefix, partitioner, ContentCopy, Layout, Partition, Partitioner, Rejected, Repository,
+    Roots, UnitKind, GLOBAL_REPOSITORY, STATE_PREFIX,
+};
+use crate::namespace::{self, StateKey};
+use crate::report::{timestamp, RepoReport, RepoStatus, Report};
+use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
+
+/// Runs garbage collection over every selected repository of the bucket, recording the run in
+/// `opts.metrics` whatever its outcome.
+pub async fn run_gc(
+    store: Arc<dyn Store>,
+    layout: Arc<dyn Layout>,
+    opts: &GcOptions,
+) -> Result<Report, GcError> {
+    let started = Instant::now();
+    let run_deadline = opts.run_timeout.map(|t| started + t);
+    let result = collect_all(store, layout, opts, run_deadline).await;
+    if let Some(m) = &opts.metrics {
+        let timed_out = run_deadline.is_some_and(|d| Instant::now() >= d);
+        let report = result.as_ref().ok();
+        match opts.only {
+            Some(_) => m.observe_hook_gc(report, started.elapsed(), timed_out),
+            None => m.observe_gc(report, started.elapsed(), timed_out),
+        }
+    }
+    result
+}
+
+async fn collect_all(
+    store: Arc<dyn Store>,
+    layout: Arc<dyn Layout>,
+    opts: &GcOptions,
+    run_deadline: Option<Instant>,
+) -> Result<Report, GcError> {
+    let run_started = Instant::now();
+    let store = Instrumented::new(store, opts.concurrency, opts.request_timeout)
+        .with_metrics(opts.metrics.clone());
+    let layout = layout.as_ref();
+    let mut report = new_report("gc", &store, layout, opts.dry_run);
+    report.grace = Some(humantime::format_duration(opts.grace).to_string());
+    report.delay = Some(humantime::format_duration(opts.delay).to_string());
+    let clock = probe_clock(&store).await?.ahead_by(opts.clock_offset);
+    report.started_at = timestamp(clock.now());
+    tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
+    let list_error = |source| GcError::List {
+        bucket: store.describe(),
+        source,
+    };
+
+    // ocigc's own state first (small): every repository's leftovers and intents are known
+    // when the listing hands it out.
+    let state = scope::list_state(&store, layout, opts.only.as_deref());
+    let state = before_run_deadline(run_deadline, opts, state)
+        .await?
+        .map_err(list_error)?;
+    let mut state_defects: Vec<(String, Box<str>)> = state
+        .iter()
+        .filter_map(|o| Some((o.key.clone(), o.defect.clone()?)))
+        .collect();
+    // Pending state and batch announcements by key; a repository with either needs its lease
+    // even when nothing is left to delete (to update or clear them).
+    let state_keys: HashSet<String> = state
+        .iter()
+        .filter(|o| {
+            matches!(
+                namespace::classify(&o.key),
+                StateKey::Pending(_) | StateKey::Deleting(_) | StateKey::Lease(_)
+            )
+        })
+        .map(|o| o.key.clone())
+        .collect();
+    let shared = Shared {
+        store: &store,
+        layout,
+        concurrency: opts.concurrency,
+        facts: Mutex::new(Facts::default()),
+        tail: Mutex::new(Tail::default()),
+        cache: (!opts.no_cache).then(|| CacheIndex::from_listing(&state)),
+        context: cache_context(layout, opts),
+        intents: Mutex::new(HashMap::new()),
+    };
+    *lock(&shared.intents) = intent::by_repository(state);
+    let intents = &shared.intents;
+    let leftovers = |name: &str| Leftovers {
+        pending: state_keys.contains(&state::pending_key(name)),
+        announcement: state_keys.contains(&intent::deleting_key(name)),
+        lease: state_keys.contains(&lease::lease_key(name)),
+    };
+
+    let run = RepoRun {
+        store: &store,
+        layout,
+        policy: PlanPolicy {
+            now: clock.now(),
+            grace: opts.grace,
+            delay: opts.delay,
+        },
+        clock,
+        leases: Leases {
+            store: &store,
+            clock,
+            owner: report.run_id.clone(),
+            ttl: opts.lease_ttl,
+        },
+        run_id: report.run_id.clone(),
+        dry_run: opts.dry_run,
+        concurrency: opts.concurrency,
+        run_deadline,
+        repo_timeout: opts.repo_timeout,
+        stop: opts.stop.clone(),
+    };
+    let wanted = |r: &Repository| {
+        opts.repos.matches(&r.name)
+            && opts.shard.is_none_or(|s| s.owns(&r.name))
+            && opts.only.as_ref().is_none_or(|n| *n == r.name)
+    };
+    if let Some(p) = &opts.progress {
+        p.start(0);
+    }
+    let found = std::sync::atomic::AtomicU64::new(0);
+    let done = |r: &RepoReport| {
+        if let Some(p) = &opts.progress {
+            p.found(found.load(std::sync::atomic::Ordering::Relaxed));
+            p.repository_done(&r.name, r.deleted.len() as u64);
+        }
+    };
+    // Deletions wait for complete facts where keys elsewhere can keep a blob alive: a link or
+    // placeholder listed after a repository may be what keeps its blob.
+    let links = layout.links_across_repositories();
+    let now = clock.now();
+    let inputs_for = |repo: &Repository, facts_complete: bool, cache: Option<UnitCache>| {
+        let name = repo.name.as_str();
+        let linked = shared.kept_by_others(repo);
+        let facts = lock(&shared.facts);
+        let leftover = leftovers(name);
+        // Cloned, not taken: a deferred repository needs them again, and the global unit
+        // needs every repository's.
+        let intents = lock(intents).get(name).cloned().unwrap_or_default();
+        let quiet = intents.is_empty() && !leftover.announcement && !leftover.lease;
+        let cache = cache.map(|mut c| {
+            // Unchanged only while nothing waits on the clock or on ocigc's own state.
+            c.unchanged = c.unchanged
+                && quiet
+                && (c.entry.as_ref()).is_some_and(|e| e.wake_at.is_none_or(|w| now < w));
+            // Decided by keys outside its listing: looked at again next run, whatever its
+            // listing says then (they may be gone).
+            c.volatile = !intents.is_empty() || !linked.is_empty();
+            c
+        });
+        RepoInputs {
+            leftovers: leftover,
+            intents,
+            cache,
+            dropped_roots: HashSet::new(),
+            linked,
+            roots: None,
+            placeholders: facts.placeholders.clone(),
+            defer_deletions: links && !facts_complete,
+            primed: None,
+        }
+    };
+
+    // The listing, streamed: each repository is collected as soon as its keys are complete,
+    // and dropped when done.
+    let key_space = layout.key_space();
+    let prefix = scope::objects_prefix(layout, &key_space, opts.only.as_deref());
+    let pages = store.list(&prefix);
+    let units = shared.units(pages, partitioner(layout)).filter(|u| {
+        let take = layout.per_repository_gc() && wanted(&u.repo);
+        if take {
+            found.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        futures::future::ready(take)
+    });
+    let mut deferred: Vec<Waiting> = Vec::new();
+    let mut held = 0usize;
+    let collected = units
+        .map(|u| {
+            let complete = u.facts_complete && shared.copies_known();
+            let inputs = inputs_for(&u.repo, complete, u.cache);
+            run.collect(u.repo, inputs)
+        })
+        .buffer_unordered(opts.concurrency.max(1));
+    let collected = collected.for_each(|c| {
+        match c {
+            Collected::Done(r) => {
+                done(&r);
+                report.repositories.push(r);
+            }
+            // Held while memory allows; beyond that, listed again when its turn comes.
+            Collected::Deferred(repo, learnt) if held + repo.objects.len() <= DEFERRED_BUDGET => {
+                held += repo.objects.len();
+                deferred.push(Waiting::Held(repo, learnt));
+            }
+            Collected::Deferred(repo, learnt) => deferred.push(Waiting::Named(repo.name, learnt)),
+        }
+        futures::future::ready(())
+    });
+    let listed = before_run_deadline(run_deadline, opts, collected).await;
+    let tail = std::mem::take(&mut *lock(&shared.tail));
+    if let Some(e) = tail.error {
+        return Err(list_error(e));
+    }
+    listed?;
+
+    // Content copies listed before the first placeholder of their digest: one more look.
+    if links && !deferred.is_empty() {
+        let found = shared.find_copies(store.list(&prefix), partitioner(layout));
+        before_run_deadline(run_deadline, opts, found)
+            .await?
+            .map_err(list_error)?;
+    }
+
+    // The second pass: repositories whose deletions waited for every link and placeholder of
+    // the bucket, collected with all of them known.
+    let (store_ref, run_ref, inputs_ref, shared_ref) = (&store, &run, &inputs_for, &shared);
+    let again = stream::iter(deferred)
+        .map(|waiting| async move {
+            let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
+            let (name, fresh, learnt) = match waiting {
+                Waiting::Held(repo, learnt) => (repo.name.clone(), Ok(Some(repo)), learnt),
+                Waiting::Named(name, learnt) => {
+                    let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
+                    let fresh = objects.map(|o| {
+                        layout
+                            .partition(o)
+                            .repositories
+                            .into_iter()
+                            .find(|r| r.name == name)
+                    });
+                    (name, fresh, learnt)
+                }
+            };
+            match fresh {
+                Ok(Some(repo)) => {
+                    let cache = match shared_ref.claim(&repo).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let mut r = RepoReport::new(&repo.name, RepoStatus::Ok);
+                            r.stopped(&Stop::Store(format!("reading its links again: {e}")));
+                            return Some(r);
+                        }
+                    };
+                    let mut inputs = inputs_for(&repo, true, cache);
+                    inputs.primed = Some(learnt);
+                    match run.collect(repo, inputs).await {
+                        Collected::Done(r) => Some(r),
+                        Collected::Deferred(..) => None,
+                    }
+                }
+                // Gone since it was listed (deleted): nothing to collect.
+                Ok(None) => None,
+                Err(e) => {
+                    let mut r = RepoReport::new(&name, RepoStatus::Ok);
+                    r.stopped(&Stop::Store(format!("listing it again failed: {e}")));
+                    Some(r)
+                }
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1))
+        .filter_map(futures::future::ready)
+        .for_each(|r| {
+            done(&r);
+            report.repositories.push(r);
+            futures::future::ready(())
+        });
+    before_run_deadline(run_deadline, opts, again).await?;
+
+    report.rejected = tail.rejected;
+    report.unowned_objects = tail.unowned;
+    state_defects.extend(tail.defects);
+    for (key, defect) in state_defects {
+        tracing::warn!(%key, %defect, "not an object, owned by no repository; left alone");
+        report.rejected.push(Rejected {
+            reason: format!("not an object: {defect}"),
+            prefix: key,
+            objects: 0,
+        });
+    }
+    for r in &report.rejected {
+        tracing::warn!(prefix = %r.prefix, reason = %r.reason, "repository left alone");
+    }
+
+    // The global blob space last, so that its roots are read after the repositories dropped
+    // what they dropped (untagged manifests), and what only those used goes in this same run.
+    let mut global_objects = tail.global_objects;
+    if let (Some(g), None) = (&key_space.global, &opts.only) {
+        let listed = list_prefix(&store, g);
+        global_objects.extend(
+            before_run_deadline(run_deadline, opts, listed)
+                .await?
+                .map_err(list_error)?,
+        );
+    }
+    let global = Repository {
+        kind: UnitKind::Global,
+        name: GLOBAL_REPOSITORY.into(),
+        prefix: (key_space.global.clone())
+            .or(tail.global_prefix)
+            .unwrap_or_default(),
+        objects: global_objects,
+    };
+    if !global.objects.is_empty() && wanted(&global) {
+        // Roots the repositories dropped (a dry run: would have dropped) are not roots here
+        // either, so that the dry run reports what the real run does.
+        let dropped_roots: HashSet<String> = report
+            .repositories
+            .iter()
+            .flat_map(|r| r.deleted.iter().map(|d| d.key.clone()))
+            .collect();
+        // Global blobs are shared by every repository: any repository's intent protects them.
+        let all_intents: Vec<ObjectMeta> = lock(intents).values().flatten().cloned().collect();
+        let placeholders = lock(&shared.facts).placeholders.clone();
+        let roots = merge_roots(tail.global_roots);
+        let leftover = leftovers(&global.name);
+        // Cached like a repository, with its roots (held by the repositories) as context; an
+        // intent anywhere, or roots that must be read, mean a full look.
+        let cache = match (&shared.cache, &roots) {
+            (Some(index), Some(roots)) => {
+                let context = format!(
+                    "{}\nroots {}",
+                    shared.context,
+                    roots_fingerprint(roots, &dropped_roots)
+                );
+                let fingerprint = cache::fingerprint(global.objects.iter(), &context);
+                let entry = index.entry(&global.name).cloned();
+                let unchanged = all_intents.is_empty()
+                    && !leftover.announcement
+                    && !leftover.lease
+                    && entry.as_ref().is_some_and(|e| {
+                        e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
+                    });
+                Some(UnitCache {
+                    fingerprint,
+                    context,
+                    entry,
+                    unchanged,
+                    contents: None,
+                    links: Vec::new(),
+                    volatile: !all_intents.is_empty(),
+                })
+            }
+            _ => None,
+        };
+        let inputs = RepoInputs {
+            leftovers: leftover,
+            intents: all_intents,
+            dropped_roots,
+            linked: Vec::new(),
+            roots,
+            placeholders,
+            defer_deletions: false,
+            cache,
+            primed: None,
+        };
+        if let Collected::Done(r) = run.collect(global, inputs).await {
+            done(&r);
+            report.repositories.push(r);
+        }
+    }
+    // Entries older runs left twice (collectors racing on a unit) or malformed: the newest
+    // stays, the rest only cost listing.
+    if let Some(index) = shared.cache.as_ref().filter(|_| !opts.dry_run) {
+        if !index.stale_keys().is_empty() {
+            if let Err(e) = cache::delete_stale(&store, index).await {
+                tracing::warn!(error = %e, "removing stale cache entries");
+            }
+        }
+    }
+    if let Some(p) = &opts.progress {
+        p.finish();
+    }
+    finish_report(&mut report, &store, &clock);
+    tracing::info!(
+        run_id = %report.run_id,
+        repositories = report.totals.repositories,
+        not_ok = report.totals.repositories_not_ok,
+        objects = report.totals.objects,
+        bytes = report.totals.bytes,
+        deleted = report.totals.blobs_deleted,
+        bytes_deleted = report.totals.bytes_deleted,
+        bytes_pending = report.totals.bytes_pending,
+        dangling = report.totals.dangling_references,
+        duration_ms = run_started.elapsed().as_millis() as u64,
+        "gc run finished"
+    );
+    Ok(report)
+}
+
+/// Cross-repository facts (placeholders and their content copies, mount links), grown as the
+/// listing completes repositories.
+#[derive(Default)]
+struct Facts {
+    placeholders: Arc<HashMap<Digest, Option<ContentCopy>>>,
+    linked: HashMap<String, Vec<Digest>>,
+}
+
+/// What the listing left over besides repositories.
+#[derive(Default)]
+struct Tail {
+    rejected: Vec<Rejected>,
+    unowned: u64,
+    global_objects: Vec<ObjectMeta>,
+    global_prefix: Option<String>,
+    global_roots: Vec<Roots>,
+    /// Keys the store cannot serve as objects, until a repository claims them.
+    defects: HashMap<String, Box<str>>,
+    /// Why the listing stopped early: the run decides nothing that needs it whole.
+    error: Option<StoreError>,
+}
+
+/// State the listing shares with the run while it streams.
+struct Shared<'a> {
+    store: &'a Instrumented,
+    layout: &'a dyn Layout,
+    concurrency: usize,
+    facts: Mutex<Facts>,
+    tail: Mutex<Tail>,
+    /// The incremental cache's entries as listed, unless the run does without it.
+    cache: Option<CacheIndex>,
+    /// What besides its listing decides a unit (settings, version).
+    context: String,
+    /// Push intents by repository, as listed.
+    intents: Mutex<HashMap<String, Vec<ObjectMeta>>>,
+}
+
+/// A repository the listing completed, and whether the cross-repository facts were complete
+/// when it was handed out.
+struct Unit {
+    repo: Repository,
+    facts_complete: bool,
+    cache: Option<UnitCache>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these half-updated in a way that matters more than
+    // stopping the run would.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared<'_> {
+    /// Learns the placeholders `repo` holds and the content copies it has for placeholders
+    /// seen so far.
+    fn learn_placeholders(&self, repo: &Repository) {
+        if !self.layout.links_across_repositories() {
+            return;
+        }
+        let new = self.layout.placeholders_in(repo);
+        let mut facts = lock(&self.facts);
+        if !new.is_empty() {
+            let map = Arc::make_mut(&mut facts.placeholders);
+            for d in new {
+                map.entry(d).or_insert(None);
+            }
+        }
+        if !facts.placeholders.is_empty() {
+            let wanted = |d: &Digest| matches!(facts.placeholders.get(d), Some(None));
+            let copies = self.layout.content_copies(repo, &wanted);
+            if !copies.is_empty() {
+                let map = Arc::make_mut(&mut facts.placeholders);
+                for (d, c) in copies {
+                    map.insert(d, Some(c));
+                }
+            }
+        }
+    }
+
+    /// Learns the links `repo` holds that keep other repositories' blobs alive.
+    async fn learn_links(
+        &self,
+        repo: &Repository,
+        unit_cache: Option<&mut UnitCache>,
+    ) -> Result<(), StoreError> {
+        if !self.layout.links_across_repositories() {
+            return Ok(());
+        }
+        let links = match unit_cache {
+            Some(c) => {
+                c.links = self.links_of(repo, c).await?;
+                c.links.clone()
+            }
+            None => {
+                self.layout
+                    .links_in(self.store, repo, self.concurrency)
+                    .await?
+            }
+        };
+        let mut facts = lock(&self.facts);
+        for (target, d) in links {
+            facts.linked.entry(target).or_default().push(d);
+        }
+        Ok(())
+    }
+
+    /// Blobs of `repo` that keys elsewhere keep alive, as far as the listing has shown them:
+    /// mount links to them, and content copies of digests stored as placeholders.
+    fn kept_by_others(&self, repo: &Repository) -> Vec<Digest> {
+        let facts = lock(&self.facts);
+        let mut kept = facts.linked.get(&repo.name).cloned().unwrap_or_default();
+        if !facts.placeholders.is_empty() {
+            let wanted = |d: &Digest| facts.placeholders.contains_key(d);
+            kept.extend(
+                self.layout
+                    .content_copies(repo, &wanted)
+                    .into_iter()
+                    .map(|(d, _)| d),
+            );
+        }
+        kept.sort_unstable();
+        kept.dedup();
+        kept
+    }
+
+    /// Learns the placeholders a partitioner gathered itself (links are learnt per
+    /// repository, as each is claimed).
+    fn learn_partition(&self, partition: &Partition) {
+        if !self.layout.links_across_repositories() {
+            return;
+        }
+        if !partition.placeholders.is_empty() {
+            let mut facts = lock(&self.facts);
+            let map = Arc::make_mut(&mut facts.placeholders);
+            for (d, copy) in &partition.placeholders {
+                let slot = map.entry(d.clone()).or_insert(None);
+                if slot.is_none() {
+                    *slot = copy.clone();
+                }
+            }
+        }
+    }
+
+    /// The units of one part's listing, handed out as the partitioner completes them.
+    fn units<'s>(
+        &'s self,
+        pages: BoxStream<'s, Result<Vec<ObjectMeta>, StoreError>>,
+        partitioner: Box<dyn Partitioner + 's>,
+    ) -> impl futures::Stream<Item = Unit> + 's {
+        struct Feed<'s> {
+            pages: Option<BoxStream<'s, Result<Vec<ObjectMeta>, StoreError>>>,
+            partitioner: Option<Box<dyn Partitioner + 's>>,
+            ready: VecDeque<Unit>,
+        }
+        let feed = Feed {
+            pages: Some(pages),
+            partitioner: Some(partitioner),
+            ready: VecDeque::new(),
+        };
+        stream::unfold(feed, move |mut feed| async move {
+            loop {
+                if let Some(unit) = feed.ready.pop_front() {
+                    return Some((unit, feed));
+                }
+                let pages = feed.pages.as_mut()?;
+                match pages.next().await {
+                    Some(Ok(page)) => {
+                        let page = self.note_defects(page);
+                        let part = feed.partitioner.as_mut()?;
+                        for repo in part.push(page) {
+                            match self.claim(&repo).await {
+                                Ok(cache) => feed.ready.push_back(Unit {
+                                    repo,
+                                    facts_complete: false,
+                                    cache,
+                                }),
+                                Err(e) => {
+                                    self.fail(e);
+                                    return None;
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        self.fail(e);
+                        return None;
+                    }
+                    None => {
+                        feed.pages = None;
+                        let partition = feed.partitioner.take()?.finish();
+                        self.learn_partition(&partition);
+                        // Every repository is in hand now: learn from all of them before
+                        // handing any out, so that each is decided on complete facts.
+                        let mut caches = Vec::with_capacity(partition.repositories.len());
+                        for repo in &partition.repositories {
+                            match self.claim(repo).await {
+                                Ok(c) => caches.push(c),
+                                Err(e) => {
+                                    self.fail(e);
+                                    return None;
+                                }
+                            }
+                        }
+                        if let Some(g) = &partition.global {
+                            if let Err(e) = self.claim(g).await {
+                                self.fail(e);
+                                return None;
+                            }
+                        }
+                        let mut tail = lock(&self.tail);
+                        tail.rejected.extend(partition.rejected);
+                        tail.unowned += partition.unowned;
+                        if let Some(g) = partition.global {
+                            tail.global_prefix.get_or_insert(g.prefix);
+                            tail.global_objects.extend(g.objects);
+                        }
+                        tail.global_roots.extend(partition.global_roots);
+                        drop(tail);
+                        feed.ready
+                            .extend(partition.repositories.into_iter().zip(caches).map(
+                                |(repo, cache)| Unit {
+                                    repo,
+                                    facts_complete: true,
+                                    cache,
+                                },
+                            ));
+                    }
+                }
+            }
+        })
+    }
+
+    /// The links `repo` holds: from the cache where its listing is what the cache saw (links
+    /// are objects of the unit), read otherwise.
+    async fn links_of(
+        &self,
+        repo: &Repository,
+        c: &mut UnitCache,
+    ) -> Result<Vec<(String, Digest)>, StoreError> {
+        if let Some(entry) = c.entry.as_ref().filter(|_| c.unchanged) {
+            if !entry.has_links {
+                return Ok(Vec::new());
+            }
+            if let Some(contents) = cache::read(self.store, entry).await {
+                let links = contents.links.clone();
+                c.contents = Some(contents);
+                return Ok(links);
+            }
+        }
+        self.layout
+            .links_in(self.store, repo, self.concurrency)
+            .await
+    }
+
+    /// Sets ocigc's own keys apart (listed on their own, first) and remembers defects.
+    fn note_defects(&self, mut page: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+        page.retain(|o| !o.key.starts_with(STATE_PREFIX));
+        if page.iter().any(|o| o.defect.is_some()) {
+            let mut tail = lock(&self.tail);
+            for o in &page {
+                if let Some(d) = &o.defect {
+                    tail.defects.insert(o.key.clone(), d.clone());
+                }
+            }
+        }
+        page
+    }
+
+    /// Takes a completed repository's defects off the unowned list, looks it up in the
+    /// incremental cache and learns its facts.
+    async fn claim(&self, repo: &Repository) -> Result<Option<UnitCache>, StoreError> {
+        {
+            let mut tail = lock(&self.tail);
+            if !tail.defects.is_empty() {
+                for o in &repo.objects {
+                    tail.defects.remove(&o.key);
+                }
+            }
+        }
+        self.learn_placeholders(repo);
+        let mut unit_cache = self.cache.as_ref().map(|index| {
+            let context = self.context.clone();
+            let fingerprint = cache::fingerprint(repo.objects.iter(), &context);
+            let entry = index.entry(&repo.name).cloned();
+            let unchanged = entry.as_ref().is_some_and(|e| e.fingerprint == fingerprint);
+            UnitCache {
+                fingerprint,
+                context,
+                entry,
+                unchanged,
+                contents: None,
+                links: Vec::new(),
+                volatile: false,
+            }
+        });
+        self.learn_links(repo, unit_cache.as_mut()).await?;
+        Ok(unit_cache)
+    }
+
+    /// Whether every placeholder seen so far has a content copy on record.
+    fn copies_known(&self) -> bool {
+        lock(&self.facts).placeholders.values().all(Option::is_some)
+    }
+
+    /// Lists the key space again for the content copies of placeholders whose copy was
+    /// listed before the placeholder itself (nothing else is kept).
+    async fn find_copies<'s>(
+        &'s self,
+        mut pages: BoxStream<'s, Result<Vec<ObjectMeta>, StoreError>>,
+        mut part: Box<dyn Partitioner + 's>,
+    ) -> Result<(), StoreError> {
+        if self.copies_known() {
+            return Ok(());
+        }
+        let record = |repos: Vec<Repository>| {
+            let mut facts = lock(&self.facts);
+            for repo in &repos {
+                let wanted = |d: &Digest| matches!(facts.placeholders.get(d), Some(None));
+                let copies = self.layout.content_copies(repo, &wanted);
+                if !copies.is_empty() {
+                    let map = Arc::make_mut(&mut facts.placeholders);
+                    for (d, c) in copies {
+                        map.insert(d, Some(c));
+                    }
+                }
+            }
+        };
+        while let Some(page) = pages.next().await {
+            let mut page = page?;
+            page.retain(|o| !o.key.starts_with(STATE_PREFIX));
+            record(part.push(page));
+        }
+        record(part.finish().repositories);
+        Ok(())
+    }
+
+    fn fail(&self, e: StoreError) {
+        let mut tail = lock(&self.tail);
+        tail.error.get_or_insert(e);
+    }
+}
+
+/// Listed objects that deferred repositories may hold in memory until the second pass; the
+/// rest are listed again then (about 100 bytes each: some 10 MiB).
+const DEFERRED_BUDGET: usize = 100_000;
+
+/// A repository waiting for the second pass, with the documents its first look read.
+enum Waiting {
+    /// With its listing.
+    Held(Repository, cache::Contents),
+    /// By name: listed again.
+    Named(String, cache::Contents),
+}
+
+/// A digest of the global unit's roots as listed (their keys and what they name), less those
+/// the repositories dropped this run.
+fn roots_fingerprint(roots: &Roots, dropped: &HashSet<String>) -> String {
+    let mut lines: Vec<String> = if roots.sources.len() == roots.descriptors.len() {
+        (roots.sources.iter().zip(&roots.descriptors))
+            .filter(|(k, _)| !dropped.contains(*k))
+            .map(|(k, d)| format!("{k} {}", d.digest))
+            .collect()
+    } else {
+        roots
+            .descriptors
+            .iter()
+            .map(|d| d.digest.to_string())
+            .collect()
+    };
+    lines.sort_unstable();
+    Digest::sha256_of(lines.join("\n").as_bytes()).to_string()
+}
+
+/// Joins the global roots the parts of the listing found.
+fn merge_roots(mut all: Vec<Roots>) -> Option<Roots> {
+    if all.len() <= 1 {
+        return all.pop();
+    }
+    let mut out = Roots::default();
+    for r in all {
+        out.descriptors.extend(r.descriptors);
+        out.sources.extend(r.sources);
+        out.documents.extend(r.documents);
+    }
+    // No single version covers roots read in several parts: the re-check reads them again.
+    out.version = None;
+    Some(out)
+}
+
+/// What besides a unit's listing decides what a run does with it: the settings, and the
+/// version of ocigc (a new version decides afresh once).
+fn cache_context(layout: &dyn Layout, opts: &GcOptions) -> String {
+    format!(
+        "ocigc {} layout {} {} grace {} delay {}",
+        env!("CARGO_PKG_VERSION"),
+        layout.name(),
+        layout.settings(),
+        opts.grace.as_nanos(),
+        opts.delay.as_nanos()
+    )
+}
