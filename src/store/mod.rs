@@ -2,6 +2,7 @@
 //! counts requests, bounds concurrency and enforces per-request time-outs for both.
 
 mod dir;
+mod generated;
 mod instrumented;
 pub mod listing;
 mod s3;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub use dir::DirStore;
+pub use generated::{GeneratedSpec, GeneratedSpecError, GeneratedStore, GENERATED_SCHEME};
 pub use instrumented::{Instrumented, Outcome, RequestCounts, RequestObserver};
 pub use listing::{list_part, plan_parts, plan_shards, Part, SplitPolicy};
 pub use s3::{S3Settings, S3Store, StaticCredentials};

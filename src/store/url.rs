@@ -55,6 +55,13 @@ impl FromStr for BucketUrl {
             }
             return Ok(BucketUrl::Dir(PathBuf::from(path)));
         }
+        if url.starts_with(super::GENERATED_SCHEME) {
+            // Not a directory named so: the benchmark's synthesized bucket, which only the
+            // benchmark driver opens (a collection over it changes nothing).
+            return Err(err(
+                "generated: buckets are benchmark-only (examples/generated_gc.rs opens them)",
+            ));
+        }
         if url.contains("://") {
             return Err(err(
                 "unsupported scheme: use s3://, file:// or a plain path",
@@ -108,6 +115,7 @@ mod tests {
             "s3://ok-bucket/a/../b",
             "gs://x",
             "file://rel",
+            "generated:?repos=3",
         ] {
             assert!(
                 bad.parse::<BucketUrl>().is_err(),
