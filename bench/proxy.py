@@ -10,7 +10,8 @@ that is framed by one of the two), so keep-alive connections carrying many reque
 right; responses are forwarded as a byte stream. Path-style addressing only (`/bucket/key`).
 
 Control endpoint (its own port, loopback): `GET /counts` -> {"list": N, ..., "requests": N},
-`GET /gets` -> {path: GETs of that path} (capped), `POST /reset` zeroes both,
+`GET /gets` -> {path: GETs of that path} (capped), `GET /cpu` -> {"cpu_seconds": its own CPU
+time}, `POST /reset` zeroes the counts and the paths,
 `POST /latency?ms=N` changes the added latency.
 
 Bounded: listens on 127.0.0.1 only, forwards to a loopback upstream only, serves at most
@@ -27,6 +28,7 @@ import ipaddress
 import json
 import signal
 import sys
+import time
 import urllib.parse
 
 MAX_HEAD = 64 * 1024
@@ -202,6 +204,10 @@ class Proxy:
                 body = dict(self.stats.counts, requests=sum(self.stats.counts.values()))
             elif method == "GET" and path == "/gets":
                 body = self.stats.gets
+            elif method == "GET" and path == "/cpu":
+                # The proxy's own CPU, so a benchmark can tell what the machine, not the store,
+                # spent on a run.
+                body = {"cpu_seconds": time.process_time()}
             elif method == "POST" and path == "/reset":
                 self.stats.reset()
                 body = {"reset": True}

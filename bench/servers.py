@@ -124,6 +124,12 @@ class Seaweed(Buckets):
             assert self.s3.get_object(Bucket=probe, Key="probe")["Body"].read() == b"ok"
         wait_until("SeaweedFS", write, 90, self.proc)
 
+    def cpu_seconds(self):
+        """CPU time (user + system) of the weed process, all its threads, so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def filer_address(self):
         """The filer as `weed` tools name it: HOST:PORT.GRPC_PORT (its gRPC port is not the
         default PORT+10000)."""
@@ -187,6 +193,9 @@ class Proxy:
 
     def reset(self):
         self._call("POST", "/reset")
+
+    def cpu_seconds(self):
+        return self._call("GET", "/cpu")["cpu_seconds"]
 
     def set_latency(self, ms):
         self._call("POST", f"/latency?ms={ms}")

@@ -153,8 +153,8 @@ echo "== real images: docker-registry on moto, skopeo push and pull, ocigc in be
 "$VENV/bin/python" tests/real/registry_e2e.py target/debug/ocigc | tee target/real.log
 echo "== real tools on the oci layout: umoci builds, skopeo copies, rclone uploads to moto and SeaweedFS"
 "$VENV/bin/python" tests/real/oci_tools_e2e.py target/debug/ocigc | tee target/oci-tools.log
-echo "== benchmark smoke: every layout on moto, the raw floor, docker-registry garbage-collect"
-cargo build --quiet --example floor
+echo "== benchmark smoke: proxy self-test, every stage at tiny sizes on its own SeaweedFS and moto"
+cargo build --quiet --example floor --example generated_gc
 "$VENV/bin/python" bench/bench.py --smoke --bin target/debug | tee target/bench.log
 echo "== deploy/: render, validate, promtool, container args"
 "$VENV/bin/python" deploy/test/validate.py | tee target/deploy.log
