@@ -236,9 +236,11 @@ class Target:
 
     def keys(self):
         # The directory store keeps its lock and metadata in `.ocigc-tmp/` and `.ocigc-meta/`,
-        # which are no objects of the bucket.
+        # which are no objects of the bucket; the incremental cache a real run writes under
+        # `_ocigc/cache/` is ocigc's own state, not the registry's.
         listed = must("rclone", "lsf", "-R", "--files-only", self.remote).split()
-        return {k for k in listed if not k.startswith((".ocigc-tmp/", ".ocigc-meta/"))}
+        return {k for k in listed
+                if not k.startswith((".ocigc-tmp/", ".ocigc-meta/", "_ocigc/cache/"))}
 
     def download(self, repo, dest):
         must("rclone", "copy", f"{self.remote}/{repo}", dest)
