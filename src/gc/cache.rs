@@ -87,7 +87,8 @@ impl std::fmt::Display for Fingerprint {
 /// The fingerprint of a unit's listed objects and `context`: sha256 over the objects sorted by
 /// key (key, size, ETag, last-modified nanoseconds, defect) and the context string. Anything
 /// that changes what a run would decide must be in one or the other; the caller puts grace,
-/// delay, layout and options and the ETag of the unit's pending state in `context`.
+/// delay, layout and options in `context` (pending candidates are covered by the entry's wake
+/// time, not by the fingerprint).
 pub fn fingerprint<'a>(
     objects: impl Iterator<Item = &'a ObjectMeta>,
     context: &str,
