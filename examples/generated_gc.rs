@@ -8,6 +8,7 @@
 //! With `--write-dir PATH` it writes the generated bucket there as files instead (a
 //! directory-store bucket of identical content) and prints `{"written": N}`.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,14 @@ use futures::StreamExt;
 use ocigc::gc::{run_gc, GcOptions};
 use ocigc::layout::{self, LayoutOptions};
 use ocigc::store::{GeneratedSpec, GeneratedStore, Store};
+
+/// The report with the generated keys the run asked to delete.
+#[derive(serde::Serialize)]
+struct Output<'a> {
+    #[serde(flatten)]
+    report: &'a ocigc::report::Report,
+    generated_deletes: u64,
+}
 
 /// Writes every generated object as a file under `root` (a directory-store bucket of the same
 /// content), one repository's keys at a time.
@@ -103,10 +112,14 @@ async fn main() -> anyhow::Result<()> {
     let layout = layout::by_name(&layout_name, LayoutOptions::default()).map_err(|e| anyhow!(e))?;
     let store = Arc::new(GeneratedStore::new(spec));
     let report = run_gc(store.clone(), layout, &opts).await?;
-    let mut json = serde_json::to_value(&report)?;
-    if let Some(map) = json.as_object_mut() {
-        map.insert("generated_deletes".into(), store.deleted_generated().into());
-    }
-    println!("{json}");
+    // Written straight out (no JSON tree, no string of it): its peak RSS is the run's.
+    let out = Output {
+        report: &report,
+        generated_deletes: store.deleted_generated(),
+    };
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer(&mut stdout, &out)?;
+    writeln!(stdout)?;
+    stdout.flush()?;
     Ok(())
 }

@@ -937,16 +937,39 @@ fn emit(report: &Report, target: Option<&PathBuf>) -> Result<(), CliError> {
     let Some(target) = target else {
         return Ok(());
     };
-    let json = serde_json::to_string_pretty(report)
-        .context("serialising the report")
-        .map_err(fatal)?;
+    // Streamed to its destination, never held whole as text: a report of millions of keys is
+    // as big as the run's working set. A file is written beside its name and renamed, so a
+    // failed write leaves no half report under it.
     if target.as_os_str() == "-" {
-        println!("{json}");
-        return Ok(());
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        return write_json(report, &mut out)
+            .context("writing the report to stdout")
+            .map_err(fatal);
     }
-    std::fs::write(target, json + "\n")
+    let partial = {
+        let mut name = target.as_os_str().to_owned();
+        name.push(".partial");
+        PathBuf::from(name)
+    };
+    std::fs::File::create(&partial)
+        .map_err(anyhow::Error::from)
+        .and_then(|file| {
+            let mut out = std::io::BufWriter::new(file);
+            write_json(report, &mut out)?;
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&partial, target)?;
+            Ok(())
+        })
         .with_context(|| format!("writing the report to {}", target.display()))
         .map_err(fatal)
+}
+
+/// Pretty JSON of `report` and a final newline, flushed.
+fn write_json(report: &Report, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, report)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
 }
 
 async fn intent_command(args: IntentArgs) -> Result<u8, CliError> {

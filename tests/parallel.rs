@@ -161,4 +161,61 @@ async fn parts_and_shards_decide_what_one_listing_does(t: TestStore) {
     );
 }
 
-both_stores!(parts_and_shards_decide_what_one_listing_does);
+/// A bucket the incremental cache knows to be a few pages long is listed in one sequence:
+/// parts would cost more requests (the plan's level listings, a partial page each) than
+/// their round trips save. Without the cache the same run plans parts.
+async fn a_small_bucket_the_cache_knows_is_listed_in_one_sequence(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    // Five keys each: some 1,250 keys, two pages.
+    let names: Vec<String> = (0..250).map(|i| format!("r{i:03}/app")).collect();
+    let images: Vec<(String, Desc)> = futures::stream::iter(names)
+        .map(|name| {
+            let f = &f;
+            async move {
+                let image = f.image(&name, "kept").await;
+                f.layout(&name, &[(Some("v1"), &image)]).await;
+                (name, image)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let first = gc(&t.store, &opts(8)).await;
+    assert!(first.all_ok(), "{first:#?}");
+    let listed = keys(t.store.as_ref()).await;
+    let pages = listed.len().div_ceil(1000) as u64;
+    assert!(pages >= 2, "more than a page: {}", listed.len());
+    // No cache yet: planned in parts, more LISTs than the pages.
+    assert!(
+        list_requests(&first) > pages + 1,
+        "first run: {} LIST requests for {pages} pages",
+        list_requests(&first)
+    );
+    let again = gc(&t.store, &opts(8)).await;
+    assert!(again.all_ok(), "{again:#?}");
+    assert_eq!(
+        list_requests(&again),
+        pages + 1,
+        "the bucket's pages and the state's one"
+    );
+    let uncached = gc(
+        &t.store,
+        &GcOptions {
+            no_cache: true,
+            ..opts(8)
+        },
+    )
+    .await;
+    assert!(list_requests(&uncached) > pages + 1);
+    let after = keys(t.store.as_ref()).await;
+    for (repo, image) in &images {
+        assert_intact(&after, repo, image, "tagged");
+    }
+}
+
+both_stores!(
+    parts_and_shards_decide_what_one_listing_does,
+    a_small_bucket_the_cache_knows_is_listed_in_one_sequence
+);

@@ -305,6 +305,20 @@ impl CacheIndex {
         self.entries.get(unit).map(|(e, _)| e)
     }
 
+    /// Keys the units with an entry held when it was written (blobs kept or pending and
+    /// other keys): about what listing them again will find; `None` without entries.
+    pub fn listed_keys(&self) -> Option<u64> {
+        (!self.entries.is_empty()).then(|| {
+            self.entries
+                .values()
+                .map(|(e, _)| {
+                    let s = &e.summary;
+                    s.reachable_blobs + s.pending_blobs + s.other_keys
+                })
+                .sum()
+        })
+    }
+
     /// Units with an entry.
     pub fn len(&self) -> usize {
         self.entries.len()

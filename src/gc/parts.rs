@@ -29,6 +29,24 @@ impl SplitPolicy for LayoutSplit<'_> {
     }
 }
 
+/// Pages a part should have at least: each part ends in a partial page and the plan costs level
+/// listings, so parts pay only where they save many pages' round trips.
+const PAGES_PER_PART: u64 = 64;
+
+/// How many parts to list at once, at most `max`: fewer where the last run saw so few keys
+/// (`expected_keys`, from the incremental cache) that parts would cost more requests than
+/// they save time; `max` when nothing is known. A shard divides the expected keys first.
+pub(super) fn parts_for(max: usize, expected_keys: Option<u64>, shards: u32) -> usize {
+    let Some(keys) = expected_keys else {
+        return max.max(1);
+    };
+    let pages = (keys / u64::from(shards.max(1))).div_ceil(FULL_PAGE as u64);
+    let wanted = pages.div_ceil(PAGES_PER_PART).max(1);
+    usize::try_from(wanted)
+        .unwrap_or(usize::MAX)
+        .clamp(1, max.max(1))
+}
+
 /// How a key space is to be listed.
 pub(super) struct Request<'a> {
     /// The prefix to list.
@@ -283,5 +301,26 @@ impl<T> Backlog<T> {
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_follow_the_expected_pages() {
+        // Unknown size: as many as asked.
+        assert_eq!(parts_for(16, None, 1), 16);
+        assert_eq!(parts_for(0, None, 1), 1);
+        // A small bucket is listed sequentially; each part gets 64 pages or more.
+        assert_eq!(parts_for(16, Some(17_000), 1), 1);
+        assert_eq!(parts_for(16, Some(64_000), 1), 1);
+        assert_eq!(parts_for(16, Some(64_001), 1), 2);
+        assert_eq!(parts_for(16, Some(300_000), 1), 5);
+        assert_eq!(parts_for(16, Some(10_000_000), 1), 16);
+        // A shard lists its share.
+        assert_eq!(parts_for(16, Some(1_000_000), 4), 4);
+        assert_eq!(parts_for(16, Some(0), 4), 1);
     }
 }

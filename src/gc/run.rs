@@ -196,7 +196,11 @@ async fn collect_all(
         let request = parts::Request {
             prefix: &prefix,
             exclude: &[STATE_PREFIX],
-            parts: opts.list_parts,
+            parts: parts::parts_for(
+                opts.list_parts,
+                shared.cache.as_ref().and_then(|c| c.listed_keys()),
+                shard.map_or(1, |s| s.count),
+            ),
             shard,
             others: needs_all,
         };
@@ -247,7 +251,7 @@ async fn collect_all(
     };
     let units = backlog.stream();
     let mut deferred: Vec<Waiting> = Vec::new();
-    let mut held = 0usize;
+    let (mut held, mut held_documents) = (0usize, 0usize);
     let collected = units
         .map(|u| {
             let complete = u.facts_complete && shared.copies_known();
@@ -261,12 +265,22 @@ async fn collect_all(
                 done(&r);
                 report.repositories.push(r);
             }
-            // Held while memory allows; beyond that, listed again when its turn comes.
-            Collected::Deferred(repo, learnt) if held + repo.objects.len() <= DEFERRED_BUDGET => {
-                held += repo.objects.len();
-                deferred.push(Waiting::Held(repo, learnt));
+            // Held while memory allows; beyond that, listed again (and its documents read
+            // again) when its turn comes: more requests, never less safety.
+            Collected::Deferred(repo, learnt) => {
+                let learnt = if held_documents + learnt.documents.len() <= DEFERRED_DOCUMENTS {
+                    held_documents += learnt.documents.len();
+                    learnt
+                } else {
+                    cache::Contents::default()
+                };
+                if held + repo.objects.len() <= DEFERRED_BUDGET {
+                    held += repo.objects.len();
+                    deferred.push(Waiting::Held(repo, learnt));
+                } else {
+                    deferred.push(Waiting::Named(repo.name, learnt));
+                }
             }
-            Collected::Deferred(repo, learnt) => deferred.push(Waiting::Named(repo.name, learnt)),
         }
         futures::future::ready(())
     });
@@ -809,12 +823,19 @@ impl Shared<'_> {
 }
 
 /// Listed objects of completed repositories waiting for the collection, beyond which the
-/// listing pauses (about 100 bytes each: some 10 MiB).
-const BACKLOG_BUDGET: usize = 100_000;
+/// listing pauses: some 20 pages, enough to keep every part's driver busy while the
+/// collection catches up. An object costs about 400 bytes here (its key, ETag and the
+/// unit's spare capacity), so this is some 8 MiB.
+const BACKLOG_BUDGET: usize = 20_000;
 
 /// Listed objects that deferred repositories may hold in memory until the second pass; the
-/// rest are listed again then (about 100 bytes each: some 10 MiB).
-const DEFERRED_BUDGET: usize = 100_000;
+/// rest are listed again then (about 400 bytes each: some 8 MiB).
+const DEFERRED_BUDGET: usize = 20_000;
+
+/// Documents that deferred repositories' first looks may keep for the second pass; beyond
+/// this they are read again then (some 500 bytes each: about 5 MiB). Without a bound, a
+/// bucket where every tenth repository has garbage holds a tenth of its manifests.
+const DEFERRED_DOCUMENTS: usize = 10_000;
 
 /// A repository waiting for the second pass, with the documents its first look read.
 enum Waiting {

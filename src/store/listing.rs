@@ -134,7 +134,7 @@ struct Slot {
 /// With `shard` = `(i, n)`, plans only the `i`-th of `n` contiguous slices of the units (shard
 /// 0 from the start of `root`, shard `n - 1` to its end): `n` shards planned on the same bucket
 /// are disjoint and together cover every key once. A shard may get no part at all (fewer units
-/// than shards). Level listings made: at most about `2 * target_parts`, plus those needed to cut
+/// than shards). Level listings made: at most about `2 * target_parts * n`, plus those needed to cut
 /// out excluded prefixes.
 pub async fn plan_parts(
     store: &dyn Store,
@@ -173,7 +173,9 @@ pub async fn plan_shards(
     if exclude.iter().any(|e| root.starts_with(e)) {
         return Ok(planned);
     }
-    match plan_units(store, root, policy, target, exclude).await? {
+    // Each shard is grouped into `target` parts: the plan needs that many units per shard.
+    let units = target.saturating_mul(count as usize);
+    match plan_units(store, root, policy, units, exclude).await? {
         Some(slots) => {
             let safe = safe_cuts(&slots);
             for (index, parts) in (0..count).zip(planned.iter_mut()) {
