@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::cache::{self, CacheIndex};
 use super::lease::Leases;
 use super::plan::PlanPolicy;
-use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, UnitCache};
+use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, Retained, UnitCache};
 use super::stop::Stop;
 use super::{
     before_run_deadline, finish_report, intent, lease, new_report, parts, probe_clock, scope,
@@ -85,7 +85,10 @@ async fn collect_all(
         .filter(|o| {
             matches!(
                 namespace::classify(&o.key),
-                StateKey::Pending(_) | StateKey::Deleting(_) | StateKey::Lease(_)
+                StateKey::Pending(_)
+                    | StateKey::Deleting(_)
+                    | StateKey::Lease(_)
+                    | StateKey::Trash(_)
             )
         })
         .map(|o| o.key.clone())
@@ -107,6 +110,7 @@ async fn collect_all(
         pending: state_keys.contains(&state::pending_key(name)),
         announcement: state_keys.contains(&intent::deleting_key(name)),
         lease: state_keys.contains(&lease::lease_key(name)),
+        trash: state_keys.contains(&namespace::trash_key(name)),
     };
 
     let run = RepoRun {
@@ -130,6 +134,7 @@ async fn collect_all(
         run_deadline,
         repo_timeout: opts.repo_timeout,
         stop: opts.stop.clone(),
+        retention: opts.retention.clone(),
     };
     // A shard's repositories are those of its own parts (see `parts`); the global unit is the
     // first shard's.
@@ -181,6 +186,7 @@ async fn collect_all(
             placeholders: facts.placeholders.clone(),
             defer_deletions: links && !facts_complete,
             primed: None,
+            retained: None,
         }
     };
 
@@ -192,7 +198,13 @@ async fn collect_all(
     // The global unit's roots are every repository's; links anywhere keep blobs alive.
     let owns_global = shard.is_none_or(|s| s.index == 0);
     let needs_all = links || (key_space.global.is_some() && owns_global);
-    let listing = if layout.per_repository_gc() || needs_all {
+    // Units a layout does not collect one by one are still handed out where retention
+    // applies to them (distribution without --delete-untagged: tags only).
+    let collects = |r: &Repository| {
+        layout.per_repository_gc() || (!r.is_global() && opts.retention.applies_to(&r.name))
+    };
+    let retains = !opts.retention.rules.is_empty();
+    let listing = if layout.per_repository_gc() || needs_all || retains {
         let request = parts::Request {
             prefix: &prefix,
             exclude: &[STATE_PREFIX],
@@ -235,7 +247,7 @@ async fn collect_all(
         .store(feeds.len(), std::sync::atomic::Ordering::SeqCst);
     let producer = async {
         let listed = stream::select_all(feeds).for_each(|u| {
-            if u.own && layout.per_repository_gc() && wanted(&u.repo) {
+            if u.own && collects(&u.repo) && wanted(&u.repo) {
                 found.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let weight = u.repo.objects.len();
                 backlog.push(u, weight);
@@ -262,11 +274,15 @@ async fn collect_all(
                 report.repositories.push(r);
             }
             // Held while memory allows; beyond that, listed again when its turn comes.
-            Collected::Deferred(repo, learnt) if held + repo.objects.len() <= DEFERRED_BUDGET => {
+            Collected::Deferred(repo, learnt, retained)
+                if held + repo.objects.len() <= DEFERRED_BUDGET =>
+            {
                 held += repo.objects.len();
-                deferred.push(Waiting::Held(repo, learnt));
+                deferred.push(Waiting::Held(repo, learnt, retained));
             }
-            Collected::Deferred(repo, learnt) => deferred.push(Waiting::Named(repo.name, learnt)),
+            Collected::Deferred(repo, learnt, retained) => {
+                deferred.push(Waiting::Named(repo.name, learnt, retained))
+            }
         }
         futures::future::ready(())
     });
@@ -294,9 +310,13 @@ async fn collect_all(
     let again = stream::iter(deferred)
         .map(|waiting| async move {
             let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
-            let (name, fresh, learnt) = match waiting {
-                Waiting::Held(repo, learnt) => (repo.name.clone(), Ok(Some(repo)), learnt),
-                Waiting::Named(name, learnt) => {
+            let (name, fresh, learnt, retained) = match waiting {
+                // Retention removed roots: the listing held is stale, list it again.
+                Waiting::Held(repo, learnt, retained) if !retained.changed => {
+                    (repo.name.clone(), Ok(Some(repo)), learnt, retained)
+                }
+                Waiting::Held(repo, learnt, retained) => {
+                    let name = repo.name;
                     let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
                     let fresh = objects.map(|o| {
                         layout
@@ -305,7 +325,18 @@ async fn collect_all(
                             .into_iter()
                             .find(|r| r.name == name)
                     });
-                    (name, fresh, learnt)
+                    (name, fresh, learnt, retained)
+                }
+                Waiting::Named(name, learnt, retained) => {
+                    let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
+                    let fresh = objects.map(|o| {
+                        layout
+                            .partition(o)
+                            .repositories
+                            .into_iter()
+                            .find(|r| r.name == name)
+                    });
+                    (name, fresh, learnt, retained)
                 }
             };
             match fresh {
@@ -320,6 +351,7 @@ async fn collect_all(
                     };
                     let mut inputs = inputs_for(&repo, true, cache);
                     inputs.primed = Some(learnt);
+                    inputs.retained = Some(retained);
                     match run.collect(repo, inputs).await {
                         Collected::Done(r) => Some(r),
                         Collected::Deferred(..) => None,
@@ -428,6 +460,7 @@ async fn collect_all(
             defer_deletions: false,
             cache,
             primed: None,
+            retained: None,
         };
         if let Collected::Done(r) = run.collect(global, inputs).await {
             done(&r);
@@ -819,9 +852,9 @@ const DEFERRED_BUDGET: usize = 100_000;
 /// A repository waiting for the second pass, with the documents its first look read.
 enum Waiting {
     /// With its listing.
-    Held(Repository, cache::Contents),
+    Held(Repository, cache::Contents, Retained),
     /// By name: listed again.
-    Named(String, cache::Contents),
+    Named(String, cache::Contents, Retained),
 }
 
 /// A digest of the global unit's roots as listed (their keys and what they name), less those
