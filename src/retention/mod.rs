@@ -151,8 +151,18 @@ impl Run<'_> {
         rule: &rules::Rule,
     ) -> Result<Outcome, RetentionError> {
         let mut warnings = Vec::new();
-        for _ in 0..ATTEMPTS {
+        for attempt in 0..ATTEMPTS {
             let set = self.layout.read_tags(self.store, repo).await?;
+            if attempt == 0 && rule.untagged_older_than.is_some() && !set.shared_document {
+                // Untagged manifests here are not roots of their own but leftovers of tags
+                // (and children of indexes): --delete-untagged collects them after --grace.
+                warnings.push(format!(
+                    "{}.untagged_older_than has no effect on the {} layout; use \
+                     --delete-untagged",
+                    rule.name(),
+                    self.layout.name()
+                ));
+            }
             let seen = if set.shared_document {
                 seen::read(self.store, &repo.name, &mut warnings)
                     .await
