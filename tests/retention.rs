@@ -417,6 +417,19 @@ async fn distribution_tags_trash_and_restore(t: TestStore) {
         assert!(k.contains(&data_key(d)), "{d} collected while in the trash");
     }
     assert!(dist_dangling(t.store.as_ref()).await.is_empty());
+    // A run of this repository alone (the daemon's hook) lists only its own state: the
+    // trash must be part of it.
+    let hook = GcOptions {
+        only: Some(repo.to_string()),
+        ..opts(json!([]), "", 40)
+    };
+    let r = run(&t.store, &dist, &hook).await;
+    assert_eq!(repo_report(&r, repo).status, RepoStatus::Ok);
+    let k = keys(t.store.as_ref()).await;
+    assert!(
+        k.contains(&revision_key(repo, &old.digest)),
+        "trashed revision, hook run"
+    );
     let at = now(t.store.as_ref(), 40).await;
     restore(t.store.as_ref(), dist.as_ref(), &target("team/app:old"), at)
         .await
