@@ -801,7 +801,20 @@ async fn restore_command(args: RestoreArgs) -> Result<u8, CliError> {
             }
         }
     }
-    push_metrics(&args.store, store.as_ref(), &metrics).await;
+    // Its own job: replacing the `ocigc` group would drop the last run's series.
+    if let Some(gateway) = &args.store.pushgateway {
+        let pushed = metrics
+            .push_as(
+                "ocigc-restore",
+                gateway,
+                &store.describe(),
+                args.store.timeout_request,
+            )
+            .await;
+        if let Err(e) = pushed {
+            tracing::error!(error = %e, "metrics push failed");
+        }
+    }
     Ok(if failed == 0 { EXIT_OK } else { EXIT_PARTIAL })
 }
 

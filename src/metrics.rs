@@ -403,10 +403,22 @@ impl Metrics {
         bucket: &str,
         timeout: Duration,
     ) -> Result<(), PushError> {
+        self.push_as("ocigc", gateway, bucket, timeout).await
+    }
+
+    /// Pushes every metric as job `job` (grouped by bucket), replacing that group only: a
+    /// `restore` pushes as `ocigc-restore`, so the last run's group stays as it was.
+    pub async fn push_as(
+        &self,
+        job: &str,
+        gateway: &str,
+        bucket: &str,
+        timeout: Duration,
+    ) -> Result<(), PushError> {
         use base64::Engine;
         let group = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bucket);
         let url = format!(
-            "{}/metrics/job/ocigc/bucket@base64/{group}",
+            "{}/metrics/job/{job}/bucket@base64/{group}",
             gateway.trim_end_matches('/')
         );
         // Credentials in the URL (user:password@) go out as basic auth; no error shows them.
