@@ -669,7 +669,8 @@ async fn oci_ages_run_from_when_a_tag_last_moved() {
 }
 
 /// The incremental cache skips an unchanged repository without a request, but never its
-/// retention: time alone makes tags old.
+/// retention (time alone makes tags old); a repository with a trash is skipped only while its
+/// trash is unchanged and no entry has expired.
 #[tokio::test]
 async fn the_cache_never_skips_retention() {
     let t = dir_store();
@@ -690,10 +691,25 @@ async fn the_cache_never_skips_retention() {
     .await;
     assert_eq!(removed(&r, "app"), set(&["pr-1"]));
     assert!(!repo_report(&r, "app").unchanged);
-    // With its tag in the trash the unit is observed (its roots are the trash's) every run.
+    // Its trash is new: the unit is observed (the trash's roots with it) ...
     let again = run(&t.store, &oci, &eager()).await;
     assert!(!repo_report(&again, "app").unchanged);
     assert_intact(&keys(t.store.as_ref()).await, "app", &a, "trashed image");
+    // ... then skipped while neither its listing nor its trash changes and nothing expires ...
+    let quiet = run(&t.store, &oci, &eager()).await;
+    assert!(
+        repo_report(&quiet, "app").unchanged,
+        "cached with its trash"
+    );
+    // ... and observed again once the entry expires: the image goes.
+    let expired = run(&t.store, &oci, &opts(json!([]), "", 48)).await;
+    assert!(!repo_report(&expired, "app").unchanged);
+    assert_gone(
+        &keys(t.store.as_ref()).await,
+        "app",
+        &a,
+        "expired from the trash",
+    );
 }
 
 /// The binary: a config file with retention tables (bad ones are exit 2 naming the key), the
@@ -781,4 +797,32 @@ async fn cli_config_protect_report_and_restore() {
     );
     let usage = ocigc(&["restore", "--bucket", &t.bucket, "team/app"]);
     assert_eq!(usage.status.code(), Some(2));
+}
+
+/// A trash that cannot be read leaves the repository's roots unknown: it fails closed and
+/// nothing of it is deleted.
+#[tokio::test]
+async fn an_unreadable_trash_fails_the_repository_closed() {
+    let t = dir_store();
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let kept = f.image("app", "kept").await;
+    let garbage = f.image("app", "garbage").await;
+    f.layout("app", &[(Some("v1"), &kept)]).await;
+    f.put(&trash_key("app"), b"{not json").await;
+    let r = run(&t.store, &layout("oci", false), &eager()).await;
+    let app = repo_report(&r, "app");
+    assert_eq!(app.status, RepoStatus::Failed);
+    assert!(
+        app.errors.iter().any(|e| e.contains("trash")),
+        "{:?}",
+        app.errors
+    );
+    assert_intact(
+        &keys(t.store.as_ref()).await,
+        "app",
+        &garbage,
+        "unknown roots",
+    );
 }

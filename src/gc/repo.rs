@@ -154,6 +154,8 @@ struct Observation {
     expired_intents: Vec<String>,
     pending: Pending,
     plan: RepoPlan,
+    /// When the next trash entry expires and a decision may change.
+    trash_expiry: Option<std::time::SystemTime>,
 }
 
 fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
@@ -311,7 +313,9 @@ impl RepoRun<'_> {
             return Ok(());
         }
         let read_trash = inputs.leftovers.trash || retained.changed;
-        if let Some(c) = (inputs.cache.as_ref()).filter(|c| c.unchanged && !read_trash) {
+        // A unit with a trash is skipped only while its trash is as when its entry was
+        // written (its version is in the unit's context) and no entry of it has expired.
+        if let Some(c) = (inputs.cache.as_ref()).filter(|c| c.unchanged && !retained.changed) {
             if let Some(e) = &c.entry {
                 let sm = &e.summary;
                 report.unchanged = true;
@@ -475,7 +479,11 @@ impl RepoRun<'_> {
         let wake_at = if report.rescued > 0 || c.volatile {
             Some(std::time::UNIX_EPOCH)
         } else {
-            wake_at(&obs.plan, &obs.pending.first_seen, self.policy)
+            let plan = wake_at(&obs.plan, &obs.pending.first_seen, self.policy);
+            match (plan, obs.trash_expiry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         };
         let summary = cache::Summary {
             reachable_blobs: report.reachable.blobs,
@@ -590,13 +598,13 @@ impl RepoRun<'_> {
         }
         // After the roots: retention writes the trash before it removes a root, so a root
         // missing from them is in the trash read now.
-        let trashed = if read_trash {
-            trash::read(self.store, &repo.name)
+        let (trashed, trash_expiry) = if read_trash {
+            let t = trash::read(self.store, &repo.name)
                 .await
-                .map_err(|e| format!("reading the trash: {e}"))?
-                .roots(self.policy.now)
+                .map_err(|e| format!("reading the trash: {e}"))?;
+            (t.roots(self.policy.now), t.next_expiry(self.policy.now))
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         let read = intent::read_intents(self.store, intents, self.clock.now()).await?;
         let mut warnings = Vec::new();
@@ -637,6 +645,7 @@ impl RepoRun<'_> {
             expired_intents: read.expired,
             pending,
             plan,
+            trash_expiry,
         })
     }
 

@@ -101,6 +101,13 @@ async fn collect_all(
         tail: Mutex::new(Tail::default()),
         cache: (!opts.no_cache).then(|| CacheIndex::from_listing(&state)),
         context: cache_context(layout, opts),
+        trash: state
+            .iter()
+            .filter_map(|o| match namespace::classify(&o.key) {
+                StateKey::Trash(name) => Some((name.to_string(), listed_version(o))),
+                _ => None,
+            })
+            .collect(),
         intents: Mutex::new(HashMap::new()),
         parts_left: std::sync::atomic::AtomicUsize::new(0),
     };
@@ -529,6 +536,9 @@ struct Shared<'a> {
     cache: Option<CacheIndex>,
     /// What besides its listing decides a unit (settings, version).
     context: String,
+    /// The version of each repository's trash as listed: part of its unit's context, so a
+    /// changed trash is observed afresh.
+    trash: HashMap<String, String>,
     /// Push intents by repository, as listed.
     intents: Mutex<HashMap<String, Vec<ObjectMeta>>>,
     /// Parts of the listing not yet through: the facts are complete when none is left.
@@ -788,7 +798,10 @@ impl Shared<'_> {
         }
         self.learn_placeholders(repo);
         let mut unit_cache = self.cache.as_ref().map(|index| {
-            let context = self.context.clone();
+            let context = match self.trash.get(&repo.name) {
+                Some(v) => format!("{} trash {v}", self.context),
+                None => self.context.clone(),
+            };
             let fingerprint = cache::fingerprint(repo.objects.iter(), &context);
             let entry = index.entry(&repo.name).cloned();
             let unchanged = entry.as_ref().is_some_and(|e| e.fingerprint == fingerprint);
@@ -894,6 +907,16 @@ fn merge_roots(mut all: Vec<Roots>) -> Option<Roots> {
 
 /// What besides a unit's listing decides what a run does with it: the settings, and the
 /// version of ocigc (a new version decides afresh once).
+/// A listed object's version as text (ETag, size and modification time).
+fn listed_version(o: &ObjectMeta) -> String {
+    let modified = o
+        .last_modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{} {} {modified}", o.etag.as_deref().unwrap_or(""), o.size)
+}
+
 fn cache_context(layout: &dyn Layout, opts: &GcOptions) -> String {
     format!(
         "ocigc {} layout {} {} grace {} delay {}",

@@ -100,6 +100,14 @@ pub struct Trash {
 }
 
 impl Trash {
+    /// When the next live entry expires (its manifest stops being a root), if any does.
+    pub fn next_expiry(&self, now: SystemTime) -> Option<SystemTime> {
+        (self.file.entries.iter())
+            .filter(|e| e.live(now))
+            .filter_map(|e| humantime::parse_rfc3339(&e.expires_at).ok())
+            .min()
+    }
+
     /// The manifests the trash holds as roots at `now`.
     pub fn roots(&self, now: SystemTime) -> Vec<Digest> {
         let mut out: Vec<Digest> = (self.file.entries.iter())
