@@ -750,20 +750,14 @@ fn retention_options(args: &GcArgs) -> Result<RetentionOptions, CliError> {
         None => Rules::default(),
     };
     let protected = match &args.protect_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the protect file {}", path.display()))
-                .map_err(usage)?;
-            Protected::parse(&text)
-                .with_context(|| format!("protect file {}", path.display()))
-                .map_err(usage)?
-        }
+        Some(path) => Protected::load(path).map_err(|e| usage(e.into()))?,
         None => Protected::default(),
     };
     Ok(RetentionOptions {
         rules,
         protected,
         trash_ttl: args.trash_ttl,
+        protect_file: args.protect_file.clone(),
     })
 }
 

@@ -826,3 +826,26 @@ async fn an_unreadable_trash_fails_the_repository_closed() {
         "unknown roots",
     );
 }
+
+/// The daemon reads the protect file again before every run: what the cluster runs changes.
+#[test]
+fn the_protect_file_is_read_again_and_must_be_readable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("protect.txt");
+    std::fs::write(&path, "team/app:a\n").expect("write");
+    let opts = RetentionOptions {
+        protected: Protected::load(&path).expect("valid"),
+        protect_file: Some(path.clone()),
+        ..RetentionOptions::default()
+    };
+    let d = ocigc::digest::Digest::parse(&sha256(b"x")).expect("digest");
+    assert!(opts.protected.protects_tag("team/app", "a", &d));
+    std::fs::write(&path, "team/app:b\n").expect("write");
+    let fresh = opts.reloaded().expect("reloaded");
+    assert!(fresh.protected.protects_tag("team/app", "b", &d));
+    assert!(!fresh.protected.protects_tag("team/app", "a", &d));
+    std::fs::write(&path, "team/app\n").expect("write");
+    assert!(opts.reloaded().is_err(), "a broken file stops the run");
+    std::fs::remove_file(&path).expect("remove");
+    assert!(opts.reloaded().is_err(), "a missing file stops the run");
+}

@@ -44,6 +44,9 @@ pub struct RetentionOptions {
     pub protected: Protected,
     /// How long removed tags stay in the trash (their manifests roots).
     pub trash_ttl: Duration,
+    /// Where `protected` was read from, so that a long-running daemon reads it again before
+    /// every run (the cluster's images change).
+    pub protect_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RetentionOptions {
@@ -52,11 +55,22 @@ impl Default for RetentionOptions {
             rules: Rules::default(),
             protected: Protected::default(),
             trash_ttl: DEFAULT_TRASH_TTL,
+            protect_file: None,
         }
     }
 }
 
 impl RetentionOptions {
+    /// These options with the protect file read again (unchanged without one); an
+    /// unreadable file is an error: retention never runs without its protection.
+    pub fn reloaded(&self) -> Result<RetentionOptions, protect::LoadError> {
+        let mut out = self.clone();
+        if let Some(path) = &self.protect_file {
+            out.protected = Protected::load(path)?;
+        }
+        Ok(out)
+    }
+
     /// Whether retention looks at repository `name` at all (a table matches it).
     pub fn applies_to(&self, name: &str) -> bool {
         self.rules.for_repository(name).is_some()

@@ -28,7 +28,39 @@ pub struct Protected {
     digests: HashSet<(String, Digest)>,
 }
 
+/// Why a protect file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Unreadable.
+    #[error("reading the protect file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is no image reference.
+    #[error("protect file {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: ProtectError,
+    },
+}
+
 impl Protected {
+    /// Reads and parses the protect file at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Protected, LoadError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Protected::parse(&text).map_err(|source| LoadError::Parse {
+            path: shown,
+            source,
+        })
+    }
+
     /// Parses the text of a protect file.
     pub fn parse(text: &str) -> Result<Protected, ProtectError> {
         let mut out = Protected::default();
