@@ -849,3 +849,31 @@ fn the_protect_file_is_read_again_and_must_be_readable() {
     std::fs::remove_file(&path).expect("remove");
     assert!(opts.reloaded().is_err(), "a missing file stops the run");
 }
+
+/// Deleting a repository takes its trash and tag record with it: a repository pushed again
+/// under the name does not inherit roots whose manifests are gone.
+#[tokio::test]
+async fn delete_repo_takes_the_trash_with_it() {
+    let t = dir_store();
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let a = f.image("app", "a").await;
+    f.layout("app", &[(Some("pr-1"), &a)]).await;
+    let oci = layout("oci", false);
+    let r = run(
+        &t.store,
+        &oci,
+        &opts(json!([{"older_than": "30d"}]), "", 40),
+    )
+    .await;
+    assert_eq!(removed(&r, "app"), set(&["pr-1"]));
+    assert!(keys(t.store.as_ref()).await.contains(&trash_key("app")));
+    delete(&t.store, &["app"], false).await;
+    let k = keys(t.store.as_ref()).await;
+    assert!(!k.contains(&trash_key("app")) && !k.contains(&tags_seen_key("app")));
+    let b = f.image("app", "b").await;
+    f.layout("app", &[(Some("v1"), &b)]).await;
+    let again = run(&t.store, &oci, &eager()).await;
+    assert_eq!(repo_report(&again, "app").status, RepoStatus::Ok);
+}
