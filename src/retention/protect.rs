@@ -3,7 +3,7 @@
 //!
 //! One reference a line: `repo:tag`, `repo@sha256:…`, `repo:tag@sha256:…`, or any of these
 //! with a registry host in front (`registry.example.com:5000/team/app:1.2`), which is
-//! ignored. Blank lines and `#` comments are skipped; anything else that does not parse is an
+//! ignored; a bare `repo` is `repo:latest`. Blank lines and `#` comments are skipped; anything else that does not parse is an
 //! error naming its line, so a broken file never protects less than it says.
 
 use std::collections::HashSet;
@@ -96,20 +96,16 @@ impl Protected {
         };
         let repo = strip_host(path);
         validate_repository_name(repo).map_err(|e| format!("{reference:?}: {e}"))?;
-        match (tag, digest) {
-            (None, None) => {
-                return Err(format!(
-                    "{reference:?}: name a tag (repo:tag) or a digest (repo@sha256:…)"
-                ))
-            }
-            (tag, digest) => {
-                if let Some(t) = tag {
-                    self.tags.insert((repo.to_string(), t.to_string()));
-                }
-                if let Some(d) = digest {
-                    self.digests.insert((repo.to_string(), d));
-                }
-            }
+        // A bare name is `:latest`, as every container runtime reads it (pod specs say `nginx`).
+        let tag = match (tag, &digest) {
+            (None, None) => Some("latest"),
+            (t, _) => t,
+        };
+        if let Some(t) = tag {
+            self.tags.insert((repo.to_string(), t.to_string()));
+        }
+        if let Some(d) = digest {
+            self.digests.insert((repo.to_string(), d));
         }
         Ok(())
     }
@@ -172,9 +168,18 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_name_is_latest() {
+        let bare = Protected::parse("nginx\nghcr.io/team/app\n").expect("bare names");
+        let d = Digest::sha256_of(b"x");
+        assert!(bare.protects_tag("nginx", "latest", &d));
+        assert!(bare.protects_tag("team/app", "latest", &d));
+        assert!(!bare.protects_tag("team/app", "1.0", &d));
+    }
+
+    #[test]
     fn bad_lines_are_named() {
         assert_eq!(
-            Protected::parse("a:1\nteam/app\n")
+            Protected::parse("a:1\nteam//app:1\n")
                 .map(|_| ())
                 .unwrap_err()
                 .line,
