@@ -602,7 +602,40 @@ async fn concurrent_move_is_never_undone(t: TestStore) {
     assert!(dist_dangling(t.store.as_ref()).await.is_empty());
 }
 
+/// `keep_last` keeps the most recently pushed tags: the manifest's LastModified on `oci`, the
+/// tag's on `serverless-registry`. (Pushed oldest first as `c`, `b`, `a`: equal times, as S3's
+/// whole seconds give, order by name, which agrees.) Fallback tags are not counted.
+async fn keep_last_keeps_the_most_recently_pushed(t: TestStore) {
+    let w = SrWriter::new(t.store.clone());
+    let sr = Fixture { store: &w };
+    let oci = Fixture {
+        store: t.store.as_ref(),
+    };
+    let mut images = Vec::new();
+    for name in ["c", "b", "a"] {
+        let img = sr.image("sr", name).await;
+        w.tag("sr", name, &img).await;
+        images.push((name, oci.image("o", name).await));
+    }
+    let sig = sr.referrer("sr", &sr.image("sr", "x").await, "sig").await;
+    w.tag("sr", &sig_tag(&images[2].1, ".sig"), &sig).await;
+    let roots: Vec<(Option<&str>, &Desc)> = images.iter().map(|(n, d)| (Some(*n), d)).collect();
+    oci.layout("o", &roots).await;
+    let rules = json!([{"keep_last": 2}]);
+    let r = run(
+        &t.store,
+        &layout("serverless-registry", false),
+        &opts(rules.clone(), "", 1),
+    )
+    .await;
+    assert_eq!(removed(&r, "sr"), set(&["c"]), "{}", t.kind);
+    assert_eq!(decisions(&r, "sr")["a"], "keep keep_last");
+    let r = run(&t.store, &layout("oci", false), &opts(rules, "", 1)).await;
+    assert_eq!(removed(&r, "o"), set(&["c"]), "{}", t.kind);
+}
+
 both_stores!(
+    keep_last_keeps_the_most_recently_pushed,
     oci_clauses_trash_restore_and_expiry,
     serverless_trash_keeps_untagged_manifests,
     distribution_tags_trash_and_restore,
