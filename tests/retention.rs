@@ -877,7 +877,7 @@ fn the_protect_file_is_read_again_and_must_be_readable() {
     let fresh = opts.reloaded().expect("reloaded");
     assert!(fresh.protected.protects_tag("team/app", "b", &d));
     assert!(!fresh.protected.protects_tag("team/app", "a", &d));
-    std::fs::write(&path, "team/app\n").expect("write");
+    std::fs::write(&path, "team//app:1\n").expect("write");
     assert!(opts.reloaded().is_err(), "a broken file stops the run");
     std::fs::remove_file(&path).expect("remove");
     assert!(opts.reloaded().is_err(), "a missing file stops the run");
