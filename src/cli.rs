@@ -27,6 +27,10 @@ use crate::layout::{self, validate_repository_name, Layout, LayoutOptions};
 use crate::metrics::{redact_url, Metrics};
 use crate::namespace::{self, StateKey};
 use crate::report::Report;
+use crate::retention::protect::Protected;
+use crate::retention::restore::{self, Target};
+use crate::retention::rules::Rules;
+use crate::retention::RetentionOptions;
 use crate::store::{BucketUrl, DirStore, S3Settings, S3Store, StaticCredentials, Store};
 
 /// Exit status: every repository done.
@@ -77,6 +81,8 @@ pub enum Command {
     Intent(IntentArgs),
     /// Run as a service: scheduled GC, the deletion and GC hooks, /metrics.
     Serve(ServeArgs),
+    /// Put back tags that retention moved to the trash (never over an existing tag).
+    Restore(RestoreArgs),
 }
 
 /// Flags shared by every command that touches a bucket.
@@ -176,6 +182,31 @@ pub struct GcArgs {
     /// read in full. For measurements and for ruling the cache out; safety never needs it.
     #[arg(long, env = "OCIGC_NO_CACHE")]
     pub no_cache: bool,
+    /// Image references retention never removes, one a line (repo:tag, repo@sha256:…, with
+    /// or without a registry host), e.g. what the cluster runs.
+    #[arg(long, env = "OCIGC_PROTECT_FILE", value_name = "FILE")]
+    pub protect_file: Option<PathBuf>,
+    /// How long tags retention removed stay in the trash (their manifests kept, `ocigc
+    /// restore` can put them back).
+    #[arg(long, env = "OCIGC_TRASH_TTL", default_value = "7d", value_parser = parse_duration)]
+    #[serde(with = "setting::duration")]
+    pub trash_ttl: Duration,
+    /// The `[[retention]]` tables of the configuration file (no flag).
+    #[arg(skip)]
+    #[serde(default)]
+    pub retention: Option<serde_json::Value>,
+}
+
+/// Flags of `ocigc restore`.
+#[derive(Debug, Args, Serialize, Deserialize)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub store: StoreArgs,
+    /// Tags to put back from the trash: REPO:TAG (or REPO@sha256:… for an untagged root).
+    #[arg(required = true, value_name = "REPO:TAG")]
+    #[serde(skip)]
+    pub targets: Vec<String>,
 }
 
 /// Flags of `ocigc delete-repo`.
@@ -361,14 +392,18 @@ pub fn init_logging(format: LogFormat) {
 
 /// True when the user gave `id` on the command line or in the environment.
 fn explicit(m: &ArgMatches, id: &str) -> bool {
-    matches!(
-        m.value_source(id),
-        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-    )
+    // Tables of the file (`retention`) are no arguments, and clap panics on an unknown id.
+    m.try_contains_id(id).is_ok()
+        && matches!(
+            m.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
 }
 
 /// Subcommands whose flags the configuration file sets.
-const CONFIGURED: [&str; 3] = ["gc", "delete-repo", "serve"];
+const CONFIGURED: [&str; 4] = ["gc", "delete-repo", "serve", "restore"];
+/// Configuration keys that are tables rather than flags.
+const TABLES: [&str; 1] = ["retention"];
 
 /// The configuration keys: the long flags of [`CONFIGURED`] commands, hidden ones (drills)
 /// and global ones (`--config` itself, `--log-format`) excepted.
@@ -438,6 +473,7 @@ fn apply_config(cli: &mut Cli, matches: &ArgMatches) -> Result<(), CliError> {
         Command::Gc(g) => merge_config(g, Some(m), &cfg),
         Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
         Command::Serve(s) => merge_config(s, Some(m), &cfg),
+        Command::Restore(r) => merge_config(r, Some(m), &cfg),
         Command::Intent(_) => Ok(()),
     }
 }
@@ -446,8 +482,12 @@ fn apply_config(cli: &mut Cli, matches: &ArgMatches) -> Result<(), CliError> {
 /// its flags (defaults only, variables ignored) take the whole file.
 fn check_config(cfg: &FileConfig) -> Result<(), CliError> {
     let keys = config_keys();
-    cfg.check_keys(keys.iter().map(String::as_str))
+    cfg.check_keys(keys.iter().map(String::as_str).chain(TABLES))
         .map_err(|e| usage(e.into()))?;
+    if let Some(tables) = cfg.value("retention") {
+        Rules::parse(tables)
+            .map_err(|e| usage(cfg.error_at("retention", &e.to_string()).into()))?;
+    }
     let defaults = Cli::command()
         .mut_args(|a| a.env(None::<&str>))
         .mut_subcommand("serve", |s| s.mut_args(|a| a.env(None::<&str>)))
@@ -669,6 +709,7 @@ async fn gc_setup(
             delete_untagged: args.delete_untagged,
         },
     )?;
+    let retention = retention_options(args)?;
     let (store, request_timeout) = open_store(&args.store).await?;
     check_lease_ttl(args.store.lease_ttl, request_timeout)?;
     let concurrency = args.store.concurrency;
@@ -690,6 +731,7 @@ async fn gc_setup(
         progress: None,
         only: None,
         no_cache: args.no_cache,
+        retention: Arc::new(retention),
     };
     Ok((
         store,
@@ -697,6 +739,77 @@ async fn gc_setup(
         gc,
         delete_options(&args.store, request_timeout),
     ))
+}
+
+/// The retention tables, the protect file and the trash TTL, from the flags and the file.
+fn retention_options(args: &GcArgs) -> Result<RetentionOptions, CliError> {
+    let rules = match &args.retention {
+        Some(tables) => {
+            Rules::parse(tables).map_err(|e| usage(anyhow!("configuration file: {e}")))?
+        }
+        None => Rules::default(),
+    };
+    let protected = match &args.protect_file {
+        Some(path) => Protected::load(path).map_err(|e| usage(e.into()))?,
+        None => Protected::default(),
+    };
+    Ok(RetentionOptions {
+        rules,
+        protected,
+        trash_ttl: args.trash_ttl,
+        protect_file: args.protect_file.clone(),
+    })
+}
+
+/// `ocigc restore`: each target back from the trash; exit 3 if any was not.
+async fn restore_command(args: RestoreArgs) -> Result<u8, CliError> {
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| Target::parse(t).map_err(|e| usage(anyhow!(e))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let layout = pick_layout(&args.store.layout, LayoutOptions::default())?;
+    let (store, _) = open_store(&args.store).await?;
+    if args.store.dry_run {
+        return Err(usage(anyhow!("restore has no dry run")));
+    }
+    let now = store
+        .server_time()
+        .await
+        .context("reading the bucket clock")
+        .map_err(fatal)?
+        + args.store.clock_offset;
+    let metrics = Metrics::new();
+    let mut failed = 0;
+    for t in &targets {
+        match restore::restore(store.as_ref(), layout.as_ref(), t, now).await {
+            Ok(digest) => {
+                metrics.tags_restored(1);
+                let what = t.tag.as_deref().unwrap_or("(untagged)");
+                println!("restored {}:{what} -> {digest}", t.repo);
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::error!(error = %e, "not restored");
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    // Its own job: replacing the `ocigc` group would drop the last run's series.
+    if let Some(gateway) = &args.store.pushgateway {
+        let pushed = metrics
+            .push_as(
+                "ocigc-restore",
+                gateway,
+                &store.describe(),
+                args.store.timeout_request,
+            )
+            .await;
+        if let Err(e) = pushed {
+            tracing::error!(error = %e, "metrics push failed");
+        }
+    }
+    Ok(if failed == 0 { EXIT_OK } else { EXIT_PARTIAL })
 }
 
 /// The settings of a repository deletion, from the flags.
@@ -820,6 +933,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Intent(args) => intent_command(args).await,
         Command::Serve(args) => serve_command(args).await,
+        Command::Restore(args) => restore_command(args).await,
     }
 }
 
@@ -1022,10 +1136,39 @@ mod tests {
             Command::Gc(g) => merge_config(g, Some(m), &cfg),
             Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
             Command::Serve(s) => merge_config(s, Some(m), &cfg),
+            Command::Restore(r) => merge_config(r, Some(m), &cfg),
             Command::Intent(_) => Ok(()),
         };
         done.map_err(|e| format!("{:#}", e.error))?;
         Ok(cli)
+    }
+
+    #[test]
+    fn retention_tables_are_checked_and_reach_gc() {
+        let toml = "grace = \"1h\"\n[[retention]]\nrepos = [\"team/**\"]\nkeep_last = 3\n";
+        let cli = merged(&["gc"], toml).expect("valid");
+        let Command::Gc(g) = cli.command else {
+            panic!("gc")
+        };
+        let rules = Rules::parse(g.retention.as_ref().expect("tables")).expect("valid");
+        assert_eq!(
+            rules.for_repository("team/app").and_then(|r| r.keep_last),
+            Some(3)
+        );
+        for (bad, key) in [
+            (
+                "[[retention]]\nkeep_tags = [\"(\"]\n",
+                "retention[0].keep_tags[0]",
+            ),
+            ("[[retention]]\nkeep_last = -1\n", "retention[0].keep_last"),
+            (
+                "[[retention]]\n[[retention]]\nkeep_lsat = 1\n",
+                "retention[1].keep_lsat",
+            ),
+        ] {
+            let err = merged(&["gc"], bad).expect_err("invalid");
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]
@@ -1051,6 +1194,8 @@ mod tests {
             "list_parts",
             "delete_untagged",
             "no_cache",
+            "protect_file",
+            "trash_ttl",
             "listen",
             "interval",
             "token_file",

@@ -1,6 +1,7 @@
 //! ocigc: an online garbage collector for container registries stored in object-store buckets.
 //!
-//! Data flows one way: [`store`] listing → [`layout`] partition by repository → [`gc`] mark →
+//! Data flows one way: [`store`] listing → [`layout`] partition by repository → [`retention`]
+//! (which tags go) → [`gc`] mark →
 //! plan → delete → [`report`].
 
 pub mod cli;
@@ -14,4 +15,5 @@ pub mod manifest;
 pub mod metrics;
 pub mod namespace;
 pub mod report;
+pub mod retention;
 pub mod store;

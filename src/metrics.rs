@@ -21,7 +21,7 @@ pub const TIMEOUT_SCOPES: [&str; 3] = ["request", "repo", "run"];
 const OPS: [Op; 5] = [Op::List, Op::Get, Op::Head, Op::Put, Op::Delete];
 
 /// Every metric name of SPEC §5 (the dashboard and alerts rely on them).
-pub const NAMES: [&str; 21] = [
+pub const NAMES: [&str; 23] = [
     "ocigc_runs_total",
     "ocigc_run_duration_seconds",
     "ocigc_last_run_timestamp_seconds",
@@ -43,6 +43,8 @@ pub const NAMES: [&str; 21] = [
     "ocigc_hook_run_duration_seconds",
     "ocigc_hook_last_success_timestamp_seconds",
     "ocigc_hook_jobs_rejected_total",
+    "ocigc_tags_removed_total",
+    "ocigc_tags_restored_total",
 ];
 
 /// Every ocigc metric, registered in one registry.
@@ -69,6 +71,8 @@ pub struct Metrics {
     hook_run_duration: Histogram,
     hook_last_success: Gauge,
     hook_jobs_rejected: IntCounter,
+    tags_removed: IntCounter,
+    tags_restored: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -264,6 +268,16 @@ impl Metrics {
                 "ocigc_hook_jobs_rejected_total",
                 "Hook requests refused with 429 because the job queue was full.",
             ),
+            tags_removed: counter(
+                &r,
+                "ocigc_tags_removed_total",
+                "Tags (and untagged roots) retention removed to the trash.",
+            ),
+            tags_restored: counter(
+                &r,
+                "ocigc_tags_restored_total",
+                "Tags `ocigc restore` put back from the trash.",
+            ),
             registry: r,
         };
         for l in RUN_RESULTS {
@@ -294,6 +308,9 @@ impl Metrics {
             if !report.dry_run {
                 self.blobs_deleted.inc_by(r.deleted.len() as u64);
                 self.bytes_deleted.inc_by(r.bytes_deleted());
+                if let Some(ret) = &r.retention {
+                    self.tags_removed.inc_by(ret.removed);
+                }
             }
             self.manifests_fetched.inc_by(r.manifests_fetched);
             self.lease_conflicts.inc_by(u64::from(r.lease_conflict));
@@ -329,6 +346,11 @@ impl Metrics {
             self.hook_last_success.set(unix_now());
         }
         self.observe_repositories(report, run_timed_out);
+    }
+
+    /// Records tags `ocigc restore` put back.
+    pub fn tags_restored(&self, n: u64) {
+        self.tags_restored.inc_by(n);
     }
 
     /// Records a hook request refused because the job queue was full.
@@ -381,10 +403,22 @@ impl Metrics {
         bucket: &str,
         timeout: Duration,
     ) -> Result<(), PushError> {
+        self.push_as("ocigc", gateway, bucket, timeout).await
+    }
+
+    /// Pushes every metric as job `job` (grouped by bucket), replacing that group only: a
+    /// `restore` pushes as `ocigc-restore`, so the last run's group stays as it was.
+    pub async fn push_as(
+        &self,
+        job: &str,
+        gateway: &str,
+        bucket: &str,
+        timeout: Duration,
+    ) -> Result<(), PushError> {
         use base64::Engine;
         let group = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bucket);
         let url = format!(
-            "{}/metrics/job/ocigc/bucket@base64/{group}",
+            "{}/metrics/job/{job}/bucket@base64/{group}",
             gateway.trim_end_matches('/')
         );
         // Credentials in the URL (user:password@) go out as basic auth; no error shows them.

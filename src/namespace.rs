@@ -11,7 +11,8 @@
 //! | `_ocigc/clock/<id>`                  | the bucket-clock probe (never written)      |
 //! | `_ocigc/readyz`                      | the daemon's readiness probe (never written)|
 //! | `_ocigc/cache/<name>`                | reserved: the manifest-reference cache      |
-//! | `_ocigc/trash/<key>`                 | reserved: deleted objects kept for a while  |
+//! | `_ocigc/trash/<repo>.json`           | tags retention removed, until `--trash-ttl` |
+//! | `_ocigc/tags/<repo>.json`            | when each tag→digest pair was first seen    |
 //!
 //! `<unit>` is a repository name, or [`GLOBAL_REPOSITORY`] for a layout's global blob space:
 //! the repository grammar forbids a leading `_`, so it never collides with a repository.
@@ -32,6 +33,7 @@ const CLOCK: &str = "_ocigc/clock/";
 const READINESS: &str = "_ocigc/readyz";
 const CACHE: &str = "_ocigc/cache/";
 const TRASH: &str = "_ocigc/trash/";
+const TAGS: &str = "_ocigc/tags/";
 const JSON: &str = ".json";
 
 /// Whose state a key is: one repository's, or the global blob space's. Replaces comparing a
@@ -98,8 +100,10 @@ pub enum StateKey<'a> {
     Readiness,
     /// An entry of the reference cache, by name below `_ocigc/cache/`.
     Cache(&'a str),
-    /// A trashed object, by its original key.
+    /// A repository's trash: the tags retention removed (by repository name).
     Trash(&'a str),
+    /// When each tag of a repository was first seen pointing where it does (`oci`).
+    TagsSeen(&'a str),
     /// Under `_ocigc/` but none of the above (another version's state, a stray file): kept,
     /// never interpreted.
     Unknown,
@@ -145,8 +149,19 @@ pub fn classify(key: &str) -> StateKey<'_> {
     if let Some(name) = key.strip_prefix(CACHE).filter(|n| !n.is_empty()) {
         return StateKey::Cache(name);
     }
-    if let Some(original) = key.strip_prefix(TRASH).filter(|k| !k.is_empty()) {
-        return StateKey::Trash(original);
+    if let Some(name) = key
+        .strip_prefix(TRASH)
+        .and_then(|r| r.strip_suffix(JSON))
+        .filter(|n| !n.is_empty())
+    {
+        return StateKey::Trash(name);
+    }
+    if let Some(name) = key
+        .strip_prefix(TAGS)
+        .and_then(|r| r.strip_suffix(JSON))
+        .filter(|n| !n.is_empty())
+    {
+        return StateKey::TagsSeen(name);
     }
     debug_assert!(!rest.is_empty() || key == STATE_PREFIX);
     StateKey::Unknown
@@ -221,9 +236,14 @@ pub fn cache_prefix() -> &'static str {
     CACHE
 }
 
-/// Where a deleted object is kept while in the trash (reserved).
-pub fn trash_key(original: &str) -> String {
-    format!("{TRASH}{original}")
+/// The trash of repository `name`: the tags retention removed from it, until they expire.
+pub fn trash_key(name: &str) -> String {
+    format!("{TRASH}{name}{JSON}")
+}
+
+/// When each tag of repository `name` was first seen pointing where it does (`oci`).
+pub fn tags_seen_key(name: &str) -> String {
+    format!("{TAGS}{name}{JSON}")
 }
 
 /// The listing prefix of the trash.
@@ -270,10 +290,14 @@ mod tests {
         );
         assert!(cache_key("x").starts_with(cache_prefix()));
         assert_eq!(
-            classify(&trash_key("team/app/blobs/sha256/ab")),
-            StateKey::Trash("team/app/blobs/sha256/ab")
+            classify(&trash_key("team/app")),
+            StateKey::Trash("team/app")
         );
         assert!(trash_key("x").starts_with(trash_prefix()));
+        assert_eq!(
+            classify(&tags_seen_key("team/app/tools")),
+            StateKey::TagsSeen("team/app/tools")
+        );
     }
 
     #[test]
@@ -309,6 +333,8 @@ mod tests {
             "_ocigc/clock/",
             "_ocigc/cache/",
             "_ocigc/trash/",
+            "_ocigc/trash/app.txt",
+            "_ocigc/tags/.json",
             "_ocigc/state/app.json",
         ] {
             assert_eq!(classify(key), StateKey::Unknown, "{key}");

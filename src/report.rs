@@ -89,6 +89,9 @@ pub struct RepoReport {
     /// Nothing that could change a decision changed since the run that last collected it: its
     /// figures are that run's (from the incremental cache), and no request was made for it.
     pub unchanged: bool,
+    /// What retention decided for each tag, where a `[[retention]]` table applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::retention::RetentionReport>,
 }
 
 impl RepoReport {
@@ -110,6 +113,7 @@ impl RepoReport {
             warnings: Vec::new(),
             errors: Vec::new(),
             unchanged: false,
+            retention: None,
         }
     }
 
@@ -152,6 +156,10 @@ pub struct Totals {
     pub dangling_references: u64,
     /// Repositories skipped because another collector held the lease.
     pub lease_conflicts: u64,
+    /// Tags (and untagged roots) retention removed (would remove, in a dry run).
+    pub tags_removed: u64,
+    /// Tags retention kept, where a table applied.
+    pub tags_kept: u64,
 }
 
 /// The report of one `gc` or `delete-repo` run.
@@ -217,6 +225,10 @@ impl Report {
             t.rescued += r.rescued;
             t.dangling_references += r.dangling_references.len() as u64;
             t.lease_conflicts += u64::from(r.lease_conflict);
+            if let Some(ret) = &r.retention {
+                t.tags_removed += ret.removed;
+                t.tags_kept += ret.kept;
+            }
         }
         self.totals = t;
     }
@@ -253,6 +265,25 @@ impl Report {
                 r.deleted.len(),
                 human_bytes(r.bytes_deleted()),
             )?;
+            if let Some(ret) = &r.retention {
+                let verb = if self.dry_run {
+                    "would remove"
+                } else {
+                    "removed"
+                };
+                writeln!(
+                    out,
+                    "      retention ({}): {verb} {} tags, kept {}{}",
+                    ret.table,
+                    ret.removed,
+                    ret.kept,
+                    if ret.moved > 0 {
+                        format!(" ({} moved by a push meanwhile, left alone)", ret.moved)
+                    } else {
+                        String::new()
+                    }
+                )?;
+            }
             for e in &r.errors {
                 writeln!(out, "      error: {e}")?;
             }
@@ -261,6 +292,18 @@ impl Report {
             writeln!(out, "  {:<40} left alone: {}", r.prefix, r.reason)?;
         }
         let t = &self.totals;
+        if t.tags_removed + t.tags_kept > 0 {
+            let verb = if self.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            };
+            writeln!(
+                out,
+                "retention: {verb} {} tags, kept {}",
+                t.tags_removed, t.tags_kept
+            )?;
+        }
         writeln!(
             out,
             "total: {} repositories ({} not ok), {} objects ({}), {verb} {} ({}), pending {} ({}); \

@@ -71,7 +71,16 @@ def container(doc):
 
 def cronjob_args(target, doc):
     args = [a.replace("$(JOB_COMPLETION_INDEX)", "0") for a in container(doc)["args"]]
+    protect = [a for a in args if a.startswith("--protect-file=")]
+    check(f"{target}: CronJob protects running images (--protect-file from the init container)",
+          len(protect) == 1 and any(c["name"] == "running-images" for c in
+                                    doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"]))
     with tempfile.TemporaryDirectory() as bucket:
+        # The file the init container writes, as `kubectl … jsonpath` lists images.
+        sample = os.path.join(bucket, "protect.txt")
+        with open(sample, "w") as f:
+            f.write("ghcr.io/example/app:1.2\ndocker.io/library/nginx@sha256:" + "0" * 64 + "\n")
+        args = [f"--protect-file={sample}" if a.startswith("--protect-file=") else a for a in args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("OCIGC_")}
         env.update({"OCIGC_BUCKET": bucket, "OCIGC_LOG": "warn"})
         out = subprocess.run([OCIGC, *args, "--dry-run"], env=env, capture_output=True, text=True)

@@ -95,12 +95,28 @@ impl App {
         if self.stop.is_cancelled() {
             return;
         }
+        let opts = match self.gc_options() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "scheduled gc run skipped");
+                return;
+            }
+        };
         *self.running_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        let result = gc::run_gc(self.store.clone(), self.layout.clone(), &self.gc).await;
+        let result = gc::run_gc(self.store.clone(), self.layout.clone(), &opts).await;
         *self.running_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(e) = result {
             tracing::error!(error = %anyhow::Error::from(e), "scheduled gc run failed");
         }
+    }
+
+    /// The GC options of the next run, with the protect file read again.
+    fn gc_options(&self) -> Result<GcOptions, crate::retention::protect::LoadError> {
+        let mut opts = self.gc.clone();
+        if opts.retention.protect_file.is_some() {
+            opts.retention = Arc::new(opts.retention.reloaded()?);
+        }
+        Ok(opts)
     }
 
     /// Queues a hook job and returns its id; `None` when the queue is full.
@@ -142,7 +158,16 @@ impl App {
                 .await
             }
             JobKind::Gc => {
-                let mut opts = self.gc.clone();
+                let mut opts = match self.gc_options() {
+                    Ok(o) => o,
+                    Err(e) => {
+                        self.jobs.update(job, |j| {
+                            j.status = JobStatus::Failed;
+                            j.error = Some(e.to_string());
+                        });
+                        return;
+                    }
+                };
                 // Repository names contain no glob metacharacters: the glob is the name.
                 opts.repos = match RepoFilter::new(&names) {
                     Ok(f) => f,

@@ -234,7 +234,13 @@ async fn delete_one(
     if report.status == RepoStatus::Ok {
         // ocigc's own state for the repository goes last: a crash before this point leaves
         // it for the resumed deletion, which removes it then.
-        let mut keys = vec![state::pending_key(name)];
+        // Its trash and tag record go with it: a repository pushed again under the name must
+        // not inherit roots whose manifests are gone.
+        let mut keys = vec![
+            state::pending_key(name),
+            crate::namespace::trash_key(name),
+            crate::namespace::tags_seen_key(name),
+        ];
         match intent::list_intents(store, Scope::Repository(name)).await {
             Ok(listed) => keys.extend(listed.into_iter().map(|o| o.key)),
             Err(e) => report.warnings.push(format!("listing intents: {e}")),

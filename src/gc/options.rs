@@ -105,6 +105,9 @@ pub struct GcOptions {
     /// Neither read nor write the incremental cache (`_ocigc/cache/`): every repository is
     /// observed in full. For measurements and for ruling the cache out; never needed for safety.
     pub no_cache: bool,
+    /// Which tags go before marking (`[[retention]]`, `--protect-file`, `--trash-ttl`); no
+    /// tables: retention removes nothing, but trashed manifests stay roots all the same.
+    pub retention: Arc<crate::retention::RetentionOptions>,
 }
 
 impl std::fmt::Debug for dyn Progress {
@@ -145,6 +148,7 @@ impl Default for GcOptions {
             progress: None,
             only: None,
             no_cache: false,
+            retention: Arc::default(),
         }
     }
 }

@@ -19,7 +19,9 @@ use super::stop::{Phase, Stop};
 use super::{intent, sweep};
 use crate::digest::Digest;
 use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots};
+use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
 use crate::report::{Deleted, RepoReport, RepoStatus};
+use crate::retention::{self, trash, RetentionOptions, RetentionReport};
 use crate::store::{Instrumented, ObjectMeta, Store};
 
 /// What stays the same for every repository of one run.
@@ -35,6 +37,7 @@ pub(super) struct RepoRun<'a> {
     pub(super) run_deadline: Option<Instant>,
     pub(super) repo_timeout: Option<Duration>,
     pub(super) stop: CancellationToken,
+    pub(super) retention: Arc<RetentionOptions>,
 }
 
 /// What the run found for one repository before collecting it.
@@ -63,6 +66,18 @@ pub(super) struct RepoInputs {
     pub(super) cache: Option<UnitCache>,
     /// Documents a first look at the unit this run already read (a deferred repository).
     pub(super) primed: Option<cache::Contents>,
+    /// Retention as a first look at the unit already applied it (a deferred repository):
+    /// applied once per run.
+    pub(super) retained: Option<Retained>,
+}
+
+/// Retention as applied to one unit this run.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Retained {
+    /// Its report, where a table applies.
+    pub(super) report: Option<RetentionReport>,
+    /// Roots were removed: the listing is stale, and the trash holds new roots.
+    pub(super) changed: bool,
 }
 
 /// The incremental cache's view of one unit.
@@ -116,6 +131,8 @@ pub(super) struct Leftovers {
     pub(super) announcement: bool,
     /// A lease is stored: held by a live collector, or left by a dead one.
     pub(super) lease: bool,
+    /// A trash is stored: its live entries are roots.
+    pub(super) trash: bool,
 }
 
 /// Why a repository's lease is taken.
@@ -137,6 +154,8 @@ struct Observation {
     expired_intents: Vec<String>,
     pending: Pending,
     plan: RepoPlan,
+    /// When the next trash entry expires and a decision may change.
+    trash_expiry: Option<std::time::SystemTime>,
 }
 
 fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
@@ -180,13 +199,13 @@ pub(super) enum Collected {
     /// Its report.
     Done(RepoReport),
     /// Handed back unobserved-for-good: the run collects it again once every repository has
-    /// been listed (see [`RepoInputs::defer_deletions`]).
-    Deferred(Repository, cache::Contents),
+    /// been listed (see [`RepoInputs::defer_deletions`]), with what retention did.
+    Deferred(Repository, cache::Contents, Retained),
 }
 
 /// The repository must wait for the second pass; what marking learnt so far, so that the
-/// second pass reads none of it again.
-struct Deferral(cache::Contents);
+/// second pass reads none of it again, and what retention did, so that it is not done twice.
+struct Deferral(cache::Contents, Retained);
 
 /// Runs `work` until `deadline`; `None` if the deadline came first.
 async fn within<T>(
@@ -227,9 +246,11 @@ impl RepoRun<'_> {
         let defer = inputs.defer_deletions;
         match self.collect_inner(&repo, inputs, &mut report).await {
             Ok(()) => {}
-            Err(Deferral(learnt)) if defer => return Collected::Deferred(repo, learnt),
+            Err(Deferral(learnt, retained)) if defer => {
+                return Collected::Deferred(repo, learnt, retained)
+            }
             // Only a run that asked for deferral gets one.
-            Err(Deferral(_)) => {}
+            Err(Deferral(..)) => {}
         }
         tracing::info!(
             run_id = %self.run_id,
@@ -276,7 +297,25 @@ impl RepoRun<'_> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some(c) = inputs.cache.as_ref().filter(|c| c.unchanged) {
+        // Retention first (before the cache may skip the unit): time alone can change what
+        // it decides, so a unit a table applies to always has its tags read.
+        let retained = match inputs.retained.clone() {
+            Some(r) => r,
+            None => match self.retain(repo, deadline, report).await {
+                Some(r) => r,
+                None => return Ok(()),
+            },
+        };
+        report.retention = retained.report.clone();
+        if !self.layout.per_repository_gc() && !repo.is_global() {
+            // Collected only for retention (distribution without --delete-untagged): its
+            // blobs are global and swept by the global unit.
+            return Ok(());
+        }
+        let read_trash = inputs.leftovers.trash || retained.changed;
+        // A unit with a trash is skipped only while its trash is as when its entry was
+        // written (its version is in the unit's context) and no entry of it has expired.
+        if let Some(c) = (inputs.cache.as_ref()).filter(|c| c.unchanged && !retained.changed) {
             if let Some(e) = &c.entry {
                 let sm = &e.summary;
                 report.unchanged = true;
@@ -330,7 +369,7 @@ impl RepoRun<'_> {
         }
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
-        let observed = self.observe(repo, &mut marker, leftovers.pending, inputs);
+        let observed = self.observe(repo, &mut marker, leftovers.pending, read_trash, inputs);
         let limit = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -352,7 +391,12 @@ impl RepoRun<'_> {
             Ok(o) => o,
             // Facts other repositories hold (a content copy listed later) may be what was
             // missing: the second pass decides with all of them.
-            Err(_) if defer => return Err(Deferral(cache::Contents::learned(&marker, Vec::new()))),
+            Err(_) if defer => {
+                return Err(Deferral(
+                    cache::Contents::learned(&marker, Vec::new()),
+                    retained,
+                ))
+            }
             Err(reason) => {
                 tracing::error!(repo = %repo.name, %reason, "repository failed closed");
                 report.stopped(&Stop::FailedClosed(reason));
@@ -362,7 +406,10 @@ impl RepoRun<'_> {
         };
         // A deletion may remove what a link or placeholder listed later keeps alive.
         if defer && obs.plan.deletions().next().is_some() {
-            return Err(Deferral(cache::Contents::learned(&marker, Vec::new())));
+            return Err(Deferral(
+                cache::Contents::learned(&marker, Vec::new()),
+                retained,
+            ));
         }
         obs.deadline = deadline;
         obs.leftovers = leftovers;
@@ -432,7 +479,11 @@ impl RepoRun<'_> {
         let wake_at = if report.rescued > 0 || c.volatile {
             Some(std::time::UNIX_EPOCH)
         } else {
-            wake_at(&obs.plan, &obs.pending.first_seen, self.policy)
+            let plan = wake_at(&obs.plan, &obs.pending.first_seen, self.policy);
+            match (plan, obs.trash_expiry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         };
         let summary = cache::Summary {
             reachable_blobs: report.reachable.blobs,
@@ -471,12 +522,56 @@ impl RepoRun<'_> {
             .count() as u64;
     }
 
-    /// Reads roots, intents and pending state, marks, and plans.
+    /// Applies retention to `repo` (a repository a table matches), bounded by `deadline`;
+    /// `None` if it failed or timed out (`report` says which, and nothing more is done).
+    async fn retain(
+        &self,
+        repo: &Repository,
+        deadline: Option<Instant>,
+        report: &mut RepoReport,
+    ) -> Option<Retained> {
+        if repo.is_global() {
+            return Some(Retained::default());
+        }
+        let run = retention::Run {
+            store: self.store,
+            layout: self.layout,
+            options: &self.retention,
+            now: self.policy.now,
+            grace: self.policy.grace,
+            dry_run: self.dry_run,
+        };
+        let applied = match within(deadline, run.apply(repo)).await {
+            Some(a) => a,
+            None => {
+                report.stopped(&Stop::Timeout(Phase::Retention));
+                return None;
+            }
+        };
+        match applied {
+            None => Some(Retained::default()),
+            Some(Ok(outcome)) => {
+                report.warnings.extend(outcome.warnings);
+                Some(Retained {
+                    report: Some(outcome.report),
+                    changed: outcome.changed,
+                })
+            }
+            Some(Err(e)) => {
+                tracing::error!(repo = %repo.name, error = %e, "repository failed closed");
+                report.stopped(&Stop::FailedClosed(e.to_string()));
+                None
+            }
+        }
+    }
+
+    /// Reads roots, intents, the trash and pending state, marks, and plans.
     async fn observe(
         &self,
         repo: &Repository,
         marker: &mut Marker<'_>,
         has_pending: bool,
+        read_trash: bool,
         inputs: RepoInputs,
     ) -> Result<Observation, String> {
         let RepoInputs {
@@ -501,6 +596,16 @@ impl RepoRun<'_> {
                 .descriptors
                 .retain(|_| sources.next().is_some_and(|k| !dropped_roots.contains(k)));
         }
+        // After the roots: retention writes the trash before it removes a root, so a root
+        // missing from them is in the trash read now.
+        let (trashed, trash_expiry) = if read_trash {
+            let t = trash::read(self.store, &repo.name)
+                .await
+                .map_err(|e| format!("reading the trash: {e}"))?;
+            (t.roots(self.policy.now), t.next_expiry(self.policy.now))
+        } else {
+            (Vec::new(), None)
+        };
         let read = intent::read_intents(self.store, intents, self.clock.now()).await?;
         let mut warnings = Vec::new();
         let pending = if has_pending {
@@ -515,6 +620,11 @@ impl RepoRun<'_> {
         marker.prime(roots.documents);
         let mut descriptors = roots.descriptors;
         descriptors.extend(read.roots);
+        descriptors.extend(trashed.into_iter().map(|digest| Descriptor {
+            media_type: Some(UNTYPED_MANIFEST.into()),
+            digest,
+            size: None,
+        }));
         marker.mark(&descriptors).await.map_err(|e| e.0)?;
         // Linked blobs are kept, not marked from: as unread roots they would hide what they
         // are (a manifest an index lists, an unlisted referrer) from the walk and the scan.
@@ -535,6 +645,7 @@ impl RepoRun<'_> {
             expired_intents: read.expired,
             pending,
             plan,
+            trash_expiry,
         })
     }
 

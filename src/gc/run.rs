@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::cache::{self, CacheIndex};
 use super::lease::Leases;
 use super::plan::PlanPolicy;
-use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, UnitCache};
+use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, Retained, UnitCache};
 use super::stop::Stop;
 use super::{
     before_run_deadline, finish_report, intent, lease, new_report, parts, probe_clock, scope,
@@ -85,7 +85,10 @@ async fn collect_all(
         .filter(|o| {
             matches!(
                 namespace::classify(&o.key),
-                StateKey::Pending(_) | StateKey::Deleting(_) | StateKey::Lease(_)
+                StateKey::Pending(_)
+                    | StateKey::Deleting(_)
+                    | StateKey::Lease(_)
+                    | StateKey::Trash(_)
             )
         })
         .map(|o| o.key.clone())
@@ -98,6 +101,13 @@ async fn collect_all(
         tail: Mutex::new(Tail::default()),
         cache: (!opts.no_cache).then(|| CacheIndex::from_listing(&state)),
         context: cache_context(layout, opts),
+        trash: state
+            .iter()
+            .filter_map(|o| match namespace::classify(&o.key) {
+                StateKey::Trash(name) => Some((name.to_string(), listed_version(o))),
+                _ => None,
+            })
+            .collect(),
         intents: Mutex::new(HashMap::new()),
         parts_left: std::sync::atomic::AtomicUsize::new(0),
     };
@@ -107,6 +117,7 @@ async fn collect_all(
         pending: state_keys.contains(&state::pending_key(name)),
         announcement: state_keys.contains(&intent::deleting_key(name)),
         lease: state_keys.contains(&lease::lease_key(name)),
+        trash: state_keys.contains(&namespace::trash_key(name)),
     };
 
     let run = RepoRun {
@@ -130,6 +141,7 @@ async fn collect_all(
         run_deadline,
         repo_timeout: opts.repo_timeout,
         stop: opts.stop.clone(),
+        retention: opts.retention.clone(),
     };
     // A shard's repositories are those of its own parts (see `parts`); the global unit is the
     // first shard's.
@@ -181,6 +193,7 @@ async fn collect_all(
             placeholders: facts.placeholders.clone(),
             defer_deletions: links && !facts_complete,
             primed: None,
+            retained: None,
         }
     };
 
@@ -192,7 +205,13 @@ async fn collect_all(
     // The global unit's roots are every repository's; links anywhere keep blobs alive.
     let owns_global = shard.is_none_or(|s| s.index == 0);
     let needs_all = links || (key_space.global.is_some() && owns_global);
-    let listing = if layout.per_repository_gc() || needs_all {
+    // Units a layout does not collect one by one are still handed out where retention
+    // applies to them (distribution without --delete-untagged: tags only).
+    let collects = |r: &Repository| {
+        layout.per_repository_gc() || (!r.is_global() && opts.retention.applies_to(&r.name))
+    };
+    let retains = !opts.retention.rules.is_empty();
+    let listing = if layout.per_repository_gc() || needs_all || retains {
         let request = parts::Request {
             prefix: &prefix,
             exclude: &[STATE_PREFIX],
@@ -239,7 +258,7 @@ async fn collect_all(
         .store(feeds.len(), std::sync::atomic::Ordering::SeqCst);
     let producer = async {
         let listed = stream::select_all(feeds).for_each(|u| {
-            if u.own && layout.per_repository_gc() && wanted(&u.repo) {
+            if u.own && collects(&u.repo) && wanted(&u.repo) {
                 found.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let weight = u.repo.objects.len();
                 backlog.push(u, weight);
@@ -267,7 +286,7 @@ async fn collect_all(
             }
             // Held while memory allows; beyond that, listed again (and its documents read
             // again) when its turn comes: more requests, never less safety.
-            Collected::Deferred(repo, learnt) => {
+            Collected::Deferred(repo, learnt, retained) => {
                 let learnt = if held_documents + learnt.documents.len() <= DEFERRED_DOCUMENTS {
                     held_documents += learnt.documents.len();
                     learnt
@@ -276,9 +295,9 @@ async fn collect_all(
                 };
                 if held + repo.objects.len() <= DEFERRED_BUDGET {
                     held += repo.objects.len();
-                    deferred.push(Waiting::Held(repo, learnt));
+                    deferred.push(Waiting::Held(repo, learnt, retained));
                 } else {
-                    deferred.push(Waiting::Named(repo.name, learnt));
+                    deferred.push(Waiting::Named(repo.name, learnt, retained));
                 }
             }
         }
@@ -308,9 +327,13 @@ async fn collect_all(
     let again = stream::iter(deferred)
         .map(|waiting| async move {
             let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
-            let (name, fresh, learnt) = match waiting {
-                Waiting::Held(repo, learnt) => (repo.name.clone(), Ok(Some(repo)), learnt),
-                Waiting::Named(name, learnt) => {
+            let (name, fresh, learnt, retained) = match waiting {
+                // Retention removed roots: the listing held is stale, list it again.
+                Waiting::Held(repo, learnt, retained) if !retained.changed => {
+                    (repo.name.clone(), Ok(Some(repo)), learnt, retained)
+                }
+                Waiting::Held(repo, learnt, retained) => {
+                    let name = repo.name;
                     let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
                     let fresh = objects.map(|o| {
                         layout
@@ -319,7 +342,18 @@ async fn collect_all(
                             .into_iter()
                             .find(|r| r.name == name)
                     });
-                    (name, fresh, learnt)
+                    (name, fresh, learnt, retained)
+                }
+                Waiting::Named(name, learnt, retained) => {
+                    let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
+                    let fresh = objects.map(|o| {
+                        layout
+                            .partition(o)
+                            .repositories
+                            .into_iter()
+                            .find(|r| r.name == name)
+                    });
+                    (name, fresh, learnt, retained)
                 }
             };
             match fresh {
@@ -334,6 +368,7 @@ async fn collect_all(
                     };
                     let mut inputs = inputs_for(&repo, true, cache);
                     inputs.primed = Some(learnt);
+                    inputs.retained = Some(retained);
                     match run.collect(repo, inputs).await {
                         Collected::Done(r) => Some(r),
                         Collected::Deferred(..) => None,
@@ -442,6 +477,7 @@ async fn collect_all(
             defer_deletions: false,
             cache,
             primed: None,
+            retained: None,
         };
         if let Collected::Done(r) = run.collect(global, inputs).await {
             done(&r);
@@ -510,6 +546,9 @@ struct Shared<'a> {
     cache: Option<CacheIndex>,
     /// What besides its listing decides a unit (settings, version).
     context: String,
+    /// The version of each repository's trash as listed: part of its unit's context, so a
+    /// changed trash is observed afresh.
+    trash: HashMap<String, String>,
     /// Push intents by repository, as listed.
     intents: Mutex<HashMap<String, Vec<ObjectMeta>>>,
     /// Parts of the listing not yet through: the facts are complete when none is left.
@@ -769,7 +808,10 @@ impl Shared<'_> {
         }
         self.learn_placeholders(repo);
         let mut unit_cache = self.cache.as_ref().map(|index| {
-            let context = self.context.clone();
+            let context = match self.trash.get(&repo.name) {
+                Some(v) => format!("{} trash {v}", self.context),
+                None => self.context.clone(),
+            };
             let fingerprint = cache::fingerprint(repo.objects.iter(), &context);
             let entry = index.entry(&repo.name).cloned();
             let unchanged = entry.as_ref().is_some_and(|e| e.fingerprint == fingerprint);
@@ -840,9 +882,9 @@ const DEFERRED_DOCUMENTS: usize = 10_000;
 /// A repository waiting for the second pass, with the documents its first look read.
 enum Waiting {
     /// With its listing.
-    Held(Repository, cache::Contents),
+    Held(Repository, cache::Contents, Retained),
     /// By name: listed again.
-    Named(String, cache::Contents),
+    Named(String, cache::Contents, Retained),
 }
 
 /// A digest of the global unit's roots as listed (their keys and what they name), less those
@@ -882,6 +924,16 @@ fn merge_roots(mut all: Vec<Roots>) -> Option<Roots> {
 
 /// What besides a unit's listing decides what a run does with it: the settings, and the
 /// version of ocigc (a new version decides afresh once).
+/// A listed object's version as text (ETag, size and modification time).
+fn listed_version(o: &ObjectMeta) -> String {
+    let modified = o
+        .last_modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{} {} {modified}", o.etag.as_deref().unwrap_or(""), o.size)
+}
+
 fn cache_context(layout: &dyn Layout, opts: &GcOptions) -> String {
     format!(
         "ocigc {} layout {} {} grace {} delay {}",

@@ -8,7 +8,7 @@
 
 use super::{cache, intent, lease, list_all, state};
 use crate::layout::{KeySpace, Layout};
-use crate::namespace::{Scope, STATE_PREFIX};
+use crate::namespace::{self, Scope, STATE_PREFIX};
 use crate::store::{ObjectMeta, Store, StoreError};
 
 /// The state objects a run of `only` (or of every repository, for `None`) reads.
@@ -32,7 +32,7 @@ pub(crate) fn objects_prefix(layout: &dyn Layout, space: &KeySpace, only: Option
 }
 
 /// Every state object a run of `name` reads: its intents, pending candidates, batch
-/// announcement and lease.
+/// announcement, lease and trash.
 async fn repository_state(store: &dyn Store, name: &str) -> Result<Vec<ObjectMeta>, StoreError> {
     let mut state = intent::list_intents(store, Scope::Repository(name)).await?;
     // Its cache entries (a nested repository's, under the same prefix, are ignored by unit).
@@ -45,6 +45,8 @@ async fn repository_state(store: &dyn Store, name: &str) -> Result<Vec<ObjectMet
         state::pending_key(name),
         intent::deleting_key(name),
         lease::lease_key(name),
+        // Its trash: the manifests of tags retention removed are roots until they expire.
+        namespace::trash_key(name),
     ] {
         state.extend(store.head(&key).await?);
     }

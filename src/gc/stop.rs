@@ -9,6 +9,8 @@ use crate::report::{RepoReport, RepoStatus};
 pub enum Phase {
     /// Before anything was read.
     Start,
+    /// Applying retention (reading, deciding and removing tags).
+    Retention,
     /// Reading roots, intents and state, and marking.
     Marking,
     /// The re-check before a delete batch.
@@ -25,6 +27,7 @@ impl Phase {
     fn describe(self) -> &'static str {
         match self {
             Phase::Start => "before this repository started",
+            Phase::Retention => "while applying retention",
             Phase::Marking => "while marking",
             Phase::Recheck => "during a re-check before a delete batch",
             Phase::Sweeping => "between delete batches",

@@ -14,13 +14,13 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use super::{
-    list_prefix as list, listing_version, partition_all, KeyKind, KeySpace, Layout, OpenRepos,
-    Order, Partition, Partitioner, Rejected, Repository, Roots, RootsError, UnitKind,
-    GLOBAL_REPOSITORY,
+    list_prefix as list, listing_version, partition_all, Doomed, KeyKind, KeySpace, Layout,
+    OpenRepos, Order, Partition, Partitioner, Rejected, Removal, Repository, Roots, RootsError,
+    StoredTag, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
-use crate::store::{ObjectMeta, Store, StoreError};
+use crate::store::{ObjectMeta, PutCondition, PutOutcome, Store, StoreError};
 
 /// Everything the classic registry stores lives under this prefix.
 pub const ROOT: &str = "docker/registry/v2/";
@@ -34,6 +34,8 @@ const MAX_LINK_SIZE: u64 = 1024;
 /// Delete batches per re-check of the global roots (8 × 1000 keys, sent together).
 const RECHECK_ROUND: usize = 8;
 const REVISIONS: &str = "_manifests/revisions/";
+/// The link of a tag's current manifest, below `_manifests/tags/<tag>/`.
+const CURRENT: &str = "/current/link";
 
 /// The classic registry's layout.
 #[derive(Clone, Copy, Debug, Default)]
@@ -222,6 +224,22 @@ impl DistributionLayout {
     }
 }
 
+/// The digest a link file holds, `None` if it is gone.
+async fn read_link(store: &dyn Store, key: &str) -> Result<Option<Digest>, TagError> {
+    let body = match store.get_capped(key, MAX_LINK_SIZE).await {
+        Ok(b) => b.body,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let text = String::from_utf8_lossy(&body);
+    Digest::parse(text.trim()).map(Some).ok_or_else(|| {
+        TagError::Roots(RootsError::Invalid {
+            key: key.to_string(),
+            reason: format!("not a digest: {:?}", text.trim()),
+        })
+    })
+}
+
 #[async_trait]
 impl Layout for DistributionLayout {
     fn name(&self) -> &'static str {
@@ -347,6 +365,121 @@ impl Layout for DistributionLayout {
             Ok(Some(listing_version(
                 tags.iter().filter(|o| o.key.ends_with("/current/link")),
             )))
+        }
+    }
+
+    async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError> {
+        let prefix = format!("{}{TAGS}", repo.prefix);
+        let listed = list(store, &prefix).await?;
+        let mut set = TagSet {
+            version: Some(listing_version(
+                listed.iter().filter(|o| o.key.ends_with(CURRENT)),
+            )),
+            ..TagSet::default()
+        };
+        for o in &listed {
+            let Some(tag) = o
+                .key
+                .strip_prefix(prefix.as_str())
+                .and_then(|r| r.strip_suffix(CURRENT))
+                .filter(|t| !t.is_empty() && !t.contains('/'))
+            else {
+                continue;
+            };
+            let Some(digest) = read_link(store, &o.key).await? else {
+                continue;
+            };
+            set.tags.push(StoredTag {
+                name: tag.to_string(),
+                digest,
+                moved_by: o.last_modified,
+                pushed_at: o.last_modified,
+                entry: None,
+            });
+        }
+        Ok(set)
+    }
+
+    async fn remove_tags(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        _set: &TagSet,
+        doomed: &[Doomed],
+    ) -> Result<Vec<Removal>, TagError> {
+        let mut out = Vec::with_capacity(doomed.len());
+        for d in doomed {
+            let Some(tag) = &d.tag else {
+                return Err(TagError::Unsupported(
+                    "untagged manifests are removed by --delete-untagged here".into(),
+                ));
+            };
+            let dir = format!("{}{TAGS}{tag}/", repo.prefix);
+            let mut keys: Vec<String> = list(store, &dir)
+                .await?
+                .into_iter()
+                .map(|o| o.key)
+                .collect();
+            let current = format!("{dir}current/link");
+            // Re-read right before the delete: a tag a push moved since the decision stays.
+            // (Between this read and the delete a push can still land; see the README.)
+            let now = read_link(store, &current).await?;
+            if now.as_ref() != Some(&d.digest) {
+                out.push(Removal::Moved);
+                continue;
+            }
+            // The current link first: once it is gone the tag no longer resolves.
+            keys.retain(|k| *k != current);
+            keys.insert(0, current);
+            for chunk in keys.chunks(crate::store::MAX_DELETE_BATCH) {
+                let failed = store.delete_batch(chunk).await?;
+                if let Some(f) = failed.first() {
+                    return Err(TagError::Unsupported(format!(
+                        "deleting {}: {}",
+                        f.key, f.message
+                    )));
+                }
+            }
+            out.push(Removal::Removed);
+        }
+        Ok(out)
+    }
+
+    async fn restore_tag(
+        &self,
+        store: &dyn Store,
+        name: &str,
+        tag: Option<&str>,
+        digest: &Digest,
+        _entry: Option<&serde_json::Value>,
+    ) -> Result<(), TagError> {
+        let Some(tag) = tag else {
+            return Err(TagError::Unsupported(
+                "untagged manifests are never trashed here".into(),
+            ));
+        };
+        let prefix = self.repository_prefix(name);
+        let revision = format!(
+            "{prefix}{REVISIONS}{}/{}/link",
+            digest.algorithm(),
+            digest.hex()
+        );
+        if store.head(&revision).await?.is_none() {
+            return Err(TagError::Unsupported(format!(
+                "{revision} is gone: the manifest is no longer in the repository"
+            )));
+        }
+        let dir = format!("{prefix}{TAGS}{tag}/");
+        let body = bytes::Bytes::from(digest.as_str().to_string());
+        let index = format!("{dir}index/{}/{}/link", digest.algorithm(), digest.hex());
+        let current = format!("{dir}current/link");
+        if store.head(&current).await?.is_some() {
+            return Err(TagError::Exists(tag.to_string()));
+        }
+        store.put(&index, body.clone(), PutCondition::None).await?;
+        match store.put(&current, body, PutCondition::IfNoneMatch).await? {
+            PutOutcome::Written { .. } => Ok(()),
+            PutOutcome::PreconditionFailed => Err(TagError::Exists(tag.to_string())),
         }
     }
 

@@ -403,6 +403,87 @@ pub trait DeletionProtocol: Send {
     }
 }
 
+/// One tag of a repository as its layout stores it (retention reads and removes tags).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredTag {
+    /// The tag.
+    pub name: String,
+    /// The manifest it points at.
+    pub digest: Digest,
+    /// The latest time the tag can have moved to `digest`: its own object's LastModified,
+    /// or (`oci`, where tags are entries of one document) that of `index.json`.
+    pub moved_by: SystemTime,
+    /// When its manifest was pushed, which orders "most recently pushed".
+    pub pushed_at: SystemTime,
+    /// What restoring the tag writes back, where the layout needs more than the digest (the
+    /// `index.json` entry of `oci`).
+    pub entry: Option<serde_json::Value>,
+}
+
+/// An untagged root manifest (an `index.json` entry without a tag).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredUntagged {
+    /// The manifest.
+    pub digest: Digest,
+    /// The latest time the entry can have been added.
+    pub moved_by: SystemTime,
+    /// The entry, for restoring it.
+    pub entry: Option<serde_json::Value>,
+}
+
+/// Every tag of a repository, read at one version.
+#[derive(Clone, Debug, Default)]
+pub struct TagSet {
+    /// The tags.
+    pub tags: Vec<StoredTag>,
+    /// Untagged roots, where the layout can remove them by themselves (`oci`).
+    pub untagged: Vec<StoredUntagged>,
+    /// The version removals are made against (the ETag of `index.json`).
+    pub version: Option<String>,
+    /// The tags live in one document whose LastModified is all the layout knows of when each
+    /// moved: ocigc records when it first saw each tag→digest pair (`oci`).
+    pub shared_document: bool,
+}
+
+/// A root that retention removes: a tag, or an untagged entry (`tag` `None`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Doomed {
+    /// The tag, if the root is one.
+    pub tag: Option<String>,
+    /// The manifest it pointed at when decided.
+    pub digest: Digest,
+}
+
+/// What became of one root asked to be removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Removed.
+    Removed,
+    /// Not removed: it points elsewhere now (a push moved it since the decision), or is gone.
+    Moved,
+}
+
+/// Why tags could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub enum TagError {
+    /// The tags changed since they were read (`oci`: `index.json` was rewritten): read and
+    /// decide again.
+    #[error("the tags changed since they were read")]
+    Conflict,
+    /// The tag to restore exists now; it is never overwritten.
+    #[error("tag {0} exists")]
+    Exists(String),
+    /// The layout cannot do this.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Reading the tags failed.
+    #[error(transparent)]
+    Roots(#[from] RootsError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// A bucket layout.
 #[async_trait]
 pub trait Layout: Send + Sync {
@@ -585,6 +666,32 @@ pub trait Layout: Send + Sync {
         store: &dyn Store,
         repo: &Repository,
     ) -> Result<Option<String>, RootsError>;
+
+    /// Every tag of `repo` (and its untagged roots where they can be removed apart), read now.
+    async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError>;
+
+    /// Removes `doomed` roots of `repo`, read as `set`, each only if it still points where it
+    /// did when read: one outcome per root, in order; [`TagError::Conflict`] where the layout
+    /// removes them all at once and the tags changed meanwhile (nothing was removed).
+    async fn remove_tags(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        set: &TagSet,
+        doomed: &[Doomed],
+    ) -> Result<Vec<Removal>, TagError>;
+
+    /// Puts tag `tag` of repository `name` back at `digest` (with its stored `entry`, where the
+    /// layout has one), or the untagged root `digest` for `tag` `None`; refuses
+    /// ([`TagError::Exists`]) to overwrite a tag that exists now.
+    async fn restore_tag(
+        &self,
+        store: &dyn Store,
+        name: &str,
+        tag: Option<&str>,
+        digest: &Digest,
+        entry: Option<&serde_json::Value>,
+    ) -> Result<(), TagError>;
 
     /// The keys of `repo` in the order whole-repository deletion removes them: each inner list
     /// is finished before the next starts (e.g. the index first, so pulls stop resolving).

@@ -13,16 +13,20 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    partition_all, unit, ContentCopy, KeyKind, Layout, Order, Partition, Partitioner, Rejected,
-    Repository, Roots, RootsError,
+    partition_all, unit, ContentCopy, Doomed, KeyKind, Layout, Order, Partition, Partitioner,
+    Rejected, Removal, Repository, Roots, RootsError, StoredTag, StoredUntagged, TagError, TagSet,
 };
 use crate::digest::Digest;
 use crate::manifest;
-use crate::store::{ObjectMeta, Store, StoreError};
+use crate::store::{ObjectMeta, PutCondition, PutOutcome, Store, StoreError};
 
 const MARKER: &str = "oci-layout";
 const INDEX: &str = "index.json";
 const BLOBS: &str = "blobs/";
+/// The annotation that names an `index.json` entry's tag.
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// Attempts at a read-modify-write of `index.json` that a pusher keeps changing.
+const INDEX_ATTEMPTS: usize = 5;
 /// What ocigc writes as the marker of a repository it empties but must keep.
 const MARKER_BODY: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 /// The index of a repository with no images.
@@ -209,6 +213,146 @@ impl Layout for OciLayout {
         }
     }
 
+    async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError> {
+        let (doc, version, modified) = read_index(store, &repo.prefix, Some(repo)).await?;
+        let pushed: HashMap<&str, std::time::SystemTime> = repo
+            .objects
+            .iter()
+            .map(|o| (o.key.as_str(), o.last_modified))
+            .collect();
+        let mut set = TagSet {
+            version,
+            shared_document: true,
+            ..TagSet::default()
+        };
+        for entry in entries(&doc) {
+            let digest = entry_digest(entry).ok_or_else(|| {
+                TagError::Roots(RootsError::Invalid {
+                    key: format!("{}{INDEX}", repo.prefix),
+                    reason: "an entry without a valid digest".into(),
+                })
+            })?;
+            // A manifest pushed since the listing was pushed no earlier than the index moved.
+            let pushed_at = pushed
+                .get(self.content_key(repo, &digest, None).as_str())
+                .copied()
+                .unwrap_or(modified);
+            match entry_tag(entry) {
+                Some(name) => set.tags.push(StoredTag {
+                    name: name.to_string(),
+                    digest,
+                    moved_by: modified,
+                    pushed_at,
+                    entry: Some(entry.clone()),
+                }),
+                None => set.untagged.push(StoredUntagged {
+                    digest,
+                    moved_by: modified,
+                    entry: Some(entry.clone()),
+                }),
+            }
+        }
+        Ok(set)
+    }
+
+    async fn remove_tags(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        set: &TagSet,
+        doomed: &[Doomed],
+    ) -> Result<Vec<Removal>, TagError> {
+        let key = format!("{}{INDEX}", repo.prefix);
+        let Some(version) = set.version.clone() else {
+            return Err(TagError::Unsupported(format!(
+                "{key} has no ETag: it cannot be rewritten safely"
+            )));
+        };
+        // The decision was made on `version`: the document is read again only to keep what
+        // ocigc does not know (other fields); a change since shows as a failed If-Match.
+        let (mut doc, now, _) = read_index(store, &repo.prefix, None).await?;
+        if now.as_deref() != Some(version.as_str()) {
+            return Err(TagError::Conflict);
+        }
+        let doomed_set: HashSet<(Option<&str>, &str)> = doomed
+            .iter()
+            .map(|d| (d.tag.as_deref(), d.digest.as_str()))
+            .collect();
+        if let Some(list) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) {
+            list.retain(|e| {
+                let digest = entry_digest(e);
+                let id = (entry_tag(e), digest.as_ref().map_or("", |d| d.as_str()));
+                !doomed_set.contains(&id)
+            });
+        }
+        let body = serde_json::to_vec(&doc)
+            .map_err(|e| TagError::Unsupported(format!("{key} cannot be written back: {e}")))?;
+        match store
+            .put(&key, body.into(), PutCondition::IfMatch(version))
+            .await?
+        {
+            PutOutcome::Written { .. } => Ok(vec![Removal::Removed; doomed.len()]),
+            PutOutcome::PreconditionFailed => Err(TagError::Conflict),
+        }
+    }
+
+    async fn restore_tag(
+        &self,
+        store: &dyn Store,
+        name: &str,
+        tag: Option<&str>,
+        digest: &Digest,
+        entry: Option<&serde_json::Value>,
+    ) -> Result<(), TagError> {
+        let prefix = self.repository_prefix(name);
+        let key = format!("{prefix}{INDEX}");
+        let entry = entry.cloned().unwrap_or_else(|| {
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest.as_str(),
+            })
+        });
+        if entry_digest(&entry).as_ref() != Some(digest) || entry_tag(&entry) != tag {
+            return Err(TagError::Unsupported(format!(
+                "the trashed entry of {} does not name it",
+                tag.unwrap_or(digest.as_str())
+            )));
+        }
+        for _ in 0..INDEX_ATTEMPTS {
+            let (mut doc, version, _) = read_index(store, &prefix, None).await?;
+            let Some(version) = version else {
+                return Err(TagError::Unsupported(format!(
+                    "{key} has no ETag: it cannot be rewritten safely"
+                )));
+            };
+            let exists = entries(&doc).any(|e| match tag {
+                Some(t) => entry_tag(e) == Some(t),
+                None => entry_tag(e).is_none() && entry_digest(e).as_ref() == Some(digest),
+            });
+            if exists {
+                return Err(TagError::Exists(tag.unwrap_or(digest.as_str()).to_string()));
+            }
+            let Some(list) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) else {
+                return Err(TagError::Roots(RootsError::Invalid {
+                    key: key.clone(),
+                    reason: "no \"manifests\" list".into(),
+                }));
+            };
+            list.push(entry.clone());
+            let body = serde_json::to_vec(&doc)
+                .map_err(|e| TagError::Unsupported(format!("{key} cannot be written back: {e}")))?;
+            match store
+                .put(&key, body.into(), PutCondition::IfMatch(version))
+                .await?
+            {
+                PutOutcome::Written { .. } => return Ok(()),
+                // A pusher wrote meanwhile: read again, look again.
+                PutOutcome::PreconditionFailed => continue,
+            }
+        }
+        Err(TagError::Conflict)
+    }
+
     fn deletion_phases(&self, repo: &Repository) -> Vec<Vec<ObjectMeta>> {
         let index = format!("{}{INDEX}", repo.prefix);
         let marker = format!("{}{MARKER}", repo.prefix);
@@ -226,6 +370,71 @@ impl Layout for OciLayout {
         }
         vec![first, middle, last]
     }
+}
+
+/// `index.json` under `prefix` as a JSON document, its ETag and its LastModified (that of
+/// the listing of `repo` when the ETags agree, else of a HEAD made after the read: no
+/// earlier than the version read, so an age taken from it is never too old).
+async fn read_index(
+    store: &dyn Store,
+    prefix: &str,
+    repo: Option<&Repository>,
+) -> Result<(serde_json::Value, Option<String>, std::time::SystemTime), TagError> {
+    let key = format!("{prefix}{INDEX}");
+    let invalid = |reason: String| {
+        TagError::Roots(RootsError::Invalid {
+            key: key.clone(),
+            reason,
+        })
+    };
+    let object = match store.get_capped(&key, MAX_INDEX_SIZE).await {
+        Ok(o) => o,
+        Err(StoreError::NotFound { .. }) => return Err(RootsError::Missing(key).into()),
+        Err(e @ StoreError::TooLarge { .. }) => return Err(invalid(e.to_string())),
+        Err(e) => return Err(e.into()),
+    };
+    let doc: serde_json::Value =
+        serde_json::from_slice(&object.body).map_err(|e| invalid(e.to_string()))?;
+    if !doc
+        .get("manifests")
+        .is_some_and(|m| m.is_array() || m.is_null())
+    {
+        return Err(invalid("no \"manifests\" list".into()));
+    }
+    let listed = repo
+        .and_then(|r| r.objects.iter().find(|o| o.key == key))
+        .filter(|o| o.etag.is_some() && o.etag == object.etag);
+    let modified = match listed {
+        Some(o) => o.last_modified,
+        None => match store.head(&key).await? {
+            Some(meta) => meta.last_modified,
+            None => return Err(RootsError::Missing(key).into()),
+        },
+    };
+    // `"manifests": null` is an empty list (umoci writes it so).
+    let mut doc = doc;
+    if doc.get("manifests").is_some_and(serde_json::Value::is_null) {
+        doc["manifests"] = serde_json::Value::Array(Vec::new());
+    }
+    Ok((doc, object.etag, modified))
+}
+
+/// The entries of an index document.
+fn entries(doc: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    doc.get("manifests")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+}
+
+/// The tag an `index.json` entry carries, if any.
+fn entry_tag(entry: &serde_json::Value) -> Option<&str> {
+    entry.get("annotations")?.get(REF_NAME)?.as_str()
+}
+
+/// The digest an `index.json` entry names.
+fn entry_digest(entry: &serde_json::Value) -> Option<Digest> {
+    Digest::parse(entry.get("digest")?.as_str()?)
 }
 
 /// The blobs of a repository with their digests.

@@ -22,13 +22,13 @@ use futures::{stream, StreamExt, TryStreamExt};
 
 use super::serverless_protocol::ServerlessProtocol;
 use super::{
-    list_prefix, listing_version, partition_all, DeletionProtocol, KeyKind, Layout, OpenRepos,
-    Order, Partition, Partitioner, Rejected, Repository, Roots, RootsError, UnitKind,
-    GLOBAL_REPOSITORY,
+    list_prefix, listing_version, partition_all, DeletionProtocol, Doomed, KeyKind, Layout,
+    OpenRepos, Order, Partition, Partitioner, Rejected, Removal, Repository, Roots, RootsError,
+    StoredTag, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{self, Descriptor, UNTYPED_MANIFEST};
-use crate::store::{ObjectMeta, Store, StoreError};
+use crate::store::{ObjectMeta, PutCondition, PutOutcome, Store, StoreError};
 
 /// Second-to-last path components that end a repository name.
 const KINDS: [&str; 5] = ["blobs", "manifests", "uploads", "gc", "insertion"];
@@ -470,6 +470,102 @@ impl Layout for ServerlessRegistryLayout {
         }
         let listed = self.list_manifests(store, repo).await?;
         Ok(Some(listing_version(listed.iter())))
+    }
+
+    async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError> {
+        let listed = self.list_manifests(store, repo).await?;
+        let mut set = TagSet {
+            version: Some(listing_version(listed.iter())),
+            ..TagSet::default()
+        };
+        for o in &listed {
+            let Key::Manifest(_, leaf) = parse(&o.key) else {
+                continue;
+            };
+            if Digest::parse(leaf).is_some() {
+                continue;
+            }
+            // A tag is a copy of its manifest: its digest is that of its content.
+            let body = match store.get(&o.key).await {
+                Ok(b) => b.body,
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            set.tags.push(StoredTag {
+                name: leaf.to_string(),
+                digest: Digest::sha256_of(&body),
+                moved_by: o.last_modified,
+                pushed_at: o.last_modified,
+                entry: None,
+            });
+        }
+        Ok(set)
+    }
+
+    async fn remove_tags(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        _set: &TagSet,
+        doomed: &[Doomed],
+    ) -> Result<Vec<Removal>, TagError> {
+        let mut out = Vec::with_capacity(doomed.len());
+        for d in doomed {
+            let Some(tag) = &d.tag else {
+                return Err(TagError::Unsupported(
+                    "untagged manifests are removed by --delete-untagged here".into(),
+                ));
+            };
+            let key = format!("{}manifests/{tag}", repo.prefix);
+            // Re-read right before the delete: a tag a push moved since the decision stays.
+            // (Between this read and the delete a push can still land; see the README.)
+            let now = match store.get(&key).await {
+                Ok(b) => Some(Digest::sha256_of(&b.body)),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            if now.as_ref() != Some(&d.digest) {
+                out.push(Removal::Moved);
+                continue;
+            }
+            let failed = store.delete_batch(std::slice::from_ref(&key)).await?;
+            if let Some(f) = failed.first() {
+                return Err(TagError::Unsupported(format!(
+                    "deleting {}: {}",
+                    f.key, f.message
+                )));
+            }
+            out.push(Removal::Removed);
+        }
+        Ok(out)
+    }
+
+    async fn restore_tag(
+        &self,
+        store: &dyn Store,
+        name: &str,
+        tag: Option<&str>,
+        digest: &Digest,
+        _entry: Option<&serde_json::Value>,
+    ) -> Result<(), TagError> {
+        let Some(tag) = tag else {
+            return Err(TagError::Unsupported(
+                "untagged manifests are never trashed here".into(),
+            ));
+        };
+        let prefix = self.repository_prefix(name);
+        let key = format!("{prefix}manifests/{tag}");
+        let source = format!("{prefix}manifests/{digest}");
+        let body = store.get(&source).await?.body;
+        if Digest::sha256_of(&body) != *digest {
+            return Err(TagError::Unsupported(format!(
+                "{source} does not hold {digest}"
+            )));
+        }
+        match store.put(&key, body, PutCondition::IfNoneMatch).await? {
+            PutOutcome::Written { .. } => Ok(()),
+            PutOutcome::PreconditionFailed => Err(TagError::Exists(tag.to_string())),
+        }
     }
 
     fn deletion_phases(&self, repo: &Repository) -> Vec<Vec<ObjectMeta>> {

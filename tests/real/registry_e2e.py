@@ -2,7 +2,9 @@
 """Real images through a real registry: Debian's docker-registry (distribution 2.8) on a moto
 S3 bucket, images built locally as OCI layouts and pushed with skopeo, then ocigc's
 `distribution` layout run against the bucket, then every remaining tag pulled back with skopeo
-(which verifies every blob's digest). The same for whole-repository deletion.
+(which verifies every blob's digest). The same for whole-repository deletion, and for
+retention: tags removed by the rules no longer pull, kept and restored tags pull intact, and
+the trash keeps a removed image whole until its TTL.
 
 Usage: registry_e2e.py OCIGC_BINARY   (needs OCIGC_TEST_S3_ENDPOINT, as scripts/test.sh sets)
 Prints one line per check and a closing 'N passed, M failed'.
@@ -327,6 +329,58 @@ def scenario(s3, bucket, reg, work):
     check(not ok, "deleted repository no longer pulls")
     del tags["other/solo"]
     pull_all(reg, tags, work, "after delete-repo")
+
+    # 4. Retention: rules from a config file, a protect file with a registry host; removed
+    # tags stop pulling, the trash keeps their images whole, restore brings one back.
+    for name in ["pr-1", "pr-2", "v1.0.0", "v1.0.1"]:
+        imgs[name] = lay.image([base, lay.layer("app", f"app {name}\n".encode())])
+        lay.tag(name, imgs[name])
+        reg.push(lay, name, "team/app")
+    config = os.path.join(work, "retention.toml")
+    with open(config, "w") as f:
+        f.write('[[retention]]\nrepos = ["team/app"]\nkeep_tags = ["stable", "multi", "app-v1"]\n'
+                'keep_semver = { per = "minor", last = 1 }\nolder_than = "1d"\n')
+    protect = os.path.join(work, "protect.txt")
+    with open(protect, "w") as f:
+        f.write(f"{reg.host}/team/app:pr-2\n")
+    args = ["gc", "--config", config, "--protect-file", protect, "--grace", "0s", "--delay", "0s",
+            "--delete-untagged", "--clock-offset", "2d"]
+    dry_code, dry, err = ocigc(bucket, *args, "--dry-run")
+    check(dry_code == 0 and dry is not None, "retention dry run exit 0", f"{dry_code}: {err[-500:]}")
+    code, report, err = ocigc(bucket, *args)
+    check(code == 0 and report is not None, "retention gc exit 0", f"{code}: {err[-500:]}")
+
+    def removed(r):
+        repo = next(x for x in r["repositories"] if x["name"] == "team/app")
+        return {t["tag"] for t in repo["retention"]["tags"] if t["decision"] == "remove"}
+
+    check(removed(report) == {"pr-1", "v1.0.0"}, "retention removed exactly pr-1 and v1.0.0",
+          sorted(removed(report)))
+    check(removed(dry) == removed(report), "retention dry run listed the same tags")
+    for t in ["pr-1", "v1.0.0"]:
+        ok, _ = reg.pull("team/app", t, os.path.join(work, f"pull-gone-{t}"))
+        check(not ok, f"removed tag team/app:{t} no longer pulls")
+    kept = keys(s3, bucket)
+    check(all(data_key(d) in kept for t in ["pr-1", "v1.0.0"] for d in [imgs[t]["digest"], *imgs[t]["layers"]]),
+          "trashed images are whole in the bucket")
+    tags["team/app"] += ["pr-2", "v1.0.1"]
+    pull_all(reg, tags, work, "after retention")
+    r = subprocess.run([OCIGC, "restore", "--bucket", f"s3://{bucket}", "--s3-path-style", "--layout",
+                        "distribution", "team/app:pr-1"], capture_output=True, text=True, timeout=120,
+                       env=child_env(AWS_ENDPOINT_URL=ENDPOINT, AWS_ACCESS_KEY_ID="testing",
+                                     AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1"))
+    check(r.returncode == 0, "restore team/app:pr-1 exit 0", r.stderr[-500:])
+    tags["team/app"].append("pr-1")
+    pull_all(reg, tags, work, "after restore")
+    # Past the trash TTL (7d), without rules: v1.0.0's own blobs go, everything tagged stays.
+    code, report, err = ocigc(bucket, "gc", "--grace", "0s", "--delay", "0s", "--delete-untagged",
+                              "--clock-offset", "9d")
+    check(code == 0, "gc after the trash TTL exit 0", f"{code}: {err[-500:]}")
+    gone = deleted_keys(report)
+    check(data_key(imgs["v1.0.0"]["digest"]) in gone and data_key(imgs["v1.0.0"]["layers"][1]) in gone,
+          "expired v1.0.0 collected", sorted(gone))
+    check(data_key(base["digest"]) in keys(s3, bucket), "shared base layer kept")
+    pull_all(reg, tags, work, "after the trash TTL")
 
 
 def pull_all(reg, tags, work, when):

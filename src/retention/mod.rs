@@ -1,0 +1,424 @@
+//! Retention (issue 11, SPEC §3b): which tags go, decided per repository by the first
+//! `[[retention]]` table that matches it, before the GC marks.
+//!
+//! The spine for one repository is one way: read the tags ([`Layout::read_tags`]) → their ages
+//! ([`seen`]) → decide ([`decide`], pure) → record the removals in the trash ([`trash`],
+//! before anything is removed, so the manifests stay roots) → remove, each only if it still
+//! points where it did ([`Layout::remove_tags`]; `oci` re-reads and decides again when
+//! `index.json` changed) → report. A dry run stops after deciding, so it lists exactly what
+//! the real run removes from the same state.
+
+pub mod decide;
+pub mod protect;
+pub mod restore;
+pub mod rules;
+pub mod seen;
+pub mod trash;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::layout::{Doomed, Layout, Removal, Repository, TagError, TagSet};
+use crate::store::Store;
+use decide::{Clause, Decision, Policy, TagInput, UntaggedInput, Verdict};
+use protect::Protected;
+use rules::Rules;
+use trash::TrashEntry;
+
+/// How long removed tags stay in the trash unless `--trash-ttl` says otherwise.
+pub const DEFAULT_TRASH_TTL: Duration = Duration::from_secs(7 * 86400);
+/// Reads and decisions again after `index.json` changed underneath a removal.
+const ATTEMPTS: usize = 5;
+/// Largest manifest read to tell whether an untagged root is a referrer.
+const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
+/// The retention settings of a run.
+#[derive(Clone, Debug)]
+pub struct RetentionOptions {
+    /// The tables.
+    pub rules: Rules,
+    /// Images never removed.
+    pub protected: Protected,
+    /// How long removed tags stay in the trash (their manifests roots).
+    pub trash_ttl: Duration,
+    /// Where `protected` was read from, so that a long-running daemon reads it again before
+    /// every run (the cluster's images change).
+    pub protect_file: Option<std::path::PathBuf>,
+}
+
+impl Default for RetentionOptions {
+    fn default() -> Self {
+        RetentionOptions {
+            rules: Rules::default(),
+            protected: Protected::default(),
+            trash_ttl: DEFAULT_TRASH_TTL,
+            protect_file: None,
+        }
+    }
+}
+
+impl RetentionOptions {
+    /// These options with the protect file read again (unchanged without one); an
+    /// unreadable file is an error: retention never runs without its protection.
+    pub fn reloaded(&self) -> Result<RetentionOptions, protect::LoadError> {
+        let mut out = self.clone();
+        if let Some(path) = &self.protect_file {
+            out.protected = Protected::load(path)?;
+        }
+        Ok(out)
+    }
+
+    /// Whether retention looks at repository `name` at all (a table matches it).
+    pub fn applies_to(&self, name: &str) -> bool {
+        self.rules.for_repository(name).is_some()
+    }
+}
+
+/// One tag (or untagged root) in the report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TagReport {
+    /// The tag; absent for an untagged root.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The manifest.
+    pub digest: Digest,
+    /// `keep` or `remove`.
+    pub decision: Verdict,
+    /// The clause that decided it (`keep_last`, `retention[0]`, `moved`, …).
+    pub rule: String,
+    /// Its age in seconds, from when it last moved.
+    pub age_seconds: u64,
+}
+
+/// What retention did in one repository.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RetentionReport {
+    /// The table that applied (`retention[0]`).
+    pub table: String,
+    /// Every tag and untagged root, with its decision.
+    pub tags: Vec<TagReport>,
+    /// Roots removed (in a dry run: that would be removed).
+    pub removed: u64,
+    /// Roots kept.
+    pub kept: u64,
+    /// Roots decided for removal that a push moved meanwhile: left alone.
+    pub moved: u64,
+}
+
+/// Why retention failed in a repository (nothing more is done there this run).
+#[derive(Debug, thiserror::Error)]
+pub enum RetentionError {
+    /// Reading or removing tags failed.
+    #[error("retention: {0}")]
+    Tags(#[from] TagError),
+    /// The trash could not be written: nothing was removed.
+    #[error("retention: {0}")]
+    Trash(#[from] trash::TrashError),
+    /// An untagged root could not be read.
+    #[error("retention: reading {key}: {reason}")]
+    Manifest { key: String, reason: String },
+    /// The tags kept changing underneath.
+    #[error("retention: the tags kept changing underneath; left for the next run")]
+    Contended,
+}
+
+/// What one repository's retention gave.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The report.
+    pub report: RetentionReport,
+    /// Whether anything was removed (the repository's listing is stale now).
+    pub changed: bool,
+    /// Warnings.
+    pub warnings: Vec<String>,
+}
+
+/// Everything one repository's retention runs under.
+pub struct Run<'a> {
+    /// The store.
+    pub store: &'a dyn Store,
+    /// The layout.
+    pub layout: &'a dyn Layout,
+    /// The settings.
+    pub options: &'a RetentionOptions,
+    /// Now, on the bucket clock.
+    pub now: SystemTime,
+    /// `--grace`.
+    pub grace: Duration,
+    /// Decide and report only.
+    pub dry_run: bool,
+}
+
+impl Run<'_> {
+    /// Applies retention to `repo`; `None` where no table matches it.
+    pub async fn apply(&self, repo: &Repository) -> Option<Result<Outcome, RetentionError>> {
+        let rule = self.options.rules.for_repository(&repo.name)?;
+        Some(self.apply_rule(repo, rule).await)
+    }
+
+    async fn apply_rule(
+        &self,
+        repo: &Repository,
+        rule: &rules::Rule,
+    ) -> Result<Outcome, RetentionError> {
+        let mut warnings = Vec::new();
+        for attempt in 0..ATTEMPTS {
+            let set = self.layout.read_tags(self.store, repo).await?;
+            if attempt == 0 && rule.untagged_older_than.is_some() && !set.shared_document {
+                // Untagged manifests here are not roots of their own but leftovers of tags
+                // (and children of indexes): --delete-untagged collects them after --grace.
+                warnings.push(format!(
+                    "{}.untagged_older_than has no effect on the {} layout; use \
+                     --delete-untagged",
+                    rule.name(),
+                    self.layout.name()
+                ));
+            }
+            let seen = if set.shared_document {
+                seen::read(self.store, &repo.name, &mut warnings)
+                    .await
+                    .map_err(TagError::from)?
+            } else {
+                seen::Seen::default()
+            };
+            let (tags, untagged) = self.inputs(repo, &set, &seen).await?;
+            let policy = Policy {
+                repo: &repo.name,
+                rule: Some(rule),
+                protected: &self.options.protected,
+                now: self.now,
+                grace: self.grace,
+            };
+            let mut decisions = decide::decide(policy, &tags, &untagged);
+            let doomed: Vec<Doomed> = decisions
+                .iter()
+                .filter(|d| d.verdict == Verdict::Remove)
+                .map(|d| Doomed {
+                    tag: d.tag.clone(),
+                    digest: d.digest.clone(),
+                })
+                .collect();
+            if self.dry_run || doomed.is_empty() {
+                if !self.dry_run && set.shared_document {
+                    self.remember(repo, &set, &seen, &[], &mut warnings).await;
+                }
+                return Ok(outcome(rule, decisions, false, warnings));
+            }
+            // The trash first: from here on the manifests are roots, whatever happens next.
+            let entries: Vec<TrashEntry> = doomed
+                .iter()
+                .map(|d| {
+                    let clause = decisions
+                        .iter()
+                        .find(|x| x.tag == d.tag && x.digest == d.digest)
+                        .map_or(Clause::Table(rule.index), |x| x.clause);
+                    TrashEntry::new(
+                        d.tag.clone(),
+                        d.digest.clone(),
+                        clause.to_string(),
+                        entry_of(&set, d),
+                        self.now,
+                        self.options.trash_ttl,
+                    )
+                })
+                .collect();
+            let added = entries.clone();
+            trash::update(self.store, &repo.name, self.now, move |all| {
+                all.extend(added.iter().cloned())
+            })
+            .await?;
+            let result = self
+                .layout
+                .remove_tags(self.store, repo, &set, &doomed)
+                .await;
+            let outcomes = match result {
+                Ok(o) => o,
+                // index.json changed since it was read: the entries just added are roots a
+                // little longer than needed until the next attempt rewrites them.
+                Err(TagError::Conflict) => {
+                    self.forget(repo, &entries, &mut warnings).await;
+                    continue;
+                }
+                // Some roots may be gone already: their entries stay (roots a little long).
+                Err(e) => return Err(e.into()),
+            };
+            let mut not_removed = Vec::new();
+            let mut removed = Vec::new();
+            for (d, o) in doomed.iter().zip(&outcomes) {
+                match o {
+                    Removal::Removed => removed.push(d.clone()),
+                    Removal::Moved => not_removed.push(d.clone()),
+                }
+            }
+            for d in decisions.iter_mut() {
+                let id = Doomed {
+                    tag: d.tag.clone(),
+                    digest: d.digest.clone(),
+                };
+                if d.verdict == Verdict::Remove && not_removed.contains(&id) {
+                    d.verdict = Verdict::Keep;
+                    d.clause = Clause::Moved;
+                }
+            }
+            if !not_removed.is_empty() {
+                let stale: Vec<TrashEntry> = entries
+                    .iter()
+                    .filter(|e| {
+                        not_removed.contains(&Doomed {
+                            tag: e.tag.clone(),
+                            digest: e.digest.clone(),
+                        })
+                    })
+                    .cloned()
+                    .collect();
+                self.forget(repo, &stale, &mut warnings).await;
+            }
+            if set.shared_document {
+                self.remember(repo, &set, &seen, &removed, &mut warnings)
+                    .await;
+            }
+            return Ok(outcome(rule, decisions, !removed.is_empty(), warnings));
+        }
+        Err(RetentionError::Contended)
+    }
+
+    /// The tags and untagged roots of `set` with their ages and (untagged) subjects.
+    async fn inputs(
+        &self,
+        repo: &Repository,
+        set: &TagSet,
+        seen: &seen::Seen,
+    ) -> Result<(Vec<TagInput>, Vec<UntaggedInput>), RetentionError> {
+        let tags = set
+            .tags
+            .iter()
+            .map(|t| TagInput {
+                name: t.name.clone(),
+                digest: t.digest.clone(),
+                since: if set.shared_document {
+                    seen.tag_since(&t.name, &t.digest, t.moved_by)
+                } else {
+                    t.moved_by
+                },
+                pushed_at: t.pushed_at,
+            })
+            .collect();
+        let mut untagged = Vec::with_capacity(set.untagged.len());
+        for u in &set.untagged {
+            // Whether it is a referrer, which lives and dies with its subject.
+            let key = self.layout.content_key(repo, &u.digest, None);
+            let subject = match self.store.get_capped(&key, MAX_MANIFEST_SIZE).await {
+                Ok(o) => crate::manifest::references(&o.body)
+                    .map_err(|e| RetentionError::Manifest {
+                        key: key.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .subjects
+                    .first()
+                    .map(|s| s.digest.clone()),
+                Err(e) => {
+                    return Err(RetentionError::Manifest {
+                        key,
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            untagged.push(UntaggedInput {
+                digest: u.digest.clone(),
+                since: seen.untagged_since(&u.digest, u.moved_by),
+                subject,
+            });
+        }
+        Ok((tags, untagged))
+    }
+
+    /// Records first-seen times for what stays (a failure only makes ages restart).
+    async fn remember(
+        &self,
+        repo: &Repository,
+        set: &TagSet,
+        seen: &seen::Seen,
+        removed: &[Doomed],
+        warnings: &mut Vec<String>,
+    ) {
+        let gone: HashSet<(Option<&str>, &Digest)> = removed
+            .iter()
+            .map(|d| (d.tag.as_deref(), &d.digest))
+            .collect();
+        let next = seen.next(set, &|t, d| gone.contains(&(t, d)));
+        if let Err(e) = seen.write(self.store, &repo.name, &next).await {
+            warnings.push(format!("recording when tags were first seen: {e}"));
+        }
+    }
+
+    /// Takes back trash entries this run added for roots it did not remove (best effort: an
+    /// entry left behind only keeps a manifest a little longer).
+    async fn forget(&self, repo: &Repository, entries: &[TrashEntry], warnings: &mut Vec<String>) {
+        if entries.is_empty() {
+            return;
+        }
+        let taken = trash::update(self.store, &repo.name, self.now, |all| {
+            all.retain(|e| !entries.contains(e));
+        })
+        .await;
+        if let Err(e) = taken {
+            warnings.push(format!("taking back trash entries: {e}"));
+        }
+    }
+}
+
+/// The layout's entry for a doomed root (what restoring it writes back).
+fn entry_of(set: &TagSet, d: &Doomed) -> Option<serde_json::Value> {
+    match &d.tag {
+        Some(tag) => set
+            .tags
+            .iter()
+            .find(|t| t.name == *tag && t.digest == d.digest)
+            .and_then(|t| t.entry.clone()),
+        None => set
+            .untagged
+            .iter()
+            .find(|u| u.digest == d.digest)
+            .and_then(|u| u.entry.clone()),
+    }
+}
+
+fn outcome(
+    rule: &rules::Rule,
+    decisions: Vec<Decision>,
+    changed: bool,
+    warnings: Vec<String>,
+) -> Outcome {
+    let mut report = RetentionReport {
+        table: rule.name(),
+        ..RetentionReport::default()
+    };
+    for d in decisions {
+        match (d.verdict, d.clause) {
+            (Verdict::Remove, _) => report.removed += 1,
+            (Verdict::Keep, Clause::Moved) => {
+                report.moved += 1;
+                report.kept += 1;
+            }
+            (Verdict::Keep, _) => report.kept += 1,
+        }
+        report.tags.push(TagReport {
+            tag: d.tag,
+            digest: d.digest,
+            decision: d.verdict,
+            rule: d.clause.to_string(),
+            age_seconds: d.age.as_secs(),
+        });
+    }
+    report
+        .tags
+        .sort_by(|a, b| (&a.tag, &a.digest).cmp(&(&b.tag, &b.digest)));
+    Outcome {
+        report,
+        changed,
+        warnings,
+    }
+}
