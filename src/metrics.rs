@@ -15,13 +15,13 @@ use crate::store::{Op, Outcome, RequestObserver};
 /// Outcome labels of `ocigc_runs_total{result}`.
 pub const RUN_RESULTS: [&str; 3] = ["ok", "partial", "failed"];
 /// Labels of `ocigc_repos_total{status}`.
-pub const REPO_STATUSES: [&str; 4] = ["ok", "failed", "skipped", "timeout"];
+pub const REPO_STATUSES: [&str; 5] = ["ok", "failed", "skipped", "timeout", "budget_exceeded"];
 /// Labels of `ocigc_timeouts_total{scope}`.
 pub const TIMEOUT_SCOPES: [&str; 3] = ["request", "repo", "run"];
 const OPS: [Op; 5] = [Op::List, Op::Get, Op::Head, Op::Put, Op::Delete];
 
 /// Every metric name of SPEC §5 (the dashboard and alerts rely on them).
-pub const NAMES: [&str; 21] = [
+pub const NAMES: [&str; 23] = [
     "ocigc_runs_total",
     "ocigc_run_duration_seconds",
     "ocigc_last_run_timestamp_seconds",
@@ -43,6 +43,8 @@ pub const NAMES: [&str; 21] = [
     "ocigc_hook_run_duration_seconds",
     "ocigc_hook_last_success_timestamp_seconds",
     "ocigc_hook_jobs_rejected_total",
+    "ocigc_reclaimed_dollars_per_month",
+    "ocigc_request_cost_dollars_total",
 ];
 
 /// Every ocigc metric, registered in one registry.
@@ -69,6 +71,8 @@ pub struct Metrics {
     hook_run_duration: Histogram,
     hook_last_success: Gauge,
     hook_jobs_rejected: IntCounter,
+    reclaimed_dollars: Gauge,
+    request_cost: prometheus::Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -264,6 +268,24 @@ impl Metrics {
                 "ocigc_hook_jobs_rejected_total",
                 "Hook requests refused with 429 because the job queue was full.",
             ),
+            reclaimed_dollars: register(
+                &r,
+                Gauge::new(
+                    "ocigc_reclaimed_dollars_per_month",
+                    "Storage cost per month that the last full run's deletions removed \
+                     (with --pricing or explicit prices; 0 without).",
+                )
+                .expect("valid metric"),
+            ),
+            request_cost: register(
+                &r,
+                prometheus::Counter::new(
+                    "ocigc_request_cost_dollars_total",
+                    "Dollars of store requests made by runs (with --pricing or explicit \
+                     prices; 0 without).",
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
         };
         for l in RUN_RESULTS {
@@ -288,6 +310,9 @@ impl Metrics {
     }
 
     fn repo_figures(&self, report: &Report) {
+        if let Some(c) = &report.cost {
+            self.request_cost.inc_by(c.request_dollars);
+        }
         for r in &report.repositories {
             self.objects_scanned.inc_by(r.objects);
             self.bytes_scanned.inc_by(r.bytes);
@@ -315,6 +340,9 @@ impl Metrics {
         self.observe_repositories(report, run_timed_out);
         if let Some(report) = report {
             self.bytes_pending.set(report.totals.bytes_pending as i64);
+            if let Some(c) = report.cost.as_ref().filter(|_| !report.dry_run) {
+                self.reclaimed_dollars.set(c.reclaimed_dollars_per_month);
+            }
         }
     }
 
@@ -447,6 +475,7 @@ fn status_label(s: RepoStatus) -> &'static str {
         RepoStatus::Failed => "failed",
         RepoStatus::Skipped => "skipped",
         RepoStatus::Timeout => "timeout",
+        RepoStatus::BudgetExceeded => "budget_exceeded",
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::cost::{Cost, Prices};
 use crate::digest::Digest;
 use crate::gc::plan::Reason;
 use crate::layout::Rejected;
@@ -22,6 +23,10 @@ pub enum RepoStatus {
     Skipped,
     /// Abandoned at its time-out, between delete batches.
     Timeout,
+    /// Failed closed because its deletions would exceed the blast-radius budget
+    /// (`--max-delete-fraction` of its blob bytes, or the run's `--max-delete-bytes`):
+    /// nothing was deleted in it.
+    BudgetExceeded,
 }
 
 /// A count of blobs and their bytes.
@@ -152,6 +157,8 @@ pub struct Totals {
     pub dangling_references: u64,
     /// Repositories skipped because another collector held the lease.
     pub lease_conflicts: u64,
+    /// Repositories that failed closed on the blast-radius budget.
+    pub budget_exceeded: u64,
 }
 
 /// The report of one `gc` or `delete-repo` run.
@@ -187,6 +194,10 @@ pub struct Report {
     pub totals: Totals,
     /// Store requests by operation.
     pub requests: RequestCounts,
+    /// What the run's requests cost and what its deletions save, with `--pricing` or
+    /// explicit prices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
 }
 
 /// RFC 3339 in UTC with second precision (a time before 1970 is written as the epoch).
@@ -217,8 +228,15 @@ impl Report {
             t.rescued += r.rescued;
             t.dangling_references += r.dangling_references.len() as u64;
             t.lease_conflicts += u64::from(r.lease_conflict);
+            t.budget_exceeded += u64::from(r.status == RepoStatus::BudgetExceeded);
         }
         self.totals = t;
+    }
+
+    /// Prices the run with `prices` (none: no `cost`): its requests, and the bytes it deleted
+    /// (a dry run: would delete). Call after [`Report::compute_totals`].
+    pub fn price(&mut self, prices: Option<&Prices>) {
+        self.cost = prices.map(|p| Cost::of(p, &self.requests, self.totals.bytes_deleted, None));
     }
 
     /// True when every repository ended `ok`.
@@ -278,11 +296,24 @@ impl Report {
             self.requests.head,
             self.requests.put,
             self.requests.delete,
-        )
+        )?;
+        if let Some(c) = &self.cost {
+            writeln!(
+                out,
+                "cost ({}): {verb} ${:.4}/month of storage; requests ${:.4} ({} class A, {} class B)",
+                c.prices.name,
+                c.reclaimed_dollars_per_month,
+                c.request_dollars,
+                c.class_a_requests,
+                c.class_b_requests,
+            )?;
+        }
+        Ok(())
     }
 }
 
-fn human_bytes(n: u64) -> String {
+/// `n` bytes in binary units, e.g. `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;

@@ -96,6 +96,72 @@ impl RepoPlan {
     }
 }
 
+/// How much of a repository a plan deletes, against what it could delete at all: every key
+/// the sweep may touch (blobs and upload scratch), i.e. all of the repository's blob bytes as
+/// listed. Keys that are no blobs of the layout (`index.json`, tag links) are in neither.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exposure {
+    /// Keys the plan deletes.
+    pub deleted_keys: u64,
+    /// Their bytes.
+    pub deleted_bytes: u64,
+    /// Keys the sweep could delete (blobs and scratch, whatever their decision).
+    pub collectible_keys: u64,
+    /// Their bytes.
+    pub collectible_bytes: u64,
+}
+
+impl Exposure {
+    /// Whether deleting this would exceed `max_fraction` of the repository. By bytes; a
+    /// repository whose blobs are all empty (placeholders) is judged by keys instead, so that
+    /// it is not unguarded. `max_fraction >= 1` never exceeds.
+    pub fn exceeds(&self, max_fraction: f64) -> bool {
+        if max_fraction >= 1.0 {
+            return false;
+        }
+        let (part, whole) = if self.collectible_bytes > 0 {
+            (self.deleted_bytes, self.collectible_bytes)
+        } else {
+            (self.deleted_keys, self.collectible_keys)
+        };
+        part as f64 > max_fraction * whole as f64
+    }
+
+    /// The deleted share of the repository, by the measure [`Exposure::exceeds`] uses.
+    pub fn fraction(&self) -> f64 {
+        let (part, whole) = if self.collectible_bytes > 0 {
+            (self.deleted_bytes, self.collectible_bytes)
+        } else {
+            (self.deleted_keys, self.collectible_keys)
+        };
+        if whole == 0 {
+            0.0
+        } else {
+            part as f64 / whole as f64
+        }
+    }
+}
+
+impl RepoPlan {
+    /// What the plan deletes, against all the repository's blob bytes (see [`Exposure`]).
+    pub fn exposure(&self) -> Exposure {
+        let mut e = Exposure::default();
+        for i in &self.items {
+            match i.decision {
+                Decision::Keep(Reason::NotABlob) => continue,
+                Decision::Delete(_) => {
+                    e.deleted_keys += 1;
+                    e.deleted_bytes += i.size;
+                }
+                Decision::Keep(_) => {}
+            }
+            e.collectible_keys += 1;
+            e.collectible_bytes += i.size;
+        }
+        e
+    }
+}
+
 /// Decides every object of `repo` given the reachable set and when each candidate was first
 /// seen at an earlier observation.
 pub fn plan(
@@ -215,6 +281,70 @@ mod tests {
             decide(false, old, policy(60, 3600)),
             Decision::Keep(Reason::AwaitingSecondObservation)
         );
+    }
+
+    fn item(size: u64, decision: Decision) -> PlanItem {
+        PlanItem {
+            key: format!("k{size}"),
+            digest: None,
+            size,
+            last_modified: SystemTime::UNIX_EPOCH,
+            decision,
+        }
+    }
+
+    #[test]
+    fn exposure_counts_blob_bytes_only() {
+        let plan = RepoPlan {
+            items: vec![
+                item(900, Decision::Delete(Reason::Unreferenced)),
+                item(50, Decision::Delete(Reason::AbandonedUpload)),
+                item(50, Decision::Keep(Reason::Reachable)),
+                // index.json: neither deletable nor part of the whole.
+                item(10_000, Decision::Keep(Reason::NotABlob)),
+            ],
+        };
+        let e = plan.exposure();
+        assert_eq!(
+            e,
+            Exposure {
+                deleted_keys: 2,
+                deleted_bytes: 950,
+                collectible_keys: 3,
+                collectible_bytes: 1000,
+            }
+        );
+        assert!((e.fraction() - 0.95).abs() < 1e-9);
+        assert!(e.exceeds(0.9));
+        assert!(!e.exceeds(0.95), "exactly the limit is within it");
+        assert!(!e.exceeds(1.0));
+    }
+
+    #[test]
+    fn an_all_garbage_repository_exceeds_any_fraction_below_one() {
+        let plan = RepoPlan {
+            items: vec![item(7, Decision::Delete(Reason::Unreferenced))],
+        };
+        assert!(plan.exposure().exceeds(0.999));
+        assert!(!plan.exposure().exceeds(1.0));
+        assert!(
+            !RepoPlan::default().exposure().exceeds(0.1),
+            "nothing to delete"
+        );
+    }
+
+    #[test]
+    fn empty_blobs_are_judged_by_keys() {
+        // Placeholders only: 0 bytes, but deleting all of them would break every image.
+        let plan = RepoPlan {
+            items: vec![
+                item(0, Decision::Delete(Reason::Unreferenced)),
+                item(0, Decision::Delete(Reason::Unreferenced)),
+                item(0, Decision::Keep(Reason::Reachable)),
+            ],
+        };
+        assert!(plan.exposure().exceeds(0.5));
+        assert!(!plan.exposure().exceeds(0.7));
     }
 
     #[test]
