@@ -1,0 +1,206 @@
+//! Throttling and the request-rate limit (issue 14, part 4): a store that answers `503
+//! SlowDown` to part of the requests is survived within the request time-outs, every such
+//! answer is counted (`ocigc_store_requests_total{result="throttled"}`), a store that never
+//! stops throttling fails the repositories closed instead of hanging, and the rate limit holds
+//! a run's requests below it.
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::wrap::{Intercept, Wrapped};
+use common::*;
+use ocigc::gc::GcOptions;
+use ocigc::metrics::Metrics;
+use ocigc::report::RepoStatus;
+use ocigc::store::{
+    DeleteFailure, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, RateLimit, Store,
+    StoreError, StoreResult,
+};
+
+/// Answers `503 SlowDown` to every `every`-th request that is not a listing page (a listing
+/// page cannot be asked for again once refused; the S3 client retries those itself), or only
+/// to requests of operation `only`.
+struct SlowDown {
+    inner: Arc<dyn Store>,
+    every: u64,
+    only: Option<Op>,
+    requests: AtomicU64,
+    throttled: AtomicU64,
+}
+
+impl SlowDown {
+    fn new(inner: Arc<dyn Store>, every: u64, only: Option<Op>) -> Wrapped<SlowDown> {
+        Wrapped(SlowDown {
+            inner,
+            every,
+            only,
+            requests: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+        })
+    }
+
+    fn answer(&self, op: Op, key: &str) -> StoreResult<()> {
+        if self.only.is_some_and(|o| o != op) {
+            return Ok(());
+        }
+        let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if n % self.every == 0 {
+            self.throttled.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Throttled {
+                op,
+                key: key.to_string(),
+                message: "HTTP 503 SlowDown".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Intercept for SlowDown {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
+    }
+    async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
+        self.answer(Op::Get, key)?;
+        self.inner.get_capped(key, limit).await
+    }
+    async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
+        self.answer(Op::Head, key)?;
+        self.inner.head_with_metadata(key).await
+    }
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        c: PutCondition,
+        m: Metadata,
+    ) -> StoreResult<PutOutcome> {
+        self.answer(Op::Put, key)?;
+        self.inner.put_with_metadata(key, body, c, m).await
+    }
+    async fn server_time(&self) -> StoreResult<SystemTime> {
+        self.answer(Op::Head, "")?;
+        self.inner.server_time().await
+    }
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
+        self.answer(Op::Delete, keys.first().map(String::as_str).unwrap_or(""))?;
+        self.inner.delete_batch(keys).await
+    }
+}
+
+/// The sum of a metric's series whose labels contain `label`.
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One request in three throttled: the run completes, deletes exactly the garbage, and every
+/// throttling answer is in the report and the metrics.
+async fn slow_down_is_survived_and_counted(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let neighbours = f.neighbours().await;
+    let slow = Arc::new(SlowDown::new(t.store.clone(), 3, None));
+    let store: Arc<dyn Store> = slow.clone();
+    let metrics = Arc::new(Metrics::new());
+    let opts = GcOptions {
+        metrics: Some(metrics.clone()),
+        request_timeout: Duration::from_secs(30),
+        ..eager()
+    };
+    let report = gc(&store, &opts).await;
+    assert!(report.all_ok(), "{report:#?}");
+    let after = keys(t.store.as_ref()).await;
+    for (repo, kept, garbage) in &neighbours {
+        assert_intact(&after, repo, kept, "tagged image under throttling");
+        assert_gone(&after, repo, garbage, "garbage under throttling");
+    }
+    assert!(dangling(t.store.as_ref()).await.is_empty());
+
+    let throttled = slow.throttled.load(Ordering::SeqCst);
+    assert!(throttled > 5, "the wrapper throttled {throttled} requests");
+    assert_eq!(report.requests.throttled, throttled);
+    let text = metrics.encode();
+    assert_eq!(
+        metric_sum(&text, "ocigc_store_requests_total", "result=\"throttled\"") as u64,
+        throttled,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "ocigc_timeouts_total", "scope=\"request\""),
+        0.0
+    );
+}
+
+both_stores!(slow_down_is_survived_and_counted);
+
+/// A store that throttles every GET for good: each GET gives up when its time-out is spent,
+/// the repositories fail closed, nothing is deleted, and the run ends.
+#[tokio::test]
+async fn endless_throttling_fails_closed_within_the_time_out() {
+    let t = dir_store();
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    f.neighbours().await;
+    let before = keys(t.store.as_ref()).await;
+    let slow = Arc::new(SlowDown::new(t.store.clone(), 1, Some(Op::Get)));
+    let store: Arc<dyn Store> = slow.clone();
+    let opts = GcOptions {
+        request_timeout: Duration::from_secs(1),
+        ..eager()
+    };
+    let report = gc(&store, &opts).await;
+    assert!(!report.all_ok());
+    for r in &report.repositories {
+        assert_eq!(r.status, RepoStatus::Failed, "{r:#?}");
+        assert!(r.deleted.is_empty());
+        assert!(r.errors.iter().any(|e| e.contains("throttled")), "{r:#?}");
+    }
+    assert_eq!(keys(t.store.as_ref()).await, before);
+    // Backed off and tried again: more answers than requests the run needed.
+    assert!(report.requests.throttled > report.repositories.len() as u64);
+}
+
+/// The rate limit holds a whole run below it: N requests at R per second (burst R) take at
+/// least (N - R) / R seconds. A lower bound only, which no scheduling delay can break.
+#[tokio::test]
+async fn the_rate_limit_holds_a_run_below_it() {
+    let t = dir_store();
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    f.neighbours().await;
+    let rate = 20;
+    let opts = GcOptions {
+        rate_limit: Some(Arc::new(RateLimit::per_second(
+            NonZeroU32::new(rate).expect("non-zero"),
+        ))),
+        ..eager()
+    };
+    let started = std::time::Instant::now();
+    let report = gc(&t.store, &opts).await;
+    let took = started.elapsed();
+    assert!(report.all_ok(), "{report:#?}");
+    let r = report.requests;
+    let sent = r.list + r.get + r.head + r.put + r.delete;
+    assert!(
+        sent > 2 * u64::from(rate),
+        "{sent} requests: too few to measure"
+    );
+    let least = Duration::from_secs_f64((sent - u64::from(rate)) as f64 / f64::from(rate));
+    assert!(
+        took >= least,
+        "{sent} requests in {took:?}, faster than {rate}/s allows ({least:?})"
+    );
+}
