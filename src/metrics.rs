@@ -470,13 +470,7 @@ fn run_result(report: Option<&Report>) -> &'static str {
 }
 
 fn status_label(s: RepoStatus) -> &'static str {
-    match s {
-        RepoStatus::Ok => "ok",
-        RepoStatus::Failed => "failed",
-        RepoStatus::Skipped => "skipped",
-        RepoStatus::Timeout => "timeout",
-        RepoStatus::BudgetExceeded => "budget_exceeded",
-    }
+    s.as_str()
 }
 
 fn unix_now() -> f64 {

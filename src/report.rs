@@ -29,6 +29,19 @@ pub enum RepoStatus {
     BudgetExceeded,
 }
 
+impl RepoStatus {
+    /// The name in the report and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepoStatus::Ok => "ok",
+            RepoStatus::Failed => "failed",
+            RepoStatus::Skipped => "skipped",
+            RepoStatus::Timeout => "timeout",
+            RepoStatus::BudgetExceeded => "budget_exceeded",
+        }
+    }
+}
+
 /// A count of blobs and their bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Tally {
@@ -265,7 +278,7 @@ impl Report {
                 out,
                 "  {:<40} {:<8} reachable {:>6} blobs, pending {:>5}, {verb} {:>5} ({})",
                 r.name,
-                format!("{:?}", r.status).to_lowercase(),
+                r.status.as_str(),
                 r.reachable.blobs,
                 r.pending.blobs,
                 r.deleted.len(),
@@ -298,17 +311,34 @@ impl Report {
             self.requests.delete,
         )?;
         if let Some(c) = &self.cost {
+            let reclaimed = if self.dry_run {
+                "storage a real run would reclaim"
+            } else {
+                "storage reclaimed"
+            };
             writeln!(
                 out,
-                "cost ({}): {verb} ${:.4}/month of storage; requests ${:.4} ({} class A, {} class B)",
+                "cost ({}): {reclaimed} {}/month; requests {} ({} class A, {} class B, {} free)",
                 c.prices.name,
-                c.reclaimed_dollars_per_month,
-                c.request_dollars,
+                dollars(c.reclaimed_dollars_per_month),
+                dollars(c.request_dollars),
                 c.class_a_requests,
                 c.class_b_requests,
+                c.free_requests,
             )?;
         }
         Ok(())
+    }
+}
+
+/// Dollars with as many decimals as make small amounts (a test bucket's) readable.
+fn dollars(x: f64) -> String {
+    if x >= 100.0 {
+        format!("${x:.0}")
+    } else if x >= 1.0 {
+        format!("${x:.2}")
+    } else {
+        format!("${x:.6}")
     }
 }
 

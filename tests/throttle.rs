@@ -50,7 +50,7 @@ impl SlowDown {
             return Ok(());
         }
         let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % self.every == 0 {
+        if n.is_multiple_of(self.every) {
             self.throttled.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Throttled {
                 op,
