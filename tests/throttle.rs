@@ -204,3 +204,128 @@ async fn the_rate_limit_holds_a_run_below_it() {
         "{sent} requests in {took:?}, faster than {rate}/s allows ({least:?})"
     );
 }
+
+/// A minimal S3 endpoint: answers `503 SlowDown` to the first `get_throttles` GETs of the
+/// object `a/b` and to the first listing page request, then the object and a one-key page;
+/// counts the requests it sees of each kind.
+struct FakeS3 {
+    gets: AtomicU64,
+    lists: AtomicU64,
+    get_throttles: u64,
+}
+
+impl FakeS3 {
+    fn answer(&self, request_line: &str) -> String {
+        const SLOW_DOWN: &str =
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>\
+            <Message>Please reduce your request rate.</Message><RequestId>r</RequestId></Error>";
+        let respond = |status: &str, headers: &str, body: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
+                body.len()
+            )
+        };
+        let slow_down = || {
+            respond(
+                "503 Slow Down",
+                "Content-Type: application/xml\r\n",
+                SLOW_DOWN,
+            )
+        };
+        if request_line.contains("list-type=2") {
+            if self.lists.fetch_add(1, Ordering::SeqCst) == 0 {
+                return slow_down();
+            }
+            let page = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                <ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name>\
+                <Prefix></Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys>\
+                <IsTruncated>false</IsTruncated><Contents><Key>a/b</Key>\
+                <LastModified>2026-12-02T05:00:00.000Z</LastModified><ETag>\"e\"</ETag>\
+                <Size>1</Size><StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>";
+            return respond("200 OK", "Content-Type: application/xml\r\n", page);
+        }
+        if request_line.starts_with("GET /b/a/b") {
+            if self.gets.fetch_add(1, Ordering::SeqCst) < self.get_throttles {
+                return slow_down();
+            }
+            return respond(
+                "200 OK",
+                "ETag: \"e\"\r\nLast-Modified: Wed, 02 Dec 2026 05:00:00 GMT\r\n",
+                "x",
+            );
+        }
+        respond("404 Not Found", "", "")
+    }
+
+    /// Serves one request per connection until the test ends.
+    async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let fake = self.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head);
+                let line = text.lines().next().unwrap_or_default().to_string();
+                let _ = conn.write_all(fake.answer(&line).as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    }
+}
+
+/// Against a real S3 client: a throttled GET comes back to ocigc (the SDK does not retry it),
+/// which backs off, sends it again and counts each answer; a throttled listing page is retried
+/// inside the client, which alone can ask for it again.
+#[tokio::test]
+async fn the_s3_client_leaves_throttling_to_ocigc_but_retries_listing_pages() {
+    use futures::TryStreamExt;
+    use ocigc::store::{Instrumented, S3Store};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let fake = Arc::new(FakeS3 {
+        gets: AtomicU64::new(0),
+        lists: AtomicU64::new(0),
+        get_throttles: 2,
+    });
+    let server = tokio::spawn(fake.clone().serve(listener));
+    let mut settings = s3_settings_at(&endpoint, "b", "");
+    settings.attempt_timeout = Duration::from_secs(10);
+    let s3: Arc<dyn Store> = Arc::new(S3Store::connect(settings).await);
+    let store = Instrumented::new(s3, 4, Duration::from_secs(30));
+
+    let object = store
+        .get("a/b")
+        .await
+        .expect("the GET succeeds after two SlowDowns");
+    assert_eq!(&object.body[..], b"x");
+    assert_eq!(
+        fake.gets.load(Ordering::SeqCst),
+        3,
+        "three GETs reached the store"
+    );
+    let counts = store.counts();
+    assert_eq!(
+        (counts.get, counts.throttled),
+        (3, 2),
+        "ocigc sent every attempt itself and counted both throttling answers"
+    );
+
+    let pages: Vec<Vec<ObjectMeta>> = store.list("").try_collect().await.expect("listing");
+    assert_eq!(pages.concat().len(), 1);
+    assert_eq!(
+        fake.lists.load(Ordering::SeqCst),
+        2,
+        "the client asked for the page again"
+    );
+    assert_eq!(store.counts().list, 1);
+    server.abort();
+}
