@@ -1248,6 +1248,13 @@ mod tests {
             max_queued_jobs = 8
             max_connections = 9
             header_read_timeout = "12s"
+            max_delete_fraction = 0.5
+            max_delete_bytes = "2GiB"
+            max_requests_per_second = 250
+            pricing = "s3-standard"
+            price_gb_month = 0.02
+            price_class_a_per_million = 4
+            price_class_b_per_million = 0.5
         "#;
         let cli = merged(&["serve"], toml).expect("valid");
         let Command::Serve(s) = cli.command else {
@@ -1286,6 +1293,37 @@ mod tests {
         assert_eq!(s.drain_timeout, Duration::from_secs(7));
         assert_eq!((s.max_queued_jobs, s.max_connections), (8, 9));
         assert_eq!(s.header_read_timeout, Duration::from_secs(12));
+        assert_eq!(g.max_delete_fraction, 0.5);
+        assert_eq!(g.max_delete_bytes, Some(2 << 30));
+        assert_eq!(st.max_requests_per_second, Some(250));
+        assert_eq!(st.pricing, "s3-standard");
+        assert_eq!(
+            (
+                st.price_gb_month,
+                st.price_class_a_per_million,
+                st.price_class_b_per_million
+            ),
+            (Some(0.02), Some(4.0), Some(0.5))
+        );
+    }
+
+    #[test]
+    fn sizes_fractions_and_prices_parse_within_their_bounds() {
+        assert_eq!(parse_bytes("500GB"), Ok(500_000_000_000));
+        assert_eq!(parse_bytes("2 TiB"), Ok(2 << 40));
+        assert_eq!(parse_bytes("1234"), Ok(1234));
+        for bad in ["0", "0GB", "-1", "1.5GB", "12XB", "", "99999999999TB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        assert_eq!(parse_fraction("0.9"), Ok(0.9));
+        for bad in ["0", "-0.1", "1.01", "NaN", "inf", "x"] {
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_price("0"), Ok(0.0));
+        for bad in ["-1", "NaN", "inf", "$1"] {
+            assert!(parse_price(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
