@@ -982,9 +982,12 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 metrics: Some(metrics.clone()),
                 ..delete_options(&args.store, request_timeout, rate_limit(&args.store))
             };
+            let prices = prices(&args.store)?;
             let result = gc::delete_repositories(store.clone(), layout, &args.names, &opts).await;
             push_metrics(&args.store, store.as_ref(), &metrics).await;
-            let report = result.map_err(|e| fatal(e.into()))?;
+            let mut report = result.map_err(|e| fatal(e.into()))?;
+            // Priced at the edge: what the deletion frees and what its requests cost.
+            report.price(prices.as_ref());
             emit(&report, args.store.report.as_ref())?;
             Ok(exit_for(&report))
         }

@@ -939,4 +939,25 @@ fn cost_and_budget_from_the_command_line() {
         "{}",
         stderr(&out)
     );
+
+    // Whole-repository deletion is never refused by the budget, and is priced too.
+    let out = ocigc(
+        &[
+            "delete-repo",
+            "--bucket",
+            b,
+            "--pricing",
+            "r2",
+            "--report",
+            "-",
+            "library/alpine-edge",
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
+    let freed = report["totals"]["bytes_deleted"].as_u64().expect("bytes");
+    assert!(freed > 0);
+    assert_eq!(report["cost"]["reclaimed_bytes"].as_u64(), Some(freed));
+    assert!(!bucket.join("library/alpine-edge").exists());
 }
