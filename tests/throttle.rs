@@ -329,3 +329,48 @@ async fn the_s3_client_leaves_throttling_to_ocigc_but_retries_listing_pages() {
     assert_eq!(store.counts().list, 1);
     server.abort();
 }
+
+/// A listing page the store throttled for good (past the S3 client's own retries) ends the
+/// listing, which its caller must not act on, and is counted like any throttling answer.
+#[tokio::test]
+async fn a_throttled_listing_page_ends_the_listing_and_is_counted() {
+    use futures::StreamExt;
+    use ocigc::store::Instrumented;
+
+    struct ThrottledList(Arc<dyn Store>);
+    impl Intercept for ThrottledList {
+        fn inner(&self) -> &Arc<dyn Store> {
+            &self.0
+        }
+        fn list<'a>(
+            &'a self,
+            prefix: &'a str,
+        ) -> futures::stream::BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+            futures::stream::iter([Err(StoreError::Throttled {
+                op: Op::List,
+                key: prefix.to_string(),
+                message: "HTTP 503 SlowDown".into(),
+            })])
+            .boxed()
+        }
+    }
+    let t = dir_store();
+    let metrics = Arc::new(Metrics::new());
+    let store = Instrumented::new(
+        Arc::new(Wrapped(ThrottledList(t.store.clone()))),
+        2,
+        Duration::from_secs(5),
+    )
+    .with_metrics(Some(metrics.clone()));
+    let pages: Vec<_> = store.list("").collect().await;
+    assert!(matches!(
+        pages.as_slice(),
+        [Err(StoreError::Throttled { .. })]
+    ));
+    assert_eq!((store.counts().list, store.counts().throttled), (1, 1));
+    let text = metrics.encode();
+    assert!(
+        text.contains("ocigc_store_requests_total{op=\"list\",result=\"throttled\"} 1"),
+        "{text}"
+    );
+}

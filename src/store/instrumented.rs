@@ -185,9 +185,8 @@ impl Instrumented {
         let mut retry = 0u32;
         loop {
             self.counters.bump(op);
-            let started = std::time::Instant::now();
             let (result, took) = self.limited(op, key, left, send()).await;
-            self.record(op, &result, started);
+            self.record(op, &result, took);
             let Err(StoreError::Throttled { .. }) = &result else {
                 return result;
             };
@@ -206,9 +205,11 @@ impl Instrumented {
         }
     }
 
-    fn record<T>(&self, op: Op, result: &StoreResult<T>, started: std::time::Instant) {
+    /// Reports one attempt that took `took` (the request itself, no waiting for the rate
+    /// limit or a permit).
+    fn record<T>(&self, op: Op, result: &StoreResult<T>, took: Duration) {
         if let Some(o) = &self.observer {
-            o.observe(op, Outcome::of(result), started.elapsed());
+            o.observe(op, Outcome::of(result), took);
         }
     }
 
@@ -258,11 +259,10 @@ impl Instrumented {
             Some(pages),
             move |pages| async move {
                 let mut pages = pages?;
-                let started = std::time::Instant::now();
                 // A page cannot be asked for again once its request failed (the listing
                 // ends there), so a throttled page is not retried here: the S3 client
                 // retries listing pages itself, with its own jittered back-off.
-                let (next, _) = self
+                let (next, took) = self
                     .limited(Op::List, prefix, self.timeout, async {
                         Ok(pages.next().await)
                     })
@@ -271,17 +271,17 @@ impl Instrumented {
                     Ok(Some(page)) => {
                         // Counted once a page arrives: the end of a listing costs no request.
                         self.counters.bump(Op::List);
-                        self.record(Op::List, &page, started);
+                        if matches!(page, Err(StoreError::Throttled { .. })) {
+                            self.throttled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.record(Op::List, &page, took);
                         Some((page, Some(pages)))
                     }
                     Ok(None) => None,
                     // A time-out ends the listing: its caller must not act on a partial view.
                     Err(e) => {
-                        if matches!(e, StoreError::Throttled { .. }) {
-                            self.throttled.fetch_add(1, Ordering::Relaxed);
-                        }
                         let failed: StoreResult<()> = Err(e);
-                        self.record(Op::List, &failed, started);
+                        self.record(Op::List, &failed, took);
                         failed.err().map(|e| (Err(e), None))
                     }
                 }
