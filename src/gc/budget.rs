@@ -48,13 +48,13 @@ impl Budget {
         }
         if e.exceeds(self.max_fraction) {
             return Err(Stop::BudgetExceeded(format!(
-                "the plan deletes {} keys, {} of its {} of blobs ({:.1}%), more than \
+                "the plan deletes {} blobs, {} of its {} of blobs ({:.1}%), more than \
                  --max-delete-fraction {} allows. A wrong --layout or bucket prefix looks like \
                  this; if the deletions are intended (e.g. every tag was removed), run once \
                  with --max-delete-fraction 1",
-                e.deleted_keys,
-                human_bytes(e.deleted_bytes),
-                human_bytes(e.collectible_bytes),
+                e.deleted_blobs,
+                human_bytes(e.deleted_blob_bytes),
+                human_bytes(e.blob_bytes),
                 e.fraction() * 100.0,
                 self.max_fraction
             )));
@@ -95,8 +95,10 @@ mod tests {
         Exposure {
             deleted_keys: u64::from(deleted > 0),
             deleted_bytes: deleted,
-            collectible_keys: 1,
-            collectible_bytes: of,
+            deleted_blobs: u64::from(deleted > 0),
+            deleted_blob_bytes: deleted,
+            blobs: 1,
+            blob_bytes: of,
         }
     }
 

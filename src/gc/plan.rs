@@ -96,67 +96,75 @@ impl RepoPlan {
     }
 }
 
-/// How much of a repository a plan deletes, against what it could delete at all: every key
-/// the sweep may touch (blobs and upload scratch), i.e. all of the repository's blob bytes as
-/// listed. Keys that are no blobs of the layout (`index.json`, tag links) are in neither.
+/// How much of a repository a plan deletes. The share that the blast-radius budget weighs is
+/// of blob bytes: every blob of the repository as listed, whatever its decision. Upload
+/// leftovers are deleted too but never part of an image, so they are not weighed (a unit of
+/// nothing but stale uploads may lose all of them); keys that are no blobs of the layout
+/// (`index.json`, tag links) are never deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Exposure {
-    /// Keys the plan deletes.
+    /// Keys the plan deletes, blobs and upload leftovers.
     pub deleted_keys: u64,
-    /// Their bytes.
+    /// Their bytes: what the run's byte bound counts.
     pub deleted_bytes: u64,
-    /// Keys the sweep could delete (blobs and scratch, whatever their decision).
-    pub collectible_keys: u64,
+    /// Blobs the plan deletes.
+    pub deleted_blobs: u64,
     /// Their bytes.
-    pub collectible_bytes: u64,
+    pub deleted_blob_bytes: u64,
+    /// Blobs of the repository, whatever their decision.
+    pub blobs: u64,
+    /// Their bytes.
+    pub blob_bytes: u64,
 }
 
 impl Exposure {
-    /// Whether deleting this would exceed `max_fraction` of the repository. By bytes; a
-    /// repository whose blobs are all empty (placeholders) is judged by keys instead, so that
-    /// it is not unguarded. `max_fraction >= 1` never exceeds.
+    /// Whether the plan deletes more than `max_fraction` of the repository's blob bytes. A
+    /// repository whose blobs are all empty (placeholders) is judged by blob count instead, so
+    /// that it is not unguarded. `max_fraction >= 1` never exceeds.
     pub fn exceeds(&self, max_fraction: f64) -> bool {
         if max_fraction >= 1.0 {
             return false;
         }
-        let (part, whole) = if self.collectible_bytes > 0 {
-            (self.deleted_bytes, self.collectible_bytes)
-        } else {
-            (self.deleted_keys, self.collectible_keys)
-        };
+        let (part, whole) = self.measure();
         part as f64 > max_fraction * whole as f64
     }
 
-    /// The deleted share of the repository, by the measure [`Exposure::exceeds`] uses.
+    /// The deleted share of the repository's blobs, by the measure [`Exposure::exceeds`] uses.
     pub fn fraction(&self) -> f64 {
-        let (part, whole) = if self.collectible_bytes > 0 {
-            (self.deleted_bytes, self.collectible_bytes)
+        match self.measure() {
+            (_, 0) => 0.0,
+            (part, whole) => part as f64 / whole as f64,
+        }
+    }
+
+    fn measure(&self) -> (u64, u64) {
+        if self.blob_bytes > 0 {
+            (self.deleted_blob_bytes, self.blob_bytes)
         } else {
-            (self.deleted_keys, self.collectible_keys)
-        };
-        if whole == 0 {
-            0.0
-        } else {
-            part as f64 / whole as f64
+            (self.deleted_blobs, self.blobs)
         }
     }
 }
 
 impl RepoPlan {
-    /// What the plan deletes, against all the repository's blob bytes (see [`Exposure`]).
+    /// What the plan deletes, against all the repository's blobs (see [`Exposure`]).
     pub fn exposure(&self) -> Exposure {
         let mut e = Exposure::default();
         for i in &self.items {
-            match i.decision {
-                Decision::Keep(Reason::NotABlob) => continue,
-                Decision::Delete(_) => {
-                    e.deleted_keys += 1;
-                    e.deleted_bytes += i.size;
-                }
-                Decision::Keep(_) => {}
+            let deleted = matches!(i.decision, Decision::Delete(_));
+            if deleted {
+                e.deleted_keys += 1;
+                e.deleted_bytes += i.size;
             }
-            e.collectible_keys += 1;
-            e.collectible_bytes += i.size;
+            // Only blobs carry a digest; upload leftovers and other keys do not.
+            if i.digest.is_some() {
+                e.blobs += 1;
+                e.blob_bytes += i.size;
+                if deleted {
+                    e.deleted_blobs += 1;
+                    e.deleted_blob_bytes += i.size;
+                }
+            }
         }
         e
     }
@@ -284,9 +292,12 @@ mod tests {
     }
 
     fn item(size: u64, decision: Decision) -> PlanItem {
+        let digest = (decision != Decision::Keep(Reason::NotABlob)
+            && decision != Decision::Delete(Reason::AbandonedUpload))
+        .then(|| Digest::sha256_of(format!("{size}").as_bytes()));
         PlanItem {
             key: format!("k{size}"),
-            digest: None,
+            digest,
             size,
             last_modified: SystemTime::UNIX_EPOCH,
             decision,
@@ -294,13 +305,14 @@ mod tests {
     }
 
     #[test]
-    fn exposure_counts_blob_bytes_only() {
+    fn exposure_weighs_blob_bytes_only() {
         let plan = RepoPlan {
             items: vec![
                 item(900, Decision::Delete(Reason::Unreferenced)),
-                item(50, Decision::Delete(Reason::AbandonedUpload)),
-                item(50, Decision::Keep(Reason::Reachable)),
-                // index.json: neither deletable nor part of the whole.
+                item(100, Decision::Keep(Reason::Reachable)),
+                // An upload leftover: deleted and counted for the run, not weighed.
+                item(5000, Decision::Delete(Reason::AbandonedUpload)),
+                // index.json: neither deleted nor weighed.
                 item(10_000, Decision::Keep(Reason::NotABlob)),
             ],
         };
@@ -309,14 +321,16 @@ mod tests {
             e,
             Exposure {
                 deleted_keys: 2,
-                deleted_bytes: 950,
-                collectible_keys: 3,
-                collectible_bytes: 1000,
+                deleted_bytes: 5900,
+                deleted_blobs: 1,
+                deleted_blob_bytes: 900,
+                blobs: 2,
+                blob_bytes: 1000,
             }
         );
-        assert!((e.fraction() - 0.95).abs() < 1e-9);
-        assert!(e.exceeds(0.9));
-        assert!(!e.exceeds(0.95), "exactly the limit is within it");
+        assert!((e.fraction() - 0.9).abs() < 1e-9);
+        assert!(e.exceeds(0.89));
+        assert!(!e.exceeds(0.9), "exactly the limit is within it");
         assert!(!e.exceeds(1.0));
     }
 
@@ -334,7 +348,20 @@ mod tests {
     }
 
     #[test]
-    fn empty_blobs_are_judged_by_keys() {
+    fn stale_uploads_alone_are_not_weighed() {
+        // serverless-registry's unit of stale temp objects at the bucket root: all go.
+        let plan = RepoPlan {
+            items: vec![
+                item(50, Decision::Delete(Reason::AbandonedUpload)),
+                item(60, Decision::Delete(Reason::AbandonedUpload)),
+            ],
+        };
+        assert!(!plan.exposure().exceeds(0.1));
+        assert_eq!(plan.exposure().deleted_bytes, 110);
+    }
+
+    #[test]
+    fn empty_blobs_are_judged_by_count() {
         // Placeholders only: 0 bytes, but deleting all of them would break every image.
         let plan = RepoPlan {
             items: vec![
