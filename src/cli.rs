@@ -8,6 +8,7 @@
 //! engine's options, in one place each.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::FileConfig;
+use crate::cost::{Prices, Pricing};
 use crate::daemon::{self, ServeOptions};
 use crate::digest::Digest;
 use crate::gc::{self, intent, DeleteRepoOptions, GcOptions, RepoFilter};
@@ -31,7 +33,7 @@ use crate::retention::protect::Protected;
 use crate::retention::restore::{self, Target};
 use crate::retention::rules::Rules;
 use crate::retention::RetentionOptions;
-use crate::store::{BucketUrl, DirStore, S3Settings, S3Store, StaticCredentials, Store};
+use crate::store::{BucketUrl, DirStore, RateLimit, S3Settings, S3Store, StaticCredentials, Store};
 
 /// Exit status: every repository done.
 pub const EXIT_OK: u8 = 0;
@@ -123,6 +125,31 @@ pub struct StoreArgs {
     /// never printed.
     #[arg(long, env = "OCIGC_PUSHGATEWAY", value_name = "URL")]
     pub pushgateway: Option<String>,
+    /// Send at most N store requests per second, shared by every operation of the run (of
+    /// every run and job of `serve`); throttling answers are backed off from either way.
+    #[arg(long, env = "OCIGC_MAX_REQUESTS_PER_SECOND", value_name = "N",
+          value_parser = parse_count::<MAX_REQUESTS_PER_SECOND>)]
+    #[serde(deserialize_with = "setting::optional_count::<MAX_REQUESTS_PER_SECOND, _>")]
+    pub max_requests_per_second: Option<usize>,
+    /// Price list for the report's `cost` and the cost metrics: r2, s3-standard or none.
+    #[arg(long, env = "OCIGC_PRICING", default_value = "none",
+          value_parser = crate::cost::Pricing::NAMES)]
+    #[serde(deserialize_with = "setting::pricing")]
+    pub pricing: String,
+    /// Storage price in $ per GB-month, instead of the --pricing list's.
+    #[arg(long, env = "OCIGC_PRICE_GB_MONTH", value_name = "DOLLARS", value_parser = parse_price)]
+    #[serde(deserialize_with = "setting::optional_price")]
+    pub price_gb_month: Option<f64>,
+    /// Price of a million class A requests (PUT, COPY, POST, LIST), instead of the list's.
+    #[arg(long, env = "OCIGC_PRICE_CLASS_A_PER_MILLION", value_name = "DOLLARS",
+          value_parser = parse_price)]
+    #[serde(deserialize_with = "setting::optional_price")]
+    pub price_class_a_per_million: Option<f64>,
+    /// Price of a million class B requests (GET, HEAD), instead of the list's.
+    #[arg(long, env = "OCIGC_PRICE_CLASS_B_PER_MILLION", value_name = "DOLLARS",
+          value_parser = parse_price)]
+    #[serde(deserialize_with = "setting::optional_price")]
+    pub price_class_b_per_million: Option<f64>,
     /// Pretend the bucket clock is this far ahead (drills and crash tests only). Hidden flags
     /// are no config keys.
     #[arg(long, hide = true, default_value = "0s", value_parser = parse_duration)]
@@ -132,6 +159,8 @@ pub struct StoreArgs {
 
 /// Upper bound of `--concurrency`.
 const MAX_CONCURRENCY: usize = 1024;
+/// Upper bound of `--max-requests-per-second`.
+const MAX_REQUESTS_PER_SECOND: usize = 1_000_000;
 
 /// Flags of `ocigc gc`.
 #[derive(Debug, Args, Serialize, Deserialize)]
@@ -182,6 +211,18 @@ pub struct GcArgs {
     /// read in full. For measurements and for ruling the cache out; safety never needs it.
     #[arg(long, env = "OCIGC_NO_CACHE")]
     pub no_cache: bool,
+    /// A repository whose deletions would exceed this share of its blob bytes deletes
+    /// nothing (`budget_exceeded`, exit 3): the guard against a wrong --layout or prefix.
+    /// In (0, 1]; 1 disables it. Whole-repository deletion is exempt.
+    #[arg(long, env = "OCIGC_MAX_DELETE_FRACTION", value_name = "F",
+          default_value_t = gc::DEFAULT_MAX_DELETE_FRACTION, value_parser = parse_fraction)]
+    #[serde(deserialize_with = "setting::fraction")]
+    pub max_delete_fraction: f64,
+    /// The run deletes at most this many bytes (e.g. 500GB, 2TiB): the repository whose
+    /// deletions would cross it, and every one after it, delete nothing (exit 3).
+    #[arg(long, env = "OCIGC_MAX_DELETE_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+    #[serde(deserialize_with = "setting::optional_bytes")]
+    pub max_delete_bytes: Option<u64>,
     /// Image references retention never removes, one a line (repo:tag, repo@sha256:…, with
     /// or without a registry host), e.g. what the cluster runs.
     #[arg(long, env = "OCIGC_PROTECT_FILE", value_name = "FILE")]
@@ -330,6 +371,52 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         Duration::ZERO => Err("must be more than 0s".into()),
         d => Ok(d),
     }
+}
+
+/// A share in `(0, 1]`.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("{s:?} is not a number in (0, 1], e.g. 0.9")),
+    }
+}
+
+/// A price in dollars: a finite number, 0 or more.
+fn parse_price(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        _ => Err(format!("{s:?} is not a price in dollars, e.g. 0.015")),
+    }
+}
+
+/// A size in bytes, above zero: a whole number with an optional unit (B, KB, MB, GB, TB,
+/// KiB, MiB, GiB, TiB).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let unit: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size above zero, e.g. 500GB"))
 }
 
 /// A count in `1..=MAX`.
@@ -562,6 +649,61 @@ mod setting {
         }
     }
 
+    /// An optional count in `1..=MAX`.
+    pub fn optional_count<'de, const MAX: usize, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<usize>, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::Number(n) => super::parse_count::<MAX>(&n.to_string())
+                .map(Some)
+                .map_err(|_| D::Error::custom(format!("{n} is not a whole number in 1..={MAX}"))),
+            _ => Err(D::Error::custom("expected a whole number")),
+        }
+    }
+
+    /// A share in `(0, 1]`.
+    pub fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => {
+                super::parse_fraction(&n.to_string()).map_err(D::Error::custom)
+            }
+            _ => Err(D::Error::custom("expected a number in (0, 1]")),
+        }
+    }
+
+    /// An optional price in dollars.
+    pub fn optional_price<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::Number(n) => super::parse_price(&n.to_string())
+                .map(Some)
+                .map_err(D::Error::custom),
+            _ => Err(D::Error::custom("expected a price in dollars")),
+        }
+    }
+
+    /// An optional size: a whole number of bytes, or a string with a unit (`"500GB"`).
+    pub fn optional_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::Number(n) => super::parse_bytes(&n.to_string())
+                .map(Some)
+                .map_err(D::Error::custom),
+            serde_json::Value::String(s) => {
+                super::parse_bytes(&s).map(Some).map_err(D::Error::custom)
+            }
+            _ => Err(D::Error::custom("expected a size, e.g. \"500GB\"")),
+        }
+    }
+
+    /// One of the price lists.
+    pub fn pricing<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let name = String::deserialize(d)?;
+        crate::cost::Pricing::parse(&name).map_err(D::Error::custom)?;
+        Ok(name)
+    }
+
     /// One of the layouts.
     pub fn layout<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         let name = String::deserialize(d)?;
@@ -713,6 +855,8 @@ async fn gc_setup(
     let (store, request_timeout) = open_store(&args.store).await?;
     check_lease_ttl(args.store.lease_ttl, request_timeout)?;
     let concurrency = args.store.concurrency;
+    // One limiter for everything these options run: the daemon's runs and jobs share it.
+    let rate_limit = rate_limit(&args.store);
     let gc = GcOptions {
         grace: args.grace,
         delay: args.delay,
@@ -732,12 +876,16 @@ async fn gc_setup(
         only: None,
         no_cache: args.no_cache,
         retention: Arc::new(retention),
+        max_delete_fraction: args.max_delete_fraction,
+        max_delete_bytes: args.max_delete_bytes,
+        rate_limit: rate_limit.clone(),
+        prices: prices(&args.store)?,
     };
     Ok((
         store,
         layout,
         gc,
-        delete_options(&args.store, request_timeout),
+        delete_options(&args.store, request_timeout, rate_limit),
     ))
 }
 
@@ -813,7 +961,11 @@ async fn restore_command(args: RestoreArgs) -> Result<u8, CliError> {
 }
 
 /// The settings of a repository deletion, from the flags.
-fn delete_options(args: &StoreArgs, request_timeout: Duration) -> DeleteRepoOptions {
+fn delete_options(
+    args: &StoreArgs,
+    request_timeout: Duration,
+    rate_limit: Option<Arc<RateLimit>>,
+) -> DeleteRepoOptions {
     DeleteRepoOptions {
         dry_run: args.dry_run,
         concurrency: args.concurrency,
@@ -821,7 +973,25 @@ fn delete_options(args: &StoreArgs, request_timeout: Duration) -> DeleteRepoOpti
         lease_ttl: args.lease_ttl,
         clock_offset: args.clock_offset,
         metrics: None,
+        rate_limit,
     }
+}
+
+/// The request-rate limiter of `--max-requests-per-second`, if set.
+fn rate_limit(args: &StoreArgs) -> Option<Arc<RateLimit>> {
+    let n = u32::try_from(args.max_requests_per_second?).ok()?;
+    Some(Arc::new(RateLimit::per_second(NonZeroU32::new(n)?)))
+}
+
+/// The prices of `--pricing` and the explicit `--price-*` flags, if any.
+fn prices(args: &StoreArgs) -> Result<Option<Prices>, CliError> {
+    let pricing = Pricing::parse(&args.pricing).map_err(|e| usage(anyhow!(e)))?;
+    Ok(Prices::resolve(
+        pricing,
+        args.price_gb_month,
+        args.price_class_a_per_million,
+        args.price_class_b_per_million,
+    ))
 }
 
 /// Pushes to the Pushgateway, if one is configured. A failed push is logged, not fatal: the
@@ -923,11 +1093,14 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             let metrics = Arc::new(Metrics::new());
             let opts = DeleteRepoOptions {
                 metrics: Some(metrics.clone()),
-                ..delete_options(&args.store, request_timeout)
+                ..delete_options(&args.store, request_timeout, rate_limit(&args.store))
             };
+            let prices = prices(&args.store)?;
             let result = gc::delete_repositories(store.clone(), layout, &args.names, &opts).await;
             push_metrics(&args.store, store.as_ref(), &metrics).await;
-            let report = result.map_err(|e| fatal(e.into()))?;
+            let mut report = result.map_err(|e| fatal(e.into()))?;
+            // Priced at the edge: what the deletion frees and what its requests cost.
+            report.price(prices.as_ref());
             emit(&report, args.store.report.as_ref())?;
             Ok(exit_for(&report))
         }
@@ -1204,6 +1377,14 @@ mod tests {
             "max_queued_jobs",
             "max_connections",
             "header_read_timeout",
+            // Issue 14: blast-radius budget, rate limit, cost.
+            "max_delete_fraction",
+            "max_delete_bytes",
+            "max_requests_per_second",
+            "pricing",
+            "price_gb_month",
+            "price_class_a_per_million",
+            "price_class_b_per_million",
         ];
         historical.sort_unstable();
         assert_eq!(config_keys(), historical);
@@ -1238,6 +1419,13 @@ mod tests {
             max_queued_jobs = 8
             max_connections = 9
             header_read_timeout = "12s"
+            max_delete_fraction = 0.5
+            max_delete_bytes = "2GiB"
+            max_requests_per_second = 250
+            pricing = "s3-standard"
+            price_gb_month = 0.02
+            price_class_a_per_million = 4
+            price_class_b_per_million = 0.5
         "#;
         let cli = merged(&["serve"], toml).expect("valid");
         let Command::Serve(s) = cli.command else {
@@ -1276,6 +1464,37 @@ mod tests {
         assert_eq!(s.drain_timeout, Duration::from_secs(7));
         assert_eq!((s.max_queued_jobs, s.max_connections), (8, 9));
         assert_eq!(s.header_read_timeout, Duration::from_secs(12));
+        assert_eq!(g.max_delete_fraction, 0.5);
+        assert_eq!(g.max_delete_bytes, Some(2 << 30));
+        assert_eq!(st.max_requests_per_second, Some(250));
+        assert_eq!(st.pricing, "s3-standard");
+        assert_eq!(
+            (
+                st.price_gb_month,
+                st.price_class_a_per_million,
+                st.price_class_b_per_million
+            ),
+            (Some(0.02), Some(4.0), Some(0.5))
+        );
+    }
+
+    #[test]
+    fn sizes_fractions_and_prices_parse_within_their_bounds() {
+        assert_eq!(parse_bytes("500GB"), Ok(500_000_000_000));
+        assert_eq!(parse_bytes("2 TiB"), Ok(2 << 40));
+        assert_eq!(parse_bytes("1234"), Ok(1234));
+        for bad in ["0", "0GB", "-1", "1.5GB", "12XB", "", "99999999999TB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        assert_eq!(parse_fraction("0.9"), Ok(0.9));
+        for bad in ["0", "-0.1", "1.01", "NaN", "inf", "x"] {
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_price("0"), Ok(0.0));
+        for bad in ["-1", "NaN", "inf", "$1"] {
+            assert!(parse_price(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

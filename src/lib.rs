@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod cost;
 pub mod daemon;
 pub mod digest;
 pub mod failpoint;

@@ -15,13 +15,13 @@ use crate::store::{Op, Outcome, RequestObserver};
 /// Outcome labels of `ocigc_runs_total{result}`.
 pub const RUN_RESULTS: [&str; 3] = ["ok", "partial", "failed"];
 /// Labels of `ocigc_repos_total{status}`.
-pub const REPO_STATUSES: [&str; 4] = ["ok", "failed", "skipped", "timeout"];
+pub const REPO_STATUSES: [&str; 5] = ["ok", "failed", "skipped", "timeout", "budget_exceeded"];
 /// Labels of `ocigc_timeouts_total{scope}`.
 pub const TIMEOUT_SCOPES: [&str; 3] = ["request", "repo", "run"];
 const OPS: [Op; 5] = [Op::List, Op::Get, Op::Head, Op::Put, Op::Delete];
 
 /// Every metric name of SPEC §5 (the dashboard and alerts rely on them).
-pub const NAMES: [&str; 23] = [
+pub const NAMES: [&str; 25] = [
     "ocigc_runs_total",
     "ocigc_run_duration_seconds",
     "ocigc_last_run_timestamp_seconds",
@@ -45,6 +45,8 @@ pub const NAMES: [&str; 23] = [
     "ocigc_hook_jobs_rejected_total",
     "ocigc_tags_removed_total",
     "ocigc_tags_restored_total",
+    "ocigc_reclaimed_dollars_per_month",
+    "ocigc_request_cost_dollars_total",
 ];
 
 /// Every ocigc metric, registered in one registry.
@@ -73,6 +75,8 @@ pub struct Metrics {
     hook_jobs_rejected: IntCounter,
     tags_removed: IntCounter,
     tags_restored: IntCounter,
+    reclaimed_dollars: Gauge,
+    request_cost: prometheus::Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -278,6 +282,24 @@ impl Metrics {
                 "ocigc_tags_restored_total",
                 "Tags `ocigc restore` put back from the trash.",
             ),
+            reclaimed_dollars: register(
+                &r,
+                Gauge::new(
+                    "ocigc_reclaimed_dollars_per_month",
+                    "Storage cost per month that the last full run's deletions removed \
+                     (with --pricing or explicit prices; 0 without).",
+                )
+                .expect("valid metric"),
+            ),
+            request_cost: register(
+                &r,
+                prometheus::Counter::new(
+                    "ocigc_request_cost_dollars_total",
+                    "Dollars of store requests made by runs (with --pricing or explicit \
+                     prices; 0 without).",
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
         };
         for l in RUN_RESULTS {
@@ -302,6 +324,9 @@ impl Metrics {
     }
 
     fn repo_figures(&self, report: &Report) {
+        if let Some(c) = &report.cost {
+            self.request_cost.inc_by(c.request_dollars);
+        }
         for r in &report.repositories {
             self.objects_scanned.inc_by(r.objects);
             self.bytes_scanned.inc_by(r.bytes);
@@ -332,6 +357,9 @@ impl Metrics {
         self.observe_repositories(report, run_timed_out);
         if let Some(report) = report {
             self.bytes_pending.set(report.totals.bytes_pending as i64);
+            if let Some(c) = report.cost.as_ref().filter(|_| !report.dry_run) {
+                self.reclaimed_dollars.set(c.reclaimed_dollars_per_month);
+            }
         }
     }
 
@@ -476,12 +504,7 @@ fn run_result(report: Option<&Report>) -> &'static str {
 }
 
 fn status_label(s: RepoStatus) -> &'static str {
-    match s {
-        RepoStatus::Ok => "ok",
-        RepoStatus::Failed => "failed",
-        RepoStatus::Skipped => "skipped",
-        RepoStatus::Timeout => "timeout",
-    }
+    s.as_str()
 }
 
 fn unix_now() -> f64 {

@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::cost::{Cost, Prices};
 use crate::digest::Digest;
 use crate::gc::plan::Reason;
 use crate::layout::Rejected;
@@ -22,6 +23,23 @@ pub enum RepoStatus {
     Skipped,
     /// Abandoned at its time-out, between delete batches.
     Timeout,
+    /// Failed closed because its deletions would exceed the blast-radius budget
+    /// (`--max-delete-fraction` of its blob bytes, or the run's `--max-delete-bytes`):
+    /// nothing was deleted in it.
+    BudgetExceeded,
+}
+
+impl RepoStatus {
+    /// The name in the report and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepoStatus::Ok => "ok",
+            RepoStatus::Failed => "failed",
+            RepoStatus::Skipped => "skipped",
+            RepoStatus::Timeout => "timeout",
+            RepoStatus::BudgetExceeded => "budget_exceeded",
+        }
+    }
 }
 
 /// A count of blobs and their bytes.
@@ -160,6 +178,8 @@ pub struct Totals {
     pub tags_removed: u64,
     /// Tags retention kept, where a table applied.
     pub tags_kept: u64,
+    /// Repositories that failed closed on the blast-radius budget.
+    pub budget_exceeded: u64,
 }
 
 /// The report of one `gc` or `delete-repo` run.
@@ -195,6 +215,10 @@ pub struct Report {
     pub totals: Totals,
     /// Store requests by operation.
     pub requests: RequestCounts,
+    /// What the run's requests cost and what its deletions save, with `--pricing` or
+    /// explicit prices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
 }
 
 /// RFC 3339 in UTC with second precision (a time before 1970 is written as the epoch).
@@ -229,8 +253,15 @@ impl Report {
                 t.tags_removed += ret.removed;
                 t.tags_kept += ret.kept;
             }
+            t.budget_exceeded += u64::from(r.status == RepoStatus::BudgetExceeded);
         }
         self.totals = t;
+    }
+
+    /// Prices the run with `prices` (none: no `cost`): its requests, and the bytes it deleted
+    /// (a dry run: would delete). Call after [`Report::compute_totals`].
+    pub fn price(&mut self, prices: Option<&Prices>) {
+        self.cost = prices.map(|p| Cost::of(p, &self.requests, self.totals.bytes_deleted, None));
     }
 
     /// True when every repository ended `ok`.
@@ -259,7 +290,7 @@ impl Report {
                 out,
                 "  {:<40} {:<8} reachable {:>6} blobs, pending {:>5}, {verb} {:>5} ({})",
                 r.name,
-                format!("{:?}", r.status).to_lowercase(),
+                r.status.as_str(),
                 r.reachable.blobs,
                 r.pending.blobs,
                 r.deleted.len(),
@@ -321,11 +352,41 @@ impl Report {
             self.requests.head,
             self.requests.put,
             self.requests.delete,
-        )
+        )?;
+        if let Some(c) = &self.cost {
+            let reclaimed = if self.dry_run {
+                "storage a real run would reclaim"
+            } else {
+                "storage reclaimed"
+            };
+            writeln!(
+                out,
+                "cost ({}): {reclaimed} {}/month; requests {} ({} class A, {} class B, {} free)",
+                c.prices.name,
+                dollars(c.reclaimed_dollars_per_month),
+                dollars(c.request_dollars),
+                c.class_a_requests,
+                c.class_b_requests,
+                c.free_requests,
+            )?;
+        }
+        Ok(())
     }
 }
 
-fn human_bytes(n: u64) -> String {
+/// Dollars with as many decimals as make small amounts (a test bucket's) readable.
+fn dollars(x: f64) -> String {
+    if x >= 100.0 {
+        format!("${x:.0}")
+    } else if x >= 1.0 {
+        format!("${x:.2}")
+    } else {
+        format!("${x:.6}")
+    }
+}
+
+/// `n` bytes in binary units, e.g. `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;

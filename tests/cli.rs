@@ -94,6 +94,46 @@ fn bad_usage_exits_2_with_a_clear_message() {
             &["delete-repo", "--bucket", d, "Team/App"],
             "invalid repository name",
         ),
+        (
+            &["gc", "--bucket", d, "--max-delete-fraction", "0"],
+            "--max-delete-fraction",
+        ),
+        (
+            &["gc", "--bucket", d, "--max-delete-fraction", "1.5"],
+            "--max-delete-fraction",
+        ),
+        (
+            &["gc", "--bucket", d, "--max-delete-fraction", "NaN"],
+            "--max-delete-fraction",
+        ),
+        (
+            &["gc", "--bucket", d, "--max-delete-bytes", "0"],
+            "--max-delete-bytes",
+        ),
+        (
+            &["gc", "--bucket", d, "--max-delete-bytes", "5XB"],
+            "--max-delete-bytes",
+        ),
+        (
+            &["gc", "--bucket", d, "--max-requests-per-second", "0"],
+            "--max-requests-per-second",
+        ),
+        (&["gc", "--bucket", d, "--pricing", "gcs"], "--pricing"),
+        (
+            &["gc", "--bucket", d, "--price-gb-month=-1"],
+            "--price-gb-month",
+        ),
+        (
+            &[
+                "delete-repo",
+                "--bucket",
+                d,
+                "--max-requests-per-second",
+                "x",
+                "app",
+            ],
+            "--max-requests-per-second",
+        ),
     ];
     for (args, needle) in cases {
         let out = ocigc(args, &[]);
@@ -800,4 +840,124 @@ fn the_largest_accepted_durations_run_without_panicking() {
         Duration::from_secs(30),
     );
     assert_eq!(code, Some(0), "{err}");
+}
+
+/// `--pricing` adds a `cost` object priced from the run's own figures; a repository whose
+/// tags were all removed exceeds the default blast-radius budget (exit 3, nothing deleted in
+/// it, named in the report) until a run passes `--max-delete-fraction 1`; budget and prices
+/// come from the config file too, and a bad value there exits 2 naming the key.
+#[test]
+fn cost_and_budget_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = dir.path().join("bucket");
+    std::fs::create_dir(&bucket).expect("mkdir");
+    copy_example(&bucket);
+    let b = bucket.to_str().expect("utf-8");
+    let base = [
+        "gc", "--bucket", b, "--grace", "0s", "--delay", "0s", "--report", "-",
+    ];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let out = ocigc(&args, &[]);
+        let report: Value = serde_json::from_slice(&out.stdout).expect("report on stdout");
+        (code(&out), report, stderr(&out))
+    };
+
+    let (c, dry, err) = run(&["--dry-run", "--pricing", "r2"]);
+    assert_eq!(c, 0, "{err}");
+    let cost = &dry["cost"];
+    assert_eq!(cost["prices"]["name"], "r2");
+    assert_eq!(cost["prices"]["gb_month"], 0.015);
+    let reclaimed = dry["totals"]["bytes_deleted"].as_u64().expect("bytes");
+    assert!(reclaimed > 0);
+    assert_eq!(cost["reclaimed_bytes"].as_u64(), Some(reclaimed));
+    let per_month = cost["reclaimed_dollars_per_month"]
+        .as_f64()
+        .expect("dollars");
+    assert!((per_month - reclaimed as f64 / 1e9 * 0.015).abs() < 1e-15);
+    let req = &dry["requests"];
+    let class_a = req["list"].as_u64().unwrap_or(0) + req["put"].as_u64().unwrap_or(0);
+    let class_b = req["get"].as_u64().unwrap_or(0) + req["head"].as_u64().unwrap_or(0);
+    assert_eq!(cost["class_a_requests"].as_u64(), Some(class_a));
+    assert_eq!(cost["class_b_requests"].as_u64(), Some(class_b));
+    let dollars = cost["request_dollars"].as_f64().expect("dollars");
+    assert!((dollars - (class_a as f64 * 4.5 + class_b as f64 * 0.36) / 1e6).abs() < 1e-12);
+    assert!(err.contains("cost (r2)"), "{err}");
+    // Without prices there is no cost object.
+    let (_, plain, _) = run(&["--dry-run"]);
+    assert!(plain.get("cost").is_none(), "{plain}");
+    // Explicit prices stand alone.
+    let (_, custom, _) = run(&["--dry-run", "--price-gb-month", "1"]);
+    assert_eq!(custom["cost"]["prices"]["name"], "custom");
+    assert_eq!(custom["cost"]["prices"]["class_a_per_million"], 0.0);
+
+    // Every tag of team/app/tools removed: all of its blobs would go.
+    std::fs::write(
+        bucket.join("team/app/tools/index.json"),
+        r#"{"schemaVersion":2,"manifests":[]}"#,
+    )
+    .expect("untag");
+    let tools_blobs = bucket.join("team/app/tools/blobs/sha256");
+    // The directory store removes directories it emptied.
+    let count = || tools_blobs.read_dir().map_or(0, Iterator::count);
+    let before = count();
+    let (c, report, err) = run(&[]);
+    assert_eq!(c, 3, "{err}");
+    let tools = report["repositories"]
+        .as_array()
+        .expect("repositories")
+        .iter()
+        .find(|r| r["name"] == "team/app/tools")
+        .expect("team/app/tools");
+    assert_eq!(tools["status"], "budget_exceeded");
+    assert_eq!(tools["deleted"].as_array().map(Vec::len), Some(0));
+    assert_eq!(report["totals"]["budget_exceeded"], 1);
+    assert_eq!(count(), before, "nothing of it deleted");
+    assert!(err.contains("--max-delete-fraction 1"), "{err}");
+
+    // The same limit from the config file; a bad value there is named.
+    let cfg = dir.path().join("ocigc.toml");
+    std::fs::write(&cfg, "max_delete_fraction = 1\npricing = \"s3-standard\"\n").expect("config");
+    let (c, report, err) = run(&["--config", cfg.to_str().expect("utf-8")]);
+    assert_eq!(c, 0, "{err}");
+    assert_eq!(count(), 0, "collected with the override");
+    assert_eq!(report["cost"]["prices"]["name"], "s3-standard");
+    std::fs::write(&cfg, "max_delete_fraction = 2\n").expect("config");
+    let out = ocigc(
+        &[
+            "gc",
+            "--bucket",
+            b,
+            "--config",
+            cfg.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("max_delete_fraction"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Whole-repository deletion is never refused by the budget, and is priced too.
+    let out = ocigc(
+        &[
+            "delete-repo",
+            "--bucket",
+            b,
+            "--pricing",
+            "r2",
+            "--report",
+            "-",
+            "library/alpine-edge",
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
+    let freed = report["totals"]["bytes_deleted"].as_u64().expect("bytes");
+    assert!(freed > 0);
+    assert_eq!(report["cost"]["reclaimed_bytes"].as_u64(), Some(freed));
+    assert!(!bucket.join("library/alpine-edge").exists());
 }

@@ -168,6 +168,7 @@ async fn nested_and_colliding_repositories_and_delete_repo(t: TestStore) {
         lease_ttl: Duration::from_secs(600),
         clock_offset: Duration::ZERO,
         metrics: None,
+        rate_limit: None,
     };
     let deleted = delete_repositories(t.store.clone(), layout, &["team/app".into()], &opts)
         .await

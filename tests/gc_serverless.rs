@@ -169,6 +169,7 @@ async fn mounts_nested_repositories_and_delete_repo(t: TestStore) {
         lease_ttl: Duration::from_secs(600),
         clock_offset: Duration::ZERO,
         metrics: None,
+        rate_limit: None,
     };
     let layout = by_name("serverless-registry", LayoutOptions::default()).expect("layout");
     let del = delete_repositories(t.store.clone(), layout, &["team/app".into()], &opts)

@@ -489,6 +489,7 @@ async fn again_cost(reg: &Registry) -> RequestCounts {
         head: 1,
         put: 0,
         delete: 0,
+        throttled: 0,
     }
 }
 

@@ -41,6 +41,8 @@ pub struct DeleteRepoOptions {
     pub clock_offset: Duration,
     /// Where to record metrics, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
+    /// Store requests per second at most, shared with whatever else holds the limiter.
+    pub rate_limit: Option<Arc<crate::store::RateLimit>>,
 }
 
 /// Deletes the named repositories (names must already be validated). A repository that no
@@ -52,6 +54,7 @@ pub async fn delete_repositories(
     opts: &DeleteRepoOptions,
 ) -> Result<Report, GcError> {
     let store = Instrumented::new(store, opts.concurrency, opts.request_timeout)
+        .with_rate_limit(opts.rate_limit.clone())
         .with_metrics(opts.metrics.clone());
     let mut report = new_report("delete-repo", &store, layout.as_ref(), opts.dry_run);
     let clock = probe_clock(&store).await?.ahead_by(opts.clock_offset);

@@ -4,6 +4,7 @@
 //! Layout- and store-agnostic: everything layout-specific goes through [`Layout`], every request
 //! through [`Instrumented`] (concurrency bound, time-out, counts).
 
+pub mod budget;
 pub mod cache;
 pub mod clock;
 mod delete_repo;
@@ -33,7 +34,7 @@ use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
 use clock::BucketClock;
 
 pub use delete_repo::{delete_repositories, DeleteRepoOptions};
-pub use options::{GcOptions, Progress, RepoFilter, Shard};
+pub use options::{GcOptions, Progress, RepoFilter, Shard, DEFAULT_MAX_DELETE_FRACTION};
 pub use run::run_gc;
 
 /// A fatal error: the run could not even start on the repositories.
@@ -102,6 +103,7 @@ pub(crate) fn new_report(
         unowned_objects: 0,
         totals: Default::default(),
         requests: Default::default(),
+        cost: None,
     }
 }
 

@@ -108,7 +108,21 @@ pub struct GcOptions {
     /// Which tags go before marking (`[[retention]]`, `--protect-file`, `--trash-ttl`); no
     /// tables: retention removes nothing, but trashed manifests stay roots all the same.
     pub retention: Arc<crate::retention::RetentionOptions>,
+    /// A repository whose plan deletes more than this share of its blob bytes fails closed
+    /// (`budget_exceeded`); 1 disables the check (SPEC §3.10).
+    pub max_delete_fraction: f64,
+    /// The run deletes at most this many bytes: the repository whose plan would cross it, and
+    /// every one after it, delete nothing.
+    pub max_delete_bytes: Option<u64>,
+    /// Store requests per second at most, shared by everything holding the same limiter
+    /// (the daemon's runs and hook jobs); `None`: unlimited.
+    pub rate_limit: Option<Arc<crate::store::RateLimit>>,
+    /// Prices for the report's `cost` and the cost metrics; `None`: no cost.
+    pub prices: Option<crate::cost::Prices>,
 }
+
+/// The default of `--max-delete-fraction`.
+pub const DEFAULT_MAX_DELETE_FRACTION: f64 = 0.9;
 
 impl std::fmt::Debug for dyn Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,6 +163,10 @@ impl Default for GcOptions {
             only: None,
             no_cache: false,
             retention: Arc::default(),
+            max_delete_fraction: DEFAULT_MAX_DELETE_FRACTION,
+            max_delete_bytes: None,
+            rate_limit: None,
+            prices: None,
         }
     }
 }

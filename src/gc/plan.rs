@@ -96,6 +96,80 @@ impl RepoPlan {
     }
 }
 
+/// How much of a repository a plan deletes. The share that the blast-radius budget weighs is
+/// of blob bytes: every blob of the repository as listed, whatever its decision. Upload
+/// leftovers are deleted too but never part of an image, so they are not weighed (a unit of
+/// nothing but stale uploads may lose all of them); keys that are no blobs of the layout
+/// (`index.json`, tag links) are never deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exposure {
+    /// Keys the plan deletes, blobs and upload leftovers.
+    pub deleted_keys: u64,
+    /// Their bytes: what the run's byte bound counts.
+    pub deleted_bytes: u64,
+    /// Blobs the plan deletes.
+    pub deleted_blobs: u64,
+    /// Their bytes.
+    pub deleted_blob_bytes: u64,
+    /// Blobs of the repository, whatever their decision.
+    pub blobs: u64,
+    /// Their bytes.
+    pub blob_bytes: u64,
+}
+
+impl Exposure {
+    /// Whether the plan deletes more than `max_fraction` of the repository's blob bytes. A
+    /// repository whose blobs are all empty (placeholders) is judged by blob count instead, so
+    /// that it is not unguarded. `max_fraction >= 1` never exceeds.
+    pub fn exceeds(&self, max_fraction: f64) -> bool {
+        if max_fraction >= 1.0 {
+            return false;
+        }
+        let (part, whole) = self.measure();
+        part as f64 > max_fraction * whole as f64
+    }
+
+    /// The deleted share of the repository's blobs, by the measure [`Exposure::exceeds`] uses.
+    pub fn fraction(&self) -> f64 {
+        match self.measure() {
+            (_, 0) => 0.0,
+            (part, whole) => part as f64 / whole as f64,
+        }
+    }
+
+    fn measure(&self) -> (u64, u64) {
+        if self.blob_bytes > 0 {
+            (self.deleted_blob_bytes, self.blob_bytes)
+        } else {
+            (self.deleted_blobs, self.blobs)
+        }
+    }
+}
+
+impl RepoPlan {
+    /// What the plan deletes, against all the repository's blobs (see [`Exposure`]).
+    pub fn exposure(&self) -> Exposure {
+        let mut e = Exposure::default();
+        for i in &self.items {
+            let deleted = matches!(i.decision, Decision::Delete(_));
+            if deleted {
+                e.deleted_keys += 1;
+                e.deleted_bytes += i.size;
+            }
+            // Only blobs carry a digest; upload leftovers and other keys do not.
+            if i.digest.is_some() {
+                e.blobs += 1;
+                e.blob_bytes += i.size;
+                if deleted {
+                    e.deleted_blobs += 1;
+                    e.deleted_blob_bytes += i.size;
+                }
+            }
+        }
+        e
+    }
+}
+
 /// Decides every object of `repo` given the reachable set and when each candidate was first
 /// seen at an earlier observation.
 pub fn plan(
@@ -215,6 +289,89 @@ mod tests {
             decide(false, old, policy(60, 3600)),
             Decision::Keep(Reason::AwaitingSecondObservation)
         );
+    }
+
+    fn item(size: u64, decision: Decision) -> PlanItem {
+        let digest = (decision != Decision::Keep(Reason::NotABlob)
+            && decision != Decision::Delete(Reason::AbandonedUpload))
+        .then(|| Digest::sha256_of(format!("{size}").as_bytes()));
+        PlanItem {
+            key: format!("k{size}"),
+            digest,
+            size,
+            last_modified: SystemTime::UNIX_EPOCH,
+            decision,
+        }
+    }
+
+    #[test]
+    fn exposure_weighs_blob_bytes_only() {
+        let plan = RepoPlan {
+            items: vec![
+                item(900, Decision::Delete(Reason::Unreferenced)),
+                item(100, Decision::Keep(Reason::Reachable)),
+                // An upload leftover: deleted and counted for the run, not weighed.
+                item(5000, Decision::Delete(Reason::AbandonedUpload)),
+                // index.json: neither deleted nor weighed.
+                item(10_000, Decision::Keep(Reason::NotABlob)),
+            ],
+        };
+        let e = plan.exposure();
+        assert_eq!(
+            e,
+            Exposure {
+                deleted_keys: 2,
+                deleted_bytes: 5900,
+                deleted_blobs: 1,
+                deleted_blob_bytes: 900,
+                blobs: 2,
+                blob_bytes: 1000,
+            }
+        );
+        assert!((e.fraction() - 0.9).abs() < 1e-9);
+        assert!(e.exceeds(0.89));
+        assert!(!e.exceeds(0.9), "exactly the limit is within it");
+        assert!(!e.exceeds(1.0));
+    }
+
+    #[test]
+    fn an_all_garbage_repository_exceeds_any_fraction_below_one() {
+        let plan = RepoPlan {
+            items: vec![item(7, Decision::Delete(Reason::Unreferenced))],
+        };
+        assert!(plan.exposure().exceeds(0.999));
+        assert!(!plan.exposure().exceeds(1.0));
+        assert!(
+            !RepoPlan::default().exposure().exceeds(0.1),
+            "nothing to delete"
+        );
+    }
+
+    #[test]
+    fn stale_uploads_alone_are_not_weighed() {
+        // serverless-registry's unit of stale temp objects at the bucket root: all go.
+        let plan = RepoPlan {
+            items: vec![
+                item(50, Decision::Delete(Reason::AbandonedUpload)),
+                item(60, Decision::Delete(Reason::AbandonedUpload)),
+            ],
+        };
+        assert!(!plan.exposure().exceeds(0.1));
+        assert_eq!(plan.exposure().deleted_bytes, 110);
+    }
+
+    #[test]
+    fn empty_blobs_are_judged_by_count() {
+        // Placeholders only: 0 bytes, but deleting all of them would break every image.
+        let plan = RepoPlan {
+            items: vec![
+                item(0, Decision::Delete(Reason::Unreferenced)),
+                item(0, Decision::Delete(Reason::Unreferenced)),
+                item(0, Decision::Keep(Reason::Reachable)),
+            ],
+        };
+        assert!(plan.exposure().exceeds(0.5));
+        assert!(!plan.exposure().exceeds(0.7));
     }
 
     #[test]

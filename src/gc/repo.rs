@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::Budget;
 use super::cache;
 use super::clock::BucketClock;
 use super::lease::{Acquired, Leases};
@@ -38,6 +39,8 @@ pub(super) struct RepoRun<'a> {
     pub(super) repo_timeout: Option<Duration>,
     pub(super) stop: CancellationToken,
     pub(super) retention: Arc<RetentionOptions>,
+    /// The blast-radius budget every plan is admitted against before anything is deleted.
+    pub(super) budget: Budget,
 }
 
 /// What the run found for one repository before collecting it.
@@ -156,6 +159,8 @@ struct Observation {
     plan: RepoPlan,
     /// When the next trash entry expires and a decision may change.
     trash_expiry: Option<std::time::SystemTime>,
+    /// Bytes of the plan the budget admitted.
+    admitted: u64,
 }
 
 fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
@@ -414,6 +419,18 @@ impl RepoRun<'_> {
         obs.deadline = deadline;
         obs.leftovers = leftovers;
         self.summarise(report, &obs.plan);
+        // The blast-radius budget is part of deciding: a plan over it is not carried out at
+        // all, in a dry run as in a real one (which then reports what the real run does).
+        match self.budget.admit(obs.plan.exposure(), 0) {
+            Ok(admitted) => obs.admitted = admitted,
+            Err(stop) => {
+                tracing::error!(repo = %repo.name, reason = %stop.message(), "repository over the delete budget");
+                report.stopped(&stop);
+                report.manifests_fetched = marker.manifests_fetched;
+                report.warnings.extend(marker.warnings.iter().cloned());
+                return Ok(());
+            }
+        }
         if self.dry_run {
             report.deleted = deletions_of(&obs.plan);
             report.manifests_fetched = marker.manifests_fetched;
@@ -646,6 +663,7 @@ impl RepoRun<'_> {
             pending,
             plan,
             trash_expiry,
+            admitted: 0,
         })
     }
 
@@ -694,6 +712,15 @@ impl RepoRun<'_> {
                         self.policy,
                     );
                     self.summarise(report, &obs.plan);
+                    // A new plan is a new decision: admitted against the budget again.
+                    match self.budget.admit(obs.plan.exposure(), obs.admitted) {
+                        Ok(admitted) => obs.admitted = admitted,
+                        Err(stop) => {
+                            report.stopped(&stop);
+                            self.leases.release(lease).await;
+                            return;
+                        }
+                    }
                 }
                 obs.pending = fresh;
             }

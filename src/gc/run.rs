@@ -55,6 +55,7 @@ async fn collect_all(
 ) -> Result<Report, GcError> {
     let run_started = Instant::now();
     let store = Instrumented::new(store, opts.concurrency, opts.request_timeout)
+        .with_rate_limit(opts.rate_limit.clone())
         .with_metrics(opts.metrics.clone());
     let layout = layout.as_ref();
     let mut report = new_report("gc", &store, layout, opts.dry_run);
@@ -142,6 +143,7 @@ async fn collect_all(
         repo_timeout: opts.repo_timeout,
         stop: opts.stop.clone(),
         retention: opts.retention.clone(),
+        budget: super::budget::Budget::new(opts.max_delete_fraction, opts.max_delete_bytes),
     };
     // A shard's repositories are those of its own parts (see `parts`); the global unit is the
     // first shard's.
@@ -497,6 +499,7 @@ async fn collect_all(
         p.finish();
     }
     finish_report(&mut report, &store, &clock);
+    report.price(opts.prices.as_ref());
     tracing::info!(
         run_id = %report.run_id,
         repositories = report.totals.repositories,

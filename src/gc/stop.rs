@@ -61,6 +61,9 @@ pub enum Stop {
     Store(String),
     /// The verify pass found deleted blobs referenced and missing (must never happen).
     Dangling(usize),
+    /// The plan would delete more than the blast-radius budget allows (SPEC §3.10): nothing
+    /// is deleted in the repository.
+    BudgetExceeded(String),
 }
 
 impl Stop {
@@ -73,6 +76,7 @@ impl Stop {
             Stop::Timeout(Phase::Start) | Stop::Shutdown(_) => RepoStatus::Skipped,
             Stop::LeaseHeld { .. } | Stop::Refused(_) => RepoStatus::Skipped,
             Stop::Timeout(_) => RepoStatus::Timeout,
+            Stop::BudgetExceeded(_) => RepoStatus::BudgetExceeded,
         }
     }
 
@@ -95,6 +99,7 @@ impl Stop {
             Stop::Refused(why) => format!("stopped before a delete batch: {why}"),
             Stop::Store(why) => why.clone(),
             Stop::Dangling(n) => format!("{n} deleted blobs are referenced: dangling references"),
+            Stop::BudgetExceeded(why) => format!("budget exceeded, nothing deleted: {why}"),
         }
     }
 }
@@ -105,7 +110,8 @@ fn severity(s: RepoStatus) -> u8 {
         RepoStatus::Ok => 0,
         RepoStatus::Skipped => 1,
         RepoStatus::Timeout => 2,
-        RepoStatus::Failed => 3,
+        // As bad as failed: both fail closed, and an operator must look at either.
+        RepoStatus::Failed | RepoStatus::BudgetExceeded => 3,
     }
 }
 

@@ -1,6 +1,7 @@
-//! The layer every request goes through: a bound on requests in flight (back-pressure), a
-//! time-out on each request, and counts by operation for the report. Metrics see requests
-//! through [`RequestObserver`], so the store layer knows nothing of who watches it.
+//! The layer every request goes through: the request-rate limit, a bound on requests in flight
+//! (back-pressure), a time-out on each request, back-off and retry after throttling answers,
+//! and counts by operation for the report. Metrics see requests through [`RequestObserver`],
+//! so the store layer knows nothing of who watches it.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,8 +16,8 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use super::{
-    DeleteFailure, Level, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, Store,
-    StoreError, StoreResult,
+    DeleteFailure, Level, Metadata, Object, ObjectMeta, Op, PutCondition, PutOutcome, RateLimit,
+    Store, StoreError, StoreResult,
 };
 
 /// How a store request ended, as far as an observer cares.
@@ -28,16 +29,19 @@ pub enum Outcome {
     NotFound,
     /// No answer within the request time-out.
     Timeout,
+    /// The store asked to slow down; the request is sent again after a back-off.
+    Throttled,
     /// Any other failure.
     Error,
 }
 
 impl Outcome {
     /// Every outcome, in label order.
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Ok,
         Outcome::NotFound,
         Outcome::Timeout,
+        Outcome::Throttled,
         Outcome::Error,
     ];
 
@@ -47,6 +51,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::NotFound => "not_found",
             Outcome::Timeout => "timeout",
+            Outcome::Throttled => "throttled",
             Outcome::Error => "error",
         }
     }
@@ -56,6 +61,7 @@ impl Outcome {
             Ok(_) => Outcome::Ok,
             Err(StoreError::NotFound { .. }) => Outcome::NotFound,
             Err(StoreError::Timeout { .. }) => Outcome::Timeout,
+            Err(StoreError::Throttled { .. }) => Outcome::Throttled,
             Err(_) => Outcome::Error,
         }
     }
@@ -69,7 +75,8 @@ pub trait RequestObserver: Send + Sync {
     fn observe(&self, op: Op, outcome: Outcome, elapsed: Duration);
 }
 
-/// Requests made, by operation (a LIST page and a batch delete count as one each).
+/// Requests made, by operation (a LIST page and a batch delete count as one each; each
+/// attempt of a request sent again after a throttling answer counts).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RequestCounts {
     /// LIST pages.
@@ -82,6 +89,8 @@ pub struct RequestCounts {
     pub put: u64,
     /// Batch delete requests.
     pub delete: u64,
+    /// Throttling answers among all of these (`503 SlowDown`, `429`), each backed off from.
+    pub throttled: u64,
 }
 
 #[derive(Default)]
@@ -96,13 +105,16 @@ impl Counters {
     }
 }
 
-/// Wraps a store with a concurrency limit, a per-request time-out and request counting.
+/// Wraps a store with a rate limit, a concurrency limit, a per-request time-out, retries
+/// after throttling and request counting.
 pub struct Instrumented {
     inner: Arc<dyn Store>,
     permits: Semaphore,
     timeout: Duration,
     counters: Counters,
+    throttled: AtomicU64,
     observer: Option<Arc<dyn RequestObserver>>,
+    rate: Option<Arc<RateLimit>>,
 }
 
 impl Instrumented {
@@ -114,8 +126,23 @@ impl Instrumented {
             permits: Semaphore::new(concurrency.max(1)),
             timeout,
             counters: Counters::default(),
+            throttled: AtomicU64::new(0),
             observer: None,
+            rate: None,
         }
+    }
+
+    /// Sends requests no faster than `rate` allows; the limiter may be shared with other
+    /// stores (the daemon's runs and jobs share one).
+    pub fn with_rate_limit(mut self, rate: Option<Arc<RateLimit>>) -> Instrumented {
+        self.rate = rate;
+        self
+    }
+
+    /// Throttling answers received so far (each was backed off from and sent again while the
+    /// request's time-out allowed).
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
     }
 
     /// Also reports every request to `observer`.
@@ -141,51 +168,82 @@ impl Instrumented {
             head: self.counters.get(Op::Head),
             put: self.counters.get(Op::Put),
             delete: self.counters.get(Op::Delete),
+            throttled: self.throttled(),
         }
     }
 
-    async fn call<T>(
-        &self,
-        op: Op,
-        key: &str,
-        fut: impl Future<Output = StoreResult<T>>,
-    ) -> StoreResult<T> {
-        self.counters.bump(op);
-        let started = std::time::Instant::now();
-        let result = self.limited(op, key, fut).await;
-        self.record(op, &result, started);
-        result
+    /// Sends a request made by `send` (once per attempt): waits for the rate limit and a
+    /// permit, bounds the attempts by the time-out, and after a throttling answer backs off
+    /// (jittered, doubling) and sends it again. The attempts and the back-offs between them
+    /// share the one time-out; waiting for the rate limit or a permit is not counted.
+    async fn call<T, F, Fut>(&self, op: Op, key: &str, send: F) -> StoreResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = StoreResult<T>>,
+    {
+        let mut left = self.timeout;
+        let mut retry = 0u32;
+        loop {
+            self.counters.bump(op);
+            let (result, took) = self.limited(op, key, left, send()).await;
+            self.record(op, &result, took);
+            let Err(StoreError::Throttled { .. }) = &result else {
+                return result;
+            };
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            retry += 1;
+            let wait = super::backoff(retry);
+            left = left.saturating_sub(took);
+            // No time left for another attempt after the back-off: the throttling answer is
+            // the request's outcome.
+            if wait >= left {
+                return result;
+            }
+            left -= wait;
+            tracing::debug!(%op, key, retry, wait_ms = wait.as_millis() as u64, "throttled; backing off");
+            tokio::time::sleep(wait).await;
+        }
     }
 
-    fn record<T>(&self, op: Op, result: &StoreResult<T>, started: std::time::Instant) {
+    /// Reports one attempt that took `took` (the request itself, no waiting for the rate
+    /// limit or a permit).
+    fn record<T>(&self, op: Op, result: &StoreResult<T>, took: Duration) {
         if let Some(o) = &self.observer {
-            o.observe(op, Outcome::of(result), started.elapsed());
+            o.observe(op, Outcome::of(result), took);
         }
     }
 
+    /// One attempt: the rate limit, a permit, then the request for at most `timeout`
+    /// (waiting for the limit or a permit is back-pressure, not the store's slowness: not
+    /// timed). Returns the result and how long the request itself took.
     async fn limited<T>(
         &self,
         op: Op,
         key: &str,
+        timeout: Duration,
         fut: impl Future<Output = StoreResult<T>>,
-    ) -> StoreResult<T> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Request {
+    ) -> (StoreResult<T>, Duration) {
+        if let Some(rate) = &self.rate {
+            rate.acquire().await;
+        }
+        let Ok(_permit) = self.permits.acquire().await else {
+            let closed = StoreError::Request {
                 op,
                 key: key.to_string(),
                 message: "store closed".into(),
-            })?;
-        match tokio::time::timeout(self.timeout, fut).await {
+            };
+            return (Err(closed), Duration::ZERO);
+        };
+        let sent = tokio::time::Instant::now();
+        let result = match tokio::time::timeout(timeout, fut).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout {
                 op,
                 key: key.to_string(),
                 after: self.timeout,
             }),
-        }
+        };
+        (result, sent.elapsed())
     }
 }
 
@@ -201,22 +259,29 @@ impl Instrumented {
             Some(pages),
             move |pages| async move {
                 let mut pages = pages?;
-                let started = std::time::Instant::now();
-                let next = self
-                    .limited(Op::List, prefix, async { Ok(pages.next().await) })
+                // A page cannot be asked for again once its request failed (the listing
+                // ends there), so a throttled page is not retried here: the S3 client
+                // retries listing pages itself, with its own jittered back-off.
+                let (next, took) = self
+                    .limited(Op::List, prefix, self.timeout, async {
+                        Ok(pages.next().await)
+                    })
                     .await;
                 match next {
                     Ok(Some(page)) => {
                         // Counted once a page arrives: the end of a listing costs no request.
                         self.counters.bump(Op::List);
-                        self.record(Op::List, &page, started);
+                        if matches!(page, Err(StoreError::Throttled { .. })) {
+                            self.throttled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.record(Op::List, &page, took);
                         Some((page, Some(pages)))
                     }
                     Ok(None) => None,
                     // A time-out ends the listing: its caller must not act on a partial view.
                     Err(e) => {
                         let failed: StoreResult<()> = Err(e);
-                        self.record(Op::List, &failed, started);
+                        self.record(Op::List, &failed, took);
                         failed.err().map(|e| (Err(e), None))
                     }
                 }
@@ -250,12 +315,12 @@ impl Store for Instrumented {
     }
 
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {
-        self.call(Op::Get, key, self.inner.get_capped(key, limit))
+        self.call(Op::Get, key, || self.inner.get_capped(key, limit))
             .await
     }
 
     async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
-        self.call(Op::Head, key, self.inner.head_with_metadata(key))
+        self.call(Op::Head, key, || self.inner.head_with_metadata(key))
             .await
     }
 
@@ -266,22 +331,21 @@ impl Store for Instrumented {
         condition: PutCondition,
         metadata: Metadata,
     ) -> StoreResult<PutOutcome> {
-        self.call(
-            Op::Put,
-            key,
-            self.inner.put_with_metadata(key, body, condition, metadata),
-        )
+        self.call(Op::Put, key, || {
+            self.inner
+                .put_with_metadata(key, body.clone(), condition.clone(), metadata.clone())
+        })
         .await
     }
 
     async fn server_time(&self) -> StoreResult<std::time::SystemTime> {
         // A read like a HEAD, and counted as one.
-        self.call(Op::Head, "", self.inner.server_time()).await
+        self.call(Op::Head, "", || self.inner.server_time()).await
     }
 
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         let first = keys.first().map(String::as_str).unwrap_or_default();
-        self.call(Op::Delete, first, self.inner.delete_batch(keys))
+        self.call(Op::Delete, first, || self.inner.delete_batch(keys))
             .await
     }
 }

@@ -5,6 +5,7 @@ mod dir;
 mod generated;
 mod instrumented;
 pub mod listing;
+mod rate;
 mod s3;
 mod url;
 
@@ -20,6 +21,7 @@ pub use dir::DirStore;
 pub use generated::{GeneratedSpec, GeneratedSpecError, GeneratedStore, GENERATED_SCHEME};
 pub use instrumented::{Instrumented, Outcome, RequestCounts, RequestObserver};
 pub use listing::{list_part, plan_parts, plan_shards, Part, SplitPolicy};
+pub use rate::{backoff, RateLimit, BACKOFF_BASE, BACKOFF_CAP};
 pub use s3::{S3Settings, S3Store, StaticCredentials};
 pub use url::BucketUrl;
 
@@ -182,6 +184,14 @@ pub enum StoreError {
     /// The key cannot be represented in this store.
     #[error("invalid key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
+    /// The store asked to slow down (`503 SlowDown`, `429 Too Many Requests`): the request
+    /// was not carried out and may be sent again after a while.
+    #[error("{op} {key:?}: throttled: {message}")]
+    Throttled {
+        op: Op,
+        key: String,
+        message: String,
+    },
     /// The object is larger than the caller's cap; it was not read.
     #[error("{op} {key:?}: larger than the {limit}-byte read limit")]
     TooLarge { op: Op, key: String, limit: u64 },

@@ -148,6 +148,7 @@ impl S3Store {
             .force_path_style(settings.path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_classifier(ThrottlingAbove)
             .build();
         S3Store {
             client: Client::from_conf(conf),
@@ -198,6 +199,21 @@ where
             key: key.to_string(),
         };
     }
+    let code = match &err {
+        SdkError::ServiceError(ctx) => ctx.err().code(),
+        _ => None,
+    };
+    if is_throttling(status, code) {
+        return StoreError::Throttled {
+            op,
+            key: key.to_string(),
+            message: match (status, code) {
+                (Some(s), Some(c)) => format!("HTTP {s} {c}"),
+                (Some(s), None) => format!("HTTP {s}"),
+                (None, c) => c.unwrap_or("throttled").to_string(),
+            },
+        };
+    }
     let message = match (&err, status) {
         (SdkError::TimeoutError(_), _) => "timed out".to_string(),
         (SdkError::ServiceError(ctx), Some(s)) => {
@@ -214,6 +230,58 @@ where
         op,
         key: key.to_string(),
         message,
+    }
+}
+
+/// Error codes with which S3-compatible stores ask a client to slow down.
+const THROTTLING_CODES: [&str; 6] = [
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+];
+
+/// A throttling answer: `503` (S3's `SlowDown`; a 503 means the request was not carried out),
+/// `429 Too Many Requests` (R2 and others), or a throttling code on any status.
+fn is_throttling(status: Option<u16>, code: Option<&str>) -> bool {
+    matches!(status, Some(429 | 503)) || code.is_some_and(|c| THROTTLING_CODES.contains(&c))
+}
+
+/// Leaves throttling answers to [`super::Instrumented`] instead of the SDK's retry loop, so
+/// that each one is counted, waits for the rate limit, and backs off within the request's one
+/// time-out. Listing pages are the exception: a page cannot be asked for again from above (the
+/// listing ends at its first error), so the SDK's standard retry (exponential back-off with
+/// full jitter, [`S3Settings::max_attempts`] attempts) keeps them.
+#[derive(Debug)]
+struct ThrottlingAbove;
+
+impl aws_sdk_s3::config::retry::ClassifyRetry for ThrottlingAbove {
+    fn classify_retry(
+        &self,
+        ctx: &aws_sdk_s3::config::interceptors::InterceptorContext,
+    ) -> aws_sdk_s3::config::retry::RetryAction {
+        use aws_sdk_s3::config::retry::RetryAction;
+        let Some(response) = ctx.response() else {
+            return RetryAction::NoActionIndicated;
+        };
+        // The request itself is gone by now; the error says which operation it was.
+        let listing = matches!(ctx.output_or_error(), Some(Err(e))
+        if e.as_operation_error().is_some_and(|e| {
+            e.downcast_ref::<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Error>()
+                .is_some()
+        }));
+        let status = response.status().as_u16();
+        if !listing && matches!(status, 429 | 503) {
+            RetryAction::RetryForbidden
+        } else {
+            RetryAction::NoActionIndicated
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "ocigc: throttling is retried above the SDK"
     }
 }
 

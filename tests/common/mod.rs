@@ -356,6 +356,9 @@ pub fn eager() -> GcOptions {
         delay: Duration::ZERO,
         concurrency: 8,
         request_timeout: Duration::from_secs(60),
+        // The scenarios test what is deleted, and many make a repository all garbage on
+        // purpose: the blast-radius budget has its own tests (tests/budget.rs).
+        max_delete_fraction: 1.0,
         ..GcOptions::default()
     }
 }
@@ -373,6 +376,7 @@ pub fn delete_options(dry_run: bool) -> DeleteRepoOptions {
         lease_ttl: Duration::from_secs(600),
         clock_offset: Duration::ZERO,
         metrics: None,
+        rate_limit: None,
     }
 }
 

@@ -315,8 +315,10 @@ def scenario(kind, work, build, stage, garbage):
 
 def emptied_by_umoci(kind, work, build):
     """`umoci rm` of a layout's last tag writes `"manifests": null`, which Go (and so every
-    registry) reads as an empty list: the repository has no images, and ocigc collects all its
-    blobs, as it does the neighbour's garbage; the layout files stay."""
+    registry) reads as an empty list: the repository has no images. Losing all its blobs is
+    more than the default blast-radius budget allows, so the first run refuses it (exit 3)
+    while it collects the neighbour's garbage; a run with `--max-delete-fraction 1` collects
+    all its blobs; the layout files stay."""
     stage = os.path.join(work, f"{kind}-emptied")
     for repo in ["empty/app", "ok/app"]:
         layout = os.path.join(stage, repo)
@@ -330,11 +332,17 @@ def emptied_by_umoci(kind, work, build):
     t = Target(kind, work, "emptied")
     t.upload(stage)
     before = t.keys()
-    code, report, err = t.gc()
-    gone = deleted_keys(report)
     solo_old = {f"ok/app/blobs/{d.replace(':', '/')}" for d in image_digests(build, "solo-old")
                 - image_digests(build, "solo")}
     emptied = {k for k in before if k.startswith("empty/app/blobs/")}
+    code, refused, err = t.gc()
+    status = {r["name"]: r["status"] for r in (refused or {}).get("repositories", [])}
+    check(code == 3 and status.get("empty/app") == "budget_exceeded"
+          and deleted_keys(refused) == solo_old and emptied <= t.keys(),
+          f"{kind}: the default budget refuses to empty a repository, the neighbour is collected",
+          f"{code}: {status} {sorted(deleted_keys(refused))} {err[-300:]}")
+    code, report, err = t.gc("--max-delete-fraction", "1")
+    gone = deleted_keys(refused) | deleted_keys(report)
     check(code == 0 and gone == solo_old | emptied,
           f"{kind}: the emptied repository's blobs and the neighbour's garbage are collected",
           f"{code}: {sorted(gone)} {err[-300:]}")
