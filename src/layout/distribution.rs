@@ -431,15 +431,7 @@ impl Layout for DistributionLayout {
             // The current link first: once it is gone the tag no longer resolves.
             keys.retain(|k| *k != current);
             keys.insert(0, current);
-            for chunk in keys.chunks(crate::store::MAX_DELETE_BATCH) {
-                let failed = store.delete_batch(chunk).await?;
-                if let Some(f) = failed.first() {
-                    return Err(TagError::Unsupported(format!(
-                        "deleting {}: {}",
-                        f.key, f.message
-                    )));
-                }
-            }
+            super::delete_tag_keys(store, &keys).await?;
             out.push(Removal::Removed);
         }
         Ok(out)

@@ -476,12 +476,29 @@ pub enum TagError {
     /// The layout cannot do this.
     #[error("{0}")]
     Unsupported(String),
+    /// The store refused to delete a key of the tag.
+    #[error("deleting {key}: {message}")]
+    Delete { key: String, message: String },
     /// Reading the tags failed.
     #[error(transparent)]
     Roots(#[from] RootsError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Deletes a tag's `keys` in batches, in order; the first key the store refused is an error
+/// (and keys after its batch are left).
+pub(crate) async fn delete_tag_keys(store: &dyn Store, keys: &[String]) -> Result<(), TagError> {
+    for chunk in keys.chunks(crate::store::MAX_DELETE_BATCH) {
+        if let Some(f) = store.delete_batch(chunk).await?.into_iter().next() {
+            return Err(TagError::Delete {
+                key: f.key,
+                message: f.message,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A bucket layout.

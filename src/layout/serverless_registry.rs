@@ -528,13 +528,7 @@ impl Layout for ServerlessRegistryLayout {
                 out.push(Removal::Moved);
                 continue;
             }
-            let failed = store.delete_batch(std::slice::from_ref(&key)).await?;
-            if let Some(f) = failed.first() {
-                return Err(TagError::Unsupported(format!(
-                    "deleting {}: {}",
-                    f.key, f.message
-                )));
-            }
+            super::delete_tag_keys(store, std::slice::from_ref(&key)).await?;
             out.push(Removal::Removed);
         }
         Ok(out)
