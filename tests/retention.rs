@@ -469,6 +469,135 @@ async fn distribution_tags_trash_and_restore(t: TestStore) {
     )));
 }
 
+/// `untagged_older_than` on `distribution`: an untagged root revision older than the threshold
+/// (and its untagged referrer) goes to the trash and its revision link is deleted; a referrer
+/// of a tagged image and the children of a tagged index stay. While in the trash the global
+/// sweep keeps every blob of the manifest whose link is gone; restore puts the link back
+/// (never over an existing one); after the TTL the ordinary GC collects its blobs.
+async fn distribution_untagged_older_than(t: TestStore) {
+    let repo = "team/app";
+    let w = DistWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let latest = f.image(repo, "latest").await;
+    let sig = f.referrer(repo, &latest, "latest").await;
+    let stale = f.image(repo, "stale").await;
+    let stale_sig = f.referrer(repo, &stale, "stale").await;
+    let amd = f.image(repo, "amd64").await;
+    let arm = f.image(repo, "arm64").await;
+    let multi = f.index(repo, OCI_INDEX, &[&amd, &arm]).await;
+    w.tag(repo, "latest", &latest).await;
+    w.tag(repo, "multi", &multi).await;
+    for d in [&sig, &stale, &stale_sig, &amd, &arm] {
+        w.untagged(repo, d).await;
+    }
+    let plain = layout("distribution", false);
+    let rules = json!([{"keep_tags": [".*"], "untagged_older_than": "7d"}]);
+    let o = opts(rules.clone(), "", 10);
+    let gone = set(&[
+        &format!("@{}", stale.digest),
+        &format!("@{}", stale_sig.digest),
+    ]);
+    let dry = run(
+        &t.store,
+        &plain,
+        &GcOptions {
+            dry_run: true,
+            ..o.clone()
+        },
+    )
+    .await;
+    assert_eq!(
+        removed(&dry, repo),
+        gone,
+        "{} {:?}",
+        t.kind,
+        decisions(&dry, repo)
+    );
+    let d = decisions(&dry, repo);
+    assert!(d[&format!("@{}", sig.digest)].starts_with("keep"), "{d:?}");
+    for child in [&amd, &arm] {
+        assert!(!d.contains_key(&format!("@{}", child.digest)), "{d:?}");
+    }
+    let k = keys(t.store.as_ref()).await;
+    assert!(k.contains(&revision_key(repo, &stale.digest)), "dry run");
+    let real = run(&t.store, &plain, &o).await;
+    assert_eq!(removed(&real, repo), gone, "{}", t.kind);
+    assert!(repo_report(&real, repo).warnings.is_empty());
+    let k = keys(t.store.as_ref()).await;
+    for d in [&stale, &stale_sig] {
+        assert!(!k.contains(&revision_key(repo, &d.digest)), "{}", d.digest);
+    }
+    for d in [&latest, &sig, &multi, &amd, &arm] {
+        assert!(k.contains(&revision_key(repo, &d.digest)), "{}", d.digest);
+    }
+    // In the trash, its revision link gone: the global sweep must keep all it needs.
+    for _ in 0..2 {
+        let r = run(&t.store, &plain, &opts(json!([]), "", 10)).await;
+        assert!(r.all_ok(), "{r:?}");
+    }
+    let k = keys(t.store.as_ref()).await;
+    for d in stale.subtree.iter().chain(&stale_sig.subtree) {
+        assert!(k.contains(&data_key(d)), "{d} collected while in the trash");
+    }
+    for d in [&latest, &sig, &multi] {
+        for b in &d.subtree {
+            assert!(k.contains(&data_key(b)), "{b} of a kept image");
+        }
+    }
+    // Restore: the link comes back and the image is whole; never over an existing link.
+    let at = now(t.store.as_ref(), 10).await;
+    let back = restore(
+        t.store.as_ref(),
+        plain.as_ref(),
+        &target(&format!("{repo}@{}", stale.digest)),
+        at,
+    )
+    .await
+    .expect("restored");
+    assert_eq!(back.as_str(), stale.digest);
+    let link = t
+        .store
+        .get(&revision_key(repo, &stale.digest))
+        .await
+        .expect("revision link back");
+    assert_eq!(link.body.as_ref(), stale.digest.as_bytes());
+    let (reached, missing) = walk(t.store.as_ref(), std::slice::from_ref(&stale.digest)).await;
+    assert!(missing.is_empty(), "{missing:?}");
+    assert!(reached.contains(&stale.digest));
+    w.untagged(repo, &stale_sig).await;
+    let refused = restore(
+        t.store.as_ref(),
+        plain.as_ref(),
+        &target(&format!("{repo}@{}", stale_sig.digest)),
+        at,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(RestoreError::Tag { .. })),
+        "{refused:?}"
+    );
+    // Removed again, then expired: the ordinary GC collects what only they used.
+    let again = run(&t.store, &plain, &o).await;
+    assert_eq!(removed(&again, repo), gone);
+    run(&t.store, &plain, &opts(json!([]), "", 20)).await;
+    run(&t.store, &plain, &opts(json!([]), "", 20)).await;
+    let k = keys(t.store.as_ref()).await;
+    let kept: BTreeSet<&String> = [&latest, &sig, &multi]
+        .iter()
+        .flat_map(|d| &d.subtree)
+        .collect();
+    for d in stale.subtree.iter().chain(&stale_sig.subtree) {
+        // (The referrers' empty config is shared with the kept signature.)
+        if !kept.contains(d) {
+            assert!(!k.contains(&data_key(d)), "{d} kept past the TTL");
+        }
+    }
+    for b in kept {
+        assert!(k.contains(&data_key(b)), "{b} of a kept image");
+    }
+    assert!(dist_dangling(t.store.as_ref()).await.is_empty());
+}
+
 /// Moves tag `tag` the first time retention writes the trash (between its decision and the
 /// removal), as a concurrent push would.
 struct MoveOnTrash {
@@ -639,6 +768,7 @@ both_stores!(
     oci_clauses_trash_restore_and_expiry,
     serverless_trash_keeps_untagged_manifests,
     distribution_tags_trash_and_restore,
+    distribution_untagged_older_than,
     concurrent_move_is_never_undone,
 );
 

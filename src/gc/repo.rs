@@ -615,7 +615,13 @@ impl RepoRun<'_> {
         }
         // After the roots: retention writes the trash before it removes a root, so a root
         // missing from them is in the trash read now.
-        let (trashed, trash_expiry) = if read_trash {
+        let (trashed, trash_expiry) = if repo.is_global() {
+            // Blobs every repository shares: every repository's trashed manifests are roots
+            // (an untagged root's revision link is gone while it is in the trash).
+            trash::read_all(self.store, self.policy.now)
+                .await
+                .map_err(|e| format!("reading the trash: {e}"))?
+        } else if read_trash {
             let t = trash::read(self.store, &repo.name)
                 .await
                 .map_err(|e| format!("reading the trash: {e}"))?;

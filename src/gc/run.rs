@@ -811,9 +811,18 @@ impl Shared<'_> {
         }
         self.learn_placeholders(repo);
         let mut unit_cache = self.cache.as_ref().map(|index| {
-            let context = match self.trash.get(&repo.name) {
-                Some(v) => format!("{} trash {v}", self.context),
-                None => self.context.clone(),
+            let context = if repo.is_global() {
+                // Every trash holds roots of the global unit: any change is a new context.
+                let mut all: Vec<(&String, &String)> = self.trash.iter().collect();
+                all.sort();
+                all.iter().fold(self.context.clone(), |c, (name, v)| {
+                    format!("{c} trash {name} {v}")
+                })
+            } else {
+                match self.trash.get(&repo.name) {
+                    Some(v) => format!("{} trash {v}", self.context),
+                    None => self.context.clone(),
+                }
             };
             let fingerprint = cache::fingerprint(repo.objects.iter(), &context);
             let entry = index.entry(&repo.name).cloned();

@@ -9,14 +9,15 @@
 //! is swept when no tag reaches its manifest (directly, through an index, or as a referrer of a
 //! kept manifest), and the global sweep then reclaims what only that manifest used.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
 use super::{
     list_prefix as list, listing_version, partition_all, Doomed, KeyKind, KeySpace, Layout,
     OpenRepos, Order, Partition, Partitioner, Rejected, Removal, Repository, Roots, RootsError,
-    StoredTag, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
+    StoredTag, StoredUntagged, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
@@ -36,6 +37,8 @@ const RECHECK_ROUND: usize = 8;
 const REVISIONS: &str = "_manifests/revisions/";
 /// The link of a tag's current manifest, below `_manifests/tags/<tag>/`.
 const CURRENT: &str = "/current/link";
+/// Largest manifest read to find the children of a repository's manifests.
+const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 
 /// The classic registry's layout.
 #[derive(Clone, Copy, Debug, Default)]
@@ -73,6 +76,25 @@ fn revision(rest: &str) -> Option<Digest> {
     let (alg, tail) = rest.split_once('/')?;
     let hex = tail.strip_suffix("/link")?;
     Digest::from_parts(alg, hex)
+}
+
+/// The global key of a blob's (or manifest's) content.
+fn data_key(digest: &Digest) -> String {
+    let hex = digest.hex();
+    format!(
+        "{BLOBS}{}/{}/{hex}/data",
+        digest.algorithm(),
+        hex.get(..2).unwrap_or(hex)
+    )
+}
+
+/// The revision link of `digest` below a repository's `prefix`.
+fn revision_key(prefix: &str, digest: &Digest) -> String {
+    format!(
+        "{prefix}{REVISIONS}{}/{}/link",
+        digest.algorithm(),
+        digest.hex()
+    )
 }
 
 /// The digest a revision link of any repository names.
@@ -224,6 +246,96 @@ impl DistributionLayout {
     }
 }
 
+impl DistributionLayout {
+    /// The untagged roots of `repo` now, with their revision links' LastModified: the
+    /// revisions no tag points at (`tagged`) and no manifest lists as a child — no revision of
+    /// the repository (an index, tagged or itself an untagged root), no tagged manifest and
+    /// none of `held` (trashed). Children of an index are reachable through it, never roots of
+    /// their own; a referrer names its subject, which lists nothing, so it is a root here and
+    /// retention tells it apart by its `subject`. A revision whose manifest data is gone is
+    /// left out (nothing of it is left to keep, nor can it be told a referrer).
+    async fn untagged_roots(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        tagged: &[Digest],
+        held: &[Digest],
+    ) -> Result<Vec<(Digest, SystemTime)>, TagError> {
+        let prefix = format!("{}{REVISIONS}", repo.prefix);
+        let listed = list(store, &prefix).await?;
+        let revisions: Vec<(Digest, SystemTime)> = listed
+            .iter()
+            .filter_map(|o| {
+                Some((
+                    revision(o.key.strip_prefix(prefix.as_str())?)?,
+                    o.last_modified,
+                ))
+            })
+            .collect();
+        let parents: BTreeSet<&Digest> = (revisions.iter().map(|(d, _)| d))
+            .chain(tagged)
+            .chain(held)
+            .collect();
+        let mut children: HashSet<Digest> = HashSet::new();
+        let mut missing: HashSet<&Digest> = HashSet::new();
+        for d in parents {
+            let key = data_key(d);
+            let body = match store.get_capped(&key, MAX_MANIFEST_SIZE).await {
+                Ok(o) => o.body,
+                Err(StoreError::NotFound { .. }) => {
+                    missing.insert(d);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let refs = crate::manifest::references(&body).map_err(|e| {
+                TagError::Roots(RootsError::Invalid {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })
+            })?;
+            // A referrer's subject is among its references but is no child of it.
+            let subjects: Vec<&Digest> = refs.subjects.iter().map(|s| &s.digest).collect();
+            children.extend(
+                (refs.children.iter())
+                    .filter(|c| !subjects.contains(&&c.digest))
+                    .map(|c| c.digest.clone()),
+            );
+        }
+        let roots = revisions
+            .iter()
+            .filter(|(d, _)| !tagged.contains(d) && !children.contains(d) && !missing.contains(d))
+            .cloned()
+            .collect();
+        Ok(roots)
+    }
+
+    /// Puts the revision link of untagged root `digest` back in repository `name`: only if
+    /// its manifest's data is still there, never over an existing link.
+    async fn restore_untagged(
+        &self,
+        store: &dyn Store,
+        name: &str,
+        digest: &Digest,
+    ) -> Result<(), TagError> {
+        let data = data_key(digest);
+        if store.head(&data).await?.is_none() {
+            return Err(TagError::Unsupported(format!(
+                "{data} is gone: the manifest cannot be restored"
+            )));
+        }
+        let link = revision_key(&self.repository_prefix(name), digest);
+        if store.head(&link).await?.is_some() {
+            return Err(TagError::Exists(digest.as_str().to_string()));
+        }
+        let body = bytes::Bytes::from(digest.as_str().to_string());
+        match store.put(&link, body, PutCondition::IfNoneMatch).await? {
+            PutOutcome::Written { .. } => Ok(()),
+            PutOutcome::PreconditionFailed => Err(TagError::Exists(digest.as_str().to_string())),
+        }
+    }
+}
+
 /// The digest a link file holds, `None` if it is gone.
 async fn read_link(store: &dyn Store, key: &str) -> Result<Option<Digest>, TagError> {
     let body = match store.get_capped(key, MAX_LINK_SIZE).await {
@@ -244,6 +356,10 @@ async fn read_link(store: &dyn Store, key: &str) -> Result<Option<Digest>, TagEr
 impl Layout for DistributionLayout {
     fn name(&self) -> &'static str {
         "distribution"
+    }
+
+    fn removes_untagged(&self) -> bool {
+        true
     }
 
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition {
@@ -332,12 +448,7 @@ impl Layout for DistributionLayout {
         _listed: Option<&ObjectMeta>,
     ) -> String {
         // A revision link listed for the digest is not its content: that is always global.
-        let hex = digest.hex();
-        format!(
-            "{BLOBS}{}/{}/{hex}/data",
-            digest.algorithm(),
-            hex.get(..2).unwrap_or(hex)
-        )
+        data_key(digest)
     }
 
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
@@ -400,6 +511,26 @@ impl Layout for DistributionLayout {
         Ok(set)
     }
 
+    async fn read_untagged(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        set: &mut TagSet,
+        held: &[Digest],
+    ) -> Result<(), TagError> {
+        let tagged: Vec<Digest> = set.tags.iter().map(|t| t.digest.clone()).collect();
+        let roots = self.untagged_roots(store, repo, &tagged, held).await?;
+        set.untagged = roots
+            .into_iter()
+            .map(|(digest, moved_by)| StoredUntagged {
+                digest,
+                moved_by,
+                entry: None,
+            })
+            .collect();
+        Ok(())
+    }
+
     async fn remove_tags(
         &self,
         store: &dyn Store,
@@ -408,11 +539,26 @@ impl Layout for DistributionLayout {
         doomed: &[Doomed],
     ) -> Result<Vec<Removal>, TagError> {
         let mut out = Vec::with_capacity(doomed.len());
+        // The untagged roots as read again right before their links go (once per call).
+        let mut untagged_now: Option<HashSet<Digest>> = None;
         for d in doomed {
             let Some(tag) = &d.tag else {
-                return Err(TagError::Unsupported(
-                    "untagged manifests are removed by --delete-untagged here".into(),
-                ));
+                if untagged_now.is_none() {
+                    // Re-read the tags and the revisions: a manifest a push tagged (or listed
+                    // in an index) since the decision is no untagged root any more and stays.
+                    // (Between this read and the delete a push can still land; see the README.)
+                    let tags = self.read_tags(store, repo).await?;
+                    let tagged: Vec<Digest> = tags.tags.into_iter().map(|t| t.digest).collect();
+                    let roots = self.untagged_roots(store, repo, &tagged, &[]).await?;
+                    untagged_now = Some(roots.into_iter().map(|(d, _)| d).collect());
+                }
+                if !untagged_now.as_ref().is_some_and(|u| u.contains(&d.digest)) {
+                    out.push(Removal::Moved);
+                    continue;
+                }
+                super::delete_tag_keys(store, &[revision_key(&repo.prefix, &d.digest)]).await?;
+                out.push(Removal::Removed);
+                continue;
             };
             let dir = format!("{}{TAGS}{tag}/", repo.prefix);
             let mut keys: Vec<String> = list(store, &dir)
@@ -446,16 +592,10 @@ impl Layout for DistributionLayout {
         _entry: Option<&serde_json::Value>,
     ) -> Result<(), TagError> {
         let Some(tag) = tag else {
-            return Err(TagError::Unsupported(
-                "untagged manifests are never trashed here".into(),
-            ));
+            return self.restore_untagged(store, name, digest).await;
         };
         let prefix = self.repository_prefix(name);
-        let revision = format!(
-            "{prefix}{REVISIONS}{}/{}/link",
-            digest.algorithm(),
-            digest.hex()
-        );
+        let revision = revision_key(&prefix, digest);
         if store.head(&revision).await?.is_none() {
             return Err(TagError::Unsupported(format!(
                 "{revision} is gone: the manifest is no longer in the repository"

@@ -687,6 +687,28 @@ pub trait Layout: Send + Sync {
     /// Every tag of `repo` (and its untagged roots where they can be removed apart), read now.
     async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError>;
 
+    /// Whether retention can remove untagged root manifests of this layout by themselves
+    /// (`untagged_older_than`): `oci` (untagged `index.json` entries, in
+    /// [`Layout::read_tags`]) and `distribution` (revision links, in
+    /// [`Layout::read_untagged`]).
+    fn removes_untagged(&self) -> bool {
+        false
+    }
+
+    /// Adds to `set` the untagged roots of `repo` where they are read apart from the tags
+    /// (only when a table asks for them: it may read every manifest of the repository);
+    /// `held` are manifests outside the repository's listing (in the trash) whose children
+    /// are not roots either. Does nothing where [`Layout::read_tags`] reads them already.
+    async fn read_untagged(
+        &self,
+        _store: &dyn Store,
+        _repo: &Repository,
+        _set: &mut TagSet,
+        _held: &[Digest],
+    ) -> Result<(), TagError> {
+        Ok(())
+    }
+
     /// Removes `doomed` roots of `repo`, read as `set`, each only if it still points where it
     /// did when read: one outcome per root, in order; [`TagError::Conflict`] where the layout
     /// removes them all at once and the tags changed meanwhile (nothing was removed).

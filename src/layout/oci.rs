@@ -70,6 +70,10 @@ impl Layout for OciLayout {
         "oci"
     }
 
+    fn removes_untagged(&self) -> bool {
+        true
+    }
+
     fn partition(&self, objects: Vec<ObjectMeta>) -> Partition {
         let mut partition = partition_all(Box::new(OciPartitioner::new()), objects);
         // With every repository in hand, the content copy of a placeholder is the first in

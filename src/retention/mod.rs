@@ -166,13 +166,20 @@ impl Run<'_> {
     ) -> Result<Outcome, RetentionError> {
         let mut warnings = Vec::new();
         for attempt in 0..ATTEMPTS {
-            let set = self.layout.read_tags(self.store, repo).await?;
-            if attempt == 0 && rule.untagged_older_than.is_some() && !set.shared_document {
-                // Untagged manifests here are not roots of their own but leftovers of tags
-                // (and children of indexes): --delete-untagged collects them after --grace.
+            let mut set = self.layout.read_tags(self.store, repo).await?;
+            if rule.untagged_older_than.is_some() && self.layout.removes_untagged() {
+                // Children of trashed manifests stay out of the roots while they are trashed.
+                let held = trash::read(self.store, &repo.name).await?.roots(self.now);
+                self.layout
+                    .read_untagged(self.store, repo, &mut set, &held)
+                    .await?;
+            } else if attempt == 0 && rule.untagged_older_than.is_some() {
+                // Only serverless-registry: untagged manifests there are not roots of their
+                // own but leftovers of tags (and children of indexes), which
+                // --delete-untagged collects after --grace.
                 warnings.push(format!(
-                    "{}.untagged_older_than has no effect on the {} layout; use \
-                     --delete-untagged",
+                    "{}.untagged_older_than has no effect on the {} layout (only there; oci \
+                     and distribution remove untagged roots); use --delete-untagged",
                     rule.name(),
                     self.layout.name()
                 ));

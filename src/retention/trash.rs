@@ -138,6 +138,37 @@ pub async fn read(store: &dyn Store, name: &str) -> Result<Trash, TrashError> {
     })
 }
 
+/// The manifests every repository's trash holds as roots at `now`, and when the first of them
+/// expires: the roots of a sweep of blobs shared by every repository (`distribution`'s global
+/// unit, where an untagged root's revision link is gone while it is in the trash). An
+/// unreadable trash is an error: the roots are unknown.
+pub async fn read_all(
+    store: &dyn Store,
+    now: SystemTime,
+) -> Result<(Vec<Digest>, Option<SystemTime>), TrashError> {
+    use futures::TryStreamExt;
+    let pages: Vec<Vec<crate::store::ObjectMeta>> = store
+        .list(crate::namespace::trash_prefix())
+        .try_collect()
+        .await?;
+    let mut roots = Vec::new();
+    let mut expiry: Option<SystemTime> = None;
+    for o in pages.into_iter().flatten() {
+        let crate::namespace::StateKey::Trash(name) = crate::namespace::classify(&o.key) else {
+            continue;
+        };
+        let trash = read(store, name).await?;
+        roots.extend(trash.roots(now));
+        expiry = match (expiry, trash.next_expiry(now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    roots.sort();
+    roots.dedup();
+    Ok((roots, expiry))
+}
+
 /// Applies `change` to the trash of `name` (dropping entries expired at `now`) and writes
 /// it back conditionally, retrying on a conflict; returns what `change` returned last.
 pub async fn update<T>(
