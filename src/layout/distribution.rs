@@ -3,7 +3,9 @@
 //!
 //! Blobs are global (`blobs/<alg>/<2 hex>/<hex>/data`) and shared by every repository, so the
 //! blob sweep is one pseudo-repository, [`GLOBAL_REPOSITORY`], whose roots are every
-//! repository's manifest revisions, read from a fresh LIST of `repositories/`. Repositories
+//! repository's manifest revisions, read from a fresh LIST of `repositories/` (and, added by
+//! the GC, every repository's trashed manifests: retention's `untagged_older_than` deletes an
+//! untagged root's revision link while it is in the trash). Repositories
 //! (`repositories/<name>/_manifests|_layers|_uploads/…`) matter for whole-repository deletion
 //! and, with `--delete-untagged`, are collected first: there a revision link is the thing that
 //! is swept when no tag reaches its manifest (directly, through an index, or as a referrer of a
