@@ -596,6 +596,46 @@ async fn distribution_untagged_older_than(t: TestStore) {
         assert!(k.contains(&data_key(b)), "{b} of a kept image");
     }
     assert!(dist_dangling(t.store.as_ref()).await.is_empty());
+
+    // A push that tags an untagged root between the decision and the removal: it stays, and
+    // its trash entry is taken back.
+    let late = f.image(repo, "late").await;
+    w.untagged(repo, &late).await;
+    let digest = late.digest.clone();
+    let mover = move |s: Arc<dyn Store>| -> futures::future::BoxFuture<'static, ()> {
+        let digest = digest.clone();
+        Box::pin(async move {
+            s.put(
+                &format!("{V2}/repositories/team/app/_manifests/tags/late/current/link"),
+                Bytes::from(digest),
+                PutCondition::None,
+            )
+            .await
+            .expect("tag pushed");
+        })
+    };
+    let wrapped: Arc<dyn Store> = Arc::new(Wrapped(MoveOnTrash {
+        inner: t.store.clone(),
+        moved: AtomicBool::new(false),
+        mover: Box::new(mover),
+    }));
+    let r = run(&wrapped, &plain, &opts(rules, "", 30)).await;
+    let d = decisions(&r, repo);
+    assert_eq!(d[&format!("@{}", late.digest)], "keep moved", "{d:?}");
+    let k = keys(t.store.as_ref()).await;
+    assert!(k.contains(&revision_key(repo, &late.digest)));
+    let at = now(t.store.as_ref(), 30).await;
+    let taken_back = restore(
+        t.store.as_ref(),
+        plain.as_ref(),
+        &target(&format!("{repo}@{}", late.digest)),
+        at,
+    )
+    .await;
+    assert!(
+        matches!(taken_back, Err(RestoreError::NotInTrash(_))),
+        "{taken_back:?}"
+    );
 }
 
 /// Moves tag `tag` the first time retention writes the trash (between its decision and the
