@@ -473,7 +473,8 @@ async fn distribution_tags_trash_and_restore(t: TestStore) {
 /// (and its untagged referrer) goes to the trash and its revision link is deleted; a referrer
 /// of a tagged image and the children of a tagged index stay. While in the trash the global
 /// sweep keeps every blob of the manifest whose link is gone; restore puts the link back
-/// (never over an existing one); after the TTL the ordinary GC collects its blobs.
+/// (never over an existing one); after the TTL the ordinary GC collects its blobs. A push
+/// that tags an untagged root between the decision and the removal keeps it.
 async fn distribution_untagged_older_than(t: TestStore) {
     let repo = "team/app";
     let w = DistWriter::new(t.store.clone());
