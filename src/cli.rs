@@ -1192,7 +1192,11 @@ async fn explain_command(mut args: ExplainArgs) -> Result<u8, CliError> {
     let report = gc::run_gc(store, layout, &opts)
         .await
         .map_err(|e| fatal(e.into()))?;
-    if !report.repositories.iter().any(|r| r.name == args.repository) {
+    if !report
+        .repositories
+        .iter()
+        .any(|r| r.name == args.repository)
+    {
         return Err(usage(anyhow!(
             "no repository {} in the bucket (as layout {})",
             args.repository,

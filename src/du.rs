@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::cost::{Cost, Prices};
 use crate::digest::Digest;
-use crate::report::{Explained, Report, RepoStatus};
+use crate::report::{Explained, RepoStatus, Report};
 use crate::store::RequestCounts;
 
 /// One repository's storage, as `gc` sees it.
@@ -232,7 +232,10 @@ pub struct ExplainEntry {
     pub digest: Digest,
     /// The unit whose plan decided it (the repository, or the layout's global unit).
     pub unit: Option<String>,
-    /// The plan's decision and reason; `None`: neither listed nor reachable in the unit.
+    /// Neither listed nor reachable in the repository (or the global unit).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub not_found: bool,
+    /// The plan's decision and reason.
     #[serde(flatten)]
     pub explained: Option<Explained>,
 }
@@ -270,12 +273,18 @@ impl ExplainReport {
             .iter()
             .map(|d| {
                 let found = units.iter().find_map(|r| {
-                    let e = r.detail.as_ref()?.explained.iter().find(|e| e.digest == *d)?;
+                    let e = r
+                        .detail
+                        .as_ref()?
+                        .explained
+                        .iter()
+                        .find(|e| e.digest == *d)?;
                     Some((r.name.clone(), e.clone()))
                 });
                 ExplainEntry {
                     digest: d.clone(),
                     unit: found.as_ref().map(|(n, _)| n.clone()),
+                    not_found: found.is_none(),
                     explained: found.map(|(_, e)| e),
                 }
             })

@@ -130,7 +130,8 @@ pub struct RepoDetail {
 /// The decision on one digest, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Explained {
-    /// The digest.
+    /// The digest (in `explain`'s entry, not repeated here).
+    #[serde(skip)]
     pub digest: Digest,
     /// Its key in the repository, where listed there.
     pub key: Option<String>,

@@ -133,7 +133,18 @@ pub struct Marker<'a> {
     pub warnings: BTreeSet<String>,
     /// When asked for (`explain`), the first parent each digest was reached from, and how:
     /// one path from a root. `None` in a normal run, which keeps nothing more.
-    pub parents: Option<HashMap<Digest, (Digest, Via)>>,
+    pub parents: Option<HashMap<Digest, Parent>>,
+}
+
+/// The first parent a digest was reached from (see [`Marker::parents`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parent {
+    /// The parent's digest.
+    pub digest: Digest,
+    /// How it leads here.
+    pub via: Via,
+    /// The media type the parent's descriptor gives this digest, if any.
+    pub media_type: Option<String>,
 }
 
 /// How a digest was reached from its parent.
@@ -347,7 +358,7 @@ impl<'a> Marker<'a> {
     fn follow(
         walk: &mut Walk,
         warnings: &mut BTreeSet<String>,
-        parents: &mut Option<HashMap<Digest, (Digest, Via)>>,
+        parents: &mut Option<HashMap<Digest, Parent>>,
         digest: &Digest,
         refs: &References,
         must_parse: bool,
@@ -369,8 +380,11 @@ impl<'a> Marker<'a> {
         if let Some(p) = parents {
             for c in &refs.children {
                 if c.digest != *digest {
-                    p.entry(c.digest.clone())
-                        .or_insert_with(|| (digest.clone(), Via::Reference));
+                    p.entry(c.digest.clone()).or_insert_with(|| Parent {
+                        digest: digest.clone(),
+                        via: Via::Reference,
+                        media_type: c.media_type.clone(),
+                    });
                 }
             }
         }
@@ -393,8 +407,11 @@ impl<'a> Marker<'a> {
                     if let Some(rs) = self.referrers.get(&d.digest) {
                         if let Some(p) = &mut self.parents {
                             for r in rs {
-                                p.entry(r.digest.clone())
-                                    .or_insert_with(|| (d.digest.clone(), Via::Subject));
+                                p.entry(r.digest.clone()).or_insert_with(|| Parent {
+                                    digest: d.digest.clone(),
+                                    via: Via::Subject,
+                                    media_type: r.media_type.clone(),
+                                });
                             }
                         }
                         next.extend(rs.iter().cloned());

@@ -165,8 +165,8 @@ struct Observation {
     trash_expiry: Option<std::time::SystemTime>,
     /// Bytes of the plan the budget admitted.
     admitted: u64,
-    /// Labels of the roots by digest (only when explaining).
-    root_labels: HashMap<Digest, String>,
+    /// Labels of the roots by digest, with their media types (only when explaining).
+    root_labels: HashMap<Digest, (String, Option<String>)>,
     /// Blobs kept by links in other repositories (only when explaining).
     linked: HashSet<Digest>,
 }
@@ -207,31 +207,46 @@ fn wake_at(
         .min()
 }
 
-/// One path from a root to `digest` as the marker first reached it, root first.
+/// What a media type names, for a path step.
+fn kind_of(media_type: Option<&str>) -> &'static str {
+    match media_type {
+        Some(m) if m.contains("index") || m.contains("manifest.list") => "index",
+        Some(m) if m.contains("manifest") => "manifest",
+        Some(m) if m.contains("config") => "config",
+        Some(m) if m.contains("layer") || m.contains("rootfs") => "layer",
+        _ => "blob",
+    }
+}
+
+/// One path from a root to `digest` as the marker first reached it, root first: e.g.
+/// `tag v1 → index sha256:… → manifest sha256:… → layer sha256:…`.
 fn path_to(marker: &Marker<'_>, obs: &Observation, digest: &Digest) -> Vec<String> {
-    let mut steps = vec![digest.to_string()];
+    let mut steps = Vec::new();
     let mut seen = HashSet::from([digest.clone()]);
     let mut at = digest.clone();
     loop {
-        if let Some(label) = obs.root_labels.get(&at) {
+        if let Some((label, media_type)) = obs.root_labels.get(&at) {
+            steps.push(format!("{} {at}", kind_of(media_type.as_deref())));
             steps.push(label.clone());
             break;
         }
-        if obs.linked.contains(&at) {
-            steps.push("link from another repository (mount)".to_string());
-            break;
-        }
         match marker.parents.as_ref().and_then(|p| p.get(&at)) {
-            Some((parent, via)) if seen.insert(parent.clone()) => {
-                let edge = match via {
-                    super::mark::Via::Reference => "references",
-                    super::mark::Via::Subject => "is the subject of",
+            Some(p) if seen.insert(p.digest.clone()) => {
+                let kind = match p.via {
+                    super::mark::Via::Subject => "referrer",
+                    super::mark::Via::Reference => kind_of(p.media_type.as_deref()),
                 };
-                steps.push(format!("{parent} ({edge})"));
-                at = parent.clone();
+                steps.push(format!("{kind} {at}"));
+                at = p.digest.clone();
+            }
+            _ if obs.linked.contains(&at) => {
+                steps.push(format!("blob {at}"));
+                steps.push("a link in another repository (mount)".to_string());
+                break;
             }
             _ => {
-                steps.push("reached (root not recorded)".to_string());
+                steps.push(format!("blob {at}"));
+                steps.push("reachable (root not recorded)".to_string());
                 break;
             }
         }
@@ -766,20 +781,25 @@ impl RepoRun<'_> {
                     Some(k) => format!("root {k}"),
                     None => "root".to_string(),
                 };
-                root_labels.entry(d.digest.clone()).or_insert(label);
+                root_labels
+                    .entry(d.digest.clone())
+                    .or_insert((label, d.media_type.clone()));
             }
             if !repo.is_global() {
                 if let Ok(tags) = self.layout.read_tags(self.store, repo).await {
                     for t in tags.tags {
-                        root_labels.insert(t.digest, format!("tag {}", t.name));
+                        let media_type = root_labels.get(&t.digest).and_then(|l| l.1.clone());
+                        root_labels.insert(t.digest, (format!("tag {}", t.name), media_type));
                     }
                 }
             }
             for d in &read.roots {
-                root_labels.insert(d.digest.clone(), "push intent".to_string());
+                let label = ("push intent".to_string(), d.media_type.clone());
+                root_labels.insert(d.digest.clone(), label);
             }
             for d in &trashed {
-                root_labels.insert(d.clone(), "trash entry (retention)".to_string());
+                let label = ("trash entry (retention)".to_string(), None);
+                root_labels.entry(d.clone()).or_insert(label);
             }
         }
         let mut descriptors = roots.descriptors;
