@@ -1451,6 +1451,8 @@ mod tests {
             Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
             Command::Serve(s) => merge_config(s, Some(m), &cfg),
             Command::Restore(r) => merge_config(r, Some(m), &cfg),
+            Command::Du(g) => merge_config(g, Some(m), &cfg),
+            Command::Explain(e) => merge_config(&mut e.gc, Some(m), &cfg),
             Command::Intent(_) => Ok(()),
         };
         done.map_err(|e| format!("{:#}", e.error))?;

@@ -133,7 +133,7 @@ impl DuReport {
             repositories,
             totals: t,
             unowned_objects: report.unowned_objects,
-            requests: report.requests.clone(),
+            requests: report.requests,
             cost,
         }
     }
