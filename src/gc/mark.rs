@@ -326,12 +326,22 @@ impl<'a> Marker<'a> {
         if !self.scanned {
             self.scanned = true;
             self.scan_for_referrers(&walk.seen).await?;
-            let more: Vec<Descriptor> = self
+            let more: Vec<(Digest, Descriptor)> = self
                 .referrers
                 .iter()
                 .filter(|(subject, _)| walk.seen.contains(*subject))
-                .flat_map(|(_, rs)| rs.iter().cloned())
+                .flat_map(|(subject, rs)| rs.iter().map(|r| (subject.clone(), r.clone())))
                 .collect();
+            if let Some(p) = &mut self.parents {
+                for (subject, r) in &more {
+                    p.entry(r.digest.clone()).or_insert_with(|| Parent {
+                        digest: subject.clone(),
+                        via: Via::Subject,
+                        media_type: r.media_type.clone(),
+                    });
+                }
+            }
+            let more: Vec<Descriptor> = more.into_iter().map(|(_, r)| r).collect();
             self.expand(&mut walk, more, allow_missing).await?;
         }
         Ok(walk.seen)
