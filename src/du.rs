@@ -200,7 +200,8 @@ impl DuReport {
         if let Some(c) = &self.cost {
             writeln!(
                 out,
-                "reclaimable: {:.4} $/month at {} prices",
+                "reclaimable: {} for {:.6} $/month at {} prices",
+                human(c.reclaimable_bytes.unwrap_or(0)),
                 c.reclaimable_dollars_per_month.unwrap_or(0.0),
                 c.prices.name
             )?;
