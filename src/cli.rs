@@ -1192,11 +1192,9 @@ async fn explain_command(mut args: ExplainArgs) -> Result<u8, CliError> {
     let report = gc::run_gc(store, layout, &opts)
         .await
         .map_err(|e| fatal(e.into()))?;
-    if !report
-        .repositories
-        .iter()
-        .any(|r| r.name == args.repository)
-    {
+    // In a layout with a global blob space, the global unit's plan decides on its blobs.
+    let known = |name: &str| report.repositories.iter().any(|r| r.name == name);
+    if !known(&args.repository) && !known(crate::layout::GLOBAL_REPOSITORY) {
         return Err(usage(anyhow!(
             "no repository {} in the bucket (as layout {})",
             args.repository,

@@ -336,3 +336,61 @@ fn bad_input_exits_2() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+async fn distribution_du_and_explain(t: TestStore) {
+    let w = common::dist::DistWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let amd = f.image("a", "amd64").await;
+    let idx = f.index("a", OCI_INDEX, &[&amd]).await;
+    w.tag("a", "1.0", &idx).await;
+    let garbage = f.image("a", "garbage").await;
+    let b = f.image("b", "b").await;
+    w.tag("b", "latest", &b).await;
+    let layout =
+        || ocigc::layout::by_name("distribution", Default::default()).expect("distribution layout");
+    let before = all_keys(t.store.as_ref()).await;
+    let layer = amd.subtree[2].clone();
+    let asked: Vec<Digest> = [&layer, &garbage.digest]
+        .iter()
+        .map(|d| Digest::parse(d).expect("digest"))
+        .collect();
+    let opts = GcOptions {
+        explain: Some(Arc::new(asked.iter().cloned().collect::<HashSet<_>>())),
+        ..du_options(eager())
+    };
+    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &opts)
+        .await
+        .expect("du run");
+    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
+    assert_eq!(
+        all_keys(t.store.as_ref()).await,
+        before,
+        "du changed the bucket"
+    );
+    let du = DuReport::of(&report, None);
+    let dry = ocigc::gc::run_gc(
+        t.store.clone(),
+        layout(),
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+    )
+    .await
+    .expect("dry run");
+    assert_eq!(du.totals.garbage_bytes, dry.totals.bytes_deleted);
+    assert!(du.totals.garbage_bytes >= garbage.size);
+    let ex = ExplainReport::of(&report, "a", &asked);
+    let l = ex.digests[0].explained.as_ref().expect("layer explained");
+    assert_eq!(l.reason, Reason::Reachable);
+    assert_eq!(l.path.last(), Some(&format!("layer {layer}")));
+    assert!(
+        l.path.contains(&format!("manifest {}", amd.digest)),
+        "{:?}",
+        l.path
+    );
+    let g = ex.digests[1].explained.as_ref().expect("garbage explained");
+    assert_eq!((g.decision, g.reason), ("delete", Reason::Unreferenced));
+}
+
+both_stores!(distribution_du_and_explain);
