@@ -391,6 +391,39 @@ async fn distribution_du_and_explain(t: TestStore) {
     );
     let g = ex.digests[1].explained.as_ref().expect("garbage explained");
     assert_eq!((g.decision, g.reason), ("delete", Reason::Unreferenced));
+
+    // The binary narrows `explain` to the repository and the global unit.
+    let (mut args, env) = cli_target(&t);
+    args.splice(0..0, ["explain".to_string()]);
+    let rest = [
+        "--layout",
+        "distribution",
+        "--report",
+        "-",
+        "a",
+        layer.as_str(),
+    ];
+    args.extend(rest.iter().map(|s| s.to_string()));
+    let o = Command::new(env!("CARGO_BIN_EXE_ocigc"))
+        .args(&args)
+        .envs(env)
+        .env("OCIGC_LOG", "warn")
+        .output()
+        .expect("run ocigc");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["digests"][0]["reason"], "reachable", "{v}");
+    assert_eq!(v["digests"][0]["path"][3], format!("layer {layer}"), "{v}");
+    assert_eq!(
+        all_keys(t.store.as_ref()).await,
+        before,
+        "explain changed the bucket"
+    );
 }
 
 both_stores!(distribution_du_and_explain);
