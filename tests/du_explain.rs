@@ -427,3 +427,67 @@ async fn distribution_du_and_explain(t: TestStore) {
 }
 
 both_stores!(distribution_du_and_explain);
+
+async fn serverless_du_and_explain(t: TestStore) {
+    let w = common::serverless::SrWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let img = f.image("a", "img").await;
+    let idx = f.index("a", OCI_INDEX, &[&img]).await;
+    w.tag("a", "1.0", &idx).await;
+    // Manifests stored by digest are roots there: an orphan layer is the garbage.
+    let garbage = f.blob("a", OCI_LAYER, b"orphan layer").await;
+    let layout = || {
+        ocigc::layout::by_name("serverless-registry", Default::default())
+            .expect("serverless-registry layout")
+    };
+    let before = all_keys(t.store.as_ref()).await;
+    let layer = img.subtree[2].clone();
+    let asked: Vec<Digest> = [&layer, &garbage.digest]
+        .iter()
+        .map(|d| Digest::parse(d).expect("digest"))
+        .collect();
+    let opts = GcOptions {
+        explain: Some(Arc::new(asked.iter().cloned().collect::<HashSet<_>>())),
+        ..du_options(eager())
+    };
+    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &opts)
+        .await
+        .expect("du run");
+    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
+    assert_eq!(
+        all_keys(t.store.as_ref()).await,
+        before,
+        "du changed the bucket"
+    );
+    let du = DuReport::of(&report, None);
+    let dry = ocigc::gc::run_gc(
+        t.store.clone(),
+        layout(),
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+    )
+    .await
+    .expect("dry run");
+    assert_eq!(du.totals.garbage_bytes, dry.totals.bytes_deleted);
+    assert!(du.totals.garbage_bytes >= garbage.size);
+    let a = du.repositories.iter().find(|r| r.name == "a").expect("a");
+    assert_eq!(a.tags, 1);
+    let ex = ExplainReport::of(&report, "a", &asked);
+    let l = ex.digests[0].explained.as_ref().expect("layer explained");
+    assert_eq!(l.reason, Reason::Reachable);
+    // Every manifest stored by digest is a root of its own there.
+    assert_eq!(
+        l.path.first().map(String::as_str),
+        Some("untagged root"),
+        "{:?}",
+        l.path
+    );
+    assert_eq!(l.path[1], format!("manifest {}", img.digest));
+    assert_eq!(l.path.last(), Some(&format!("layer {layer}")));
+    let g = ex.digests[1].explained.as_ref().expect("garbage explained");
+    assert_eq!((g.decision, g.reason), ("delete", Reason::Unreferenced));
+}
+
+both_stores!(serverless_du_and_explain);

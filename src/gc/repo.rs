@@ -779,7 +779,7 @@ impl RepoRun<'_> {
             for d in &roots.descriptors {
                 let label = match sources.next() {
                     Some(k) => format!("root {k}"),
-                    None => "root".to_string(),
+                    None => "untagged root".to_string(),
                 };
                 root_labels
                     .entry(d.digest.clone())
