@@ -147,7 +147,8 @@ pub struct Explained {
     /// For an unreferenced blob: when this collector first saw it unreferenced (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_seen: Option<String>,
-    /// For an unreferenced blob: when a run would delete it at the earliest (RFC 3339).
+    /// For an unreferenced blob: when a run would delete it at the earliest, if it stays
+    /// unreferenced and runs observe it when it leaves its grace period (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deletable_at: Option<String>,
 }

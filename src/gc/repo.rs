@@ -625,10 +625,16 @@ impl RepoRun<'_> {
             };
             let first_seen = obs.pending.first_seen.get(d).copied();
             let deletable_at = match reason {
-                Reason::WithinGrace => Some(
-                    (item.last_modified + self.policy.grace)
-                        .max(first_seen.unwrap_or(self.policy.now) + self.policy.delay),
-                ),
+                // Seen unreferenced first by a run after its grace (unless already recorded),
+                // then deletable by one `--delay` later.
+                Reason::WithinGrace => {
+                    let out_of_grace = item.last_modified + self.policy.grace;
+                    Some(match (self.policy.delay.is_zero(), first_seen) {
+                        (true, _) => out_of_grace,
+                        (false, Some(f)) => out_of_grace.max(f + self.policy.delay),
+                        (false, None) => out_of_grace + self.policy.delay,
+                    })
+                }
                 Reason::AwaitingSecondObservation => {
                     Some(first_seen.unwrap_or(self.policy.now) + self.policy.delay)
                 }
