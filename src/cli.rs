@@ -85,6 +85,23 @@ pub enum Command {
     Serve(ServeArgs),
     /// Put back tags that retention moved to the trash (never over an existing tag).
     Restore(RestoreArgs),
+    /// Where the bytes are, per repository, as `gc` with the same flags sees them (read-only).
+    Du(GcArgs),
+    /// Why each digest is kept or would be deleted, and one path from a root (read-only).
+    Explain(ExplainArgs),
+}
+
+/// Flags of `ocigc explain`: those of `gc`, the repository and the digests.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub gc: GcArgs,
+    /// The repository the digests are looked up in.
+    #[arg(value_name = "REPO")]
+    pub repository: String,
+    /// Digests to explain (`sha256:…`).
+    #[arg(value_name = "DIGEST", required = true)]
+    pub digests: Vec<String>,
 }
 
 /// Flags shared by every command that touches a bucket.
@@ -561,6 +578,8 @@ fn apply_config(cli: &mut Cli, matches: &ArgMatches) -> Result<(), CliError> {
         Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
         Command::Serve(s) => merge_config(s, Some(m), &cfg),
         Command::Restore(r) => merge_config(r, Some(m), &cfg),
+        Command::Du(g) => merge_config(g, Some(m), &cfg),
+        Command::Explain(e) => merge_config(&mut e.gc, Some(m), &cfg),
         Command::Intent(_) => Ok(()),
     }
 }
@@ -880,6 +899,8 @@ async fn gc_setup(
         max_delete_bytes: args.max_delete_bytes,
         rate_limit: rate_limit.clone(),
         prices: prices(&args.store)?,
+        detail: false,
+        explain: None,
     };
     Ok((
         store,
@@ -1107,7 +1128,125 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Intent(args) => intent_command(args).await,
         Command::Serve(args) => serve_command(args).await,
         Command::Restore(args) => restore_command(args).await,
+        Command::Du(args) => du_command(args).await,
+        Command::Explain(args) => explain_command(args).await,
     }
+}
+
+/// The options of a read-only look (`du`, `explain`): a dry run (no lease, no state, no
+/// cache write, no retention change) that keeps the plan's details, with no budget (it
+/// would hide the plan it guards).
+fn read_only(opts: &mut GcOptions) {
+    opts.dry_run = true;
+    opts.detail = true;
+    opts.max_delete_fraction = 1.0;
+    opts.max_delete_bytes = None;
+}
+
+/// `ocigc du`: exit 3 if a repository could not be looked at.
+async fn du_command(args: GcArgs) -> Result<u8, CliError> {
+    let (store, layout, mut opts, _) = gc_setup(&args).await?;
+    read_only(&mut opts);
+    let report = gc::run_gc(store, layout, &opts)
+        .await
+        .map_err(|e| fatal(e.into()))?;
+    let du = crate::du::DuReport::of(&report, opts.prices.as_ref());
+    let target = args.store.report.as_ref();
+    if target.is_none_or(|t| t.as_os_str() != "-") {
+        let mut out = std::io::stdout().lock();
+        du.write_table(&mut out)
+            .context("writing the table")
+            .map_err(fatal)?;
+    }
+    if let Some(t) = target {
+        emit_json(&du, t)?;
+    }
+    Ok(if du.all_ok() { EXIT_OK } else { EXIT_PARTIAL })
+}
+
+/// A repository name as a glob that matches it alone.
+fn literal_glob(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '*' | '?' | '[' | ']' | '{' | '}' | '\\' => format!("[{c}]"),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// `ocigc explain`: exit 3 if the repository could not be looked at.
+async fn explain_command(mut args: ExplainArgs) -> Result<u8, CliError> {
+    validate_repository_name(&args.repository).map_err(|e| usage(anyhow!(e)))?;
+    let mut digests = Vec::new();
+    for d in &args.digests {
+        let digest = Digest::parse(d).ok_or_else(|| usage(anyhow!("invalid digest {d:?}")))?;
+        digests.push(digest);
+    }
+    args.gc.repos = vec![
+        literal_glob(&args.repository),
+        crate::layout::GLOBAL_REPOSITORY.to_string(),
+    ];
+    let (store, layout, mut opts, _) = gc_setup(&args.gc).await?;
+    read_only(&mut opts);
+    opts.explain = Some(Arc::new(digests.iter().cloned().collect()));
+    let report = gc::run_gc(store, layout, &opts)
+        .await
+        .map_err(|e| fatal(e.into()))?;
+    // In a layout with a global blob space, the global unit's plan decides on its blobs.
+    let known = |name: &str| report.repositories.iter().any(|r| r.name == name);
+    if !known(&args.repository) && !known(crate::layout::GLOBAL_REPOSITORY) {
+        return Err(usage(anyhow!(
+            "no repository {} in the bucket (as layout {})",
+            args.repository,
+            report.layout
+        )));
+    }
+    let explained = crate::du::ExplainReport::of(&report, &args.repository, &digests);
+    let target = args.gc.store.report.as_ref();
+    if target.is_none_or(|t| t.as_os_str() != "-") {
+        let mut out = std::io::stdout().lock();
+        explained
+            .write_text(&mut out)
+            .context("writing the explanation")
+            .map_err(fatal)?;
+    }
+    if let Some(t) = target {
+        emit_json(&explained, t)?;
+    }
+    Ok(if explained.errors.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_PARTIAL
+    })
+}
+
+/// Writes `value` as pretty JSON to `target` (`-`: stdout), a file through a renamed
+/// `.partial`.
+fn emit_json(value: &impl Serialize, target: &PathBuf) -> Result<(), CliError> {
+    let write = |out: &mut dyn std::io::Write| -> anyhow::Result<()> {
+        serde_json::to_writer_pretty(&mut *out, value)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        Ok(())
+    };
+    if target.as_os_str() == "-" {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        return write(&mut out).context("writing the report").map_err(fatal);
+    }
+    let mut partial = target.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    std::fs::File::create(&partial)
+        .map_err(anyhow::Error::from)
+        .and_then(|file| {
+            let mut out = std::io::BufWriter::new(file);
+            write(&mut out)?;
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&partial, target)?;
+            Ok(())
+        })
+        .with_context(|| format!("writing the report to {}", target.display()))
+        .map_err(fatal)
 }
 
 fn read_token(args: &ServeArgs) -> Result<Option<String>, CliError> {
@@ -1310,6 +1449,8 @@ mod tests {
             Command::DeleteRepo(d) => merge_config(d, Some(m), &cfg),
             Command::Serve(s) => merge_config(s, Some(m), &cfg),
             Command::Restore(r) => merge_config(r, Some(m), &cfg),
+            Command::Du(g) => merge_config(g, Some(m), &cfg),
+            Command::Explain(e) => merge_config(&mut e.gc, Some(m), &cfg),
             Command::Intent(_) => Ok(()),
         };
         done.map_err(|e| format!("{:#}", e.error))?;

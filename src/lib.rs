@@ -9,6 +9,7 @@ pub mod config;
 pub mod cost;
 pub mod daemon;
 pub mod digest;
+pub mod du;
 pub mod failpoint;
 pub mod gc;
 pub mod layout;

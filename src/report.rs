@@ -110,6 +110,47 @@ pub struct RepoReport {
     /// What retention decided for each tag, where a `[[retention]]` table applies.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention: Option<crate::retention::RetentionReport>,
+    /// Figures only `du` and `explain` ask for (see `GcOptions::detail`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<RepoDetail>,
+}
+
+/// What `du` and `explain` need beyond a run's report, for one repository.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RepoDetail {
+    /// Roots (tags, and untagged roots the layout keeps) as read.
+    pub tags: u64,
+    /// Reachable manifests and indexes.
+    pub manifests: u64,
+    /// The plan's decision on each digest `explain` asked about that the repository lists or
+    /// reaches.
+    pub explained: Vec<Explained>,
+}
+
+/// The decision on one digest, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Explained {
+    /// The digest (in `explain`'s entry, not repeated here).
+    #[serde(skip)]
+    pub digest: Digest,
+    /// Its key in the repository, where listed there.
+    pub key: Option<String>,
+    /// Its size, where listed.
+    pub size: Option<u64>,
+    /// `keep` or `delete`.
+    pub decision: &'static str,
+    /// The plan's reason.
+    pub reason: Reason,
+    /// For a reachable digest: one path from a root, root first, this digest last.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<String>,
+    /// For an unreferenced blob: when this collector first saw it unreferenced (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    /// For an unreferenced blob: when a run would delete it at the earliest, if it stays
+    /// unreferenced and runs observe it when it leaves its grace period (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletable_at: Option<String>,
 }
 
 impl RepoReport {
@@ -132,6 +173,7 @@ impl RepoReport {
             errors: Vec::new(),
             unchanged: false,
             retention: None,
+            detail: None,
         }
     }
 

@@ -131,6 +131,30 @@ pub struct Marker<'a> {
     pub manifests_fetched: u64,
     /// Non-fatal findings.
     pub warnings: BTreeSet<String>,
+    /// When asked for (`explain`), the first parent each digest was reached from, and how:
+    /// one path from a root. `None` in a normal run, which keeps nothing more.
+    pub parents: Option<HashMap<Digest, Parent>>,
+}
+
+/// The first parent a digest was reached from (see [`Marker::parents`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parent {
+    /// The parent's digest.
+    pub digest: Digest,
+    /// How it leads here.
+    pub via: Via,
+    /// The media type the parent's descriptor gives this digest, if any.
+    pub media_type: Option<String>,
+}
+
+/// How a digest was reached from its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// The parent document references it (index entry, config, layer, blob).
+    Reference,
+    /// It is a referrer whose `subject` is the parent.
+    Subject,
 }
 
 impl<'a> Marker<'a> {
@@ -155,6 +179,7 @@ impl<'a> Marker<'a> {
             reachable: HashSet::new(),
             manifests_fetched: 0,
             warnings: BTreeSet::new(),
+            parents: None,
         }
     }
 
@@ -251,6 +276,13 @@ impl<'a> Marker<'a> {
         }
     }
 
+    /// Reachable digests read as documents with references (manifests and indexes).
+    pub fn reachable_documents(&self) -> u64 {
+        (self.docs.iter())
+            .filter(|(d, refs)| refs.is_some() && self.reachable.contains(*d))
+            .count() as u64
+    }
+
     /// Blobs an earlier run's scan found not to be referrers: this run's scan skips them.
     pub fn assume_not_referrers(&mut self, digests: impl IntoIterator<Item = Digest>) {
         self.not_referrers.extend(digests);
@@ -294,12 +326,22 @@ impl<'a> Marker<'a> {
         if !self.scanned {
             self.scanned = true;
             self.scan_for_referrers(&walk.seen).await?;
-            let more: Vec<Descriptor> = self
+            let more: Vec<(Digest, Descriptor)> = self
                 .referrers
                 .iter()
                 .filter(|(subject, _)| walk.seen.contains(*subject))
-                .flat_map(|(_, rs)| rs.iter().cloned())
+                .flat_map(|(subject, rs)| rs.iter().map(|r| (subject.clone(), r.clone())))
                 .collect();
+            if let Some(p) = &mut self.parents {
+                for (subject, r) in &more {
+                    p.entry(r.digest.clone()).or_insert_with(|| Parent {
+                        digest: subject.clone(),
+                        via: Via::Subject,
+                        media_type: r.media_type.clone(),
+                    });
+                }
+            }
+            let more: Vec<Descriptor> = more.into_iter().map(|(_, r)| r).collect();
             self.expand(&mut walk, more, allow_missing).await?;
         }
         Ok(walk.seen)
@@ -322,9 +364,11 @@ impl<'a> Marker<'a> {
 
     /// Follows a document's references, once per closure. A digest that only a reader which
     /// normalizes could name fails the repository closed.
+    #[allow(clippy::too_many_arguments)]
     fn follow(
         walk: &mut Walk,
         warnings: &mut BTreeSet<String>,
+        parents: &mut Option<HashMap<Digest, Parent>>,
         digest: &Digest,
         refs: &References,
         must_parse: bool,
@@ -343,6 +387,17 @@ impl<'a> Marker<'a> {
                 "{digest}: a descriptor's digest is not canonical but could name a blob ({a})"
             )));
         }
+        if let Some(p) = parents {
+            for c in &refs.children {
+                if c.digest != *digest {
+                    p.entry(c.digest.clone()).or_insert_with(|| Parent {
+                        digest: digest.clone(),
+                        via: Via::Reference,
+                        media_type: c.media_type.clone(),
+                    });
+                }
+            }
+        }
         next.extend(refs.children.iter().cloned());
         Ok(())
     }
@@ -360,6 +415,15 @@ impl<'a> Marker<'a> {
             for d in frontier.drain(..) {
                 if walk.seen.insert(d.digest.clone()) {
                     if let Some(rs) = self.referrers.get(&d.digest) {
+                        if let Some(p) = &mut self.parents {
+                            for r in rs {
+                                p.entry(r.digest.clone()).or_insert_with(|| Parent {
+                                    digest: d.digest.clone(),
+                                    via: Via::Subject,
+                                    media_type: r.media_type.clone(),
+                                });
+                            }
+                        }
                         next.extend(rs.iter().cloned());
                     }
                 }
@@ -372,6 +436,7 @@ impl<'a> Marker<'a> {
                         Self::follow(
                             walk,
                             &mut self.warnings,
+                            &mut self.parents,
                             &d.digest,
                             doc,
                             must_parse,
@@ -414,6 +479,7 @@ impl<'a> Marker<'a> {
                         Self::follow(
                             walk,
                             &mut self.warnings,
+                            &mut self.parents,
                             &digest,
                             &refs,
                             must_parse,

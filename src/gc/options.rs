@@ -119,6 +119,11 @@ pub struct GcOptions {
     pub rate_limit: Option<Arc<crate::store::RateLimit>>,
     /// Prices for the report's `cost` and the cost metrics; `None`: no cost.
     pub prices: Option<crate::cost::Prices>,
+    /// Record [`crate::report::RepoDetail`] for each repository (`du`, `explain`); the
+    /// incremental cache is then read but never lets a repository be skipped.
+    pub detail: bool,
+    /// Digests to explain (with `detail`): the marker records one parent per digest.
+    pub explain: Option<Arc<std::collections::HashSet<crate::digest::Digest>>>,
 }
 
 /// The default of `--max-delete-fraction`.
@@ -167,6 +172,8 @@ impl Default for GcOptions {
             max_delete_bytes: None,
             rate_limit: None,
             prices: None,
+            detail: false,
+            explain: None,
         }
     }
 }

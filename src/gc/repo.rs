@@ -41,6 +41,10 @@ pub(super) struct RepoRun<'a> {
     pub(super) retention: Arc<RetentionOptions>,
     /// The blast-radius budget every plan is admitted against before anything is deleted.
     pub(super) budget: Budget,
+    /// Record [`crate::report::RepoDetail`] (`du`, `explain`).
+    pub(super) detail: bool,
+    /// Digests to explain.
+    pub(super) explain: Option<Arc<HashSet<Digest>>>,
 }
 
 /// What the run found for one repository before collecting it.
@@ -161,6 +165,10 @@ struct Observation {
     trash_expiry: Option<std::time::SystemTime>,
     /// Bytes of the plan the budget admitted.
     admitted: u64,
+    /// Labels of the roots by digest, with their media types (only when explaining).
+    root_labels: HashMap<Digest, (String, Option<String>)>,
+    /// Blobs kept by links in other repositories (only when explaining).
+    linked: HashSet<Digest>,
 }
 
 fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
@@ -197,6 +205,54 @@ fn wake_at(
             _ => None,
         })
         .min()
+}
+
+/// What a media type names, for a path step.
+fn kind_of(media_type: Option<&str>) -> &'static str {
+    match media_type {
+        Some(m) if m.contains("index") || m.contains("manifest.list") => "index",
+        Some(m) if m.contains("manifest") => "manifest",
+        Some(m) if m.contains("config") => "config",
+        Some(m) if m.contains("layer") || m.contains("rootfs") => "layer",
+        _ => "blob",
+    }
+}
+
+/// One path from a root to `digest` as the marker first reached it, root first: e.g.
+/// `tag v1 → index sha256:… → manifest sha256:… → layer sha256:…`.
+fn path_to(marker: &Marker<'_>, obs: &Observation, digest: &Digest) -> Vec<String> {
+    let mut steps = Vec::new();
+    let mut seen = HashSet::from([digest.clone()]);
+    let mut at = digest.clone();
+    loop {
+        if let Some((label, media_type)) = obs.root_labels.get(&at) {
+            steps.push(format!("{} {at}", kind_of(media_type.as_deref())));
+            steps.push(label.clone());
+            break;
+        }
+        match marker.parents.as_ref().and_then(|p| p.get(&at)) {
+            Some(p) if seen.insert(p.digest.clone()) => {
+                let kind = match p.via {
+                    super::mark::Via::Subject => "referrer",
+                    super::mark::Via::Reference => kind_of(p.media_type.as_deref()),
+                };
+                steps.push(format!("{kind} {at}"));
+                at = p.digest.clone();
+            }
+            _ if obs.linked.contains(&at) => {
+                steps.push(format!("blob {at}"));
+                steps.push("a link in another repository (mount)".to_string());
+                break;
+            }
+            _ => {
+                steps.push(format!("blob {at}"));
+                steps.push("reachable (root not recorded)".to_string());
+                break;
+            }
+        }
+    }
+    steps.reverse();
+    steps
 }
 
 /// What collecting one repository gave.
@@ -312,6 +368,20 @@ impl RepoRun<'_> {
             },
         };
         report.retention = retained.report.clone();
+        if self.detail && !repo.is_global() {
+            let tags = match within(deadline, self.layout.read_tags(self.store, repo)).await {
+                Some(Ok(t)) => t.tags.len() as u64,
+                Some(Err(e)) => {
+                    report.warnings.push(format!("reading the tags: {e}"));
+                    0
+                }
+                None => 0,
+            };
+            report.detail = Some(crate::report::RepoDetail {
+                tags,
+                ..Default::default()
+            });
+        }
         if !self.layout.per_repository_gc() && !repo.is_global() {
             // Collected only for retention (distribution without --delete-untagged): its
             // blobs are global and swept by the global unit.
@@ -320,7 +390,9 @@ impl RepoRun<'_> {
         let read_trash = inputs.leftovers.trash || retained.changed;
         // A unit with a trash is skipped only while its trash is as when its entry was
         // written (its version is in the unit's context) and no entry of it has expired.
-        if let Some(c) = (inputs.cache.as_ref()).filter(|c| c.unchanged && !retained.changed) {
+        // `du` and `explain` need the plan itself: the cache primes the marker, no more.
+        let skip = |c: &&UnitCache| c.unchanged && !retained.changed && !self.detail;
+        if let Some(c) = inputs.cache.as_ref().filter(skip) {
             if let Some(e) = &c.entry {
                 let sm = &e.summary;
                 report.unchanged = true;
@@ -355,6 +427,9 @@ impl RepoRun<'_> {
             placeholders: &placeholders,
             concurrency: self.concurrency,
         });
+        if self.explain.is_some() {
+            marker.parents = Some(HashMap::new());
+        }
 
         if let Some(c) = &unit_cache {
             let contents = match (&c.contents, &c.entry) {
@@ -432,6 +507,9 @@ impl RepoRun<'_> {
             }
         }
         if self.dry_run {
+            if self.detail {
+                self.describe(&marker, &obs, report);
+            }
             report.deleted = deletions_of(&obs.plan);
             report.manifests_fetched = marker.manifests_fetched;
             report.warnings.extend(marker.warnings.iter().cloned());
@@ -527,6 +605,72 @@ impl RepoRun<'_> {
                 .warnings
                 .push(format!("writing the incremental cache: {e}"));
         }
+    }
+
+    /// Fills `report.detail` from the plan: counts, and the digests `explain` asked about.
+    fn describe(&self, marker: &Marker<'_>, obs: &Observation, report: &mut RepoReport) {
+        let detail = report.detail.get_or_insert_with(Default::default);
+        detail.manifests = marker.reachable_documents();
+        let Some(wanted) = &self.explain else {
+            return;
+        };
+        let stamp = crate::report::timestamp;
+        for item in &obs.plan.items {
+            let Some(d) = item.digest.as_ref().filter(|d| wanted.contains(*d)) else {
+                continue;
+            };
+            let (decision, reason) = match item.decision {
+                Decision::Keep(r) => ("keep", r),
+                Decision::Delete(r) => ("delete", r),
+            };
+            let first_seen = obs.pending.first_seen.get(d).copied();
+            let deletable_at = match reason {
+                // Seen unreferenced first by a run after its grace (unless already recorded),
+                // then deletable by one `--delay` later.
+                Reason::WithinGrace => {
+                    let out_of_grace = item.last_modified + self.policy.grace;
+                    Some(match (self.policy.delay.is_zero(), first_seen) {
+                        (true, _) => out_of_grace,
+                        (false, Some(f)) => out_of_grace.max(f + self.policy.delay),
+                        (false, None) => out_of_grace + self.policy.delay,
+                    })
+                }
+                Reason::AwaitingSecondObservation => {
+                    Some(first_seen.unwrap_or(self.policy.now) + self.policy.delay)
+                }
+                _ => None,
+            };
+            detail.explained.push(crate::report::Explained {
+                digest: d.clone(),
+                key: Some(item.key.clone()),
+                size: Some(item.size),
+                decision,
+                reason,
+                path: if reason == Reason::Reachable {
+                    path_to(marker, obs, d)
+                } else {
+                    Vec::new()
+                },
+                first_seen: first_seen.map(stamp),
+                deletable_at: deletable_at.map(stamp),
+            });
+        }
+        // Reachable but not stored in this unit (a global blob space, a placeholder's copy).
+        for d in wanted.iter() {
+            if marker.reachable.contains(d) && !detail.explained.iter().any(|e| e.digest == *d) {
+                detail.explained.push(crate::report::Explained {
+                    digest: d.clone(),
+                    key: None,
+                    size: None,
+                    decision: "keep",
+                    reason: Reason::Reachable,
+                    path: path_to(marker, obs, d),
+                    first_seen: None,
+                    deletable_at: None,
+                });
+            }
+        }
+        detail.explained.sort_by(|a, b| a.digest.cmp(&b.digest));
     }
 
     fn summarise(&self, report: &mut RepoReport, plan: &RepoPlan) {
@@ -641,6 +785,35 @@ impl RepoRun<'_> {
         marker.warnings.extend(warnings);
         marker.assume_not_referrers(pending.not_referrers.iter().cloned());
         marker.prime(roots.documents);
+        let mut root_labels = HashMap::new();
+        if self.explain.is_some() {
+            let mut sources = roots.sources.iter();
+            for d in &roots.descriptors {
+                let label = match sources.next() {
+                    Some(k) => format!("root {k}"),
+                    None => "untagged root".to_string(),
+                };
+                root_labels
+                    .entry(d.digest.clone())
+                    .or_insert((label, d.media_type.clone()));
+            }
+            if !repo.is_global() {
+                if let Ok(tags) = self.layout.read_tags(self.store, repo).await {
+                    for t in tags.tags {
+                        let media_type = root_labels.get(&t.digest).and_then(|l| l.1.clone());
+                        root_labels.insert(t.digest, (format!("tag {}", t.name), media_type));
+                    }
+                }
+            }
+            for d in &read.roots {
+                let label = ("push intent".to_string(), d.media_type.clone());
+                root_labels.insert(d.digest.clone(), label);
+            }
+            for d in &trashed {
+                let label = ("trash entry (retention)".to_string(), None);
+                root_labels.entry(d.clone()).or_insert(label);
+            }
+        }
         let mut descriptors = roots.descriptors;
         descriptors.extend(read.roots);
         descriptors.extend(trashed.into_iter().map(|digest| Descriptor {
@@ -652,6 +825,10 @@ impl RepoRun<'_> {
         // Linked blobs are kept, not marked from: as unread roots they would hide what they
         // are (a manifest an index lists, an unlisted referrer) from the walk and the scan.
         marker.reachable.extend(linked.iter().cloned());
+        let linked: HashSet<Digest> = match self.explain {
+            Some(_) => linked.into_iter().collect(),
+            None => HashSet::new(),
+        };
         marker.check_placeholders().map_err(|e| e.0)?;
         let plan = plan(
             self.layout,
@@ -670,6 +847,8 @@ impl RepoRun<'_> {
             plan,
             trash_expiry,
             admitted: 0,
+            root_labels,
+            linked,
         })
     }
 

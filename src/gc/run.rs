@@ -144,6 +144,8 @@ async fn collect_all(
         stop: opts.stop.clone(),
         retention: opts.retention.clone(),
         budget: super::budget::Budget::new(opts.max_delete_fraction, opts.max_delete_bytes),
+        detail: opts.detail,
+        explain: opts.explain.clone(),
     };
     // A shard's repositories are those of its own parts (see `parts`); the global unit is the
     // first shard's.

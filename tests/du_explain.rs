@@ -1,0 +1,493 @@
+//! `du` and `explain`: read-only (no PUT, no DELETE), `du`'s garbage is what `gc --dry-run`
+//! deletes, `explain` gives a path for a reachable layer and the reason for garbage; and the
+//! binary's table and usage errors.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::wrap::{Intercept, Wrapped};
+use common::*;
+use ocigc::digest::Digest;
+use ocigc::du::{DuReport, ExplainReport};
+use ocigc::gc::plan::Reason;
+use ocigc::gc::GcOptions;
+use ocigc::store::{DeleteFailure, Metadata, PutCondition, PutOutcome, Store, StoreResult};
+
+/// Counts every write request that reaches the store.
+struct CountWrites {
+    inner: Arc<dyn Store>,
+    writes: AtomicU64,
+}
+
+#[async_trait]
+impl Intercept for CountWrites {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
+    }
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        c: PutCondition,
+        m: Metadata,
+    ) -> StoreResult<PutOutcome> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.put_with_metadata(key, body, c, m).await
+    }
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.delete_batch(keys).await
+    }
+}
+
+/// The options `ocigc du` runs with.
+fn du_options(base: GcOptions) -> GcOptions {
+    GcOptions {
+        dry_run: true,
+        detail: true,
+        max_delete_fraction: 1.0,
+        max_delete_bytes: None,
+        ..base
+    }
+}
+
+async fn du_is_read_only_and_its_garbage_is_what_gc_would_delete(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let neighbours = f.neighbours().await;
+    // A second image under an index with a referrer, in one repository.
+    let (repo, img, _) = &neighbours[0];
+    let other = f.image(repo, "second").await;
+    let idx = f.index(repo, OCI_INDEX, &[img, &other]).await;
+    f.referrer(repo, img, "sig").await;
+    f.layout(repo, &[(Some("latest"), img), (Some("v2"), &idx)])
+        .await;
+    // A cache from an earlier run: du reads it but must not write one.
+    gc(
+        &t.store,
+        &GcOptions {
+            dry_run: false,
+            ..eager()
+        },
+    )
+    .await;
+    let garbage = f.image(repo, "new garbage").await;
+
+    let before = all_keys(t.store.as_ref()).await;
+    let counting = Arc::new(Wrapped(CountWrites {
+        inner: t.store.clone(),
+        writes: AtomicU64::new(0),
+    }));
+    let store: Arc<dyn Store> = counting.clone();
+    let report = gc(&store, &du_options(eager())).await;
+    assert_eq!(counting.writes.load(Ordering::SeqCst), 0, "du wrote");
+    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
+    assert_eq!(
+        all_keys(t.store.as_ref()).await,
+        before,
+        "du changed the bucket"
+    );
+    let du = DuReport::of(&report, None);
+    assert!(du.all_ok(), "{du:?}");
+
+    let dry = gc(
+        &t.store,
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+    )
+    .await;
+    assert_eq!(du.totals.garbage_bytes, dry.totals.bytes_deleted);
+    for r in &dry.repositories {
+        let d = du
+            .repositories
+            .iter()
+            .find(|d| d.name == r.name)
+            .expect("repo");
+        assert_eq!(d.garbage_bytes, r.bytes_deleted(), "{}", r.name);
+        assert_eq!(d.reachable_bytes, r.reachable.bytes, "{}", r.name);
+        assert_eq!((d.objects, d.bytes), (r.objects, r.bytes), "{}", r.name);
+    }
+    let first = du
+        .repositories
+        .iter()
+        .find(|d| d.name == *repo)
+        .expect("repo");
+    assert_eq!(first.tags, 2);
+    // latest's manifest, the index, the second manifest, the referrer.
+    assert_eq!(first.manifests, 4);
+    assert!(first.garbage_bytes >= garbage.size);
+    let sizes: Vec<u64> = du.repositories.iter().map(|r| r.bytes).collect();
+    assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "largest first");
+
+    // The real run deletes exactly that.
+    let real = gc(&t.store, &eager()).await;
+    assert_eq!(real.totals.bytes_deleted, du.totals.garbage_bytes);
+
+    // With a grace period, what is unreferenced is pending, not garbage.
+    let young = f.image(repo, "young garbage").await;
+    let report = gc(&t.store, &du_options(GcOptions::default())).await;
+    let du = DuReport::of(&report, None);
+    assert_eq!(du.totals.garbage_bytes, 0);
+    let first = du
+        .repositories
+        .iter()
+        .find(|d| d.name == *repo)
+        .expect("repo");
+    assert!(first.pending_bytes >= young.size);
+}
+
+async fn explain_gives_a_path_and_a_reason(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let repo = "team/app";
+    let img = f.image(repo, "app").await;
+    let idx = f.index(repo, OCI_INDEX, &[&img]).await;
+    let sig = f.referrer(repo, &img, "sig").await;
+    f.layout(repo, &[(Some("v1"), &idx)]).await;
+    let garbage = f.image(repo, "garbage").await;
+    let layer = img.subtree[2].clone();
+    let payload = sig.subtree[2].clone();
+    let asked: Vec<Digest> = [&layer, &payload, &garbage.digest, &sha256(b"nowhere")]
+        .iter()
+        .map(|d| Digest::parse(d).expect("digest"))
+        .collect();
+    let before = all_keys(t.store.as_ref()).await;
+    let opts = GcOptions {
+        explain: Some(Arc::new(asked.iter().cloned().collect::<HashSet<_>>())),
+        repos: only(&[repo]),
+        ..du_options(eager())
+    };
+    let report = gc(&t.store, &opts).await;
+    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
+    assert_eq!(all_keys(t.store.as_ref()).await, before);
+    let ex = ExplainReport::of(&report, repo, &asked);
+
+    let l = ex.digests[0].explained.as_ref().expect("layer explained");
+    assert_eq!((l.decision, l.reason), ("keep", Reason::Reachable));
+    assert_eq!(
+        l.path,
+        vec![
+            "tag v1".to_string(),
+            format!("index {}", idx.digest),
+            format!("manifest {}", img.digest),
+            format!("layer {layer}"),
+        ]
+    );
+    let p = ex.digests[1].explained.as_ref().expect("payload explained");
+    assert_eq!(p.reason, Reason::Reachable);
+    assert!(
+        p.path.contains(&format!("referrer {}", sig.digest)),
+        "{:?}",
+        p.path
+    );
+    assert_eq!(p.path.first().map(String::as_str), Some("tag v1"));
+    let g = ex.digests[2].explained.as_ref().expect("garbage explained");
+    assert_eq!((g.decision, g.reason), ("delete", Reason::Unreferenced));
+    assert!(g.path.is_empty());
+    assert!(ex.digests[3].not_found && ex.digests[3].explained.is_none());
+
+    // Within the grace period: kept, with when it becomes deletable.
+    let opts = GcOptions {
+        grace: Duration::from_secs(3600),
+        ..opts
+    };
+    let ex = ExplainReport::of(&gc(&t.store, &opts).await, repo, &asked);
+    let g = ex.digests[2].explained.as_ref().expect("garbage explained");
+    assert_eq!((g.decision, g.reason), ("keep", Reason::WithinGrace));
+    assert!(g.deletable_at.is_some());
+}
+
+both_stores!(
+    du_is_read_only_and_its_garbage_is_what_gc_would_delete,
+    explain_gives_a_path_and_a_reason,
+);
+
+fn ocigc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ocigc"))
+        .args(args)
+        .env("OCIGC_LOG", "warn")
+        .output()
+        .expect("run ocigc")
+}
+
+fn copy_example(to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bucket");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+}
+
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.display().to_string(), std::fs::read(&p).expect("read")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn du_prints_a_table_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    let bucket = dir.path().to_str().expect("utf-8 path");
+    let before = tree(dir.path());
+    let o = ocigc(&["du", "--bucket", bucket, "--grace", "0s", "--delay", "0s"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let table = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("REPOSITORY") && lines[0].contains("GARBAGE"));
+    assert!(
+        lines[1].starts_with("library/alpine "),
+        "largest first: {table}"
+    );
+    assert!(lines[5].starts_with("TOTAL (4 repositories)"), "{table}");
+    assert_eq!(tree(dir.path()), before, "du changed the bucket");
+
+    let o = ocigc(&["du", "--bucket", bucket, "--report", "-", "--pricing", "r2"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON on stdout");
+    assert_eq!(v["totals"]["repositories"], 4);
+    assert_eq!(v["requests"]["put"], 0);
+    assert!(
+        v["cost"]["reclaimable_dollars_per_month"].is_number(),
+        "{v}"
+    );
+
+    let o = ocigc(&[
+        "explain",
+        "--bucket",
+        bucket,
+        "library/alpine",
+        "sha256:261fcbf482aacd2616f009e1516095a76ba62a25da7c684e57d611fed2c9dbc8",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("keep (reachable)") && text.contains("path: tag 3.19 → index"),
+        "{text}"
+    );
+    assert_eq!(tree(dir.path()), before, "explain changed the bucket");
+}
+
+#[test]
+fn bad_input_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_example(dir.path());
+    let d = dir.path().to_str().expect("utf-8 path");
+    let digest = "sha256:261fcbf482aacd2616f009e1516095a76ba62a25da7c684e57d611fed2c9dbc8";
+    let cases: &[(&[&str], &str)] = &[
+        (&["du"], "--bucket"),
+        (&["du", "--bucket", d, "--grace", "banana"], "--grace"),
+        (&["du", "--bucket", d, "--layout", "nope"], "layout"),
+        (&["du", "--bucket", d, "--repo", "[bad"], "--repo"),
+        (&["explain", "--bucket", d, "library/alpine"], "DIGEST"),
+        (
+            &["explain", "--bucket", d, "library/alpine", "sha256:xyz"],
+            "invalid digest",
+        ),
+        (
+            &["explain", "--bucket", d, "Not A Name", digest],
+            "repository",
+        ),
+        (
+            &["explain", "--bucket", d, "no/such/repo", digest],
+            "no repository",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = ocigc(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+async fn distribution_du_and_explain(t: TestStore) {
+    let w = common::dist::DistWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let amd = f.image("a", "amd64").await;
+    let idx = f.index("a", OCI_INDEX, &[&amd]).await;
+    w.tag("a", "1.0", &idx).await;
+    let garbage = f.image("a", "garbage").await;
+    let b = f.image("b", "b").await;
+    w.tag("b", "latest", &b).await;
+    let layout =
+        || ocigc::layout::by_name("distribution", Default::default()).expect("distribution layout");
+    let before = all_keys(t.store.as_ref()).await;
+    let layer = amd.subtree[2].clone();
+    let asked: Vec<Digest> = [&layer, &garbage.digest]
+        .iter()
+        .map(|d| Digest::parse(d).expect("digest"))
+        .collect();
+    let opts = GcOptions {
+        explain: Some(Arc::new(asked.iter().cloned().collect::<HashSet<_>>())),
+        ..du_options(eager())
+    };
+    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &opts)
+        .await
+        .expect("du run");
+    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
+    assert_eq!(
+        all_keys(t.store.as_ref()).await,
+        before,
+        "du changed the bucket"
+    );
+    let du = DuReport::of(&report, None);
+    let dry = ocigc::gc::run_gc(
+        t.store.clone(),
+        layout(),
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+    )
+    .await
+    .expect("dry run");
+    assert_eq!(du.totals.garbage_bytes, dry.totals.bytes_deleted);
+    assert!(du.totals.garbage_bytes >= garbage.size);
+    let ex = ExplainReport::of(&report, "a", &asked);
+    let l = ex.digests[0].explained.as_ref().expect("layer explained");
+    assert_eq!(l.reason, Reason::Reachable);
+    assert_eq!(l.path.last(), Some(&format!("layer {layer}")));
+    assert!(
+        l.path.contains(&format!("manifest {}", amd.digest)),
+        "{:?}",
+        l.path
+    );
+    let g = ex.digests[1].explained.as_ref().expect("garbage explained");
+    assert_eq!((g.decision, g.reason), ("delete", Reason::Unreferenced));
+
+    // The binary narrows `explain` to the repository and the global unit.
+    let (mut args, env) = cli_target(&t);
+    args.splice(0..0, ["explain".to_string()]);
+    let rest = [
+        "--layout",
+        "distribution",
+        "--report",
+        "-",
+        "a",
+        layer.as_str(),
+    ];
+    args.extend(rest.iter().map(|s| s.to_string()));
+    let o = Command::new(env!("CARGO_BIN_EXE_ocigc"))
+        .args(&args)
+        .envs(env)
+        .env("OCIGC_LOG", "warn")
+        .output()
+        .expect("run ocigc");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["digests"][0]["reason"], "reachable", "{v}");
+    assert_eq!(v["digests"][0]["path"][3], format!("layer {layer}"), "{v}");
+    assert_eq!(
+        all_keys(t.store.as_ref()).await,
+        before,
+        "explain changed the bucket"
+    );
+}
+
+both_stores!(distribution_du_and_explain);
+
+async fn serverless_du_and_explain(t: TestStore) {
+    let w = common::serverless::SrWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let img = f.image("a", "img").await;
+    let idx = f.index("a", OCI_INDEX, &[&img]).await;
+    w.tag("a", "1.0", &idx).await;
+    // Manifests stored by digest are roots there: an orphan layer is the garbage.
+    let garbage = f.blob("a", OCI_LAYER, b"orphan layer").await;
+    let layout = || {
+        ocigc::layout::by_name("serverless-registry", Default::default())
+            .expect("serverless-registry layout")
+    };
+    let before = all_keys(t.store.as_ref()).await;
+    let layer = img.subtree[2].clone();
+    let asked: Vec<Digest> = [&layer, &garbage.digest]
+        .iter()
+        .map(|d| Digest::parse(d).expect("digest"))
+        .collect();
+    let opts = GcOptions {
+        explain: Some(Arc::new(asked.iter().cloned().collect::<HashSet<_>>())),
+        ..du_options(eager())
+    };
+    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &opts)
+        .await
+        .expect("du run");
+    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
+    assert_eq!(
+        all_keys(t.store.as_ref()).await,
+        before,
+        "du changed the bucket"
+    );
+    let du = DuReport::of(&report, None);
+    let dry = ocigc::gc::run_gc(
+        t.store.clone(),
+        layout(),
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+    )
+    .await
+    .expect("dry run");
+    assert_eq!(du.totals.garbage_bytes, dry.totals.bytes_deleted);
+    assert!(du.totals.garbage_bytes >= garbage.size);
+    let a = du.repositories.iter().find(|r| r.name == "a").expect("a");
+    assert_eq!(a.tags, 1);
+    let ex = ExplainReport::of(&report, "a", &asked);
+    let l = ex.digests[0].explained.as_ref().expect("layer explained");
+    assert_eq!(l.reason, Reason::Reachable);
+    // Every manifest stored by digest is a root of its own there.
+    assert_eq!(
+        l.path.first().map(String::as_str),
+        Some("untagged root"),
+        "{:?}",
+        l.path
+    );
+    assert_eq!(l.path[1], format!("manifest {}", img.digest));
+    assert_eq!(l.path.last(), Some(&format!("layer {layer}")));
+    let g = ex.digests[1].explained.as_ref().expect("garbage explained");
+    assert_eq!((g.decision, g.reason), ("delete", Reason::Unreferenced));
+}
+
+both_stores!(serverless_du_and_explain);
