@@ -331,34 +331,25 @@ async fn collect_all(
     let again = stream::iter(deferred)
         .map(|waiting| async move {
             let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
-            let (name, fresh, learnt, retained) = match waiting {
+            let (name, held, learnt, retained) = match waiting {
                 // Retention removed roots: the listing held is stale, list it again.
                 Waiting::Held(repo, learnt, retained) if !retained.changed => {
-                    (repo.name.clone(), Ok(Some(repo)), learnt, retained)
+                    (repo.name.clone(), Some(repo), learnt, retained)
                 }
-                Waiting::Held(repo, learnt, retained) => {
-                    let name = repo.name;
-                    let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
-                    let fresh = objects.map(|o| {
+                Waiting::Held(repo, learnt, retained) => (repo.name, None, learnt, retained),
+                Waiting::Named(name, learnt, retained) => (name, None, learnt, retained),
+            };
+            let fresh = match held {
+                Some(repo) => Ok(Some(repo)),
+                None => list_prefix(store, &layout.repository_prefix(&name))
+                    .await
+                    .map(|o| {
                         layout
                             .partition(o)
                             .repositories
                             .into_iter()
                             .find(|r| r.name == name)
-                    });
-                    (name, fresh, learnt, retained)
-                }
-                Waiting::Named(name, learnt, retained) => {
-                    let objects = list_prefix(store, &layout.repository_prefix(&name)).await;
-                    let fresh = objects.map(|o| {
-                        layout
-                            .partition(o)
-                            .repositories
-                            .into_iter()
-                            .find(|r| r.name == name)
-                    });
-                    (name, fresh, learnt, retained)
-                }
+                    }),
             };
             match fresh {
                 Ok(Some(repo)) => {
