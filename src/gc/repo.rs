@@ -19,7 +19,7 @@ use super::state::{self, Pending};
 use super::stop::{Phase, Stop};
 use super::{intent, sweep};
 use crate::digest::Digest;
-use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots};
+use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, TagSet};
 use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
 use crate::report::{Deleted, RepoReport, RepoStatus};
 use crate::retention::{self, trash, RetentionOptions, RetentionReport};
@@ -368,17 +368,16 @@ impl RepoRun<'_> {
             },
         };
         report.retention = retained.report.clone();
+        // Read once for `du`'s count and `explain`'s root labels.
+        let mut tag_set = None;
         if self.detail && !repo.is_global() {
-            let tags = match within(deadline, self.layout.read_tags(self.store, repo)).await {
-                Some(Ok(t)) => t.tags.len() as u64,
-                Some(Err(e)) => {
-                    report.warnings.push(format!("reading the tags: {e}"));
-                    0
-                }
-                None => 0,
-            };
+            match within(deadline, self.layout.read_tags(self.store, repo)).await {
+                Some(Ok(t)) => tag_set = Some(t),
+                Some(Err(e)) => report.warnings.push(format!("reading the tags: {e}")),
+                None => {}
+            }
             report.detail = Some(crate::report::RepoDetail {
-                tags,
+                tags: tag_set.as_ref().map_or(0, |t| t.tags.len() as u64),
                 ..Default::default()
             });
         }
@@ -449,7 +448,14 @@ impl RepoRun<'_> {
         }
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
-        let observed = self.observe(repo, &mut marker, leftovers.pending, read_trash, inputs);
+        let observed = self.observe(
+            repo,
+            &mut marker,
+            leftovers.pending,
+            read_trash,
+            tag_set,
+            inputs,
+        );
         let limit = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -733,6 +739,7 @@ impl RepoRun<'_> {
         marker: &mut Marker<'_>,
         has_pending: bool,
         read_trash: bool,
+        tag_set: Option<TagSet>,
         inputs: RepoInputs,
     ) -> Result<Observation, String> {
         let RepoInputs {
@@ -797,13 +804,9 @@ impl RepoRun<'_> {
                     .entry(d.digest.clone())
                     .or_insert((label, d.media_type.clone()));
             }
-            if !repo.is_global() {
-                if let Ok(tags) = self.layout.read_tags(self.store, repo).await {
-                    for t in tags.tags {
-                        let media_type = root_labels.get(&t.digest).and_then(|l| l.1.clone());
-                        root_labels.insert(t.digest, (format!("tag {}", t.name), media_type));
-                    }
-                }
+            for t in tag_set.into_iter().flat_map(|s| s.tags) {
+                let media_type = root_labels.get(&t.digest).and_then(|l| l.1.clone());
+                root_labels.insert(t.digest, (format!("tag {}", t.name), media_type));
             }
             for d in &read.roots {
                 let label = ("push intent".to_string(), d.media_type.clone());

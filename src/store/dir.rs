@@ -748,38 +748,7 @@ fn level_sync(
         }
     }
     level.normalize();
-    Ok(paged(level))
-}
-
-/// Splits a sorted level into pages of at most [`PAGE`] entries, in key order, as S3 would
-/// send it: one (possibly empty) page at least.
-fn paged(level: Level) -> Vec<Level> {
-    let mut pages = vec![Level::default()];
-    let mut objects = level.objects.into_iter().peekable();
-    let mut prefixes = level.prefixes.into_iter().peekable();
-    loop {
-        let take_object = match (objects.peek(), prefixes.peek()) {
-            (Some(o), Some(p)) => o.key.as_str() < p.as_str(),
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => break,
-        };
-        let full = pages
-            .last()
-            .is_some_and(|p| p.objects.len() + p.prefixes.len() >= PAGE);
-        if full {
-            pages.push(Level::default());
-        }
-        let Some(page) = pages.last_mut() else {
-            break;
-        };
-        if take_object {
-            page.objects.extend(objects.next());
-        } else {
-            page.prefixes.extend(prefixes.next());
-        }
-    }
-    pages
+    Ok(level.into_pages(PAGE))
 }
 
 /// A temporary file in [`TMP_DIR`], removed when dropped unless it was renamed away.

@@ -537,35 +537,6 @@ impl GeneratedStore {
     }
 }
 
-/// A level cut into pages of at most [`PAGE`] entries, objects and prefixes merged in key order
-/// within and across pages; an empty level is one empty page, as on S3.
-fn level_pages(level: Level) -> Vec<Level> {
-    let mut pages = vec![Level::default()];
-    let mut objects = level.objects.into_iter().peekable();
-    let mut prefixes = level.prefixes.into_iter().peekable();
-    loop {
-        let take_object = match (objects.peek(), prefixes.peek()) {
-            (Some(o), Some(p)) => o.key.as_str() < p.as_str(),
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => break,
-        };
-        let full = pages
-            .last()
-            .is_some_and(|p| p.objects.len() + p.prefixes.len() >= PAGE);
-        if full {
-            pages.push(Level::default());
-        }
-        let Some(page) = pages.last_mut() else { break };
-        if take_object {
-            page.objects.extend(objects.next());
-        } else {
-            page.prefixes.extend(prefixes.next());
-        }
-    }
-    pages
-}
-
 /// Where a listing is: the next repository to synthesize, the rest of the current one, and the
 /// state objects (a snapshot taken when the listing started) not yet merged in.
 struct Cursor {
@@ -635,7 +606,7 @@ impl Store for GeneratedStore {
     }
 
     fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
-        stream::iter(level_pages(self.level(prefix)).into_iter().map(Ok)).boxed()
+        stream::iter(self.level(prefix).into_pages(PAGE).into_iter().map(Ok)).boxed()
     }
 
     async fn get_capped(&self, key: &str, limit: u64) -> StoreResult<Object> {

@@ -125,6 +125,37 @@ impl Level {
         self.prefixes.sort();
         self.prefixes.dedup();
     }
+
+    /// This (normalized) level cut into pages of at most `page` entries, objects and prefixes
+    /// merged in key order within and across pages, as S3 sends it: an empty level is one
+    /// empty page.
+    pub fn into_pages(self, page: usize) -> Vec<Level> {
+        let page = page.max(1);
+        let mut pages = vec![Level::default()];
+        let mut objects = self.objects.into_iter().peekable();
+        let mut prefixes = self.prefixes.into_iter().peekable();
+        loop {
+            let take_object = match (objects.peek(), prefixes.peek()) {
+                (Some(o), Some(p)) => o.key.as_str() < p.as_str(),
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let full = pages
+                .last()
+                .is_some_and(|p| p.objects.len() + p.prefixes.len() >= page);
+            if full {
+                pages.push(Level::default());
+            }
+            let Some(last) = pages.last_mut() else { break };
+            if take_object {
+                last.objects.extend(objects.next());
+            } else {
+                last.prefixes.extend(prefixes.next());
+            }
+        }
+        pages
+    }
 }
 
 /// Store operations, for error messages and request accounting.
