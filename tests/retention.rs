@@ -639,6 +639,212 @@ async fn distribution_untagged_older_than(t: TestStore) {
     );
 }
 
+/// `untagged_older_than` on `serverless-registry` (no `--delete-untagged`): an untagged
+/// manifest older than the threshold and its untagged referrer are deleted, their content kept
+/// in the trash entry; a referrer of a tagged image and the children of a tagged index stay.
+/// While in the trash, marking reads the manifest from the entry (the store has it no more)
+/// and keeps every blob it needs; restore writes it back; a tag removed and then its manifest
+/// (untagged by then) restores from that content; after the TTL the ordinary GC collects what
+/// only they used. A push that tags an untagged manifest between the decision and the removal
+/// keeps it.
+async fn serverless_untagged_older_than(t: TestStore) {
+    let repo = "team/app";
+    let w = SrWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let latest = f.image(repo, "latest").await;
+    let sig = f.referrer(repo, &latest, "latest").await;
+    let stale = f.image(repo, "stale").await;
+    let stale_sig = f.referrer(repo, &stale, "stale").await;
+    let amd = f.image(repo, "amd64").await;
+    let arm = f.image(repo, "arm64").await;
+    let multi = f.index(repo, OCI_INDEX, &[&amd, &arm]).await;
+    let old = f.image(repo, "old").await;
+    w.tag(repo, "latest", &latest).await;
+    w.tag(repo, "multi", &multi).await;
+    w.tag(repo, "old", &old).await;
+    let sr = layout("serverless-registry", false);
+    let rules = json!([{"delete_tags": ["old"], "untagged_older_than": "7d"}]);
+    let o = opts(rules.clone(), "", 10);
+    let first = set(&[
+        "old",
+        &format!("@{}", stale.digest),
+        &format!("@{}", stale_sig.digest),
+    ]);
+    let dry = run(
+        &t.store,
+        &sr,
+        &GcOptions {
+            dry_run: true,
+            ..o.clone()
+        },
+    )
+    .await;
+    let d = decisions(&dry, repo);
+    assert_eq!(removed(&dry, repo), first, "{} {d:?}", t.kind);
+    assert_eq!(d[&format!("@{}", sig.digest)], "keep referrer", "{d:?}");
+    for child in [&amd, &arm] {
+        assert!(!d.contains_key(&format!("@{}", child.digest)), "{d:?}");
+    }
+    let before = keys(t.store.as_ref()).await;
+    assert!(
+        before.contains(&sr_manifest(repo, &stale.digest)),
+        "dry run"
+    );
+    let real = run(&t.store, &sr, &o).await;
+    assert_eq!(removed(&real, repo), first, "{}", t.kind);
+    assert!(repo_report(&real, repo).warnings.is_empty(), "{real:?}");
+    let k = keys(t.store.as_ref()).await;
+    for d in [&stale, &stale_sig] {
+        assert!(!k.contains(&sr_manifest(repo, &d.digest)), "{}", d.digest);
+    }
+    for d in [&latest, &sig, &multi, &amd, &arm, &old] {
+        assert!(k.contains(&sr_manifest(repo, &d.digest)), "{}", d.digest);
+    }
+    // Untagged now, the tag's manifest goes in the next run (the tag's entry keeps it a root).
+    let second = run(&t.store, &sr, &o).await;
+    assert_eq!(
+        removed(&second, repo),
+        set(&[&format!("@{}", old.digest)]),
+        "{:?}",
+        decisions(&second, repo)
+    );
+    // In the trash, the manifests deleted: marking must read them from the entries and keep
+    // every blob they need, run after run.
+    for _ in 0..2 {
+        let r = run(&t.store, &sr, &opts(json!([]), "", 10)).await;
+        assert!(r.all_ok(), "{r:?}");
+    }
+    let k = keys(t.store.as_ref()).await;
+    for img in [&stale, &stale_sig, &old] {
+        assert!(
+            !k.contains(&sr_manifest(repo, &img.digest)),
+            "{}",
+            img.digest
+        );
+        for b in &img.subtree[1..] {
+            assert!(
+                k.contains(&sr_blob(repo, b)),
+                "{b} collected while in the trash"
+            );
+        }
+    }
+    assert!(sr_dangling(t.store.as_ref()).await.is_empty());
+    // Restore: the manifest comes back byte for byte; never over an existing one.
+    let at = now(t.store.as_ref(), 10).await;
+    let back = restore(
+        t.store.as_ref(),
+        sr.as_ref(),
+        &target(&format!("{repo}@{}", stale.digest)),
+        at,
+    )
+    .await
+    .expect("restored");
+    assert_eq!(back.as_str(), stale.digest);
+    let body = (t.store.get(&sr_manifest(repo, &stale.digest)).await)
+        .expect("manifest back")
+        .body;
+    assert_eq!(sha256(&body), stale.digest);
+    for b in &stale.subtree[1..] {
+        assert!(keys(t.store.as_ref()).await.contains(&sr_blob(repo, b)));
+    }
+    // The tag whose manifest went as an untagged root: both come back from the entry.
+    restore(t.store.as_ref(), sr.as_ref(), &target("team/app:old"), at)
+        .await
+        .expect("tag restored");
+    for key in [sr_manifest(repo, "old"), sr_manifest(repo, &old.digest)] {
+        let body = t.store.get(&key).await.expect("restored").body;
+        assert_eq!(sha256(&body), old.digest, "{key}");
+    }
+    assert!(sr_dangling(t.store.as_ref()).await.is_empty());
+    // An untagged manifest pushed again meanwhile: restore refuses to overwrite it.
+    let again = run(&t.store, &sr, &opts(rules.clone(), "", 10)).await;
+    assert!(removed(&again, repo).contains(&format!("@{}", stale.digest)));
+    f.image(repo, "stale").await;
+    let refused = restore(
+        t.store.as_ref(),
+        sr.as_ref(),
+        &target(&format!("{repo}@{}", stale.digest)),
+        at,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(RestoreError::Tag { .. })),
+        "{refused:?}"
+    );
+    // Removed again (the tag `old` too, then its manifest), then past the TTL: the ordinary
+    // GC collects what only they used.
+    let third = run(&t.store, &sr, &opts(rules.clone(), "", 10)).await;
+    assert!(removed(&third, repo).contains(&format!("@{}", old.digest)));
+    run(&t.store, &sr, &opts(json!([]), "", 20)).await;
+    run(&t.store, &sr, &opts(json!([]), "", 20)).await;
+    let k = keys(t.store.as_ref()).await;
+    let kept: BTreeSet<&String> = [&latest, &sig, &multi]
+        .iter()
+        .flat_map(|d| &d.subtree)
+        .collect();
+    for d in stale
+        .subtree
+        .iter()
+        .chain(&stale_sig.subtree)
+        .chain(&old.subtree)
+    {
+        if !kept.contains(d) {
+            assert!(
+                !k.contains(&sr_blob(repo, d)) && !k.contains(&sr_manifest(repo, d)),
+                "{d} kept past the TTL"
+            );
+        }
+    }
+    for b in kept {
+        assert!(
+            k.contains(&sr_blob(repo, b)) || k.contains(&sr_manifest(repo, b)),
+            "{b} of a kept image"
+        );
+    }
+    assert!(sr_dangling(t.store.as_ref()).await.is_empty());
+
+    // A push that tags an untagged manifest between the decision and the removal: it stays,
+    // and its trash entry is taken back.
+    let late = f.image(repo, "late").await;
+    let digest = late.digest.clone();
+    let mover = move |s: Arc<dyn Store>| -> futures::future::BoxFuture<'static, ()> {
+        let digest = digest.clone();
+        Box::pin(async move {
+            let body = s
+                .get(&sr_manifest("team/app", &digest))
+                .await
+                .expect("m")
+                .body;
+            s.put(&sr_manifest("team/app", "late"), body, PutCondition::None)
+                .await
+                .expect("tag pushed");
+        })
+    };
+    let wrapped: Arc<dyn Store> = Arc::new(Wrapped(MoveOnTrash {
+        inner: t.store.clone(),
+        moved: AtomicBool::new(false),
+        mover: Box::new(mover),
+    }));
+    let r = run(&wrapped, &sr, &opts(rules, "", 30)).await;
+    let d = decisions(&r, repo);
+    assert_eq!(d[&format!("@{}", late.digest)], "keep moved", "{d:?}");
+    assert!(keys(t.store.as_ref())
+        .await
+        .contains(&sr_manifest(repo, &late.digest)));
+    let at = now(t.store.as_ref(), 30).await;
+    let taken_back = restore(
+        t.store.as_ref(),
+        sr.as_ref(),
+        &target(&format!("{repo}@{}", late.digest)),
+        at,
+    )
+    .await;
+    assert!(
+        matches!(taken_back, Err(RestoreError::NotInTrash(_))),
+        "{taken_back:?}"
+    );
+}
+
 /// Moves tag `tag` the first time retention writes the trash (between its decision and the
 /// removal), as a concurrent push would.
 struct MoveOnTrash {
@@ -810,6 +1016,7 @@ both_stores!(
     serverless_trash_keeps_untagged_manifests,
     distribution_tags_trash_and_restore,
     distribution_untagged_older_than,
+    serverless_untagged_older_than,
     concurrent_move_is_never_undone,
 );
 

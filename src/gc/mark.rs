@@ -698,7 +698,7 @@ impl<'a> Marker<'a> {
 }
 
 /// Whether `body` is the content `digest` names (sha256 or sha512).
-fn content_matches(digest: &Digest, body: &[u8]) -> bool {
+pub(crate) fn content_matches(digest: &Digest, body: &[u8]) -> bool {
     use sha2::Digest as _;
     let hash: Vec<u8> = match digest.algorithm() {
         "sha256" => sha2::Sha256::digest(body).to_vec(),

@@ -766,6 +766,7 @@ impl RepoRun<'_> {
         }
         // After the roots: retention writes the trash before it removes a root, so a root
         // missing from them is in the trash read now.
+        let mut trashed_documents = Vec::new();
         let (trashed, trash_expiry) = if repo.is_global() {
             // Blobs every repository shares: every repository's trashed manifests are roots
             // (an untagged root's revision link is gone while it is in the trash).
@@ -776,6 +777,13 @@ impl RepoRun<'_> {
             let t = trash::read(self.store, &repo.name)
                 .await
                 .map_err(|e| format!("reading the trash: {e}"))?;
+            // Manifests deleted with their root (serverless-registry's untagged roots) are
+            // read from the content their entries keep: the store has them no more.
+            for (digest, body) in t.documents(self.policy.now) {
+                let refs = crate::manifest::references(&body)
+                    .map_err(|e| format!("trashed manifest {digest}: {e}"))?;
+                trashed_documents.push((digest, refs));
+            }
             (t.roots(self.policy.now), t.next_expiry(self.policy.now))
         } else {
             (Vec::new(), None)
@@ -792,6 +800,7 @@ impl RepoRun<'_> {
         marker.warnings.extend(warnings);
         marker.assume_not_referrers(pending.not_referrers.iter().cloned());
         marker.prime(roots.documents);
+        marker.prime(trashed_documents);
         let mut root_labels = HashMap::new();
         if self.explain.is_some() {
             let mut sources = roots.sources.iter();

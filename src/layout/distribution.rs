@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use super::{
-    list_prefix as list, listing_version, partition_all, Doomed, KeyKind, KeySpace, Layout,
+    list_prefix as list, listing_version, partition_all, Doomed, Held, KeyKind, KeySpace, Layout,
     OpenRepos, Order, Partition, Partitioner, Rejected, Removal, Repository, Roots, RootsError,
     StoredTag, StoredUntagged, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
 };
@@ -518,10 +518,13 @@ impl Layout for DistributionLayout {
         store: &dyn Store,
         repo: &Repository,
         set: &mut TagSet,
-        held: &[Digest],
+        held: &Held,
     ) -> Result<(), TagError> {
         let tagged: Vec<Digest> = set.tags.iter().map(|t| t.digest.clone()).collect();
-        let roots = self.untagged_roots(store, repo, &tagged, held).await?;
+        // The trash keeps no content here: a trashed manifest's data stays in `blobs/`.
+        let roots = self
+            .untagged_roots(store, repo, &tagged, &held.digests())
+            .await?;
         set.untagged = roots
             .into_iter()
             .map(|(digest, moved_by)| StoredUntagged {

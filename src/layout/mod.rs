@@ -443,6 +443,51 @@ pub struct TagSet {
     /// The tags live in one document whose LastModified is all the layout knows of when each
     /// moved: ocigc records when it first saw each tag→digest pair (`oci`).
     pub shared_document: bool,
+    /// What the layout left out and why (untagged roots beyond what the trash may hold):
+    /// reported as warnings.
+    pub notes: Vec<String>,
+}
+
+/// Manifests the trash holds as roots, as [`Layout::read_untagged`] needs them: their
+/// children are no untagged roots either.
+#[derive(Clone, Debug, Default)]
+pub struct Held {
+    /// Each trashed manifest, with its content where the trash keeps it (a layout that
+    /// deletes the manifest itself, `serverless-registry`).
+    pub manifests: Vec<(Digest, Option<bytes::Bytes>)>,
+    /// Size of the trash file as read: what inline manifests may still add is bounded.
+    pub trash_bytes: u64,
+}
+
+impl Held {
+    /// The trashed digests.
+    pub fn digests(&self) -> Vec<Digest> {
+        self.manifests.iter().map(|(d, _)| d.clone()).collect()
+    }
+}
+
+/// Field of a trash entry's layout `entry` that carries a removed manifest's content where
+/// removing the root deletes the manifest itself (`serverless-registry`): marking reads it
+/// while the entry lasts, and `ocigc restore` writes it back.
+pub const INLINE_MANIFEST: &str = "manifest_base64";
+
+/// The `entry` that carries `body` inline (see [`INLINE_MANIFEST`]).
+pub fn inline_manifest_entry(body: &[u8]) -> serde_json::Value {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(body);
+    serde_json::json!({ INLINE_MANIFEST: encoded })
+}
+
+/// The manifest content an `entry` carries inline, if it carries any that hashes to `digest`
+/// (anything else is as good as absent: marking then reads the store, and fails closed on a
+/// missing manifest).
+pub fn inline_manifest(entry: Option<&serde_json::Value>, digest: &Digest) -> Option<bytes::Bytes> {
+    use base64::Engine as _;
+    let encoded = entry?.get(INLINE_MANIFEST)?.as_str()?;
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    crate::gc::mark::content_matches(digest, &body).then(|| bytes::Bytes::from(body))
 }
 
 /// A root that retention removes: a tag, or an untagged entry (`tag` `None`).
@@ -689,8 +734,8 @@ pub trait Layout: Send + Sync {
 
     /// Whether retention can remove untagged root manifests of this layout by themselves
     /// (`untagged_older_than`): `oci` (untagged `index.json` entries, in
-    /// [`Layout::read_tags`]) and `distribution` (revision links, in
-    /// [`Layout::read_untagged`]).
+    /// [`Layout::read_tags`]), `distribution` (revision links) and `serverless-registry`
+    /// without `--delete-untagged` (manifests by digest), in [`Layout::read_untagged`].
     fn removes_untagged(&self) -> bool {
         false
     }
@@ -704,7 +749,7 @@ pub trait Layout: Send + Sync {
         _store: &dyn Store,
         _repo: &Repository,
         _set: &mut TagSet,
-        _held: &[Digest],
+        _held: &Held,
     ) -> Result<(), TagError> {
         Ok(())
     }

@@ -16,15 +16,16 @@
 //! index or a kept manifest's referrer needs them.
 
 use std::collections::{HashMap, HashSet};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 
 use super::serverless_protocol::ServerlessProtocol;
 use super::{
-    list_prefix, listing_version, partition_all, DeletionProtocol, Doomed, KeyKind, Layout,
+    list_prefix, listing_version, partition_all, DeletionProtocol, Doomed, Held, KeyKind, Layout,
     OpenRepos, Order, Partition, Partitioner, Rejected, Removal, Repository, Roots, RootsError,
-    StoredTag, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
+    StoredTag, StoredUntagged, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{self, Descriptor, UNTYPED_MANIFEST};
@@ -257,6 +258,124 @@ impl ServerlessRegistryLayout {
             .filter(|o| matches!(parse(&o.key), Key::Manifest(r, _) if r == repo.name))
             .collect())
     }
+
+    /// The untagged roots of `repo`: manifests stored by digest that no tag names and that
+    /// no manifest lists (an index's children), nor one in `held` (trashed). Each comes with
+    /// its LastModified, its content and its subject (a referrer's). A manifest that cannot
+    /// be read or parsed fails the look: what it lists is unknown.
+    async fn untagged_roots(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        tags: &[StoredTag],
+        held: &Held,
+    ) -> Result<Vec<UntaggedRoot>, TagError> {
+        let listed = self.list_manifests(store, repo).await?;
+        let tagged: HashSet<&Digest> = tags.iter().map(|t| &t.digest).collect();
+        let mut children: HashSet<Digest> = HashSet::new();
+        let mut candidates = Vec::new();
+        let mut learn = |key: &str, body: &[u8]| -> Result<Option<Digest>, TagError> {
+            let refs = manifest::references(body).map_err(|e| {
+                TagError::Roots(RootsError::Invalid {
+                    key: key.to_string(),
+                    reason: e.to_string(),
+                })
+            })?;
+            // A referrer's subject is among its references but is no child of it.
+            let subject = refs.subjects.first().map(|s| s.digest.clone());
+            let subjects: Vec<&Digest> = refs.subjects.iter().map(|s| &s.digest).collect();
+            children.extend(
+                (refs.children.iter())
+                    .filter(|c| !subjects.contains(&&c.digest))
+                    .map(|c| c.digest.clone()),
+            );
+            Ok(subject)
+        };
+        for o in &listed {
+            let Key::Manifest(_, leaf) = parse(&o.key) else {
+                continue;
+            };
+            // Every manifest is read (tags are copies of theirs): any may list children.
+            let body = match store.get_capped(&o.key, MAX_MANIFEST_SIZE).await {
+                Ok(b) => b.body,
+                // Gone since the listing: it lists nothing any more.
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let subject = learn(&o.key, &body)?;
+            if let Some(d) = Digest::parse(leaf) {
+                if !tagged.contains(&d) {
+                    candidates.push(UntaggedRoot {
+                        digest: d,
+                        moved_by: o.last_modified,
+                        body,
+                        subject,
+                    });
+                }
+            }
+        }
+        for (d, body) in &held.manifests {
+            if let Some(body) = body {
+                learn(&format!("trash entry {d}"), body)?;
+            }
+        }
+        candidates.retain(|c| !children.contains(&c.digest));
+        Ok(candidates)
+    }
+}
+
+/// Largest manifest read (distribution refuses larger ones too).
+const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
+/// How large a repository's trash may grow with the manifests untagged roots leave in it
+/// (its reader's cap is 64 MiB, and an unreadable trash fails the repository closed).
+const TRASH_INLINE_BUDGET: u64 = 16 * 1024 * 1024;
+
+/// An untagged root as [`ServerlessRegistryLayout::untagged_roots`] finds it.
+struct UntaggedRoot {
+    digest: Digest,
+    moved_by: SystemTime,
+    body: bytes::Bytes,
+    subject: Option<Digest>,
+}
+
+/// The untagged roots retention may consider this run: the oldest first, each with the
+/// untagged referrers of it (they go with their subject), while the trash stays within
+/// `budget` bytes; how many were left for later runs.
+fn within_trash_budget(mut roots: Vec<UntaggedRoot>, budget: u64) -> (Vec<UntaggedRoot>, usize) {
+    // Base64 and the entry's other fields.
+    let cost = |r: &UntaggedRoot| (r.body.len() as u64).div_ceil(3) * 4 + 512;
+    roots.sort_by(|a, b| (a.moved_by, &a.digest).cmp(&(b.moved_by, &b.digest)));
+    let digests: HashSet<Digest> = roots.iter().map(|r| r.digest.clone()).collect();
+    let mut followers: HashMap<Digest, Vec<UntaggedRoot>> = HashMap::new();
+    let mut leaders = Vec::new();
+    for r in roots {
+        match r.subject.clone().filter(|s| digests.contains(s)) {
+            Some(s) => followers.entry(s).or_default().push(r),
+            None => leaders.push(r),
+        }
+    }
+    let (mut taken, mut left, mut spent) = (Vec::new(), 0, 0u64);
+    for r in leaders {
+        // A referrer of a referrer follows too (a signature of an attestation).
+        let mut group = vec![r];
+        let mut i = 0;
+        while i < group.len() {
+            let more = followers.remove(&group[i].digest).unwrap_or_default();
+            group.extend(more);
+            i += 1;
+        }
+        let group_cost: u64 = group.iter().map(cost).sum();
+        if spent + group_cost > budget {
+            left += group.len();
+            continue;
+        }
+        spent += group_cost;
+        taken.extend(group);
+    }
+    // Referrers in a cycle of subjects (no leader): nothing to follow, considered alone.
+    left += followers.values().map(Vec::len).sum::<usize>();
+    (taken, left)
 }
 
 #[async_trait]
@@ -306,6 +425,40 @@ impl Layout for ServerlessRegistryLayout {
         // The repositories a link may name are not all listed yet: any name will do.
         let any = |_: u64| true;
         read_links(store, link_candidates(repo, &any).collect(), concurrency).await
+    }
+
+    fn removes_untagged(&self) -> bool {
+        // With --delete-untagged they are no roots at all, and go after --grace anyway.
+        !self.delete_untagged
+    }
+
+    async fn read_untagged(
+        &self,
+        store: &dyn Store,
+        repo: &Repository,
+        set: &mut TagSet,
+        held: &Held,
+    ) -> Result<(), TagError> {
+        let roots = self.untagged_roots(store, repo, &set.tags, held).await?;
+        let budget = TRASH_INLINE_BUDGET.saturating_sub(held.trash_bytes);
+        let (taken, left) = within_trash_budget(roots, budget);
+        if left > 0 {
+            set.notes.push(format!(
+                "{left} untagged manifests not considered this run: the trash keeps each \
+                 removed manifest's content and would grow past {TRASH_INLINE_BUDGET} bytes \
+                 (they are considered once entries expire)"
+            ));
+        }
+        set.untagged = taken
+            .into_iter()
+            .map(|r| StoredUntagged {
+                digest: r.digest,
+                moved_by: r.moved_by,
+                // The manifest itself is deleted: the trash keeps its content.
+                entry: Some(super::inline_manifest_entry(&r.body)),
+            })
+            .collect();
+        Ok(())
     }
 
     fn scans_for_referrers(&self, repo: &Repository) -> bool {
@@ -510,11 +663,28 @@ impl Layout for ServerlessRegistryLayout {
         doomed: &[Doomed],
     ) -> Result<Vec<Removal>, TagError> {
         let mut out = Vec::with_capacity(doomed.len());
+        // The untagged roots as read again right before they go (once per call).
+        let mut untagged_now: Option<HashSet<Digest>> = None;
         for d in doomed {
             let Some(tag) = &d.tag else {
-                return Err(TagError::Unsupported(
-                    "untagged manifests are removed by --delete-untagged here".into(),
-                ));
+                if untagged_now.is_none() {
+                    // Re-read: a manifest a push tagged (or listed in an index) since the
+                    // decision is no untagged root any more and stays. (Between this read and
+                    // the delete a push can still land; see the README.)
+                    let tags = self.read_tags(store, repo).await?;
+                    let roots = self
+                        .untagged_roots(store, repo, &tags.tags, &Held::default())
+                        .await?;
+                    untagged_now = Some(roots.into_iter().map(|r| r.digest).collect());
+                }
+                if !untagged_now.as_ref().is_some_and(|u| u.contains(&d.digest)) {
+                    out.push(Removal::Moved);
+                    continue;
+                }
+                let key = format!("{}manifests/{}", repo.prefix, d.digest);
+                super::delete_tag_keys(store, std::slice::from_ref(&key)).await?;
+                out.push(Removal::Removed);
+                continue;
             };
             let key = format!("{}manifests/{tag}", repo.prefix);
             // Re-read right before the delete: a tag a push moved since the decision stays.
@@ -540,17 +710,37 @@ impl Layout for ServerlessRegistryLayout {
         name: &str,
         tag: Option<&str>,
         digest: &Digest,
-        _entry: Option<&serde_json::Value>,
+        entry: Option<&serde_json::Value>,
     ) -> Result<(), TagError> {
-        let Some(tag) = tag else {
-            return Err(TagError::Unsupported(
-                "untagged manifests are never trashed here".into(),
-            ));
-        };
         let prefix = self.repository_prefix(name);
-        let key = format!("{prefix}manifests/{tag}");
         let source = format!("{prefix}manifests/{digest}");
-        let body = store.get(&source).await?.body;
+        let inline = super::inline_manifest(entry, digest);
+        let Some(tag) = tag else {
+            // The untagged manifest itself, from the content its trash entry keeps.
+            let body = inline.ok_or_else(|| {
+                TagError::Unsupported(format!(
+                    "the trash entry of {digest} keeps no content to restore"
+                ))
+            })?;
+            return match store.put(&source, body, PutCondition::IfNoneMatch).await? {
+                PutOutcome::Written { .. } => Ok(()),
+                PutOutcome::PreconditionFailed => Err(TagError::Exists(digest.to_string())),
+            };
+        };
+        let key = format!("{prefix}manifests/{tag}");
+        let body = match store.get(&source).await {
+            Ok(o) => o.body,
+            // Removed since as an untagged root: its content is in that trash entry, and the
+            // manifest by digest comes back first (an image is pulled by digest too).
+            Err(StoreError::NotFound { .. }) if inline.is_some() => {
+                let body = inline.clone().unwrap_or_default();
+                store
+                    .put(&source, body.clone(), PutCondition::IfNoneMatch)
+                    .await?;
+                body
+            }
+            Err(e) => return Err(e.into()),
+        };
         if Digest::sha256_of(&body) != *digest {
             return Err(TagError::Unsupported(format!(
                 "{source} does not hold {digest}"
@@ -681,5 +871,34 @@ mod tests {
         let global = p.global.expect("stale temp objects");
         assert_eq!(global.objects.len(), 1);
         assert_eq!(global.objects[0].key, done);
+    }
+
+    #[test]
+    fn the_trash_budget_takes_the_oldest_with_their_referrers() {
+        let d = |c: &str| Digest::parse(&format!("sha256:{}", c.repeat(64))).expect("digest");
+        let at = |s: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let root = |c: &str, t: u64, size: usize, subject: Option<&str>| UntaggedRoot {
+            digest: d(c),
+            moved_by: at(t),
+            body: bytes::Bytes::from(vec![b'x'; size]),
+            subject: subject.map(d),
+        };
+        // Each costs 4/3 of its size plus 512 in the trash.
+        let roots = vec![
+            root("b", 2, 3000, None),
+            root("a", 1, 3000, None),
+            // A signature of `a`, and a signature of that signature: they go with `a`.
+            root("c", 9, 300, Some("a")),
+            root("e", 9, 300, Some("c")),
+            // A referrer of something that is no untagged root: considered on its own.
+            root("f", 3, 300, Some("9")),
+        ];
+        let (taken, left) = within_trash_budget(roots, 7_300);
+        let names: Vec<Digest> = taken.iter().map(|r| r.digest.clone()).collect();
+        assert_eq!(names, vec![d("a"), d("c"), d("e"), d("f")]);
+        assert_eq!(left, 1);
+        let (taken, left) = within_trash_budget(vec![root("a", 1, 3000, None)], 0);
+        assert!(taken.is_empty());
+        assert_eq!(left, 1);
     }
 }

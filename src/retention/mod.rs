@@ -169,20 +169,22 @@ impl Run<'_> {
             let mut set = self.layout.read_tags(self.store, repo).await?;
             if rule.untagged_older_than.is_some() && self.layout.removes_untagged() {
                 // Children of trashed manifests stay out of the roots while they are trashed.
-                let held = trash::read(self.store, &repo.name).await?.roots(self.now);
+                let held = trash::read(self.store, &repo.name).await?.held(self.now);
                 self.layout
                     .read_untagged(self.store, repo, &mut set, &held)
                     .await?;
             } else if attempt == 0 && rule.untagged_older_than.is_some() {
-                // Only serverless-registry: untagged manifests there are not roots of their
-                // own but leftovers of tags (and children of indexes), which
-                // --delete-untagged collects after --grace.
+                // serverless-registry with --delete-untagged: untagged manifests are no roots
+                // there and go after --grace anyway.
                 warnings.push(format!(
-                    "{}.untagged_older_than has no effect on the {} layout (only there; oci \
-                     and distribution remove untagged roots); use --delete-untagged",
+                    "{}.untagged_older_than has no effect on the {} layout with \
+                     --delete-untagged: untagged manifests are collected after --grace",
                     rule.name(),
                     self.layout.name()
                 ));
+            }
+            if attempt == 0 {
+                warnings.extend(set.notes.iter().cloned());
             }
             let seen = if set.shared_document {
                 seen::read(self.store, &repo.name, &mut warnings)
@@ -315,10 +317,15 @@ impl Run<'_> {
             .collect();
         let mut untagged = Vec::with_capacity(set.untagged.len());
         for u in &set.untagged {
-            // Whether it is a referrer, which lives and dies with its subject.
+            // Whether it is a referrer, which lives and dies with its subject (from the content
+            // the layout read already, where it kept it).
             let key = self.layout.content_key(repo, &u.digest, None);
-            let subject = match self.store.get_capped(&key, MAX_MANIFEST_SIZE).await {
-                Ok(o) => crate::manifest::references(&o.body)
+            let read = match crate::layout::inline_manifest(u.entry.as_ref(), &u.digest) {
+                Some(body) => Ok(body),
+                None => (self.store.get_capped(&key, MAX_MANIFEST_SIZE).await).map(|o| o.body),
+            };
+            let subject = match read {
+                Ok(body) => crate::manifest::references(&body)
                     .map_err(|e| RetentionError::Manifest {
                         key: key.clone(),
                         reason: e.to_string(),

@@ -89,13 +89,20 @@ pub async fn restore(
         })
         .cloned()
         .ok_or_else(|| RestoreError::NotInTrash(what.clone()))?;
+    // A tag whose manifest was removed since as an untagged root (serverless-registry deletes
+    // it then): that entry keeps the content the tag needs.
+    let content = entry.entry.clone().or_else(|| {
+        (trash.file.entries.iter().rev())
+            .filter(|e| e.live(now) && e.tag.is_none() && e.digest == entry.digest)
+            .find_map(|e| e.entry.clone())
+    });
     layout
         .restore_tag(
             store,
             &target.repo,
             entry.tag.as_deref(),
             &entry.digest,
-            entry.entry.as_ref(),
+            content.as_ref(),
         )
         .await
         .map_err(|source| RestoreError::Tag {

@@ -97,6 +97,8 @@ pub struct Trash {
     pub file: TrashFile,
     /// Its ETag.
     pub etag: Option<String>,
+    /// Its size in bytes as read.
+    pub size: u64,
 }
 
 impl Trash {
@@ -120,6 +122,35 @@ impl Trash {
     }
 }
 
+impl Trash {
+    /// The manifests the trash holds at `now`, with the content entries keep inline, and the
+    /// file's size: what [`crate::layout::Layout::read_untagged`] needs.
+    pub fn held(&self, now: SystemTime) -> crate::layout::Held {
+        let mut manifests: Vec<(Digest, Option<bytes::Bytes>)> = Vec::new();
+        for e in self.file.entries.iter().filter(|e| e.live(now)) {
+            let inline = crate::layout::inline_manifest(e.entry.as_ref(), &e.digest);
+            match manifests.iter_mut().find(|(d, _)| *d == e.digest) {
+                Some((_, have)) => *have = have.take().or(inline),
+                None => manifests.push((e.digest.clone(), inline)),
+            }
+        }
+        crate::layout::Held {
+            manifests,
+            trash_bytes: self.size,
+        }
+    }
+
+    /// The content of trashed manifests that entries keep inline (their manifest was deleted
+    /// with the root), live at `now`: marking reads them from here.
+    pub fn documents(&self, now: SystemTime) -> Vec<(Digest, bytes::Bytes)> {
+        self.held(now)
+            .manifests
+            .into_iter()
+            .filter_map(|(d, body)| Some((d, body?)))
+            .collect()
+    }
+}
+
 /// Reads the trash of repository `name`.
 pub async fn read(store: &dyn Store, name: &str) -> Result<Trash, TrashError> {
     let key = trash_key(name);
@@ -135,6 +166,7 @@ pub async fn read(store: &dyn Store, name: &str) -> Result<Trash, TrashError> {
     Ok(Trash {
         file,
         etag: object.etag,
+        size: object.body.len() as u64,
     })
 }
 
