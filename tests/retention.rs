@@ -659,6 +659,11 @@ async fn serverless_untagged_older_than(t: TestStore) {
     let arm = f.image(repo, "arm64").await;
     let multi = f.index(repo, OCI_INDEX, &[&amd, &arm]).await;
     let old = f.image(repo, "old").await;
+    // Referrers the registry indexed under `_referrers/` whose content names no subject.
+    let att = f.image(repo, "attestation of latest").await;
+    w.referrer_link(repo, &latest, &att).await;
+    let stale_att = f.image(repo, "attestation of stale").await;
+    w.referrer_link(repo, &stale, &stale_att).await;
     w.tag(repo, "latest", &latest).await;
     w.tag(repo, "multi", &multi).await;
     w.tag(repo, "old", &old).await;
@@ -669,6 +674,7 @@ async fn serverless_untagged_older_than(t: TestStore) {
         "old",
         &format!("@{}", stale.digest),
         &format!("@{}", stale_sig.digest),
+        &format!("@{}", stale_att.digest),
     ]);
     let dry = run(
         &t.store,
@@ -682,6 +688,9 @@ async fn serverless_untagged_older_than(t: TestStore) {
     let d = decisions(&dry, repo);
     assert_eq!(removed(&dry, repo), first, "{} {d:?}", t.kind);
     assert_eq!(d[&format!("@{}", sig.digest)], "keep referrer", "{d:?}");
+    assert_eq!(d[&format!("@{}", att.digest)], "keep referrer", "{d:?}");
+    let stale_att_rule = &d[&format!("@{}", stale_att.digest)];
+    assert_eq!(stale_att_rule, "remove subject_removed", "{d:?}");
     for child in [&amd, &arm] {
         assert!(!d.contains_key(&format!("@{}", child.digest)), "{d:?}");
     }

@@ -531,6 +531,7 @@ impl Layout for DistributionLayout {
                 digest,
                 moved_by,
                 entry: None,
+                subject: None,
             })
             .collect();
         Ok(())

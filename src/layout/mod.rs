@@ -429,6 +429,9 @@ pub struct StoredUntagged {
     pub moved_by: SystemTime,
     /// The entry, for restoring it.
     pub entry: Option<serde_json::Value>,
+    /// The subject it is a referrer of, where the layout knows it without reading the
+    /// manifest (`serverless-registry`'s `_referrers/` index); else read from the content.
+    pub subject: Option<Digest>,
 }
 
 /// Every tag of a repository, read at one version.

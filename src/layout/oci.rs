@@ -253,6 +253,7 @@ impl Layout for OciLayout {
                     digest,
                     moved_by: modified,
                     entry: Some(entry.clone()),
+                    subject: None,
                 }),
             }
         }

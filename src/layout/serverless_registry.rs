@@ -320,6 +320,14 @@ impl ServerlessRegistryLayout {
             }
         }
         candidates.retain(|c| !children.contains(&c.digest));
+        // A referrer the registry indexed under `_referrers/` follows that subject even if its
+        // content names none.
+        let linked: HashMap<Digest, Digest> = (self.referrer_links(repo).into_iter())
+            .map(|(subject, referrer)| (referrer, subject))
+            .collect();
+        for c in candidates.iter_mut().filter(|c| c.subject.is_none()) {
+            c.subject = linked.get(&c.digest).cloned();
+        }
         Ok(candidates)
     }
 }
@@ -456,6 +464,7 @@ impl Layout for ServerlessRegistryLayout {
                 moved_by: r.moved_by,
                 // The manifest itself is deleted: the trash keeps its content.
                 entry: Some(super::inline_manifest_entry(&r.body)),
+                subject: r.subject,
             })
             .collect();
         Ok(())

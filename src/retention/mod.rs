@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::digest::Digest;
-use crate::layout::{Doomed, Layout, Removal, Repository, TagError, TagSet};
+use crate::layout::{inline_manifest, Doomed, Layout, Removal, Repository, TagError, TagSet};
 use crate::store::Store;
 use decide::{Clause, Decision, Policy, TagInput, UntaggedInput, Verdict};
 use protect::Protected;
@@ -320,12 +320,16 @@ impl Run<'_> {
             // Whether it is a referrer, which lives and dies with its subject (from the content
             // the layout read already, where it kept it).
             let key = self.layout.content_key(repo, &u.digest, None);
-            let read = match crate::layout::inline_manifest(u.entry.as_ref(), &u.digest) {
-                Some(body) => Ok(body),
-                None => (self.store.get_capped(&key, MAX_MANIFEST_SIZE).await).map(|o| o.body),
+            let read = match (&u.subject, inline_manifest(u.entry.as_ref(), &u.digest)) {
+                (Some(_), _) => None,
+                (None, Some(body)) => Some(Ok(body)),
+                (None, None) => {
+                    Some((self.store.get_capped(&key, MAX_MANIFEST_SIZE).await).map(|o| o.body))
+                }
             };
             let subject = match read {
-                Ok(body) => crate::manifest::references(&body)
+                None => u.subject.clone(),
+                Some(Ok(body)) => crate::manifest::references(&body)
                     .map_err(|e| RetentionError::Manifest {
                         key: key.clone(),
                         reason: e.to_string(),
@@ -333,7 +337,7 @@ impl Run<'_> {
                     .subjects
                     .first()
                     .map(|s| s.digest.clone()),
-                Err(e) => {
+                Some(Err(e)) => {
                     return Err(RetentionError::Manifest {
                         key,
                         reason: e.to_string(),
