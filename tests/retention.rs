@@ -375,6 +375,15 @@ async fn serverless_trash_keeps_untagged_manifests(t: TestStore) {
     assert!(k.contains(&sr_manifest(repo, &pr2.digest)), "protected");
     assert!(k.contains(&sr_manifest(repo, &latest.digest)));
     assert!(sr_dangling(t.store.as_ref()).await.is_empty());
+    // With --delete-untagged, untagged manifests are no roots: the clause warns, removes none.
+    let untagged = json!([{"keep_tags": [".*"], "untagged_older_than": "1d"}]);
+    let r = run(&t.store, &sr, &opts(untagged, "", 48)).await;
+    assert!(removed(&r, repo).is_empty(), "{:?}", decisions(&r, repo));
+    let warned = repo_report(&r, repo)
+        .warnings
+        .iter()
+        .any(|w| w.contains("no effect"));
+    assert!(warned, "{:?}", repo_report(&r, repo).warnings);
 }
 
 /// `distribution` with `--delete-untagged`: the tag directory goes, the revision link and the
