@@ -1,13 +1,14 @@
 //! `ocigc du` and `ocigc explain`: read-only views of what a `gc` run with the same flags
 //! would act on, derived from a dry run's report (which makes no write request).
 
+use std::collections::HashMap;
 use std::io::Write;
 
 use serde::Serialize;
 
 use crate::cost::{Cost, Prices};
 use crate::digest::Digest;
-use crate::report::{Explained, RepoStatus, Report};
+use crate::report::{Explained, RepoStatus, Report, UnitShare};
 use crate::store::RequestCounts;
 
 /// One repository's storage, as `gc` sees it.
@@ -21,12 +22,12 @@ pub struct DuRepo {
     pub objects: u64,
     /// Their bytes.
     pub bytes: u64,
-    /// Bytes of blobs reachable from its roots.
+    /// Bytes of blobs reachable from its roots, its share of a global unit's included.
     pub reachable_bytes: u64,
-    /// Bytes of reachable blobs that only this unit's images need: deleting the unit would
-    /// free them. A repository stores its own copy of each blob in `oci` and
-    /// `serverless-registry`, so this equals `reachable_bytes` there; in `distribution` the
-    /// blobs are global and marked by the global unit, which carries both figures.
+    /// Bytes of reachable blobs no other repository's images need: what deleting the
+    /// repository would free. Copies that other repositories' placeholders or links read are
+    /// not; nor is a global blob another repository's roots reach. 0 for a global unit,
+    /// whose blobs are counted in the repositories' rows instead.
     pub unique_bytes: u64,
     /// Bytes a `gc` run with the same flags would delete (unreferenced and past grace).
     pub garbage_bytes: u64,
@@ -50,9 +51,10 @@ pub struct DuTotals {
     pub objects: u64,
     /// Bytes.
     pub bytes: u64,
-    /// Reachable bytes.
+    /// Reachable bytes, each blob once (a global unit's share in a repository's row is not
+    /// counted again).
     pub reachable_bytes: u64,
-    /// Unique bytes.
+    /// Unique bytes: the sum of the rows'.
     pub unique_bytes: u64,
     /// Garbage bytes: what `gc` would delete.
     pub garbage_bytes: u64,
@@ -60,7 +62,7 @@ pub struct DuTotals {
     pub pending_bytes: u64,
     /// Tags.
     pub tags: u64,
-    /// Manifests.
+    /// Manifests, each once (as `reachable_bytes`).
     pub manifests: u64,
 }
 
@@ -89,41 +91,49 @@ pub struct DuReport {
 }
 
 impl DuReport {
-    /// The `du` view of a dry run's report (made with `GcOptions::detail`).
+    /// The `du` view of a dry run's report (made with `GcOptions::detail`). A global unit's
+    /// shares are added to their repositories' rows; the totals count them once, in the
+    /// global unit's row.
     pub fn of(report: &Report, prices: Option<&Prices>) -> DuReport {
-        let mut repositories: Vec<DuRepo> = report
-            .repositories
-            .iter()
-            .map(|r| {
-                let detail = r.detail.clone().unwrap_or_default();
-                DuRepo {
-                    name: r.name.clone(),
-                    status: r.status,
-                    objects: r.objects,
-                    bytes: r.bytes,
-                    reachable_bytes: r.reachable.bytes,
-                    unique_bytes: r.reachable.bytes,
-                    garbage_bytes: r.bytes_deleted(),
-                    pending_bytes: r.pending.bytes,
-                    tags: detail.tags,
-                    manifests: detail.manifests,
-                    errors: r.errors.clone(),
-                }
-            })
+        let shares: HashMap<&str, &UnitShare> = (report.repositories.iter())
+            .filter_map(|r| r.detail.as_ref())
+            .flat_map(|d| d.shares.iter().map(|s| (s.name.as_str(), s)))
             .collect();
-        repositories.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
         let mut t = DuTotals::default();
-        for r in &repositories {
+        let mut repositories = Vec::with_capacity(report.repositories.len());
+        for r in &report.repositories {
+            let detail = r.detail.clone().unwrap_or_default();
+            let own_unique = detail.unique_bytes.unwrap_or(r.reachable.bytes);
+            let share = shares.get(r.name.as_str());
+            let row = DuRepo {
+                name: r.name.clone(),
+                status: r.status,
+                objects: r.objects,
+                bytes: r.bytes,
+                reachable_bytes: r.reachable.bytes + share.map_or(0, |s| s.reachable_bytes),
+                unique_bytes: own_unique + share.map_or(0, |s| s.unique_bytes),
+                garbage_bytes: r.bytes_deleted(),
+                pending_bytes: r.pending.bytes,
+                tags: detail.tags,
+                // The share's, not its own marking's: with `--delete-untagged` a repository
+                // marks from its tags too, through the same global documents.
+                manifests: share.map_or(detail.manifests, |s| s.manifests),
+                errors: r.errors.clone(),
+            };
             t.repositories += 1;
-            t.objects += r.objects;
-            t.bytes += r.bytes;
-            t.reachable_bytes += r.reachable_bytes;
-            t.unique_bytes += r.unique_bytes;
-            t.garbage_bytes += r.garbage_bytes;
-            t.pending_bytes += r.pending_bytes;
-            t.tags += r.tags;
-            t.manifests += r.manifests;
+            t.objects += row.objects;
+            t.bytes += row.bytes;
+            t.reachable_bytes += r.reachable.bytes;
+            t.unique_bytes += row.unique_bytes;
+            t.garbage_bytes += row.garbage_bytes;
+            t.pending_bytes += row.pending_bytes;
+            t.tags += row.tags;
+            if share.is_none() {
+                t.manifests += row.manifests;
+            }
+            repositories.push(row);
         }
+        repositories.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
         let cost = prices.map(|p| Cost::of(p, &report.requests, 0, Some(t.garbage_bytes)));
         DuReport {
             command: "du",

@@ -125,6 +125,28 @@ pub struct RepoDetail {
     /// The plan's decision on each digest `explain` asked about that the repository lists or
     /// reaches.
     pub explained: Vec<Explained>,
+    /// Reachable bytes no other repository needs, where that differs from the reachable bytes
+    /// (blobs another repository's placeholders or links read from this one; none for a
+    /// global unit, whose blobs are split among the repositories in `shares`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique_bytes: Option<u64>,
+    /// A global unit's blobs split by the repositories whose roots reach them, where the
+    /// layout can tell a root's repository (`du` shows them in those repositories' rows).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<UnitShare>,
+}
+
+/// What one repository's roots reach of a global unit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UnitShare {
+    /// The repository.
+    pub name: String,
+    /// Bytes of the unit's blobs its roots reach.
+    pub reachable_bytes: u64,
+    /// Of those, bytes no other repository's roots reach.
+    pub unique_bytes: u64,
+    /// Manifests and indexes its roots reach.
+    pub manifests: u64,
 }
 
 /// The decision on one digest, and why.

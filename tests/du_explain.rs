@@ -298,7 +298,9 @@ fn du_prints_a_table_and_changes_nothing() {
     );
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        text.contains("keep (reachable)") && text.contains("path: tag 3.19 → index"),
+        text.contains("keep (reachable)")
+            && text.contains("path: tag 3.19 → index")
+            && text.contains(" (linux/arm64) → layer "),
         "{text}"
     );
     assert_eq!(tree(dir.path()), before, "explain changed the bucket");
@@ -488,6 +490,253 @@ async fn serverless_du_and_explain(t: TestStore) {
     assert_eq!(l.path.last(), Some(&format!("layer {layer}")));
     let g = ex.digests[1].explained.as_ref().expect("garbage explained");
     assert_eq!((g.decision, g.reason), ("delete", Reason::Unreferenced));
+    assert_eq!(a.unique_bytes, a.reachable_bytes);
+
+    // Mounted into `b`: `b` reads `a`'s copy, so deleting `a` would not free it.
+    w.mount("a", "b", &layer).await;
+    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &du_options(eager()))
+        .await
+        .expect("du run");
+    let du = DuReport::of(&report, None);
+    let a = du.repositories.iter().find(|r| r.name == "a").expect("a");
+    assert_eq!(
+        a.reachable_bytes - a.unique_bytes,
+        "layer of img".len() as u64,
+        "{du:#?}"
+    );
 }
 
 both_stores!(serverless_du_and_explain);
+
+fn du_row<'d>(du: &'d DuReport, name: &str) -> &'d ocigc::du::DuRepo {
+    du.repositories
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("{name} not in {du:#?}"))
+}
+
+/// An image of `repo` over `config` and `layers`, with every byte it takes.
+async fn image_over(f: &Fixture<'_>, repo: &str, config: &Desc, layers: &[&Desc]) -> (Desc, u64) {
+    let m = f.manifest(repo, config, layers, None).await;
+    let bytes = m.size + config.size + layers.iter().map(|l| l.size).sum::<u64>();
+    (m, bytes)
+}
+
+/// Distribution keeps blobs once for every repository: `du` splits them by the repositories
+/// whose revisions reach them. Two repositories share a layer and each has one of its own.
+async fn distribution_du_splits_global_blobs_by_repository(t: TestStore) {
+    let w = common::dist::DistWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let shared_a = f.blob("a", OCI_LAYER, b"shared base layer").await;
+    let shared_b = f.blob("b", OCI_LAYER, b"shared base layer").await;
+    assert_eq!(shared_a.digest, shared_b.digest);
+    let mut sizes = Vec::new();
+    let mut manifests = Vec::new();
+    for repo in ["a", "b"] {
+        let config = f.blob(repo, OCI_CONFIG, repo.as_bytes()).await;
+        let own = f
+            .blob(repo, OCI_LAYER, format!("layer only {repo} has").as_bytes())
+            .await;
+        let (m, bytes) = image_over(&f, repo, &config, &[&shared_a, &own]).await;
+        w.tag(repo, "latest", &m).await;
+        sizes.push(bytes);
+        manifests.push(m);
+    }
+    let garbage = f.image("a", "garbage").await;
+    let layout =
+        || ocigc::layout::by_name("distribution", Default::default()).expect("distribution layout");
+    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &du_options(eager()))
+        .await
+        .expect("du run");
+    let du = DuReport::of(&report, None);
+    assert!(du.all_ok(), "{du:#?}");
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let r = du_row(&du, name);
+        assert_eq!(r.reachable_bytes, sizes[i], "{name}: {du:#?}");
+        assert_eq!(r.unique_bytes, sizes[i] - shared_a.size, "{name}: {du:#?}");
+        assert_eq!(r.manifests, 1, "{name}");
+    }
+    let global = du_row(&du, ocigc::layout::GLOBAL_REPOSITORY);
+    assert_eq!(
+        global.reachable_bytes,
+        sizes[0] + sizes[1] - shared_a.size,
+        "each blob once"
+    );
+    assert!(global.garbage_bytes >= garbage.size);
+    assert_eq!(
+        global.unique_bytes, 0,
+        "its blobs are in the repositories' rows"
+    );
+    assert_eq!(du.totals.reachable_bytes, global.reachable_bytes);
+    assert_eq!(du.totals.manifests, 2);
+    assert_eq!(
+        du.totals.unique_bytes,
+        du.repositories.iter().map(|r| r.unique_bytes).sum::<u64>()
+    );
+    assert_eq!(
+        du.totals.unique_bytes,
+        sizes[0] + sizes[1] - 2 * shared_a.size
+    );
+
+    // With --delete-untagged an untagged revision of `a` goes first: the global unit's
+    // remaining roots must still be credited to the repositories that hold them.
+    let untagged = f.image("a", "untagged").await;
+    w.untagged("a", &untagged).await;
+    let layout = || {
+        let opts = ocigc::layout::LayoutOptions {
+            delete_untagged: true,
+        };
+        ocigc::layout::by_name("distribution", opts).expect("distribution layout")
+    };
+    // The manifest, its config, the shared layer, its own layer.
+    let own_b = Digest::parse(&manifests[1].subtree[3]).expect("digest");
+    let opts = GcOptions {
+        explain: Some(Arc::new(HashSet::from([own_b.clone()]))),
+        ..du_options(eager())
+    };
+    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &opts)
+        .await
+        .expect("du run");
+    let du = DuReport::of(&report, None);
+    assert!(du.all_ok(), "{du:#?}");
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        // Its revision links are its own blobs now, on top of its share of the global ones.
+        let links = repo_report(&report, name).reachable.bytes;
+        assert!(links > 0, "{name}");
+        let r = du_row(&du, name);
+        assert_eq!(r.reachable_bytes, links + sizes[i], "{name}: {du:#?}");
+        assert_eq!(r.unique_bytes, links + sizes[i] - shared_a.size, "{name}");
+        assert_eq!(r.manifests, 1, "{name}");
+    }
+    let global = repo_report(&report, ocigc::layout::GLOBAL_REPOSITORY);
+    let explained = &global.detail.as_ref().expect("detail").explained;
+    let e = explained
+        .iter()
+        .find(|e| e.digest == own_b)
+        .expect("explained");
+    assert_eq!(
+        e.path.first(),
+        Some(&format!(
+            "root {}",
+            common::dist::revision_key("b", &manifests[1].digest)
+        )),
+        "{:?}",
+        e.path
+    );
+}
+
+/// zot's dedupe: `b` holds a 0-byte placeholder for a layer whose content `a` stores. `a`
+/// needs the layer too, but deleting `a` would not free it (`b` reads it): not unique.
+async fn oci_placeholder_content_is_not_unique(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let shared = f.blob("a", OCI_LAYER, b"deduplicated layer").await;
+    let config_a = f.blob("a", OCI_CONFIG, b"{\"a\":1}").await;
+    let own = f.blob("a", OCI_LAYER, b"a's own layer").await;
+    let (ma, a_bytes) = image_over(&f, "a", &config_a, &[&shared, &own]).await;
+    f.layout("a", &[(Some("latest"), &ma)]).await;
+    let config_b = f.blob("b", OCI_CONFIG, b"{\"b\":1}").await;
+    f.put(&blob_key("b", &shared.digest), b"").await;
+    let (mb, _) = image_over(&f, "b", &config_b, &[&shared]).await;
+    f.layout("b", &[(Some("latest"), &mb)]).await;
+
+    let report = gc(&t.store, &du_options(eager())).await;
+    let du = DuReport::of(&report, None);
+    assert!(du.all_ok(), "{du:#?}");
+    let a = du_row(&du, "a");
+    assert_eq!(a.reachable_bytes, a_bytes, "{du:#?}");
+    assert_eq!(a.unique_bytes, a_bytes - shared.size, "{du:#?}");
+    let b = du_row(&du, "b");
+    // The placeholder lists as 0 bytes: nothing of the layer is b's to subtract.
+    assert_eq!(b.reachable_bytes, mb.size + config_b.size);
+    assert_eq!(b.unique_bytes, b.reachable_bytes);
+    assert_eq!(du.totals.unique_bytes, a.unique_bytes + b.unique_bytes);
+    assert_eq!(
+        du.totals.reachable_bytes,
+        a.reachable_bytes + b.reachable_bytes
+    );
+}
+
+/// A manifest an index entry with a platform leads to reads `manifest sha256:… (os/arch)`:
+/// one extra read of the index for every digest asked about under it, and none for `du`.
+async fn explain_names_platforms(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let repo = "multi";
+    let arm = f.image(repo, "arm64").await;
+    let v7 = f.image(repo, "armv7").await;
+    let amd = f.image(repo, "amd64").await;
+    let entry = |d: &Desc, platform: Option<serde_json::Value>| {
+        let mut e = d.json();
+        if let Some(p) = platform {
+            e["platform"] = p;
+        }
+        e
+    };
+    let doc = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            entry(&arm, Some(serde_json::json!({"os": "linux", "architecture": "arm64"}))),
+            entry(&v7, Some(serde_json::json!(
+                {"os": "linux", "architecture": "arm", "variant": "v7"}
+            ))),
+            entry(&amd, None),
+        ],
+    });
+    let idx = f.doc(repo, OCI_INDEX, &doc, &[&arm, &v7, &amd]).await;
+    f.layout(repo, &[(Some("v1"), &idx)]).await;
+    let layers: Vec<Digest> = [&arm, &v7, &amd]
+        .iter()
+        .map(|d| Digest::parse(&d.subtree[2]).expect("digest"))
+        .collect();
+    let du = gc(&t.store, &du_options(eager())).await;
+    let opts = GcOptions {
+        explain: Some(Arc::new(layers.iter().cloned().collect::<HashSet<_>>())),
+        ..du_options(eager())
+    };
+    let report = gc(&t.store, &opts).await;
+    assert_eq!(
+        report.requests.get,
+        du.requests.get + 1,
+        "one read of the index"
+    );
+    let ex = ExplainReport::of(&report, repo, &layers);
+    let path = |i: usize| {
+        ex.digests[i]
+            .explained
+            .as_ref()
+            .expect("explained")
+            .path
+            .clone()
+    };
+    assert_eq!(
+        path(0),
+        vec![
+            "tag v1".to_string(),
+            format!("index {}", idx.digest),
+            format!("manifest {} (linux/arm64)", arm.digest),
+            format!("layer {}", layers[0]),
+        ]
+    );
+    assert_eq!(path(1)[2], format!("manifest {} (linux/arm/v7)", v7.digest));
+    assert_eq!(
+        path(2)[2],
+        format!("manifest {}", amd.digest),
+        "no platform"
+    );
+    let v = serde_json::to_value(&ex).expect("json");
+    assert_eq!(
+        v["digests"][0]["path"][2],
+        format!("manifest {} (linux/arm64)", arm.digest),
+        "{v}"
+    );
+}
+
+both_stores!(
+    distribution_du_splits_global_blobs_by_repository,
+    oci_placeholder_content_is_not_unique,
+    explain_names_platforms,
+);

@@ -22,6 +22,7 @@ use futures::{stream, StreamExt};
 use crate::digest::Digest;
 use crate::layout::{ContentCopy, Layout, Repository};
 use crate::manifest::{self, ContentKind, Descriptor, References, MAX_MANIFEST_SIZE};
+use crate::report::UnitShare;
 use crate::store::{ObjectMeta, Store, StoreError};
 
 /// The repository cannot be marked safely; nothing in it may be deleted this run.
@@ -281,6 +282,85 @@ impl<'a> Marker<'a> {
         (self.docs.iter())
             .filter(|(d, refs)| refs.is_some() && self.reachable.contains(*d))
             .count() as u64
+    }
+
+    /// `du`'s split of a global unit by the owners of its roots: per `(owner, roots)`, the
+    /// listed bytes and documents those roots reach, and the bytes no other owner's roots
+    /// reach. Walks only what marking read, with no request (a digest not read is a leaf, as
+    /// it was to marking); memory is one owner per reachable blob and one walk at a time.
+    pub fn shares(&self, owners: &[(String, Vec<Digest>)]) -> Vec<UnitShare> {
+        const MANY: usize = usize::MAX;
+        let size = |d: &Digest| self.ctx.blobs.get(d).map(|o| o.size);
+        let mut owner_of: HashMap<&Digest, usize> = HashMap::new();
+        let mut seen: HashSet<&Digest> = HashSet::new();
+        let mut out: Vec<UnitShare> = Vec::with_capacity(owners.len());
+        for (i, (name, roots)) in owners.iter().enumerate() {
+            self.walk_read(roots, &mut seen);
+            let mut share = UnitShare {
+                name: name.clone(),
+                ..UnitShare::default()
+            };
+            for d in &seen {
+                if matches!(self.docs.get(*d), Some(Some(_))) {
+                    share.manifests += 1;
+                }
+                if let Some(s) = size(d) {
+                    share.reachable_bytes += s;
+                    owner_of
+                        .entry(*d)
+                        .and_modify(|o| {
+                            if *o != i {
+                                *o = MANY;
+                            }
+                        })
+                        .or_insert(i);
+                }
+            }
+            out.push(share);
+        }
+        for (d, o) in owner_of {
+            if let Some(share) = out.get_mut(o) {
+                share.unique_bytes += size(d).unwrap_or(0);
+            }
+        }
+        out
+    }
+
+    /// Fills `seen` with what `roots` reach through the documents and referrers marking
+    /// knows, the way marking followed them; only reachable digests are followed, so that a
+    /// share never exceeds the unit's reachable set.
+    fn walk_read<'s>(&'s self, roots: &'s [Digest], seen: &mut HashSet<&'s Digest>) {
+        seen.clear();
+        let mut stack: Vec<&'s Digest> = roots.iter().collect();
+        while let Some(d) = stack.pop() {
+            if !self.reachable.contains(d) || !seen.insert(d) {
+                continue;
+            }
+            if let Some(Some(refs)) = self.docs.get(d) {
+                stack.extend(refs.children.iter().map(|c| &c.digest));
+            }
+            if let Some(rs) = self.referrers.get(d) {
+                stack.extend(rs.iter().map(|r| &r.digest));
+            }
+        }
+    }
+
+    /// The platform (`os/architecture[/variant]`) the index `index` gives each of its entries,
+    /// by the entry's digest, read again from the store: the references marking keeps (and
+    /// caches) have no platforms, and only `explain` wants them. Empty, with no request, for
+    /// a digest marking did not read as an index; empty too if it cannot be read now.
+    pub async fn platforms(&self, index: &Digest) -> HashMap<Digest, String> {
+        if !matches!(self.docs.get(index), Some(Some(r)) if r.has_manifests) {
+            return HashMap::new();
+        }
+        let Ok((key, _)) = self.source_key(index) else {
+            return HashMap::new();
+        };
+        match self.ctx.store.get_capped(&key, MAX_MANIFEST_SIZE).await {
+            // Only the content the digest names: anything else may say anything.
+            Ok(o) if content_matches(index, &o.body) => platforms_in(&o.body),
+            _ => HashMap::new(),
+        }
     }
 
     /// Blobs an earlier run's scan found not to be referrers: this run's scan skips them.
@@ -697,6 +777,43 @@ impl<'a> Marker<'a> {
     }
 }
 
+/// The platforms of an index's `manifests[]` entries, by digest (the first entry of a digest
+/// wins). Values with anything but printable ASCII are left out: they end up on a terminal.
+fn platforms_in(body: &[u8]) -> HashMap<Digest, String> {
+    use serde_json::Value;
+    let mut out = HashMap::new();
+    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
+        return out;
+    };
+    let Some(entries) = doc.get("manifests").and_then(Value::as_array) else {
+        return out;
+    };
+    let field = |p: &Value, name: &str| {
+        p.get(name)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_string)
+    };
+    for e in entries {
+        let digest = e
+            .get("digest")
+            .and_then(Value::as_str)
+            .and_then(Digest::parse);
+        let (Some(digest), Some(p)) = (digest, e.get("platform")) else {
+            continue;
+        };
+        let (Some(os), Some(arch)) = (field(p, "os"), field(p, "architecture")) else {
+            continue;
+        };
+        let platform = match field(p, "variant") {
+            Some(v) => format!("{os}/{arch}/{v}"),
+            None => format!("{os}/{arch}"),
+        };
+        out.entry(digest).or_insert(platform);
+    }
+    out
+}
+
 /// Whether `body` is the content `digest` names (sha256 or sha512).
 pub(crate) fn content_matches(digest: &Digest, body: &[u8]) -> bool {
     use sha2::Digest as _;
@@ -716,6 +833,29 @@ pub(crate) fn content_matches(digest: &Digest, body: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platforms_of_index_entries() {
+        let a = Digest::sha256_of(b"a");
+        let b = Digest::sha256_of(b"b");
+        let c = Digest::sha256_of(b"c");
+        let body = format!(
+            r#"{{"manifests": [
+                {{"digest": "{a}", "platform": {{"os": "linux", "architecture": "arm", "variant": "v7"}}}},
+                {{"digest": "{a}", "platform": {{"os": "windows", "architecture": "amd64"}}}},
+                {{"digest": "{b}", "platform": {{"os": "linux\u001b[2J", "architecture": "amd64"}}}},
+                {{"digest": "{c}"}},
+                {{"digest": 7, "platform": {{"os": "linux", "architecture": "amd64"}}}}
+            ]}}"#
+        );
+        let found = platforms_in(body.as_bytes());
+        assert_eq!(found.get(&a).map(String::as_str), Some("linux/arm/v7"));
+        assert!(!found.contains_key(&b), "control characters are left out");
+        assert!(!found.contains_key(&c), "no platform");
+        assert_eq!(found.len(), 1);
+        assert!(platforms_in(b"[1, 2]").is_empty());
+        assert!(platforms_in(b"{\"manifests\": {}}").is_empty());
+    }
 
     #[test]
     fn content_matches_sha256_and_sha512_only() {

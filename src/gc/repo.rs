@@ -167,8 +167,11 @@ struct Observation {
     admitted: u64,
     /// Labels of the roots by digest, with their media types (only when explaining).
     root_labels: HashMap<Digest, (String, Option<String>)>,
-    /// Blobs kept by links in other repositories (only when explaining).
+    /// Blobs kept by links or placeholders in other repositories (only for `du`, `explain`).
     linked: HashSet<Digest>,
+    /// A global unit's blobs split by the repositories whose roots reach them (only for
+    /// `du`, `explain`).
+    shares: Vec<crate::report::UnitShare>,
 }
 
 fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
@@ -219,34 +222,71 @@ fn kind_of(media_type: Option<&str>) -> &'static str {
 }
 
 /// One path from a root to `digest` as the marker first reached it, root first: e.g.
-/// `tag v1 → index sha256:… → manifest sha256:… → layer sha256:…`.
-fn path_to(marker: &Marker<'_>, obs: &Observation, digest: &Digest) -> Vec<String> {
+/// `tag v1 → index sha256:… → manifest sha256:… (linux/arm64) → layer sha256:…`. The
+/// platform of a step an index entry leads to is read again from that index (`platforms`
+/// keeps each index read, for the other digests asked about).
+async fn path_to(
+    marker: &Marker<'_>,
+    obs: &Observation,
+    digest: &Digest,
+    platforms: &mut HashMap<Digest, HashMap<Digest, String>>,
+) -> Vec<String> {
+    let mut steps = Vec::new();
+    for (step, from) in steps_to(marker, obs, digest) {
+        let platform = match from {
+            Some((parent, child)) => {
+                if !platforms.contains_key(&parent) {
+                    let read = marker.platforms(&parent).await;
+                    platforms.insert(parent.clone(), read);
+                }
+                platforms.get(&parent).and_then(|p| p.get(&child))
+            }
+            None => None,
+        };
+        steps.push(match platform {
+            Some(p) => format!("{step} ({p})"),
+            None => step,
+        });
+    }
+    steps
+}
+
+/// The steps of [`path_to`], each with the (parent, digest) of the reference that leads to
+/// it, where one does.
+fn steps_to(
+    marker: &Marker<'_>,
+    obs: &Observation,
+    digest: &Digest,
+) -> Vec<(String, Option<(Digest, Digest)>)> {
     let mut steps = Vec::new();
     let mut seen = HashSet::from([digest.clone()]);
     let mut at = digest.clone();
     loop {
         if let Some((label, media_type)) = obs.root_labels.get(&at) {
-            steps.push(format!("{} {at}", kind_of(media_type.as_deref())));
-            steps.push(label.clone());
+            steps.push((format!("{} {at}", kind_of(media_type.as_deref())), None));
+            steps.push((label.clone(), None));
             break;
         }
         match marker.parents.as_ref().and_then(|p| p.get(&at)) {
             Some(p) if seen.insert(p.digest.clone()) => {
-                let kind = match p.via {
-                    super::mark::Via::Subject => "referrer",
-                    super::mark::Via::Reference => kind_of(p.media_type.as_deref()),
+                let (kind, from) = match p.via {
+                    super::mark::Via::Subject => ("referrer", None),
+                    super::mark::Via::Reference => (
+                        kind_of(p.media_type.as_deref()),
+                        Some((p.digest.clone(), at.clone())),
+                    ),
                 };
-                steps.push(format!("{kind} {at}"));
+                steps.push((format!("{kind} {at}"), from));
                 at = p.digest.clone();
             }
             _ if obs.linked.contains(&at) => {
-                steps.push(format!("blob {at}"));
-                steps.push("a link in another repository (mount)".to_string());
+                steps.push((format!("blob {at}"), None));
+                steps.push(("a link in another repository (mount)".to_string(), None));
                 break;
             }
             _ => {
-                steps.push(format!("blob {at}"));
-                steps.push("reachable (root not recorded)".to_string());
+                steps.push((format!("blob {at}"), None));
+                steps.push(("reachable (root not recorded)".to_string(), None));
                 break;
             }
         }
@@ -490,8 +530,9 @@ impl RepoRun<'_> {
                 return Ok(());
             }
         };
-        // A deletion may remove what a link or placeholder listed later keeps alive.
-        if defer && obs.plan.deletions().next().is_some() {
+        // A deletion may remove what a link or placeholder listed later keeps alive; `du`'s
+        // unique bytes (and `explain`'s paths) need every such link too.
+        if defer && (self.detail || obs.plan.deletions().next().is_some()) {
             return Err(Deferral(
                 cache::Contents::learned(&marker, Vec::new()),
                 retained,
@@ -514,7 +555,7 @@ impl RepoRun<'_> {
         }
         if self.dry_run {
             if self.detail {
-                self.describe(&marker, &obs, report);
+                self.describe(repo, &marker, &obs, report).await;
             }
             report.deleted = deletions_of(&obs.plan);
             report.manifests_fetched = marker.manifests_fetched;
@@ -614,12 +655,35 @@ impl RepoRun<'_> {
     }
 
     /// Fills `report.detail` from the plan: counts, and the digests `explain` asked about.
-    fn describe(&self, marker: &Marker<'_>, obs: &Observation, report: &mut RepoReport) {
+    async fn describe(
+        &self,
+        repo: &Repository,
+        marker: &Marker<'_>,
+        obs: &Observation,
+        report: &mut RepoReport,
+    ) {
+        let reachable = report.reachable.bytes;
         let detail = report.detail.get_or_insert_with(Default::default);
         detail.manifests = marker.reachable_documents();
+        detail.shares = obs.shares.clone();
+        detail.unique_bytes = if repo.is_global() {
+            // Only repositories have images: a global unit's blobs are theirs (`shares`).
+            Some(0)
+        } else if obs.linked.is_empty() {
+            None
+        } else {
+            // Copies other repositories' placeholders (or links) read are theirs too.
+            let shared: u64 = (obs.plan.items.iter())
+                .filter(|i| i.decision == Decision::Keep(Reason::Reachable))
+                .filter(|i| i.digest.as_ref().is_some_and(|d| obs.linked.contains(d)))
+                .map(|i| i.size)
+                .sum();
+            Some(reachable.saturating_sub(shared))
+        };
         let Some(wanted) = &self.explain else {
             return;
         };
+        let mut platforms = HashMap::new();
         let stamp = crate::report::timestamp;
         for item in &obs.plan.items {
             let Some(d) = item.digest.as_ref().filter(|d| wanted.contains(*d)) else {
@@ -653,7 +717,7 @@ impl RepoRun<'_> {
                 decision,
                 reason,
                 path: if reason == Reason::Reachable {
-                    path_to(marker, obs, d)
+                    path_to(marker, obs, d, &mut platforms).await
                 } else {
                     Vec::new()
                 },
@@ -670,7 +734,7 @@ impl RepoRun<'_> {
                     size: None,
                     decision: "keep",
                     reason: Reason::Reachable,
-                    path: path_to(marker, obs, d),
+                    path: path_to(marker, obs, d, &mut platforms).await,
                     first_seen: None,
                     deletable_at: None,
                 });
@@ -759,10 +823,12 @@ impl RepoRun<'_> {
                 .map_err(|e| e.to_string())?,
         };
         if !dropped_roots.is_empty() && roots.sources.len() == roots.descriptors.len() {
-            let mut sources = roots.sources.iter();
-            roots
-                .descriptors
-                .retain(|_| sources.next().is_some_and(|k| !dropped_roots.contains(k)));
+            // Both together: the sources name the descriptors (explain's labels, du's shares).
+            (roots.sources, roots.descriptors) = std::mem::take(&mut roots.sources)
+                .into_iter()
+                .zip(std::mem::take(&mut roots.descriptors))
+                .filter(|(k, _)| !dropped_roots.contains(k))
+                .unzip();
         }
         // After the roots: retention writes the trash before it removes a root, so a root
         // missing from them is in the trash read now.
@@ -826,6 +892,20 @@ impl RepoRun<'_> {
                 root_labels.entry(d.clone()).or_insert(label);
             }
         }
+        // Roots by the repository they belong to, for `du`'s split of a global unit (push
+        // intents and the trash name none: what only they keep is in no repository's share).
+        let mut owned: Vec<(String, Vec<Digest>)> = Vec::new();
+        if self.detail && repo.is_global() && roots.sources.len() == roots.descriptors.len() {
+            let mut by_owner: std::collections::BTreeMap<&str, Vec<Digest>> = Default::default();
+            for (k, d) in roots.sources.iter().zip(&roots.descriptors) {
+                if let Some(owner) = self.layout.root_owner(k) {
+                    by_owner.entry(owner).or_default().push(d.digest.clone());
+                }
+            }
+            owned = (by_owner.into_iter())
+                .map(|(o, ds)| (o.to_string(), ds))
+                .collect();
+        }
         let mut descriptors = roots.descriptors;
         descriptors.extend(read.roots);
         descriptors.extend(trashed.into_iter().map(|digest| Descriptor {
@@ -834,12 +914,14 @@ impl RepoRun<'_> {
             size: None,
         }));
         marker.mark(&descriptors).await.map_err(|e| e.0)?;
+        let shares = marker.shares(&owned);
         // Linked blobs are kept, not marked from: as unread roots they would hide what they
         // are (a manifest an index lists, an unlisted referrer) from the walk and the scan.
         marker.reachable.extend(linked.iter().cloned());
-        let linked: HashSet<Digest> = match self.explain {
-            Some(_) => linked.into_iter().collect(),
-            None => HashSet::new(),
+        let linked: HashSet<Digest> = if self.detail || self.explain.is_some() {
+            linked.into_iter().collect()
+        } else {
+            HashSet::new()
         };
         marker.check_placeholders().map_err(|e| e.0)?;
         let plan = plan(
@@ -861,6 +943,7 @@ impl RepoRun<'_> {
             admitted: 0,
             root_labels,
             linked,
+            shares,
         })
     }
 

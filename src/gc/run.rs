@@ -210,9 +210,11 @@ async fn collect_all(
     let owns_global = shard.is_none_or(|s| s.index == 0);
     let needs_all = links || (key_space.global.is_some() && owns_global);
     // Units a layout does not collect one by one are still handed out where retention
-    // applies to them (distribution without --delete-untagged: tags only).
+    // applies to them (distribution without --delete-untagged: tags only), and for `du` and
+    // `explain`, which show every repository (its tags, its share of the global blobs).
     let collects = |r: &Repository| {
-        layout.per_repository_gc() || (!r.is_global() && opts.retention.applies_to(&r.name))
+        layout.per_repository_gc()
+            || (!r.is_global() && (opts.detail || opts.retention.applies_to(&r.name)))
     };
     let retains = !opts.retention.rules.is_empty();
     let listing = if layout.per_repository_gc() || needs_all || retains {

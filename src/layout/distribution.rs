@@ -409,6 +409,11 @@ impl Layout for DistributionLayout {
         false
     }
 
+    fn root_owner<'k>(&self, source: &'k str) -> Option<&'k str> {
+        // The global roots are every repository's revision links.
+        repository_of(source)
+    }
+
     fn scans_for_referrers(&self, repo: &Repository) -> bool {
         // The registry serves only manifests that have a revision link, and every revision is
         // a root of the global sweep; among a repository's untagged revisions (only swept with

@@ -699,6 +699,13 @@ pub trait Layout: Send + Sync {
         None
     }
 
+    /// The repository a root of the global unit belongs to, by the key it was read from
+    /// ([`Roots::sources`]), so that `du` can split the global blobs among repositories;
+    /// `None` where roots name no repository.
+    fn root_owner<'k>(&self, _source: &'k str) -> Option<&'k str> {
+        None
+    }
+
     /// Referrers recorded by key rather than by content, as `(subject, referrer)`: the
     /// referrer is reachable while its subject is.
     fn referrer_links(&self, _repo: &Repository) -> Vec<(Digest, Digest)> {
