@@ -623,6 +623,46 @@ async fn distribution_du_splits_global_blobs_by_repository(t: TestStore) {
         "{:?}",
         e.path
     );
+
+    // A manifest of `b` that retention moved to the trash (its revision link gone): what it
+    // alone needs is `b`'s, and the shared layer it also lists stays in neither's unique.
+    let config = f.blob("b", OCI_CONFIG, b"trashed config").await;
+    let own = f
+        .blob("b", OCI_LAYER, b"layer only the trashed image has")
+        .await;
+    let (trashed, trashed_bytes) = image_over(&f, "b", &config, &[&shared_a, &own]).await;
+    let now = t.store.server_time().await.expect("time");
+    let entry = ocigc::retention::trash::TrashEntry::new(
+        None,
+        Digest::parse(&trashed.digest).expect("digest"),
+        "retention[0]".into(),
+        None,
+        now,
+        Duration::from_secs(7 * 86400),
+    );
+    let file = ocigc::retention::trash::TrashFile {
+        version: 1,
+        entries: vec![entry],
+    };
+    t.store
+        .put(
+            &ocigc::namespace::trash_key("b"),
+            Bytes::from(serde_json::to_vec(&file).expect("json")),
+            PutCondition::None,
+        )
+        .await
+        .expect("trash");
+    let plain =
+        || ocigc::layout::by_name("distribution", Default::default()).expect("distribution layout");
+    let report = ocigc::gc::run_gc(t.store.clone(), plain(), &du_options(eager()))
+        .await
+        .expect("du run");
+    let du = DuReport::of(&report, None);
+    assert!(du.all_ok(), "{du:#?}");
+    let b = du_row(&du, "b");
+    let with_trash = sizes[1] + trashed_bytes - shared_a.size;
+    assert_eq!(b.reachable_bytes, with_trash, "{du:#?}");
+    assert_eq!(b.unique_bytes, with_trash - shared_a.size, "{du:#?}");
 }
 
 /// zot's dedupe: `b` holds a 0-byte placeholder for a layer whose content `a` stores. `a`

@@ -833,12 +833,21 @@ impl RepoRun<'_> {
         // After the roots: retention writes the trash before it removes a root, so a root
         // missing from them is in the trash read now.
         let mut trashed_documents = Vec::new();
+        // Trashed roots by repository, where the trash is read for a global unit (`du`).
+        let mut trashed_by_owner: Vec<(String, Digest)> = Vec::new();
         let (trashed, trash_expiry) = if repo.is_global() {
             // Blobs every repository shares: every repository's trashed manifests are roots
             // (an untagged root's revision link is gone while it is in the trash).
-            trash::read_all(self.store, self.policy.now)
+            let (all, expiry) = trash::read_all(self.store, self.policy.now)
                 .await
-                .map_err(|e| format!("reading the trash: {e}"))?
+                .map_err(|e| format!("reading the trash: {e}"))?;
+            let mut digests: Vec<Digest> = all.iter().map(|(_, d)| d.clone()).collect();
+            digests.sort();
+            digests.dedup();
+            if self.detail {
+                trashed_by_owner = all;
+            }
+            (digests, expiry)
         } else if read_trash {
             let t = trash::read(self.store, &repo.name)
                 .await
@@ -892,8 +901,9 @@ impl RepoRun<'_> {
                 root_labels.entry(d.clone()).or_insert(label);
             }
         }
-        // Roots by the repository they belong to, for `du`'s split of a global unit (push
-        // intents and the trash name none: what only they keep is in no repository's share).
+        // Roots by the repository they belong to, for `du`'s split of a global unit: its
+        // revisions and its trash (push intents name none: what only they keep is in no
+        // repository's share).
         let mut owned: Vec<(String, Vec<Digest>)> = Vec::new();
         if self.detail && repo.is_global() && roots.sources.len() == roots.descriptors.len() {
             let mut by_owner: std::collections::BTreeMap<&str, Vec<Digest>> = Default::default();
@@ -901,6 +911,9 @@ impl RepoRun<'_> {
                 if let Some(owner) = self.layout.root_owner(k) {
                     by_owner.entry(owner).or_default().push(d.digest.clone());
                 }
+            }
+            for (owner, d) in &trashed_by_owner {
+                by_owner.entry(owner.as_str()).or_default().push(d.clone());
             }
             owned = (by_owner.into_iter())
                 .map(|(o, ds)| (o.to_string(), ds))

@@ -170,14 +170,14 @@ pub async fn read(store: &dyn Store, name: &str) -> Result<Trash, TrashError> {
     })
 }
 
-/// The manifests every repository's trash holds as roots at `now`, and when the first of them
-/// expires: the roots of a sweep of blobs shared by every repository (`distribution`'s global
-/// unit, where an untagged root's revision link is gone while it is in the trash). An
-/// unreadable trash is an error: the roots are unknown.
+/// The manifests every repository's trash holds as roots at `now`, each with its repository,
+/// and when the first of them expires: the roots of a sweep of blobs shared by every
+/// repository (`distribution`'s global unit, where an untagged root's revision link is gone
+/// while it is in the trash). An unreadable trash is an error: the roots are unknown.
 pub async fn read_all(
     store: &dyn Store,
     now: SystemTime,
-) -> Result<(Vec<Digest>, Option<SystemTime>), TrashError> {
+) -> Result<(Vec<(String, Digest)>, Option<SystemTime>), TrashError> {
     use futures::TryStreamExt;
     let pages: Vec<Vec<crate::store::ObjectMeta>> = store
         .list(crate::namespace::trash_prefix())
@@ -190,7 +190,7 @@ pub async fn read_all(
             continue;
         };
         let trash = read(store, name).await?;
-        roots.extend(trash.roots(now));
+        roots.extend(trash.roots(now).into_iter().map(|d| (name.to_string(), d)));
         expiry = match (expiry, trash.next_expiry(now)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
