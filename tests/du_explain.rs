@@ -696,6 +696,31 @@ async fn oci_placeholder_content_is_not_unique(t: TestStore) {
         du.totals.reachable_bytes,
         a.reachable_bytes + b.reachable_bytes
     );
+
+    // A copy its own repository no longer needs, kept only because b's placeholder reads it:
+    // `explain` says so.
+    f.layout("a", &[]).await;
+    let shared_digest = Digest::parse(&shared.digest).expect("digest");
+    let opts = GcOptions {
+        explain: Some(Arc::new(HashSet::from([shared_digest.clone()]))),
+        ..du_options(eager())
+    };
+    let report = gc(&t.store, &opts).await;
+    let ex = ExplainReport::of(&report, "a", std::slice::from_ref(&shared_digest));
+    let e = ex.digests[0].explained.as_ref().expect("explained");
+    assert_eq!(
+        (e.decision, e.reason),
+        ("keep", Reason::Reachable),
+        "{ex:?}"
+    );
+    assert_eq!(
+        e.path.first().map(String::as_str),
+        Some("a placeholder in another repository (its content copy)"),
+        "{:?}",
+        e.path
+    );
+    let du = DuReport::of(&report, None);
+    assert_eq!(du_row(&du, "a").unique_bytes, 0, "{du:#?}");
 }
 
 /// A manifest an index entry with a platform leads to reads `manifest sha256:… (os/arch)`:

@@ -226,13 +226,14 @@ fn kind_of(media_type: Option<&str>) -> &'static str {
 /// platform of a step an index entry leads to is read again from that index (`platforms`
 /// keeps each index read, for the other digests asked about).
 async fn path_to(
+    layout: &dyn Layout,
     marker: &Marker<'_>,
     obs: &Observation,
     digest: &Digest,
     platforms: &mut HashMap<Digest, HashMap<Digest, String>>,
 ) -> Vec<String> {
     let mut steps = Vec::new();
-    for (step, from) in steps_to(marker, obs, digest) {
+    for (step, from) in steps_to(layout, marker, obs, digest) {
         let platform = match from {
             Some((parent, child)) => {
                 if !platforms.contains_key(&parent) {
@@ -254,6 +255,7 @@ async fn path_to(
 /// The steps of [`path_to`], each with the (parent, digest) of the reference that leads to
 /// it, where one does.
 fn steps_to(
+    layout: &dyn Layout,
     marker: &Marker<'_>,
     obs: &Observation,
     digest: &Digest,
@@ -281,7 +283,7 @@ fn steps_to(
             }
             _ if obs.linked.contains(&at) => {
                 steps.push((format!("blob {at}"), None));
-                steps.push(("a link in another repository (mount)".to_string(), None));
+                steps.push((layout.kept_from_elsewhere().to_string(), None));
                 break;
             }
             _ => {
@@ -717,7 +719,7 @@ impl RepoRun<'_> {
                 decision,
                 reason,
                 path: if reason == Reason::Reachable {
-                    path_to(marker, obs, d, &mut platforms).await
+                    path_to(self.layout, marker, obs, d, &mut platforms).await
                 } else {
                     Vec::new()
                 },
@@ -734,7 +736,7 @@ impl RepoRun<'_> {
                     size: None,
                     decision: "keep",
                     reason: Reason::Reachable,
-                    path: path_to(marker, obs, d, &mut platforms).await,
+                    path: path_to(self.layout, marker, obs, d, &mut platforms).await,
                     first_seen: None,
                     deletable_at: None,
                 });

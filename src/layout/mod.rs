@@ -699,6 +699,12 @@ pub trait Layout: Send + Sync {
         None
     }
 
+    /// How `explain` names what keeps a blob that another repository reads (see
+    /// [`Layout::linked_blobs`]): a mount link, or a placeholder whose content this copy is.
+    fn kept_from_elsewhere(&self) -> &'static str {
+        "a link in another repository (mount)"
+    }
+
     /// The repository a root of the global unit belongs to, by the key it was read from
     /// ([`Roots::sources`]), so that `du` can split the global blobs among repositories;
     /// `None` where roots name no repository.

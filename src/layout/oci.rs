@@ -119,6 +119,10 @@ impl Layout for OciLayout {
             .collect()
     }
 
+    fn kept_from_elsewhere(&self) -> &'static str {
+        "a placeholder in another repository (its content copy)"
+    }
+
     fn is_placeholder(&self, object: &ObjectMeta, digest: &Digest) -> bool {
         is_placeholder(object, digest)
     }
