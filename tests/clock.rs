@@ -57,6 +57,50 @@ impl Intercept for Skewed {
         let t = self.inner.server_time().await?;
         Ok(self.shift(ObjectMeta::new("", 0, t, None)).last_modified)
     }
+    fn answered_time(&self) -> Option<(std::time::SystemTime, tokio::time::Instant)> {
+        let (t, at) = self.inner.answered_time()?;
+        Some((
+            self.shift(ObjectMeta::new("", 0, t, None)).last_modified,
+            at,
+        ))
+    }
+}
+
+/// On S3 a run reads the bucket clock from its first listing's `Date` (no HEAD of its own),
+/// and that clock is the store's: within a few seconds of a HEAD's, and never ahead of it.
+async fn the_clock_comes_from_the_first_answer(t: TestStore) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let img = f.image("repo", "v1").await;
+    f.layout("repo", &[(Some("v1"), &img)]).await;
+    let report = gc(
+        &t.store,
+        &GcOptions {
+            dry_run: true,
+            ..eager()
+        },
+    )
+    .await;
+    let answered = t.store.answered_time();
+    if t.kind == "dir" {
+        // A directory answers with the host's clock, which is its own: no answer to keep.
+        assert!(answered.is_none());
+        return;
+    }
+    assert_eq!(report.requests.head, 0, "{}: {:?}", t.kind, report.requests);
+    let (date, arrived) = answered.expect("an answer's Date");
+    let read = date + arrived.elapsed();
+    let probed = t.store.server_time().await.expect("server time");
+    let skew = probed.duration_since(read).unwrap_or_else(|e| e.duration());
+    // Whole seconds on both: the answered clock errs late, never ahead by more than rounding.
+    assert!(
+        skew < Duration::from_secs(5),
+        "{}: {read:?} vs {probed:?}",
+        t.kind
+    );
+    let started = humantime::parse_rfc3339(&report.started_at).expect("started_at");
+    assert!(started <= probed + Duration::from_secs(1), "{}", t.kind);
 }
 
 async fn skew_does_not_change_decisions(t: TestStore) {
@@ -105,4 +149,7 @@ async fn skew_does_not_change_decisions(t: TestStore) {
     }
 }
 
-both_stores!(skew_does_not_change_decisions);
+both_stores!(
+    skew_does_not_change_decisions,
+    the_clock_comes_from_the_first_answer
+);

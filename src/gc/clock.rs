@@ -1,8 +1,9 @@
 //! The bucket clock: ages are measured on the store's time, never the host's.
 //!
-//! A run reads the store's time from a response (the `Date` header of a HEAD that writes
-//! nothing, so a dry run works with read-only credentials) and from then on adds the monotonic
-//! time elapsed since that answer arrived. The host's wall clock is never consulted, so a pod
+//! A run reads the store's time from a response (the `Date` header of its first LIST's answer
+//! where the store keeps it, else of a HEAD that writes nothing, so a dry run works with
+//! read-only credentials) and from then on adds the monotonic time elapsed since that answer
+//! arrived. The host's wall clock is never consulted, so a pod
 //! whose clock is hours off deletes exactly what a correct one would. The estimate errs late:
 //! the store stamps `Date` before the answer arrives and truncates it to whole seconds, so
 //! blobs look younger, never older, than they are.
@@ -38,6 +39,16 @@ impl BucketClock {
             probed: Instant::now(),
             offset: Duration::ZERO,
         })
+    }
+
+    /// The clock an answer already received gives: the store said `date` in the answer that
+    /// arrived at `arrived` ([`crate::store::Store::answered_time`]).
+    pub fn answered_at(date: SystemTime, arrived: Instant) -> BucketClock {
+        BucketClock {
+            at_probe: date,
+            probed: arrived,
+            offset: Duration::ZERO,
+        }
     }
 
     /// A clock that reads `t` now (for planning tests).

@@ -13,6 +13,7 @@ use super::lease::Leases;
 use super::plan::PlanPolicy;
 use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, Retained, UnitCache};
 use super::stop::Stop;
+use super::BucketClock;
 use super::{
     before_run_deadline, finish_report, intent, lease, new_report, parts, probe_clock, scope,
     state, GcError, GcOptions,
@@ -25,6 +26,9 @@ use crate::layout::{
 use crate::namespace::{self, StateKey};
 use crate::report::{timestamp, RepoReport, RepoStatus, Report};
 use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
+
+/// How old an answer's `Date` may be to set the bucket clock without a request of its own.
+const FRESH_ANSWER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Runs garbage collection over every selected repository of the bucket, recording the run in
 /// `opts.metrics` whatever its outcome.
@@ -61,8 +65,6 @@ async fn collect_all(
     let mut report = new_report("gc", &store, layout, opts.dry_run);
     report.grace = Some(humantime::format_duration(opts.grace).to_string());
     report.delay = Some(humantime::format_duration(opts.delay).to_string());
-    let clock = probe_clock(&store).await?.ahead_by(opts.clock_offset);
-    report.started_at = timestamp(clock.now());
     tracing::info!(run_id = %report.run_id, bucket = %report.bucket, dry_run = opts.dry_run, "gc run started");
     let list_error = |source| GcError::List {
         bucket: store.describe(),
@@ -75,6 +77,17 @@ async fn collect_all(
     let state = before_run_deadline(run_deadline, opts, state)
         .await?
         .map_err(list_error)?;
+    // The bucket clock from that answer's `Date` where the store keeps it (no request of its
+    // own); nothing before this point looks at a time. Only a fresh answer: a monotonic clock
+    // may drift from the store's over hours (a daemon keeps its store between runs).
+    let clock = match store.answered_time() {
+        Some((date, arrived)) if arrived.elapsed() < FRESH_ANSWER => {
+            BucketClock::answered_at(date, arrived)
+        }
+        _ => probe_clock(&store).await?,
+    }
+    .ahead_by(opts.clock_offset);
+    report.started_at = timestamp(clock.now());
     let mut state_defects: Vec<(String, Box<str>)> = state
         .iter()
         .filter_map(|o| Some((o.key.clone(), o.defect.clone()?)))

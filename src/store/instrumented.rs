@@ -343,6 +343,11 @@ impl Store for Instrumented {
         self.call(Op::Head, "", || self.inner.server_time()).await
     }
 
+    fn answered_time(&self) -> Option<(std::time::SystemTime, tokio::time::Instant)> {
+        // No request: what an answer already counted said.
+        self.inner.answered_time()
+    }
+
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         let first = keys.first().map(String::as_str).unwrap_or_default();
         self.call(Op::Delete, first, || self.inner.delete_batch(keys))

@@ -330,6 +330,13 @@ pub trait Store: Send + Sync {
     /// without writing anything.
     async fn server_time(&self) -> StoreResult<SystemTime>;
 
+    /// The `Date` of the latest answer this store received, with the moment it arrived: the
+    /// bucket clock without a request of its own, once any request has been answered. `None`
+    /// where the store keeps none (then [`Store::server_time`] asks).
+    fn answered_time(&self) -> Option<(SystemTime, tokio::time::Instant)> {
+        None
+    }
+
     /// Deletes up to [`MAX_DELETE_BATCH`] keys in one request; missing keys count as deleted.
     /// Returns the keys that could not be deleted.
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>>;

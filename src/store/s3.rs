@@ -3,13 +3,16 @@
 //! Every S3 detail lives here: client settings that S3-compatible stores need (checksums only
 //! when required, path-style addressing, region `auto`), time-outs, retries and error mapping.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
 use aws_sdk_s3::config::{
-    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation, RuntimeComponents,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -108,6 +111,43 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     prefix: String,
+    answered: DateWatch,
+}
+
+/// The `Date` of the latest answer, with the moment it arrived (see [`Store::answered_time`]).
+/// The store stamps `Date` before the answer leaves and truncates it to whole seconds, and the
+/// moment is taken once it is here: a clock read from it errs late, as one from a HEAD does.
+#[derive(Clone, Debug, Default)]
+struct DateWatch(Arc<std::sync::Mutex<Option<(SystemTime, tokio::time::Instant)>>>);
+
+impl Intercept for DateWatch {
+    fn name(&self) -> &'static str {
+        "ocigc: the store's Date"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let arrived = tokio::time::Instant::now();
+        if let Some(date) = context.response().headers().get("date").and_then(http_date) {
+            if let Ok(mut last) = self.0.lock() {
+                *last = Some((date, arrived));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP `Date` (IMF-fixdate); `None` for anything else, or a time before 1970 (a broken
+/// clock, not a time).
+fn http_date(value: &str) -> Option<SystemTime> {
+    aws_smithy_types::DateTime::from_str(value, DateFormat::HttpDate)
+        .ok()
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .filter(|t| *t > SystemTime::UNIX_EPOCH)
 }
 
 impl S3Store {
@@ -144,16 +184,19 @@ impl S3Store {
             ));
         }
         let sdk = loader.load().await;
+        let answered = DateWatch::default();
         let conf = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(settings.path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .retry_classifier(ThrottlingAbove)
+            .interceptor(answered.clone())
             .build();
         S3Store {
             client: Client::from_conf(conf),
             bucket: settings.bucket,
             prefix: settings.prefix,
+            answered,
         }
     }
 
@@ -485,6 +528,10 @@ impl Store for S3Store {
         }
     }
 
+    fn answered_time(&self) -> Option<(SystemTime, tokio::time::Instant)> {
+        *self.answered.0.lock().ok()?
+    }
+
     async fn server_time(&self) -> StoreResult<SystemTime> {
         // A HEAD of a key nobody writes: the 404 carries the store's `Date`, and reading it
         // needs no write permission.
@@ -504,16 +551,11 @@ impl Store for S3Store {
                 .map(str::to_string),
         };
         match (date, result) {
-            (Some(d), _) => aws_smithy_types::DateTime::from_str(&d, DateFormat::HttpDate)
-                .ok()
-                .and_then(|t| SystemTime::try_from(t).ok())
-                // No store's clock is before 1970: such a `Date` is broken, not a time.
-                .filter(|t| *t > SystemTime::UNIX_EPOCH)
-                .ok_or_else(|| StoreError::Request {
-                    op: Op::Head,
-                    key,
-                    message: format!("unparseable Date header {d:?}"),
-                }),
+            (Some(d), _) => http_date(&d).ok_or_else(|| StoreError::Request {
+                op: Op::Head,
+                key,
+                message: format!("unparseable Date header {d:?}"),
+            }),
             (None, Err(e)) => Err(map_err(Op::Head, &key, e)),
             (None, Ok(_)) => Err(StoreError::Request {
                 op: Op::Head,

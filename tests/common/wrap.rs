@@ -51,6 +51,9 @@ pub trait Intercept: Send + Sync {
     async fn server_time(&self) -> StoreResult<SystemTime> {
         self.inner().server_time().await
     }
+    fn answered_time(&self) -> Option<(SystemTime, tokio::time::Instant)> {
+        self.inner().answered_time()
+    }
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         self.inner().delete_batch(keys).await
     }
@@ -101,6 +104,9 @@ impl<T: Intercept> Store for Wrapped<T> {
     }
     async fn server_time(&self) -> StoreResult<SystemTime> {
         self.0.server_time().await
+    }
+    fn answered_time(&self) -> Option<(SystemTime, tokio::time::Instant)> {
+        self.0.answered_time()
     }
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         self.0.delete_batch(keys).await
