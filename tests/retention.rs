@@ -610,7 +610,9 @@ async fn distribution_untagged_older_than(t: TestStore) {
     // A push that tags an untagged root between the decision and the removal: it stays, and
     // its trash entry is taken back.
     let late = f.image(repo, "late").await;
+    let late_sig = f.referrer(repo, &late, "late").await;
     w.untagged(repo, &late).await;
+    w.untagged(repo, &late_sig).await;
     let digest = late.digest.clone();
     let mover = move |s: Arc<dyn Store>| -> futures::future::BoxFuture<'static, ()> {
         let digest = digest.clone();
@@ -632,8 +634,13 @@ async fn distribution_untagged_older_than(t: TestStore) {
     let r = run(&wrapped, &plain, &opts(rules, "", 30)).await;
     let d = decisions(&r, repo);
     assert_eq!(d[&format!("@{}", late.digest)], "keep moved", "{d:?}");
+    assert_eq!(d[&format!("@{}", late_sig.digest)], "keep moved", "{d:?}");
     let k = keys(t.store.as_ref()).await;
     assert!(k.contains(&revision_key(repo, &late.digest)));
+    assert!(
+        k.contains(&revision_key(repo, &late_sig.digest)),
+        "signature of a tagged image"
+    );
     let at = now(t.store.as_ref(), 30).await;
     let taken_back = restore(
         t.store.as_ref(),
@@ -822,8 +829,9 @@ async fn serverless_untagged_older_than(t: TestStore) {
     assert!(sr_dangling(t.store.as_ref()).await.is_empty());
 
     // A push that tags an untagged manifest between the decision and the removal: it stays,
-    // and its trash entry is taken back.
+    // with its signature, and their trash entries are taken back.
     let late = f.image(repo, "late").await;
+    let late_sig = f.referrer(repo, &late, "late").await;
     let digest = late.digest.clone();
     let mover = move |s: Arc<dyn Store>| -> futures::future::BoxFuture<'static, ()> {
         let digest = digest.clone();
@@ -846,9 +854,13 @@ async fn serverless_untagged_older_than(t: TestStore) {
     let r = run(&wrapped, &sr, &opts(rules, "", 30)).await;
     let d = decisions(&r, repo);
     assert_eq!(d[&format!("@{}", late.digest)], "keep moved", "{d:?}");
-    assert!(keys(t.store.as_ref())
-        .await
-        .contains(&sr_manifest(repo, &late.digest)));
+    assert_eq!(d[&format!("@{}", late_sig.digest)], "keep moved", "{d:?}");
+    let k = keys(t.store.as_ref()).await;
+    assert!(k.contains(&sr_manifest(repo, &late.digest)));
+    assert!(
+        k.contains(&sr_manifest(repo, &late_sig.digest)),
+        "signature of a tagged image"
+    );
     let at = now(t.store.as_ref(), 30).await;
     let taken_back = restore(
         t.store.as_ref(),
@@ -1035,6 +1047,7 @@ both_stores!(
     distribution_tags_trash_and_restore,
     distribution_untagged_older_than,
     serverless_untagged_older_than,
+    a_concurrent_retention_cannot_hide_a_manifest,
     concurrent_move_is_never_undone,
 );
 
@@ -1226,6 +1239,100 @@ async fn cli_config_protect_report_and_restore() {
     );
     let usage = ocigc(&["restore", "--bucket", &t.bucket, "team/app"]);
     assert_eq!(usage.status.code(), Some(2));
+}
+
+/// Another collector's retention removes an untagged manifest (its first trash entry, then
+/// the manifest) after this run listed the bucket and before it reads the roots: the trash is
+/// read all the same, and nothing the manifest needs is deleted, even with no grace and no
+/// delay.
+async fn a_concurrent_retention_cannot_hide_a_manifest(t: TestStore) {
+    let repo = "team/app";
+    let w = SrWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let latest = f.image(repo, "latest").await;
+    w.tag(repo, "latest", &latest).await;
+    let stale = f.image(repo, "stale").await;
+    let body = (t.store.get(&sr_manifest(repo, &stale.digest)).await)
+        .expect("manifest")
+        .body;
+    let at = t.store.server_time().await.expect("time");
+    let entry = ocigc::retention::trash::TrashEntry::new(
+        None,
+        ocigc::digest::Digest::parse(&stale.digest).expect("digest"),
+        "retention[0]".into(),
+        Some(ocigc::layout::inline_manifest_entry(&body)),
+        at,
+        DAY * 7,
+    );
+    let file = ocigc::retention::trash::TrashFile {
+        version: 1,
+        entries: vec![entry],
+    };
+    let other = OnFirstList {
+        inner: t.store.clone(),
+        prefix: format!("{repo}/manifests/"),
+        done: AtomicBool::new(false),
+        trash: Bytes::from(serde_json::to_vec(&file).expect("json")),
+        delete: sr_manifest(repo, &stale.digest),
+    };
+    let wrapped: Arc<dyn Store> = Arc::new(Wrapped(other));
+    let r = run(&wrapped, &layout("serverless-registry", false), &eager()).await;
+    assert!(r.all_ok(), "{} {r:?}", t.kind);
+    let k = keys(t.store.as_ref()).await;
+    assert!(
+        !k.contains(&sr_manifest(repo, &stale.digest)),
+        "the other run removed it"
+    );
+    for b in &stale.subtree[1..] {
+        assert!(
+            k.contains(&sr_blob(repo, b)),
+            "{}: {b} of a trashed manifest",
+            t.kind
+        );
+    }
+}
+
+/// Does what another collector's retention does (trash entry, then delete) the first time
+/// `prefix` is listed.
+struct OnFirstList {
+    inner: Arc<dyn Store>,
+    prefix: String,
+    done: AtomicBool,
+    trash: Bytes,
+    delete: String,
+}
+
+#[async_trait]
+impl Intercept for OnFirstList {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
+    }
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> futures::stream::BoxStream<'a, StoreResult<Vec<ocigc::store::ObjectMeta>>> {
+        use futures::StreamExt;
+        let first = prefix == self.prefix && !self.done.swap(true, Ordering::SeqCst);
+        Box::pin(
+            futures::stream::once(async move {
+                if first {
+                    let key = trash_key("team/app");
+                    (self
+                        .inner
+                        .put(&key, self.trash.clone(), PutCondition::None)
+                        .await)
+                        .expect("trash written");
+                    (self
+                        .inner
+                        .delete_batch(std::slice::from_ref(&self.delete))
+                        .await)
+                        .expect("manifest deleted");
+                }
+                self.inner.list(prefix)
+            })
+            .flatten(),
+        )
+    }
 }
 
 /// A trash that cannot be read leaves the repository's roots unknown: it fails closed and

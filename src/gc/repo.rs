@@ -138,8 +138,6 @@ pub(super) struct Leftovers {
     pub(super) announcement: bool,
     /// A lease is stored: held by a live collector, or left by a dead one.
     pub(super) lease: bool,
-    /// A trash is stored: its live entries are roots.
-    pub(super) trash: bool,
 }
 
 /// Why a repository's lease is taken.
@@ -428,7 +426,6 @@ impl RepoRun<'_> {
             // blobs are global and swept by the global unit.
             return Ok(());
         }
-        let read_trash = inputs.leftovers.trash || retained.changed;
         // A unit with a trash is skipped only while its trash is as when its entry was
         // written (its version is in the unit's context) and no entry of it has expired.
         // `du` and `explain` need the plan itself: the cache primes the marker, no more.
@@ -490,14 +487,7 @@ impl RepoRun<'_> {
         }
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
-        let observed = self.observe(
-            repo,
-            &mut marker,
-            leftovers.pending,
-            read_trash,
-            tag_set,
-            inputs,
-        );
+        let observed = self.observe(repo, &mut marker, leftovers.pending, tag_set, inputs);
         let limit = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -804,7 +794,6 @@ impl RepoRun<'_> {
         repo: &Repository,
         marker: &mut Marker<'_>,
         has_pending: bool,
-        read_trash: bool,
         tag_set: Option<TagSet>,
         inputs: RepoInputs,
     ) -> Result<Observation, String> {
@@ -837,34 +826,41 @@ impl RepoRun<'_> {
         let mut trashed_documents = Vec::new();
         // Trashed roots by repository, where the trash is read for a global unit (`du`).
         let mut trashed_by_owner: Vec<(String, Digest)> = Vec::new();
-        let (trashed, trash_expiry) = if repo.is_global() {
-            // Blobs every repository shares: every repository's trashed manifests are roots
-            // (an untagged root's revision link is gone while it is in the trash).
-            let (all, expiry) = trash::read_all(self.store, self.policy.now)
-                .await
-                .map_err(|e| format!("reading the trash: {e}"))?;
-            let mut digests: Vec<Digest> = all.iter().map(|(_, d)| d.clone()).collect();
-            digests.sort();
-            digests.dedup();
-            if self.detail {
-                trashed_by_owner = all;
-            }
-            (digests, expiry)
-        } else if read_trash {
-            let t = trash::read(self.store, &repo.name)
-                .await
-                .map_err(|e| format!("reading the trash: {e}"))?;
-            // Manifests deleted with their root (serverless-registry's untagged roots) are
-            // read from the content their entries keep: the store has them no more.
-            for (digest, body) in t.documents(self.policy.now) {
-                let refs = crate::manifest::references(&body)
-                    .map_err(|e| format!("trashed manifest {digest}: {e}"))?;
-                trashed_documents.push((digest, refs));
-            }
-            (t.roots(self.policy.now), t.next_expiry(self.policy.now))
-        } else {
-            (Vec::new(), None)
-        };
+        let (trashed, trash_expiry) =
+            if repo.is_global() && !self.layout.global_roots_include_trash() {
+                (Vec::new(), None)
+            } else if repo.is_global() {
+                // Blobs every repository shares: every repository's trashed manifests are roots
+                // (an untagged root's revision link is gone while it is in the trash).
+                let (all, expiry) = trash::read_all(self.store, self.policy.now)
+                    .await
+                    .map_err(|e| format!("reading the trash: {e}"))?;
+                let mut digests: Vec<Digest> = all.iter().map(|(_, d)| d.clone()).collect();
+                digests.sort();
+                digests.dedup();
+                if self.detail {
+                    trashed_by_owner = all;
+                }
+                (digests, expiry)
+            } else if !repo.is_global() {
+                // Read even where the state listing showed none: another collector's retention
+                // may have written this repository's first trash since (removing a root from the
+                // roots read above), and on `serverless-registry` the trash alone then holds the
+                // manifest.
+                let t = trash::read(self.store, &repo.name)
+                    .await
+                    .map_err(|e| format!("reading the trash: {e}"))?;
+                // Manifests deleted with their root (serverless-registry's untagged roots) are
+                // read from the content their entries keep: the store has them no more.
+                for (digest, body) in t.documents(self.policy.now) {
+                    let refs = crate::manifest::references(&body)
+                        .map_err(|e| format!("trashed manifest {digest}: {e}"))?;
+                    trashed_documents.push((digest, refs));
+                }
+                (t.roots(self.policy.now), t.next_expiry(self.policy.now))
+            } else {
+                (Vec::new(), None)
+            };
         let read = intent::read_intents(self.store, intents, self.clock.now()).await?;
         let mut warnings = Vec::new();
         let pending = if has_pending {

@@ -131,7 +131,6 @@ async fn collect_all(
         pending: state_keys.contains(&state::pending_key(name)),
         announcement: state_keys.contains(&intent::deleting_key(name)),
         lease: state_keys.contains(&lease::lease_key(name)),
-        trash: state_keys.contains(&namespace::trash_key(name)),
     };
 
     let run = RepoRun {

@@ -409,6 +409,10 @@ impl Layout for DistributionLayout {
         false
     }
 
+    fn global_roots_include_trash(&self) -> bool {
+        true
+    }
+
     fn root_owner<'k>(&self, source: &'k str) -> Option<&'k str> {
         // The global roots are every repository's revision links.
         repository_of(source)
@@ -536,6 +540,7 @@ impl Layout for DistributionLayout {
                 digest,
                 moved_by,
                 entry: None,
+                size: None,
                 subject: None,
             })
             .collect();
@@ -552,7 +557,13 @@ impl Layout for DistributionLayout {
         let mut out = Vec::with_capacity(doomed.len());
         // The untagged roots as read again right before their links go (once per call).
         let mut untagged_now: Option<HashSet<Digest>> = None;
+        // Digests this call removed: a referrer goes only after its subject did.
+        let mut removed: HashSet<Digest> = HashSet::new();
         for d in doomed {
+            if d.subject.as_ref().is_some_and(|s| !removed.contains(s)) {
+                out.push(Removal::Moved);
+                continue;
+            }
             let Some(tag) = &d.tag else {
                 if untagged_now.is_none() {
                     // Re-read the tags and the revisions: a manifest a push tagged (or listed
@@ -568,6 +579,7 @@ impl Layout for DistributionLayout {
                     continue;
                 }
                 super::delete_tag_keys(store, &[revision_key(&repo.prefix, &d.digest)]).await?;
+                removed.insert(d.digest.clone());
                 out.push(Removal::Removed);
                 continue;
             };
@@ -589,6 +601,7 @@ impl Layout for DistributionLayout {
             keys.retain(|k| *k != current);
             keys.insert(0, current);
             super::delete_tag_keys(store, &keys).await?;
+            removed.insert(d.digest.clone());
             out.push(Removal::Removed);
         }
         Ok(out)

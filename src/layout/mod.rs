@@ -429,9 +429,11 @@ pub struct StoredUntagged {
     pub moved_by: SystemTime,
     /// The entry, for restoring it.
     pub entry: Option<serde_json::Value>,
-    /// The subject it is a referrer of, where the layout knows it without reading the
-    /// manifest (`serverless-registry`'s `_referrers/` index); else read from the content.
-    pub subject: Option<Digest>,
+    /// Its size as listed, where known: what keeping its content in the trash costs.
+    pub size: Option<u64>,
+    /// Where the layout read it already: `Some(subject)` (`None` inside for no referrer; its
+    /// `_referrers/` index counts too on `serverless-registry`). `None`: read from the content.
+    pub subject: Option<Option<Digest>>,
 }
 
 /// Every tag of a repository, read at one version.
@@ -446,9 +448,6 @@ pub struct TagSet {
     /// The tags live in one document whose LastModified is all the layout knows of when each
     /// moved: ocigc records when it first saw each tag→digest pair (`oci`).
     pub shared_document: bool,
-    /// What the layout left out and why (untagged roots beyond what the trash may hold):
-    /// reported as warnings.
-    pub notes: Vec<String>,
 }
 
 /// Manifests the trash holds as roots, as [`Layout::read_untagged`] needs them: their
@@ -458,8 +457,6 @@ pub struct Held {
     /// Each trashed manifest, with its content where the trash keeps it (a layout that
     /// deletes the manifest itself, `serverless-registry`).
     pub manifests: Vec<(Digest, Option<bytes::Bytes>)>,
-    /// Size of the trash file as read: what inline manifests may still add is bounded.
-    pub trash_bytes: u64,
 }
 
 impl Held {
@@ -500,6 +497,10 @@ pub struct Doomed {
     pub tag: Option<String>,
     /// The manifest it pointed at when decided.
     pub digest: Digest,
+    /// For a referrer removed with its subject: that subject. Where roots are removed one by
+    /// one, it goes only if its subject was removed earlier in the same call (a push may have
+    /// tagged the subject again since the decision).
+    pub subject: Option<Digest>,
 }
 
 /// What became of one root asked to be removed.
@@ -747,6 +748,18 @@ pub trait Layout: Send + Sync {
 
     /// Every tag of `repo` (and its untagged roots where they can be removed apart), read now.
     async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError>;
+
+    /// Whether removing an untagged root deletes its manifest itself (`serverless-registry`):
+    /// its trash entry must then keep the content, for marking and for `restore`.
+    fn trash_keeps_content(&self) -> bool {
+        false
+    }
+
+    /// Whether every repository's trashed manifests are roots of the global unit (its blobs
+    /// are shared: `distribution`).
+    fn global_roots_include_trash(&self) -> bool {
+        false
+    }
 
     /// Whether retention can remove untagged root manifests of this layout by themselves
     /// (`untagged_older_than`): `oci` (untagged `index.json` entries, in

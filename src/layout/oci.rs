@@ -257,6 +257,7 @@ impl Layout for OciLayout {
                     digest,
                     moved_by: modified,
                     entry: Some(entry.clone()),
+                    size: None,
                     subject: None,
                 }),
             }

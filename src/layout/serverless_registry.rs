@@ -261,8 +261,10 @@ impl ServerlessRegistryLayout {
 
     /// The untagged roots of `repo`: manifests stored by digest that no tag names and that
     /// no manifest lists (an index's children), nor one in `held` (trashed). Each comes with
-    /// its LastModified, its content and its subject (a referrer's). A manifest that cannot
-    /// be read or parsed fails the look: what it lists is unknown.
+    /// its LastModified, size and subject (a referrer's, from its content or the
+    /// `_referrers/` index). Every manifest is read, a few at a time, and only its references
+    /// kept. A manifest that cannot be read or parsed fails the look: what it lists is
+    /// unknown.
     async fn untagged_roots(
         &self,
         store: &dyn Store,
@@ -291,27 +293,38 @@ impl ServerlessRegistryLayout {
             );
             Ok(subject)
         };
-        for o in &listed {
-            let Key::Manifest(_, leaf) = parse(&o.key) else {
-                continue;
-            };
-            // Every manifest is read (tags are copies of theirs): any may list children.
-            let body = match store.get_capped(&o.key, MAX_MANIFEST_SIZE).await {
+        // Tags are copies of their manifests: any manifest may list children.
+        // Owned, so that the reads borrow nothing but the store.
+        let manifests: Vec<(ObjectMeta, Option<Digest>)> = (listed.into_iter())
+            .filter_map(|o| {
+                let digest = match parse(&o.key) {
+                    Key::Manifest(_, leaf) => Digest::parse(leaf),
+                    _ => return None,
+                };
+                Some((o, digest))
+            })
+            .collect();
+        let mut reads = stream::iter(manifests)
+            .map(move |(o, digest)| async move {
+                let read = store.get_capped(&o.key, MAX_MANIFEST_SIZE).await;
+                (o, digest, read)
+            })
+            .buffer_unordered(UNTAGGED_READS);
+        while let Some((o, digest, read)) = reads.next().await {
+            let body = match read {
                 Ok(b) => b.body,
                 // Gone since the listing: it lists nothing any more.
                 Err(StoreError::NotFound { .. }) => continue,
                 Err(e) => return Err(e.into()),
             };
             let subject = learn(&o.key, &body)?;
-            if let Some(d) = Digest::parse(leaf) {
-                if !tagged.contains(&d) {
-                    candidates.push(UntaggedRoot {
-                        digest: d,
-                        moved_by: o.last_modified,
-                        body,
-                        subject,
-                    });
-                }
+            if let Some(d) = digest.filter(|d| !tagged.contains(d)) {
+                candidates.push(UntaggedRoot {
+                    digest: d,
+                    moved_by: o.last_modified,
+                    size: o.size,
+                    subject,
+                });
             }
         }
         for (d, body) in &held.manifests {
@@ -328,62 +341,22 @@ impl ServerlessRegistryLayout {
         for c in candidates.iter_mut().filter(|c| c.subject.is_none()) {
             c.subject = linked.get(&c.digest).cloned();
         }
+        candidates.sort_by(|a, b| a.digest.cmp(&b.digest));
         Ok(candidates)
     }
 }
 
 /// Largest manifest read (distribution refuses larger ones too).
 const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
-
-/// How large a repository's trash may grow with the manifests untagged roots leave in it
-/// (its reader's cap is 64 MiB, and an unreadable trash fails the repository closed).
-const TRASH_INLINE_BUDGET: u64 = 16 * 1024 * 1024;
+/// Manifests read at once to find the untagged roots.
+const UNTAGGED_READS: usize = 16;
 
 /// An untagged root as [`ServerlessRegistryLayout::untagged_roots`] finds it.
 struct UntaggedRoot {
     digest: Digest,
     moved_by: SystemTime,
-    body: bytes::Bytes,
+    size: u64,
     subject: Option<Digest>,
-}
-
-/// The untagged roots retention may consider this run: the oldest first, each with the
-/// untagged referrers of it (they go with their subject), while the trash stays within
-/// `budget` bytes; how many were left for later runs.
-fn within_trash_budget(mut roots: Vec<UntaggedRoot>, budget: u64) -> (Vec<UntaggedRoot>, usize) {
-    // Base64 and the entry's other fields.
-    let cost = |r: &UntaggedRoot| (r.body.len() as u64).div_ceil(3) * 4 + 512;
-    roots.sort_by(|a, b| (a.moved_by, &a.digest).cmp(&(b.moved_by, &b.digest)));
-    let digests: HashSet<Digest> = roots.iter().map(|r| r.digest.clone()).collect();
-    let mut followers: HashMap<Digest, Vec<UntaggedRoot>> = HashMap::new();
-    let mut leaders = Vec::new();
-    for r in roots {
-        match r.subject.clone().filter(|s| digests.contains(s)) {
-            Some(s) => followers.entry(s).or_default().push(r),
-            None => leaders.push(r),
-        }
-    }
-    let (mut taken, mut left, mut spent) = (Vec::new(), 0, 0u64);
-    for r in leaders {
-        // A referrer of a referrer follows too (a signature of an attestation).
-        let mut group = vec![r];
-        let mut i = 0;
-        while i < group.len() {
-            let more = followers.remove(&group[i].digest).unwrap_or_default();
-            group.extend(more);
-            i += 1;
-        }
-        let group_cost: u64 = group.iter().map(cost).sum();
-        if spent + group_cost > budget {
-            left += group.len();
-            continue;
-        }
-        spent += group_cost;
-        taken.extend(group);
-    }
-    // Referrers in a cycle of subjects (no leader): nothing to follow, considered alone.
-    left += followers.values().map(Vec::len).sum::<usize>();
-    (taken, left)
 }
 
 #[async_trait]
@@ -448,26 +421,22 @@ impl Layout for ServerlessRegistryLayout {
         held: &Held,
     ) -> Result<(), TagError> {
         let roots = self.untagged_roots(store, repo, &set.tags, held).await?;
-        let budget = TRASH_INLINE_BUDGET.saturating_sub(held.trash_bytes);
-        let (taken, left) = within_trash_budget(roots, budget);
-        if left > 0 {
-            set.notes.push(format!(
-                "{left} untagged manifests not considered this run: the trash keeps each \
-                 removed manifest's content and would grow past {TRASH_INLINE_BUDGET} bytes \
-                 (they are considered once entries expire)"
-            ));
-        }
-        set.untagged = taken
+        set.untagged = roots
             .into_iter()
             .map(|r| StoredUntagged {
                 digest: r.digest,
                 moved_by: r.moved_by,
-                // The manifest itself is deleted: the trash keeps its content.
-                entry: Some(super::inline_manifest_entry(&r.body)),
-                subject: r.subject,
+                // The manifest itself is deleted: retention keeps its content in the trash.
+                entry: None,
+                size: Some(r.size),
+                subject: Some(r.subject),
             })
             .collect();
         Ok(())
+    }
+
+    fn trash_keeps_content(&self) -> bool {
+        true
     }
 
     fn scans_for_referrers(&self, repo: &Repository) -> bool {
@@ -674,7 +643,13 @@ impl Layout for ServerlessRegistryLayout {
         let mut out = Vec::with_capacity(doomed.len());
         // The untagged roots as read again right before they go (once per call).
         let mut untagged_now: Option<HashSet<Digest>> = None;
+        // Digests this call removed: a referrer goes only after its subject did.
+        let mut removed: HashSet<Digest> = HashSet::new();
         for d in doomed {
+            if d.subject.as_ref().is_some_and(|s| !removed.contains(s)) {
+                out.push(Removal::Moved);
+                continue;
+            }
             let Some(tag) = &d.tag else {
                 if untagged_now.is_none() {
                     // Re-read: a manifest a push tagged (or listed in an index) since the
@@ -692,6 +667,7 @@ impl Layout for ServerlessRegistryLayout {
                 }
                 let key = format!("{}manifests/{}", repo.prefix, d.digest);
                 super::delete_tag_keys(store, std::slice::from_ref(&key)).await?;
+                removed.insert(d.digest.clone());
                 out.push(Removal::Removed);
                 continue;
             };
@@ -708,6 +684,7 @@ impl Layout for ServerlessRegistryLayout {
                 continue;
             }
             super::delete_tag_keys(store, std::slice::from_ref(&key)).await?;
+            removed.insert(d.digest.clone());
             out.push(Removal::Removed);
         }
         Ok(out)
@@ -880,34 +857,5 @@ mod tests {
         let global = p.global.expect("stale temp objects");
         assert_eq!(global.objects.len(), 1);
         assert_eq!(global.objects[0].key, done);
-    }
-
-    #[test]
-    fn the_trash_budget_takes_the_oldest_with_their_referrers() {
-        let d = |c: &str| Digest::parse(&format!("sha256:{}", c.repeat(64))).expect("digest");
-        let at = |s: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
-        let root = |c: &str, t: u64, size: usize, subject: Option<&str>| UntaggedRoot {
-            digest: d(c),
-            moved_by: at(t),
-            body: bytes::Bytes::from(vec![b'x'; size]),
-            subject: subject.map(d),
-        };
-        // Each costs 4/3 of its size plus 512 in the trash.
-        let roots = vec![
-            root("b", 2, 3000, None),
-            root("a", 1, 3000, None),
-            // A signature of `a`, and a signature of that signature: they go with `a`.
-            root("c", 9, 300, Some("a")),
-            root("e", 9, 300, Some("c")),
-            // A referrer of something that is no untagged root: considered on its own.
-            root("f", 3, 300, Some("9")),
-        ];
-        let (taken, left) = within_trash_budget(roots, 7_300);
-        let names: Vec<Digest> = taken.iter().map(|r| r.digest.clone()).collect();
-        assert_eq!(names, vec![d("a"), d("c"), d("e"), d("f")]);
-        assert_eq!(left, 1);
-        let (taken, left) = within_trash_budget(vec![root("a", 1, 3000, None)], 0);
-        assert!(taken.is_empty());
-        assert_eq!(left, 1);
     }
 }

@@ -98,6 +98,9 @@ pub enum Clause {
     SubjectRemoved,
     /// Decided for removal, but a push moved it before it was removed: left alone.
     Moved,
+    /// Decided for removal, but the trash keeps removed manifests' content and would grow
+    /// past its bound: left for a later run, once entries expire.
+    TrashFull,
 }
 
 impl fmt::Display for Clause {
@@ -118,6 +121,7 @@ impl fmt::Display for Clause {
             Clause::Table(i) => return write!(f, "retention[{i}]"),
             Clause::SubjectRemoved => "subject_removed",
             Clause::Moved => "moved",
+            Clause::TrashFull => "trash_full",
         };
         f.write_str(s)
     }
@@ -136,6 +140,8 @@ pub struct Decision {
     pub clause: Clause,
     /// Its age (from when it last moved).
     pub age: Duration,
+    /// For a referrer, the subject it follows: removed only with it.
+    pub subject: Option<Digest>,
 }
 
 /// The subject digest a referrers-tag-schema or cosign fallback tag names, if `tag` is one.
@@ -217,6 +223,7 @@ pub fn decide(policy: Policy<'_>, tags: &[TagInput], untagged: &[UntaggedInput])
             verdict,
             clause,
             age: a,
+            subject: None,
         });
     }
     let (referrers, roots): (Vec<&UntaggedInput>, Vec<&UntaggedInput>) =
@@ -244,6 +251,7 @@ pub fn decide(policy: Policy<'_>, tags: &[TagInput], untagged: &[UntaggedInput])
             },
             clause,
             age: a,
+            subject: None,
         });
     }
     // Referrers last: they follow what was decided of their subjects.
@@ -271,7 +279,13 @@ pub fn decide(policy: Policy<'_>, tags: &[TagInput], untagged: &[UntaggedInput])
         } else {
             Clause::Referrer
         };
-        followers.push((Some(t.name.clone()), t.digest.clone(), clause, age(t.since)));
+        followers.push((
+            Some(t.name.clone()),
+            t.digest.clone(),
+            clause,
+            age(t.since),
+            subject,
+        ));
     }
     for u in referrers {
         let clause = if policy.protected.protects(policy.repo, &u.digest) {
@@ -281,9 +295,15 @@ pub fn decide(policy: Policy<'_>, tags: &[TagInput], untagged: &[UntaggedInput])
         } else {
             Clause::Referrer
         };
-        followers.push((None, u.digest.clone(), clause, age(u.since)));
+        followers.push((
+            None,
+            u.digest.clone(),
+            clause,
+            age(u.since),
+            u.subject.clone(),
+        ));
     }
-    for (tag, digest, clause, a) in followers {
+    for (tag, digest, clause, a, subject) in followers {
         out.push(Decision {
             tag,
             digest,
@@ -294,9 +314,80 @@ pub fn decide(policy: Policy<'_>, tags: &[TagInput], untagged: &[UntaggedInput])
             },
             clause,
             age: a,
+            subject,
         });
     }
     out
+}
+
+/// Keeps removals back (`trash_full`) so that what they add to the trash (`cost`) stays within
+/// `budget`: the oldest first, each with the referrers that follow it (a referrer never goes
+/// while its subject stays). Returns how many were kept back. Pure, so that a dry run keeps
+/// back exactly what the real run does.
+pub fn bound_trash(
+    decisions: &mut [Decision],
+    cost: &dyn Fn(&Decision) -> u64,
+    budget: u64,
+) -> usize {
+    let removing = |d: &Decision| d.verdict == Verdict::Remove;
+    let total: u64 = decisions.iter().filter(|d| removing(d)).map(cost).sum();
+    if total <= budget {
+        return 0;
+    }
+    // Leaders: removals that follow no subject this decision removes.
+    let removed: HashSet<Digest> = (decisions.iter().filter(|d| removing(d)))
+        .map(|d| d.digest.clone())
+        .collect();
+    let follows = |d: &Decision| {
+        (d.subject.as_ref())
+            .filter(|s| removed.contains(*s))
+            .cloned()
+    };
+    let mut leaders: Vec<usize> = (0..decisions.len())
+        .filter(|&i| removing(&decisions[i]) && follows(&decisions[i]).is_none())
+        .collect();
+    leaders.sort_by(|&a, &b| decisions[b].age.cmp(&decisions[a].age).then(a.cmp(&b)));
+    let mut followers: HashMap<Digest, Vec<usize>> = HashMap::new();
+    for (i, d) in decisions.iter().enumerate() {
+        if let Some(s) = follows(d).filter(|_| removing(d)) {
+            followers.entry(s).or_default().push(i);
+        }
+    }
+    let (mut spent, mut kept_back) = (0u64, 0);
+    let mut placed: HashSet<usize> = leaders.iter().copied().collect();
+    for leader in leaders {
+        // A referrer of a referrer follows too.
+        let mut group = vec![leader];
+        let mut at = 0;
+        while at < group.len() {
+            let digest = decisions[group[at]].digest.clone();
+            for &f in followers.get(&digest).into_iter().flatten() {
+                if placed.insert(f) {
+                    group.push(f);
+                }
+            }
+            at += 1;
+        }
+        let group_cost: u64 = group.iter().map(|&i| cost(&decisions[i])).sum();
+        if spent + group_cost <= budget {
+            spent += group_cost;
+            continue;
+        }
+        for i in group {
+            decisions[i].verdict = Verdict::Keep;
+            decisions[i].clause = Clause::TrashFull;
+            kept_back += 1;
+        }
+    }
+    // Referrers whose subjects follow each other in a cycle reach no leader: kept back.
+    for (i, d) in decisions.iter_mut().enumerate() {
+        if d.verdict == Verdict::Remove && !placed.contains(&i) {
+            d.verdict = Verdict::Keep;
+            d.clause = Clause::TrashFull;
+            kept_back += 1;
+        }
+    }
+    kept_back
 }
 
 /// The clause that keeps tag `t`, or [`Clause::Table`] if it is a candidate under every one.
@@ -475,5 +566,61 @@ mod tests {
         assert_eq!(of(&out, &tags[3].name), "keep referrer");
         // keep_last counted only "old" and "kept": fallback tags are no tags of their own.
         assert!(fallback_subject("sha256-abc.sig").is_none());
+    }
+
+    #[test]
+    fn the_trash_bound_keeps_back_the_youngest_with_their_referrers() {
+        let d = |c: &str| Digest::parse(&format!("sha256:{}", c.repeat(64))).expect("digest");
+        let removal = |c: &str, days: u64, subject: Option<&str>| Decision {
+            tag: None,
+            digest: d(c),
+            verdict: Verdict::Remove,
+            clause: match subject {
+                Some(_) => Clause::SubjectRemoved,
+                None => Clause::Table(0),
+            },
+            age: Duration::from_secs(days * 86400),
+            subject: subject.map(d),
+        };
+        let mut out = vec![
+            removal("a", 30, None),
+            removal("b", 20, None),
+            removal("c", 10, None),
+            // A signature of `b`, and a signature of that signature.
+            removal("e", 20, Some("b")),
+            removal("f", 20, Some("e")),
+            // A referrer of something kept: a leader of its own.
+            removal("9", 5, Some("1")),
+        ];
+        let cost = |x: &Decision| if x.digest == d("c") { 50 } else { 10 };
+        // Fits: nothing kept back.
+        assert_eq!(bound_trash(&mut out.clone(), &cost, 110), 0);
+        // `a` (10), then `b` with its two followers (30): 40; `c` (50) does not fit, `9` does.
+        let kept_back = bound_trash(&mut out, &cost, 60);
+        assert_eq!(kept_back, 1);
+        let verdicts: Vec<&str> = out
+            .iter()
+            .map(|x| {
+                if x.verdict == Verdict::Remove {
+                    "remove"
+                } else {
+                    "keep"
+                }
+            })
+            .collect();
+        assert_eq!(
+            verdicts,
+            ["remove", "remove", "keep", "remove", "remove", "remove"]
+        );
+        assert_eq!(out[2].clause, Clause::TrashFull);
+        // Too small for `b`'s group: the group stays together, never a referrer without its
+        // subject.
+        let mut out = vec![
+            removal("b", 20, None),
+            removal("e", 20, Some("b")),
+            removal("f", 20, Some("e")),
+        ];
+        assert_eq!(bound_trash(&mut out, &|_| 10, 25), 3);
+        assert!(out.iter().all(|x| x.clause == Clause::TrashFull));
     }
 }

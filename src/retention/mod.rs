@@ -15,13 +15,15 @@ pub mod rules;
 pub mod seen;
 pub mod trash;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
 use crate::digest::Digest;
-use crate::layout::{inline_manifest, Doomed, Layout, Removal, Repository, TagError, TagSet};
+use crate::layout::{
+    inline_manifest, inline_manifest_entry, Doomed, Layout, Removal, Repository, TagError, TagSet,
+};
 use crate::store::Store;
 use decide::{Clause, Decision, Policy, TagInput, UntaggedInput, Verdict};
 use protect::Protected;
@@ -34,6 +36,11 @@ pub const DEFAULT_TRASH_TTL: Duration = Duration::from_secs(7 * 86400);
 const ATTEMPTS: usize = 5;
 /// Largest manifest read to tell whether an untagged root is a referrer.
 const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+/// How large a trash that keeps removed manifests' content may grow by removals (its reader's
+/// cap is 64 MiB, and an unreadable trash fails the repository closed).
+const TRASH_CONTENT_BUDGET: u64 = 16 * 1024 * 1024;
+/// A trash entry's fields besides any content, generously.
+const TRASH_ENTRY_BYTES: u64 = 512;
 
 /// The retention settings of a run.
 #[derive(Clone, Debug)]
@@ -167,11 +174,14 @@ impl Run<'_> {
         let mut warnings = Vec::new();
         for attempt in 0..ATTEMPTS {
             let mut set = self.layout.read_tags(self.store, repo).await?;
+            // What the trash holds now (its size bounds what removals may add to it).
+            let mut trash_size = 0;
             if rule.untagged_older_than.is_some() && self.layout.removes_untagged() {
                 // Children of trashed manifests stay out of the roots while they are trashed.
-                let held = trash::read(self.store, &repo.name).await?.held(self.now);
+                let trash_now = trash::read(self.store, &repo.name).await?;
+                trash_size = trash_now.size;
                 self.layout
-                    .read_untagged(self.store, repo, &mut set, &held)
+                    .read_untagged(self.store, repo, &mut set, &trash_now.held(self.now))
                     .await?;
             } else if attempt == 0 && rule.untagged_older_than.is_some() {
                 // serverless-registry with --delete-untagged: untagged manifests are no roots
@@ -182,9 +192,6 @@ impl Run<'_> {
                     rule.name(),
                     self.layout.name()
                 ));
-            }
-            if attempt == 0 {
-                warnings.extend(set.notes.iter().cloned());
             }
             let seen = if set.shared_document {
                 seen::read(self.store, &repo.name, &mut warnings)
@@ -202,12 +209,29 @@ impl Run<'_> {
                 grace: self.grace,
             };
             let mut decisions = decide::decide(policy, &tags, &untagged);
-            let doomed: Vec<Doomed> = decisions
+            if self.layout.trash_keeps_content() {
+                // Each removed untagged manifest's content goes into the trash file, whose
+                // reader has a cap: what would not fit waits for entries to expire.
+                let cost = |d: &Decision| content_cost(&set, d);
+                let budget = TRASH_CONTENT_BUDGET.saturating_sub(trash_size);
+                let kept_back = decide::bound_trash(&mut decisions, &cost, budget);
+                if kept_back > 0 && attempt == 0 {
+                    warnings.push(format!(
+                        "{kept_back} removals left for a later run (trash_full): the trash keeps \
+                         each removed manifest's content and would grow past \
+                         {TRASH_CONTENT_BUDGET} bytes"
+                    ));
+                }
+            }
+            let mut doomed: Vec<Doomed> = decisions
                 .iter()
                 .filter(|d| d.verdict == Verdict::Remove)
                 .map(|d| Doomed {
                     tag: d.tag.clone(),
                     digest: d.digest.clone(),
+                    subject: (d.clause == Clause::SubjectRemoved)
+                        .then(|| d.subject.clone())
+                        .flatten(),
                 })
                 .collect();
             if self.dry_run || doomed.is_empty() {
@@ -215,6 +239,21 @@ impl Run<'_> {
                     self.remember(repo, &set, &seen, &[], &mut warnings).await;
                 }
                 return Ok(outcome(rule, decisions, false, warnings));
+            }
+            // Where removing an untagged root deletes its manifest, its content is read now
+            // (only for what goes) for the trash; one gone since stays gone, not removed here.
+            let mut contents: HashMap<Digest, serde_json::Value> = HashMap::new();
+            let mut gone: Vec<(Option<String>, Digest)> = Vec::new();
+            if self.layout.trash_keeps_content() {
+                for d in doomed.iter().filter(|d| d.tag.is_none()) {
+                    match self.content(repo, &d.digest).await? {
+                        Some(body) => {
+                            contents.insert(d.digest.clone(), inline_manifest_entry(&body));
+                        }
+                        None => gone.push((None, d.digest.clone())),
+                    }
+                }
+                doomed.retain(|d| d.tag.is_some() || contents.contains_key(&d.digest));
             }
             // The trash first: from here on the manifests are roots, whatever happens next.
             let entries: Vec<TrashEntry> = doomed
@@ -224,11 +263,15 @@ impl Run<'_> {
                         .iter()
                         .find(|x| x.tag == d.tag && x.digest == d.digest)
                         .map_or(Clause::Table(rule.index), |x| x.clause);
+                    let entry = match d.tag {
+                        None => contents.get(&d.digest).cloned(),
+                        Some(_) => None,
+                    };
                     TrashEntry::new(
                         d.tag.clone(),
                         d.digest.clone(),
                         clause.to_string(),
-                        entry_of(&set, d),
+                        entry.or_else(|| entry_of(&set, d)),
                         self.now,
                         self.options.trash_ttl,
                     )
@@ -254,37 +297,28 @@ impl Run<'_> {
                 // Some roots may be gone already: their entries stay (roots a little long).
                 Err(e) => return Err(e.into()),
             };
-            let mut not_removed = Vec::new();
+            let mut not_removed = gone;
             let mut removed = Vec::new();
             for (d, o) in doomed.iter().zip(&outcomes) {
                 match o {
                     Removal::Removed => removed.push(d.clone()),
-                    Removal::Moved => not_removed.push(d.clone()),
+                    Removal::Moved => not_removed.push((d.tag.clone(), d.digest.clone())),
                 }
             }
+            let left = |tag: &Option<String>, digest: &Digest| {
+                not_removed.iter().any(|(t, g)| t == tag && g == digest)
+            };
             for d in decisions.iter_mut() {
-                let id = Doomed {
-                    tag: d.tag.clone(),
-                    digest: d.digest.clone(),
-                };
-                if d.verdict == Verdict::Remove && not_removed.contains(&id) {
+                if d.verdict == Verdict::Remove && left(&d.tag, &d.digest) {
                     d.verdict = Verdict::Keep;
                     d.clause = Clause::Moved;
                 }
             }
-            if !not_removed.is_empty() {
-                let stale: Vec<TrashEntry> = entries
-                    .iter()
-                    .filter(|e| {
-                        not_removed.contains(&Doomed {
-                            tag: e.tag.clone(),
-                            digest: e.digest.clone(),
-                        })
-                    })
-                    .cloned()
-                    .collect();
-                self.forget(repo, &stale, &mut warnings).await;
-            }
+            let stale: Vec<TrashEntry> = (entries.iter())
+                .filter(|e| left(&e.tag, &e.digest))
+                .cloned()
+                .collect();
+            self.forget(repo, &stale, &mut warnings).await;
             if set.shared_document {
                 self.remember(repo, &set, &seen, &removed, &mut warnings)
                     .await;
@@ -328,7 +362,7 @@ impl Run<'_> {
                 }
             };
             let subject = match read {
-                None => u.subject.clone(),
+                None => u.subject.clone().flatten(),
                 Some(Ok(body)) => crate::manifest::references(&body)
                     .map_err(|e| RetentionError::Manifest {
                         key: key.clone(),
@@ -351,6 +385,28 @@ impl Run<'_> {
             });
         }
         Ok((tags, untagged))
+    }
+
+    /// The content of manifest `digest` of `repo` as stored now, checked against its digest;
+    /// `None` if it is gone.
+    async fn content(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Option<bytes::Bytes>, RetentionError> {
+        let key = self.layout.content_key(repo, digest, None);
+        match self.store.get_capped(&key, MAX_MANIFEST_SIZE).await {
+            Ok(o) if crate::gc::mark::content_matches(digest, &o.body) => Ok(Some(o.body)),
+            Ok(_) => Err(RetentionError::Manifest {
+                key,
+                reason: format!("does not hold {digest}"),
+            }),
+            Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(RetentionError::Manifest {
+                key,
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// Records first-seen times for what stays (a failure only makes ages restart).
@@ -386,6 +442,19 @@ impl Run<'_> {
             warnings.push(format!("taking back trash entries: {e}"));
         }
     }
+}
+
+/// What removing `d` adds to a trash that keeps removed manifests' content: base64 of the
+/// listed size (of the largest manifest where unknown) and the entry's other fields.
+fn content_cost(set: &TagSet, d: &Decision) -> u64 {
+    if d.verdict != Verdict::Remove || d.tag.is_some() {
+        return TRASH_ENTRY_BYTES;
+    }
+    let size = (set.untagged.iter())
+        .find(|u| u.digest == d.digest)
+        .and_then(|u| u.size)
+        .unwrap_or(MAX_MANIFEST_SIZE);
+    size.div_ceil(3) * 4 + TRASH_ENTRY_BYTES
 }
 
 /// The layout's entry for a doomed root (what restoring it writes back).

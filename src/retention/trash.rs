@@ -123,21 +123,26 @@ impl Trash {
 }
 
 impl Trash {
-    /// The manifests the trash holds at `now`, with the content entries keep inline, and the
-    /// file's size: what [`crate::layout::Layout::read_untagged`] needs.
+    /// The manifests the trash holds at `now`, with the content entries keep inline: what
+    /// [`crate::layout::Layout::read_untagged`] needs.
     pub fn held(&self, now: SystemTime) -> crate::layout::Held {
         let mut manifests: Vec<(Digest, Option<bytes::Bytes>)> = Vec::new();
+        let mut at: std::collections::HashMap<&Digest, usize> = Default::default();
         for e in self.file.entries.iter().filter(|e| e.live(now)) {
-            let inline = crate::layout::inline_manifest(e.entry.as_ref(), &e.digest);
-            match manifests.iter_mut().find(|(d, _)| *d == e.digest) {
-                Some((_, have)) => *have = have.take().or(inline),
-                None => manifests.push((e.digest.clone(), inline)),
+            let inline = || crate::layout::inline_manifest(e.entry.as_ref(), &e.digest);
+            match at.get(&e.digest) {
+                Some(&i) => {
+                    if manifests[i].1.is_none() {
+                        manifests[i].1 = inline();
+                    }
+                }
+                None => {
+                    at.insert(&e.digest, manifests.len());
+                    manifests.push((e.digest.clone(), inline()));
+                }
             }
         }
-        crate::layout::Held {
-            manifests,
-            trash_bytes: self.size,
-        }
+        crate::layout::Held { manifests }
     }
 
     /// The content of trashed manifests that entries keep inline (their manifest was deleted
