@@ -480,13 +480,13 @@ fn at(offset: Duration, base: &GcOptions) -> GcOptions {
 
 // ---- an unchanged re-run ----
 
-/// What a run of a bucket whose units are all unchanged costs: the listing pages, and one
-/// HEAD for the bucket clock.
+/// What a run of a bucket whose units are all unchanged costs: the listing pages (the bucket
+/// clock is the first one's `Date`).
 async fn again_cost(reg: &Registry) -> RequestCounts {
     RequestCounts {
         list: reg.listing_pages().await,
         get: 0,
-        head: 1,
+        head: 0,
         put: 0,
         delete: 0,
         throttled: 0,
@@ -537,8 +537,10 @@ async fn unchanged_rerun(t: TestStore, kind: Kind) {
             let tag = key
                 .split_once("/manifests/")
                 .is_some_and(|(_, r)| !r.contains(':'));
+            // (Each look reads the unit's trash: another collector may have written one.)
+            let trash = key.starts_with("_ocigc/trash/");
             assert!(
-                n == 1 && (tag || key.starts_with(CACHE_PREFIX)),
+                n == 1 && (tag || trash || key.starts_with(CACHE_PREFIX)),
                 "{key} read {n} times"
             );
         }
@@ -561,7 +563,7 @@ async fn unchanged_rerun(t: TestStore, kind: Kind) {
         "{kind:?} on {}: {reqs:#?}",
         t.kind
     );
-    // The one HEAD is the clock; every listing is one of the run's own prefixes.
+    // Every listing is one of the run's own prefixes (the clock is the first one's `Date`).
     let listed: BTreeSet<String> = reqs
         .iter()
         .filter_map(|r| match r {
@@ -654,6 +656,8 @@ async fn changed_repository(t: TestStore, kind: Kind) {
             expected.insert(reg.document_key("team/app", &new.digest), 2);
         }
     }
+    // Its look reads its trash (none: another collector's retention may have written one).
+    expected.insert("_ocigc/trash/team/app.json".into(), 1);
     let got = gets(&reqs);
     assert_eq!(got, expected, "{kind:?} on {}", t.kind);
     let old: BTreeSet<String> = content

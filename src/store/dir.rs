@@ -1212,6 +1212,11 @@ impl Store for DirStore {
         Ok(std::time::SystemTime::now())
     }
 
+    fn answered_time(&self) -> Option<(std::time::SystemTime, tokio::time::Instant)> {
+        // The host's clock is the store's: known without a request.
+        Some((std::time::SystemTime::now(), tokio::time::Instant::now()))
+    }
+
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         let root = Arc::clone(&self.fd);
         let keys = keys.to_vec();
