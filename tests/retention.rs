@@ -626,33 +626,9 @@ async fn distribution_untagged_older_than(t: TestStore) {
             .expect("tag pushed");
         })
     };
-    let wrapped: Arc<dyn Store> = Arc::new(Wrapped(MoveOnTrash {
-        inner: t.store.clone(),
-        moved: AtomicBool::new(false),
-        mover: Box::new(mover),
-    }));
-    let r = run(&wrapped, &plain, &opts(rules, "", 30)).await;
-    let d = decisions(&r, repo);
-    assert_eq!(d[&format!("@{}", late.digest)], "keep moved", "{d:?}");
-    assert_eq!(d[&format!("@{}", late_sig.digest)], "keep moved", "{d:?}");
-    let k = keys(t.store.as_ref()).await;
-    assert!(k.contains(&revision_key(repo, &late.digest)));
-    assert!(
-        k.contains(&revision_key(repo, &late_sig.digest)),
-        "signature of a tagged image"
-    );
-    let at = now(t.store.as_ref(), 30).await;
-    let taken_back = restore(
-        t.store.as_ref(),
-        plain.as_ref(),
-        &target(&format!("{repo}@{}", late.digest)),
-        at,
-    )
-    .await;
-    assert!(
-        matches!(taken_back, Err(RestoreError::NotInTrash(_))),
-        "{taken_back:?}"
-    );
+    let mover = Box::new(mover);
+    let late = [&late, &late_sig];
+    a_push_meanwhile_keeps_both(&t, &plain, rules, late, mover, &|d| revision_key(repo, d)).await;
 }
 
 /// `untagged_older_than` on `serverless-registry` (no `--delete-untagged`): an untagged
@@ -846,26 +822,42 @@ async fn serverless_untagged_older_than(t: TestStore) {
                 .expect("tag pushed");
         })
     };
+    let mover = Box::new(mover);
+    let late = [&late, &late_sig];
+    a_push_meanwhile_keeps_both(&t, &sr, rules, late, mover, &|d| sr_manifest(repo, d)).await;
+}
+
+/// Mover of [`MoveOnTrash`].
+type Mover = Box<dyn Fn(Arc<dyn Store>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// A push (`mover`) that tags the untagged root `late[0]` of `team/app` between the decision
+/// and the removal: it stays, with its signature `late[1]` (both still stored at `stored`),
+/// and their trash entries are taken back.
+async fn a_push_meanwhile_keeps_both(
+    t: &TestStore,
+    layout: &Arc<dyn Layout>,
+    rules: Value,
+    late: [&Desc; 2],
+    mover: Mover,
+    stored: &dyn Fn(&str) -> String,
+) {
     let wrapped: Arc<dyn Store> = Arc::new(Wrapped(MoveOnTrash {
         inner: t.store.clone(),
         moved: AtomicBool::new(false),
-        mover: Box::new(mover),
+        mover,
     }));
-    let r = run(&wrapped, &sr, &opts(rules, "", 30)).await;
-    let d = decisions(&r, repo);
-    assert_eq!(d[&format!("@{}", late.digest)], "keep moved", "{d:?}");
-    assert_eq!(d[&format!("@{}", late_sig.digest)], "keep moved", "{d:?}");
+    let r = run(&wrapped, layout, &opts(rules, "", 30)).await;
+    let d = decisions(&r, "team/app");
     let k = keys(t.store.as_ref()).await;
-    assert!(k.contains(&sr_manifest(repo, &late.digest)));
-    assert!(
-        k.contains(&sr_manifest(repo, &late_sig.digest)),
-        "signature of a tagged image"
-    );
+    for m in late {
+        assert_eq!(d[&format!("@{}", m.digest)], "keep moved", "{d:?}");
+        assert!(k.contains(&stored(&m.digest)), "{}: {}", t.kind, m.digest);
+    }
     let at = now(t.store.as_ref(), 30).await;
     let taken_back = restore(
         t.store.as_ref(),
-        sr.as_ref(),
-        &target(&format!("{repo}@{}", late.digest)),
+        layout.as_ref(),
+        &target(&format!("team/app@{}", late[0].digest)),
         at,
     )
     .await;
@@ -880,7 +872,7 @@ async fn serverless_untagged_older_than(t: TestStore) {
 struct MoveOnTrash {
     inner: Arc<dyn Store>,
     moved: AtomicBool,
-    mover: Box<dyn Fn(Arc<dyn Store>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+    mover: Mover,
 }
 
 #[async_trait]
