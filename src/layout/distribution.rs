@@ -17,9 +17,10 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use super::{
-    list_prefix as list, listing_version, partition_all, Doomed, Held, KeyKind, KeySpace, Layout,
-    OpenRepos, Order, Partition, Partitioner, Rejected, Removal, Repository, Roots, RootsError,
-    StoredTag, StoredUntagged, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
+    list_prefix as list, list_prefix_in_parts, listing_version, partition_all, Doomed, Held,
+    KeyKind, KeySpace, Layout, OpenRepos, Order, Partition, Partitioner, Rejected, Removal,
+    Repository, Roots, RootsError, StoredTag, StoredUntagged, TagError, TagSet, UnitKind,
+    GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
@@ -209,7 +210,7 @@ impl Partitioner for DistributionPartitioner {
 impl DistributionLayout {
     /// Every manifest revision of every repository, read now: the roots of the global sweep.
     async fn current_revision_roots(&self, store: &dyn Store) -> Result<Roots, RootsError> {
-        let links = list(store, REPOSITORIES).await?;
+        let links = list_prefix_in_parts(store, REPOSITORIES).await?;
         Ok(revision_roots(
             links
                 .into_iter()
@@ -478,7 +479,7 @@ impl Layout for DistributionLayout {
         // Listing is the cheapest way to see a new revision or a moved tag; the links' own
         // contents never change without their listing entry changing too.
         if repo.is_global() {
-            let links = list(store, REPOSITORIES).await?;
+            let links = list_prefix_in_parts(store, REPOSITORIES).await?;
             Ok(Some(listing_version(
                 links.iter().filter(|o| revision_link(&o.key).is_some()),
             )))

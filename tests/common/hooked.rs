@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use ocigc::store::{DeleteFailure, Metadata, ObjectMeta, Store, StoreResult};
+use ocigc::store::{DeleteFailure, Level, Metadata, ObjectMeta, Store, StoreResult};
 
 use super::wrap::{Intercept, Wrapped};
 
@@ -19,6 +19,8 @@ pub enum When {
     BeforeList(&'static str),
     /// Before the n-th (from 1) LIST whose prefix starts with this.
     BeforeNthList(&'static str, usize),
+    /// Before the n-th (from 1) delimiter listing of exactly this prefix.
+    BeforeNthLevel(&'static str, usize),
     /// After the first batch delete that removes a key containing this.
     AfterDelete(&'static str),
 }
@@ -76,6 +78,20 @@ impl Intercept for Hooked {
             }
         }
         self.inner.list(prefix)
+    }
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        if let When::BeforeNthLevel(p, n) = self.when {
+            if prefix == p {
+                let seen = 1 + self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if seen == n {
+                    return Box::pin(
+                        futures::stream::once(self.fire())
+                            .flat_map(move |_| self.inner.list_level_pages(prefix)),
+                    );
+                }
+            }
+        }
+        self.inner.list_level_pages(prefix)
     }
     async fn head_with_metadata(&self, key: &str) -> StoreResult<Option<(ObjectMeta, Metadata)>> {
         if let When::BeforeHead(suffix) = self.when {
