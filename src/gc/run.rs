@@ -99,10 +99,7 @@ async fn collect_all(
         .filter(|o| {
             matches!(
                 namespace::classify(&o.key),
-                StateKey::Pending(_)
-                    | StateKey::Deleting(_)
-                    | StateKey::Lease(_)
-                    | StateKey::Trash(_)
+                StateKey::Pending(_) | StateKey::Deleting(_) | StateKey::Lease(_)
             )
         })
         .map(|o| o.key.clone())

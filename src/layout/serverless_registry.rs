@@ -295,9 +295,21 @@ impl ServerlessRegistryLayout {
         };
         // Tags are copies of their manifests: any manifest may list children.
         // Owned, so that the reads borrow nothing but the store.
+        let by_digest: HashSet<Digest> = (listed.iter())
+            .filter_map(|o| match parse(&o.key) {
+                Key::Manifest(_, leaf) => Digest::parse(leaf),
+                _ => None,
+            })
+            .collect();
+        // A tag whose manifest is also stored by digest lists the same children: read once.
+        let copied: HashSet<&str> = (tags.iter())
+            .filter(|t| by_digest.contains(&t.digest))
+            .map(|t| t.name.as_str())
+            .collect();
         let manifests: Vec<(ObjectMeta, Option<Digest>)> = (listed.into_iter())
             .filter_map(|o| {
                 let digest = match parse(&o.key) {
+                    Key::Manifest(_, leaf) if copied.contains(leaf) => return None,
                     Key::Manifest(_, leaf) => Digest::parse(leaf),
                     _ => return None,
                 };

@@ -21,9 +21,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::digest::Digest;
-use crate::layout::{
-    inline_manifest, inline_manifest_entry, Doomed, Layout, Removal, Repository, TagError, TagSet,
-};
+use crate::layout::{inline_manifest_entry, Doomed, Layout, Removal, Repository, TagError, TagSet};
 use crate::store::Store;
 use decide::{Clause, Decision, Policy, TagInput, UntaggedInput, Verdict};
 use protect::Protected;
@@ -351,31 +349,23 @@ impl Run<'_> {
             .collect();
         let mut untagged = Vec::with_capacity(set.untagged.len());
         for u in &set.untagged {
-            // Whether it is a referrer, which lives and dies with its subject (from the content
-            // the layout read already, where it kept it).
-            let key = self.layout.content_key(repo, &u.digest, None);
-            let read = match (&u.subject, inline_manifest(u.entry.as_ref(), &u.digest)) {
-                (Some(_), _) => None,
-                (None, Some(body)) => Some(Ok(body)),
-                (None, None) => {
-                    Some((self.store.get_capped(&key, MAX_MANIFEST_SIZE).await).map(|o| o.body))
-                }
-            };
-            let subject = match read {
-                None => u.subject.clone().flatten(),
-                Some(Ok(body)) => crate::manifest::references(&body)
-                    .map_err(|e| RetentionError::Manifest {
+            // Whether it is a referrer, which lives and dies with its subject (as the layout
+            // read it already, where it did).
+            let subject = match &u.subject {
+                Some(known) => known.clone(),
+                None => {
+                    let key = self.layout.content_key(repo, &u.digest, None);
+                    let unreadable = |reason: String| RetentionError::Manifest {
                         key: key.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .subjects
-                    .first()
-                    .map(|s| s.digest.clone()),
-                Some(Err(e)) => {
-                    return Err(RetentionError::Manifest {
-                        key,
-                        reason: e.to_string(),
-                    })
+                        reason,
+                    };
+                    let body = (self.store.get_capped(&key, MAX_MANIFEST_SIZE).await)
+                        .map_err(|e| unreadable(e.to_string()))?
+                        .body;
+                    (crate::manifest::references(&body).map_err(|e| unreadable(e.to_string()))?)
+                        .subjects
+                        .first()
+                        .map(|s| s.digest.clone())
                 }
             };
             untagged.push(UntaggedInput {
