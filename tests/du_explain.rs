@@ -7,45 +7,44 @@ mod common;
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use common::wrap::{Intercept, Wrapped};
 use common::*;
 use ocigc::digest::Digest;
 use ocigc::du::{DuReport, ExplainReport};
 use ocigc::gc::plan::Reason;
 use ocigc::gc::GcOptions;
-use ocigc::store::{DeleteFailure, Metadata, PutCondition, PutOutcome, Store, StoreResult};
+use ocigc::report::Report;
+use ocigc::store::{PutCondition, Store};
 
-/// Counts every write request that reaches the store.
-struct CountWrites {
-    inner: Arc<dyn Store>,
-    writes: AtomicU64,
-}
-
-#[async_trait]
-impl Intercept for CountWrites {
-    fn inner(&self) -> &Arc<dyn Store> {
-        &self.inner
-    }
-    async fn put_with_metadata(
-        &self,
-        key: &str,
-        body: Bytes,
-        c: PutCondition,
-        m: Metadata,
-    ) -> StoreResult<PutOutcome> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.put_with_metadata(key, body, c, m).await
-    }
-    async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.delete_batch(keys).await
-    }
+/// `du` with `explain` asking for `asked`, on `layout`: it writes nothing and leaves the bucket
+/// as it was, and its garbage is what `gc --dry-run` deletes. Its report and `du` view.
+async fn read_only_du(t: &TestStore, layout: &str, asked: &[Digest]) -> (Report, DuReport) {
+    let layout = || ocigc::layout::by_name(layout, Default::default()).expect("layout");
+    let before = all_keys(t.store.as_ref()).await;
+    let opts = GcOptions {
+        explain: Some(Arc::new(asked.iter().cloned().collect::<HashSet<_>>())),
+        ..du_options(eager())
+    };
+    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &opts)
+        .await
+        .expect("du run");
+    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
+    assert_eq!(
+        all_keys(t.store.as_ref()).await,
+        before,
+        "du changed the bucket"
+    );
+    let du = DuReport::of(&report, None);
+    let dry_run = GcOptions {
+        dry_run: true,
+        ..eager()
+    };
+    let dry = (ocigc::gc::run_gc(t.store.clone(), layout(), &dry_run).await).expect("dry run");
+    assert_eq!(du.totals.garbage_bytes, dry.totals.bytes_deleted);
+    (report, du)
 }
 
 /// The options `ocigc du` runs with.
@@ -83,13 +82,14 @@ async fn du_is_read_only_and_its_garbage_is_what_gc_would_delete(t: TestStore) {
     let garbage = f.image(repo, "new garbage").await;
 
     let before = all_keys(t.store.as_ref()).await;
-    let counting = Arc::new(Wrapped(CountWrites {
-        inner: t.store.clone(),
-        writes: AtomicU64::new(0),
-    }));
-    let store: Arc<dyn Store> = counting.clone();
+    let recorder = Arc::new(common::serverless::Recorder::new(t.store.clone()));
+    let store: Arc<dyn Store> = recorder.clone();
     let report = gc(&store, &du_options(eager())).await;
-    assert_eq!(counting.writes.load(Ordering::SeqCst), 0, "du wrote");
+    assert!(
+        recorder.writes().is_empty(),
+        "du wrote: {:?}",
+        recorder.writes()
+    );
     assert_eq!((report.requests.put, report.requests.delete), (0, 0));
     assert_eq!(
         all_keys(t.store.as_ref()).await,
@@ -222,17 +222,6 @@ fn ocigc(args: &[&str]) -> Output {
         .expect("run ocigc")
 }
 
-fn copy_example(to: &Path) {
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bucket");
-    let status = Command::new("cp")
-        .arg("-r")
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .status()
-        .expect("cp");
-    assert!(status.success());
-}
-
 fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -348,39 +337,13 @@ async fn distribution_du_and_explain(t: TestStore) {
     let garbage = f.image("a", "garbage").await;
     let b = f.image("b", "b").await;
     w.tag("b", "latest", &b).await;
-    let layout =
-        || ocigc::layout::by_name("distribution", Default::default()).expect("distribution layout");
     let before = all_keys(t.store.as_ref()).await;
     let layer = amd.subtree[2].clone();
     let asked: Vec<Digest> = [&layer, &garbage.digest]
         .iter()
         .map(|d| Digest::parse(d).expect("digest"))
         .collect();
-    let opts = GcOptions {
-        explain: Some(Arc::new(asked.iter().cloned().collect::<HashSet<_>>())),
-        ..du_options(eager())
-    };
-    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &opts)
-        .await
-        .expect("du run");
-    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
-    assert_eq!(
-        all_keys(t.store.as_ref()).await,
-        before,
-        "du changed the bucket"
-    );
-    let du = DuReport::of(&report, None);
-    let dry = ocigc::gc::run_gc(
-        t.store.clone(),
-        layout(),
-        &GcOptions {
-            dry_run: true,
-            ..eager()
-        },
-    )
-    .await
-    .expect("dry run");
-    assert_eq!(du.totals.garbage_bytes, dry.totals.bytes_deleted);
+    let (report, du) = read_only_du(&t, "distribution", &asked).await;
     assert!(du.totals.garbage_bytes >= garbage.size);
     let ex = ExplainReport::of(&report, "a", &asked);
     let l = ex.digests[0].explained.as_ref().expect("layer explained");
@@ -438,41 +401,12 @@ async fn serverless_du_and_explain(t: TestStore) {
     w.tag("a", "1.0", &idx).await;
     // Manifests stored by digest are roots there: an orphan layer is the garbage.
     let garbage = f.blob("a", OCI_LAYER, b"orphan layer").await;
-    let layout = || {
-        ocigc::layout::by_name("serverless-registry", Default::default())
-            .expect("serverless-registry layout")
-    };
-    let before = all_keys(t.store.as_ref()).await;
     let layer = img.subtree[2].clone();
     let asked: Vec<Digest> = [&layer, &garbage.digest]
         .iter()
         .map(|d| Digest::parse(d).expect("digest"))
         .collect();
-    let opts = GcOptions {
-        explain: Some(Arc::new(asked.iter().cloned().collect::<HashSet<_>>())),
-        ..du_options(eager())
-    };
-    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &opts)
-        .await
-        .expect("du run");
-    assert_eq!((report.requests.put, report.requests.delete), (0, 0));
-    assert_eq!(
-        all_keys(t.store.as_ref()).await,
-        before,
-        "du changed the bucket"
-    );
-    let du = DuReport::of(&report, None);
-    let dry = ocigc::gc::run_gc(
-        t.store.clone(),
-        layout(),
-        &GcOptions {
-            dry_run: true,
-            ..eager()
-        },
-    )
-    .await
-    .expect("dry run");
-    assert_eq!(du.totals.garbage_bytes, dry.totals.bytes_deleted);
+    let (report, du) = read_only_du(&t, "serverless-registry", &asked).await;
     assert!(du.totals.garbage_bytes >= garbage.size);
     let a = du.repositories.iter().find(|r| r.name == "a").expect("a");
     assert_eq!(a.tags, 1);
@@ -494,7 +428,8 @@ async fn serverless_du_and_explain(t: TestStore) {
 
     // Mounted into `b`: `b` reads `a`'s copy, so deleting `a` would not free it.
     w.mount("a", "b", &layer).await;
-    let report = ocigc::gc::run_gc(t.store.clone(), layout(), &du_options(eager()))
+    let layout = ocigc::layout::by_name("serverless-registry", Default::default()).expect("layout");
+    let report = ocigc::gc::run_gc(t.store.clone(), layout, &du_options(eager()))
         .await
         .expect("du run");
     let du = DuReport::of(&report, None);

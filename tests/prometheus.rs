@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::copy_example;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
@@ -40,18 +42,6 @@ fn spawn(program: &str, args: &[String]) -> Proc {
                 panic!("{program}: {e} (scripts/test.sh installs Debian's prometheus packages)")
             }),
     )
-}
-
-fn copy_example(to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bucket");
-    let ok = Command::new("cp")
-        .arg("-r")
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .status()
-        .expect("cp");
-    assert!(ok.success());
 }
 
 async fn get_json(url: &str) -> Option<Value> {

@@ -583,3 +583,16 @@ pub async fn referenced_blob_keys(store: &dyn Store) -> BTreeSet<String> {
     }
     out
 }
+
+/// Copies the example bucket shipped in the repository into `to` (made if missing).
+pub fn copy_example(to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bucket");
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+}
