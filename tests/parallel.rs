@@ -7,6 +7,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use common::wrap::{Intercept, Wrapped};
+use futures::stream::BoxStream;
+use ocigc::store::{ObjectMeta, Store, StoreResult};
 
 use common::*;
 use futures::StreamExt as _;
@@ -159,6 +164,93 @@ async fn parts_and_shards_decide_what_one_listing_does(t: TestStore) {
         expected,
         "nothing else is gone"
     );
+
+    // Nothing left to delete: a shard whose repositories would delete nothing lists its own
+    // slice and none before it (only the shards holding the placeholders' ends need the
+    // other slices' facts).
+    let counted: Vec<Arc<Wrapped<FirstListed>>> = (0..4)
+        .map(|_| Arc::new(FirstListed::new(t.store.clone())))
+        .collect();
+    let stores: Vec<Arc<dyn Store>> = counted
+        .iter()
+        .map(|c| c.clone() as Arc<dyn Store>)
+        .collect();
+    let dry_shard = |index| GcOptions {
+        dry_run: true,
+        ..shard(index)
+    };
+    let o = [dry_shard(0), dry_shard(1), dry_shard(2), dry_shard(3)];
+    let (d0, d1, d2, d3) = tokio::join!(
+        gc(&stores[0], &o[0]),
+        gc(&stores[1], &o[1]),
+        gc(&stores[2], &o[2]),
+        gc(&stores[3], &o[3]),
+    );
+    let mut alone = 0;
+    for (i, d) in [d0, d1, d2, d3].iter().enumerate() {
+        assert!(d.all_ok() && deleted(d).is_empty(), "shard {i}: {d:#?}");
+        let plain = d.repositories.iter().all(|r| r.name.starts_with("r"));
+        let Some(own) = d.repositories.iter().map(|r| r.name.clone()).min() else {
+            continue;
+        };
+        if plain {
+            let first = counted[i].first().unwrap_or_default();
+            assert!(
+                first >= own,
+                "shard {i} listed {first}, before its slice ({own})"
+            );
+            alone += 1;
+        }
+    }
+    assert!(alone >= 2, "most shards hold plain repositories only");
+}
+
+/// A store that remembers the first key its listings returned, ocigc's own state left out.
+struct FirstListed {
+    inner: Arc<dyn Store>,
+    first: Arc<Mutex<Option<String>>>,
+}
+
+impl FirstListed {
+    fn new(inner: Arc<dyn Store>) -> Wrapped<FirstListed> {
+        Wrapped(FirstListed {
+            inner,
+            first: Arc::default(),
+        })
+    }
+
+    fn first(&self) -> Option<String> {
+        self.first.lock().expect("first key lock").clone()
+    }
+}
+
+impl Intercept for FirstListed {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.inner
+    }
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        let first = self.first.clone();
+        self.inner
+            .list_after(prefix, start_after)
+            .inspect(move |page| {
+                let Ok(page) = page else { return };
+                let keys = page.iter().map(|o| &o.key);
+                if let Some(k) = keys.filter(|k| !k.starts_with("_ocigc/")).min() {
+                    let mut first = first.lock().expect("first key lock");
+                    if first.as_ref().is_none_or(|f| k < f) {
+                        *first = Some(k.clone());
+                    }
+                }
+            })
+            .boxed()
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.list_after(prefix, None)
+    }
 }
 
 /// A bucket the incremental cache knows to be a few pages long is listed in one sequence:

@@ -215,9 +215,14 @@ async fn collect_all(
     let key_space = layout.key_space();
     let prefix = scope::objects_prefix(layout, &key_space, opts.only.as_deref());
     let shard = opts.shard.filter(|_| opts.only.is_none());
-    // The global unit's roots are every repository's; links anywhere keep blobs alive.
+    // The global unit's roots (or objects) are in every slice; links anywhere keep blobs
+    // alive. A shard that needs the other slices for links only lists them when one of its
+    // repositories would delete something (see `facts_later`).
     let owns_global = shard.is_none_or(|s| s.index == 0);
-    let needs_all = links || (key_space.global.is_some() && owns_global);
+    let global_everywhere =
+        owns_global && (key_space.global.is_some() || layout.global_in_listing());
+    let facts_later = links && shard.is_some() && !global_everywhere;
+    let needs_all = links || global_everywhere;
     // Units a layout does not collect one by one are still handed out where retention
     // applies to them (distribution without --delete-untagged: tags only), and for `du` and
     // `explain`, which show every repository (its tags, its share of the global blobs).
@@ -246,9 +251,18 @@ async fn collect_all(
         // Nothing of this shard's to collect, nothing it must know.
         parts::Listing::Parts(Vec::new())
     };
-    let (sequential, planned) = match listing {
+    let (sequential, mut planned) = match listing {
         parts::Listing::Sequential(pages) => (Some(pages), Vec::new()),
         parts::Listing::Parts(planned) => (None, planned),
+    };
+    // Other slices held back: listed only if a repository of this shard defers a deletion
+    // for want of their facts, so that shards with nothing to delete list their slice alone.
+    let later: Vec<parts::PlannedPart> = if facts_later {
+        let (own, others) = planned.into_iter().partition(|p| p.own);
+        planned = own;
+        others
+    } else {
+        Vec::new()
     };
     // Each part's pages come through a driver (see `parts::drive`); the partitioners and
     // the claims run in one producer that never waits for the collection, which takes the
@@ -268,9 +282,11 @@ async fn collect_all(
     for part in &planned {
         feed(part.pages(&store), part.own);
     }
-    shared
-        .parts_left
-        .store(feeds.len(), std::sync::atomic::Ordering::SeqCst);
+    // Parts held back count as not through: no unit of this pass sees complete facts.
+    shared.parts_left.store(
+        feeds.len() + later.len(),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     let producer = async {
         let listed = stream::select_all(feeds).for_each(|u| {
             if u.own && collects(&u.repo) && wanted(&u.repo) {
@@ -327,6 +343,19 @@ async fn collect_all(
         return Err(list_error(e));
     }
     listed?;
+
+    // The other slices, for their facts only, where a deletion waits for them.
+    if !later.is_empty() && !deferred.is_empty() {
+        let feeds = later
+            .iter()
+            .map(|p| Box::pin(shared.units(p.pages(&store), partitioner(layout), false)));
+        let learnt = stream::select_all(feeds).for_each(|_| futures::future::ready(()));
+        before_run_deadline(run_deadline, opts, learnt).await?;
+        // Only the error is this shard's: other slices' rejected keys are theirs to report.
+        if let Some(e) = std::mem::take(&mut *lock(&shared.tail)).error {
+            return Err(list_error(e));
+        }
+    }
 
     // Content copies listed before the first placeholder of their digest: one more look.
     if links && !deferred.is_empty() {

@@ -679,6 +679,13 @@ pub trait Layout: Send + Sync {
         true
     }
 
+    /// Whether the partitioner hands out global objects of its own ([`Partition::global`]:
+    /// serverless-registry's stale temp objects) wherever they are listed, so that the shard
+    /// collecting the global unit must list every slice to see them all.
+    fn global_in_listing(&self) -> bool {
+        false
+    }
+
     /// Blobs that links elsewhere in the bucket keep alive, by the repository that stores
     /// them: roots of that repository that none of its manifests names.
     async fn linked_blobs(

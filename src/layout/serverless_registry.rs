@@ -389,6 +389,11 @@ impl Layout for ServerlessRegistryLayout {
         Some(Box::new(ServerlessPartitioner::default()))
     }
 
+    fn global_in_listing(&self) -> bool {
+        // Stale temp objects may sit in any slice of the key space.
+        true
+    }
+
     fn may_split(&self, prefix: &str, objects: &[ObjectMeta], prefixes: &[String]) -> bool {
         // A repository's keys are `<name>/<kind>/<leaf>` and `<name>/_referrers/...`: a
         // prefix with such a sub-directory (or a key named like one) is a repository.
