@@ -742,3 +742,129 @@ both_stores!(
     broken_repositories_fail_closed,
     dry_run_lists_exactly_what_the_real_run_deletes,
 );
+
+/// Mount links whose holder and target fall in different shards' slices: `aa-holder` (first
+/// slice) mounts a layer of `zz-target` (last slice) that no manifest of `zz-target` uses,
+/// and `zy-holder` (last slice) one of `ab-target` (first slice). Each shard runs alone,
+/// the last ones first (shard 0 lists every slice anyway): no shard may delete a mounted
+/// layer, whatever it listed.
+async fn shards_keep_blobs_mounted_from_other_slices(t: TestStore) {
+    use ocigc::gc::Shard;
+    let w = SrWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let mut garbage = Vec::new();
+    let mut own = Vec::new();
+    let fillers: Vec<String> = (0..8).map(|i| format!("m{i:02}/app")).collect();
+    let mut repos: Vec<&str> = vec!["aa-holder", "ab-target", "zy-holder", "zz-target"];
+    repos.extend(fillers.iter().map(String::as_str));
+    for repo in &repos {
+        let img = f.image(repo, repo).await;
+        w.tag(repo, "latest", &img).await;
+        own.push((repo.to_string(), img));
+        let g = f
+            .blob(repo, OCI_LAYER, format!("garbage of {repo}").as_bytes())
+            .await;
+        garbage.push(sr_blob(repo, &g.digest));
+    }
+    let mut mounted = Vec::new();
+    for (target, holder) in [("zz-target", "aa-holder"), ("ab-target", "zy-holder")] {
+        let base = f
+            .blob(
+                target,
+                OCI_LAYER,
+                format!("{target} base, mounted").as_bytes(),
+            )
+            .await;
+        w.mount(target, holder, &base.digest).await;
+        let cfg = f
+            .blob(
+                holder,
+                OCI_CONFIG,
+                format!("{{\"holder\":\"{holder}\"}}").as_bytes(),
+            )
+            .await;
+        let img = f.manifest(holder, &cfg, &[&base], None).await;
+        w.tag(holder, "mounted", &img).await;
+        mounted.push((target, holder, sr_blob(target, &base.digest)));
+    }
+    let mut split = false;
+    for count in [2u32, 3, 4] {
+        let mut owner: std::collections::BTreeMap<String, u32> = Default::default();
+        for index in (0..count).rev() {
+            let opts = GcOptions {
+                shard: Some(Shard { index, count }),
+                ..eager()
+            };
+            let r = srgc(&t.store, &opts, false).await;
+            assert!(r.all_ok(), "{count} shards, shard {index}: {r:#?}");
+            for rr in &r.repositories {
+                owner.insert(rr.name.clone(), index);
+            }
+            let k = keys(t.store.as_ref()).await;
+            for (target, holder, key) in &mounted {
+                assert!(
+                    k.contains(key),
+                    "{count} shards, shard {index} deleted {key} ({target}'s layer that \
+                     {holder} mounts): {r:#?}"
+                );
+            }
+        }
+        for (target, holder, _) in &mounted {
+            split |= owner.get(*target) != owner.get(*holder);
+        }
+    }
+    assert!(split, "some target and its holder fall in different shards");
+    let k = keys(t.store.as_ref()).await;
+    for g in &garbage {
+        assert!(!k.contains(g), "garbage collected: {g}");
+    }
+    for (repo, img) in &own {
+        assert_all(&k, repo, img, true, "tagged");
+    }
+    assert!(sr_dangling(t.store.as_ref()).await.is_empty());
+}
+
+/// The same with `--delay`, for a shard that does not list the other slices at first: a
+/// mounted layer that looks unreferenced in its own slice is never recorded as pending (which
+/// would wake the repository a delay later, only to find the layer kept again, every delay),
+/// and once settled the shard writes nothing.
+async fn a_shard_never_holds_a_mounted_layer_pending(t: TestStore) {
+    use ocigc::gc::Shard;
+    let w = SrWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    for repo in ["aa-holder", "m00/app", "m01/app", "m02/app", "zz-target"] {
+        let img = f.image(repo, repo).await;
+        w.tag(repo, "latest", &img).await;
+    }
+    let base = f.blob("zz-target", OCI_LAYER, b"zz base, mounted").await;
+    w.mount("zz-target", "aa-holder", &base.digest).await;
+    let cfg = f.blob("aa-holder", OCI_CONFIG, b"{\"holder\":1}").await;
+    let img = f.manifest("aa-holder", &cfg, &[&base], None).await;
+    w.tag("aa-holder", "mounted", &img).await;
+    let key = sr_blob("zz-target", &base.digest);
+    let hour = std::time::Duration::from_secs(3600);
+    let mut puts = Vec::new();
+    for round in 0..4u32 {
+        let opts = GcOptions {
+            shard: Some(Shard { index: 1, count: 2 }),
+            delay: hour,
+            clock_offset: hour * 2 * round,
+            ..eager()
+        };
+        let r = srgc(&t.store, &opts, false).await;
+        assert!(r.all_ok(), "round {round}: {r:#?}");
+        let z = repo_report(&r, "zz-target");
+        assert_eq!(z.pending.blobs, 0, "round {round}: {z:#?}");
+        assert!(
+            keys(t.store.as_ref()).await.contains(&key),
+            "round {round}: {r:#?}"
+        );
+        puts.push(r.requests.put);
+    }
+    assert_eq!(puts[3], 0, "settled: no write ({puts:?})");
+}
+
+both_stores!(
+    shards_keep_blobs_mounted_from_other_slices,
+    a_shard_never_holds_a_mounted_layer_pending
+);

@@ -286,10 +286,14 @@ impl Registry {
         counted.counts().list
     }
 
-    /// The prefixes a run of the whole bucket lists.
+    /// The prefixes a run of the whole bucket lists: the state only where the key space does
+    /// not hold it (no repository here sorts before it, so the first page holds it).
     fn listed_prefixes(&self) -> BTreeSet<String> {
         let space = self.layout().key_space();
-        let mut prefixes = BTreeSet::from([STATE_PREFIX.to_string(), space.repositories]);
+        let mut prefixes = BTreeSet::from([space.repositories.clone()]);
+        if !STATE_PREFIX.starts_with(&space.repositories) {
+            prefixes.insert(STATE_PREFIX.to_string());
+        }
         prefixes.extend(space.global);
         prefixes
     }

@@ -287,10 +287,13 @@ async fn a_small_bucket_the_cache_knows_is_listed_in_one_sequence(t: TestStore) 
     );
     let again = gc(&t.store, &opts(8)).await;
     assert!(again.all_ok(), "{again:#?}");
+    // ocigc's state (`_ocigc/`, the cache's entries) sorts before every repository: its
+    // first page holds it, and the run lists the bucket's pages and nothing else.
+    let whole = all_keys(t.store.as_ref()).await.len().div_ceil(1000) as u64;
     assert_eq!(
         list_requests(&again),
-        pages + 1,
-        "the bucket's pages and the state's one"
+        whole,
+        "the bucket's pages, the state's among them"
     );
     let uncached = gc(
         &t.store,

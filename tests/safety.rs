@@ -240,6 +240,82 @@ async fn intents_protect_until_they_expire(t: TestStore) {
     assert_gone(&k, "app", &g, "after the intent expired");
 }
 
+/// ocigc's state (`_ocigc/`) sorts inside the key space, after repositories whose names
+/// start with a digit. A run takes it from the listing's first page only where that page
+/// holds all of it; where the page ends before the state, or inside it, the state is listed
+/// on its own, and an intent that lies beyond the first page still protects its image.
+async fn the_state_is_read_whole_wherever_the_first_page_ends(
+    t: &TestStore,
+    before_state: usize,
+    other_intents: usize,
+) {
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let img = f.image("app", "v1").await;
+    let g = f.image("app", "reused").await;
+    f.layout("app", &[(Some("v1"), &img)]).await;
+    let early = f.image("0ld/app", "v1").await;
+    f.layout("0ld/app", &[(Some("v1"), &early)]).await;
+    // Unreferenced blobs of `0ld/app` until `before_state` keys sort before the state.
+    let listed = all_keys(t.store.as_ref()).await;
+    let now = listed.iter().filter(|k| k.as_str() < "_ocigc/").count();
+    let filler: Vec<usize> = (now..before_state).collect();
+    futures::stream::iter(filler)
+        .for_each_concurrent(16, |i| {
+            let f = &f;
+            async move {
+                f.blob(
+                    "0ld/app",
+                    "application/octet-stream",
+                    format!("filler {i}").as_bytes(),
+                )
+                .await;
+            }
+        })
+        .await;
+    // Intents of another repository sort before `app`'s (`_ocigc/intents/aaa/…`).
+    for _ in 0..other_intents {
+        intent::write_intent(t.store.as_ref(), "aaa", &digests(&img)[..1], HOUR)
+            .await
+            .expect("intent");
+    }
+    intent::write_intent(t.store.as_ref(), "app", &digests(&g)[..1], HOUR)
+        .await
+        .expect("intent");
+    let listed = all_keys(t.store.as_ref()).await;
+    let position = listed
+        .iter()
+        .position(|k| k.starts_with("_ocigc/intents/app/"))
+        .expect("the intent is listed");
+    assert!(
+        position >= 1000,
+        "the intent lies beyond the first page: {position}"
+    );
+    let r = gc(&t.store, &eager()).await;
+    assert!(r.all_ok(), "{r:#?}");
+    let app = repo_report(&r, "app");
+    assert!(app.deleted.is_empty(), "intent ignored: {app:#?}");
+    // Known from the state as listed, not only from the re-check's last look.
+    assert_eq!(app.rescued, 0, "{app:#?}");
+    let k = keys(t.store.as_ref()).await;
+    assert_intact(&k, "app", &g, "under an intent beyond the first page");
+    assert_intact(&k, "0ld/app", &early, "tagged");
+    assert_eq!(
+        repo_report(&r, "0ld/app").deleted.len(),
+        before_state - now,
+        "the filler is garbage"
+    );
+}
+
+async fn the_first_page_ends_before_the_state(t: TestStore) {
+    the_state_is_read_whole_wherever_the_first_page_ends(&t, 1010, 0).await
+}
+
+async fn the_first_page_ends_inside_the_state(t: TestStore) {
+    the_state_is_read_whole_wherever_the_first_page_ends(&t, 990, 19).await
+}
+
 async fn intent_written_during_the_sweep_is_honoured(t: TestStore) {
     let f = Fixture {
         store: t.store.as_ref(),
@@ -455,6 +531,8 @@ both_stores!(
     verify_reports_a_reference_to_a_deleted_blob,
     verify_ignores_blobs_uploaded_again,
     intents_protect_until_they_expire,
+    the_first_page_ends_before_the_state,
+    the_first_page_ends_inside_the_state,
     intent_written_during_the_sweep_is_honoured,
     reuse_waits_for_a_batch_in_flight,
     held_lease_skips_the_repository,

@@ -135,7 +135,16 @@ pub struct Marker<'a> {
     /// When asked for (`explain`), the first parent each digest was reached from, and how:
     /// one path from a root. `None` in a normal run, which keeps nothing more.
     pub parents: Option<HashMap<Digest, Parent>>,
+    /// Where set (a dry run), whether an unreferenced blob could be deleted by this run: the
+    /// referrer scan runs only if one could. The scan only ever keeps blobs, so where none
+    /// could go it changes no deletion, and a preview of a first observation reads none of
+    /// the small garbage blobs the real run will read (once, remembering its verdicts).
+    pub scan_only_if_deletable: Option<Deletable<'a>>,
 }
+
+/// Whether an unreferenced blob could be deleted by this run (see
+/// [`Marker::scan_only_if_deletable`]).
+pub type Deletable<'a> = Box<dyn Fn(&Digest, &ObjectMeta) -> bool + Send + Sync + 'a>;
 
 /// The first parent a digest was reached from (see [`Marker::parents`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,6 +190,7 @@ impl<'a> Marker<'a> {
             manifests_fetched: 0,
             warnings: BTreeSet::new(),
             parents: None,
+            scan_only_if_deletable: None,
         }
     }
 
@@ -597,6 +607,15 @@ impl<'a> Marker<'a> {
     /// or the verify pass can follow them even once deleted; configs and other leaf documents
     /// (most garbage) are dropped, and read again should they become reachable.
     async fn scan_for_referrers(&mut self, seen: &HashSet<Digest>) -> Result<(), FailClosed> {
+        if let Some(deletable) = &self.scan_only_if_deletable {
+            let blobs = self.ctx.blobs.iter();
+            if !blobs
+                .filter(|(d, _)| !seen.contains(*d))
+                .any(|(d, o)| deletable(d, o))
+            {
+                return Ok(());
+            }
+        }
         let mut candidates: Vec<Digest> = Vec::new();
         let mut known: Vec<(Digest, References)> = Vec::new();
         for (d, o) in self.ctx.blobs.iter() {

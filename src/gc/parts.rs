@@ -20,6 +20,9 @@ use crate::store::{StoreError, StoreResult};
 /// A first page this long means the listing goes on (stores page by 1000 keys).
 const FULL_PAGE: usize = 1000;
 
+/// A listing's first page, already read, and the rest of that listing.
+pub(super) type FirstPage<'a> = (Vec<ObjectMeta>, BoxStream<'a, StoreResult<Vec<ObjectMeta>>>);
+
 /// The layout's answer to "may this prefix be listed in parts" ([`Layout::may_split`]).
 pub(super) struct LayoutSplit<'a>(pub &'a dyn Layout);
 
@@ -59,6 +62,8 @@ pub(super) struct Request<'a> {
     pub shard: Option<Shard>,
     /// A shard lists the other shards' parts too (for facts, not to collect them).
     pub others: bool,
+    /// The listing's first page where the run read it already (unsharded runs only).
+    pub first: Option<FirstPage<'a>>,
 }
 
 /// One part of a planned listing.
@@ -103,10 +108,16 @@ pub(super) async fn plan<'a>(
 ) -> Result<Listing<'a>, StoreError> {
     let policy = LayoutSplit(layout);
     let Some(shard) = req.shard else {
-        let mut pages = store.list(req.prefix);
-        let first = match pages.next().await {
-            Some(page) => page?,
-            None => Vec::new(),
+        let (first, pages) = match req.first {
+            Some(read) => read,
+            None => {
+                let mut pages = store.list(req.prefix);
+                let first = match pages.next().await {
+                    Some(page) => page?,
+                    None => Vec::new(),
+                };
+                (first, pages)
+            }
         };
         if req.parts <= 1 || first.len() < FULL_PAGE {
             return Ok(Listing::Sequential(

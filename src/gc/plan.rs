@@ -215,6 +215,19 @@ pub fn plan(
     RepoPlan { items }
 }
 
+/// Whether an unreferenced blob last modified at `last_modified`, first seen unreferenced at
+/// `first_seen`, is deleted under `policy` (the decision [`plan`] makes for it).
+pub fn deletes_unreferenced(
+    last_modified: SystemTime,
+    first_seen: Option<SystemTime>,
+    policy: PlanPolicy,
+) -> bool {
+    matches!(
+        decide(false, last_modified, first_seen, policy),
+        Decision::Delete(_)
+    )
+}
+
 /// Age on the store's clock; a modification time in the future (clock skew) is age zero.
 fn age(policy: PlanPolicy, last_modified: SystemTime) -> Duration {
     policy

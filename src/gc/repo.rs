@@ -69,6 +69,10 @@ pub(super) struct RepoInputs {
     /// placeholders not listed yet may keep its blobs alive. The run collects it again once
     /// the whole bucket has been listed.
     pub(super) defer_deletions: bool,
+    /// With [`RepoInputs::defer_deletions`], hand it back for a new candidate too: a shard
+    /// that has not listed the other slices would otherwise record as pending a blob their
+    /// links keep, and drop it again once it matures and they are listed, every delay.
+    pub(super) defer_candidates: bool,
     /// What the incremental cache knows of the unit, if the run uses it.
     pub(super) cache: Option<UnitCache>,
     /// Documents a first look at the unit this run already read (a deferred repository).
@@ -373,6 +377,7 @@ impl RepoRun<'_> {
     ) -> Result<(), Deferral> {
         let leftovers = inputs.leftovers;
         let defer = inputs.defer_deletions;
+        let inputs_defer_candidates = inputs.defer_candidates;
         let defects: Vec<String> = (repo.objects.iter())
             .filter_map(|o| Some(format!("{} ({})", o.key, o.defect.as_deref()?)))
             .collect();
@@ -524,7 +529,15 @@ impl RepoRun<'_> {
         };
         // A deletion may remove what a link or placeholder listed later keeps alive; `du`'s
         // unique bytes (and `explain`'s paths) need every such link too.
-        if defer && (self.detail || obs.plan.deletions().next().is_some()) {
+        let candidates = || {
+            (obs.plan.items.iter())
+                .any(|i| i.decision == Decision::Keep(Reason::AwaitingSecondObservation))
+        };
+        if defer
+            && (self.detail
+                || obs.plan.deletions().next().is_some()
+                || (inputs_defer_candidates && candidates()))
+        {
             return Err(Deferral(
                 cache::Contents::learned(&marker, Vec::new()),
                 retained,
@@ -872,6 +885,18 @@ impl RepoRun<'_> {
         };
         marker.warnings.extend(warnings);
         marker.assume_not_referrers(pending.not_referrers.iter().cloned());
+        // A preview persists no verdict: where it would delete nothing, the real run's scan
+        // is the only one (`du` and `explain` need the scan's reachability in full).
+        if self.dry_run && !self.detail && self.explain.is_none() {
+            let (first_seen, policy) = (pending.first_seen.clone(), self.policy);
+            marker.scan_only_if_deletable = Some(Box::new(move |d, o| {
+                super::plan::deletes_unreferenced(
+                    o.last_modified,
+                    first_seen.get(d).copied(),
+                    policy,
+                )
+            }));
+        }
         marker.prime(roots.documents);
         marker.prime(trashed_documents);
         let mut root_labels = HashMap::new();

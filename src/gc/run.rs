@@ -71,12 +71,38 @@ async fn collect_all(
         source,
     };
 
+    let key_space = layout.key_space();
+    let prefix = scope::objects_prefix(layout, &key_space, opts.only.as_deref());
+    let shard = opts.shard.filter(|_| opts.only.is_none());
     // ocigc's own state first (small): every repository's leftovers and intents are known
-    // when the listing hands it out.
-    let state = scope::list_state(&store, layout, opts.only.as_deref());
-    let state = before_run_deadline(run_deadline, opts, state)
-        .await?
-        .map_err(list_error)?;
+    // when the listing hands it out. Where the key space holds it and no repository sorts
+    // before it, the listing's first page usually holds all of it: no LIST of its own.
+    let first = if shard.is_none() && opts.only.is_none() && STATE_PREFIX.starts_with(&prefix) {
+        let first = first_page(&store, &prefix);
+        Some(before_run_deadline(run_deadline, opts, first).await?)
+    } else {
+        None
+    };
+    let (state, first) = match first {
+        Some(Ok((page, rest))) => match state_within(&page) {
+            Some(state) => (state, Some((page, rest))),
+            None => {
+                let state = scope::list_state(&store, layout, None);
+                let state = before_run_deadline(run_deadline, opts, state)
+                    .await?
+                    .map_err(list_error)?;
+                (state, Some((page, rest)))
+            }
+        },
+        Some(Err(e)) => return Err(list_error(e)),
+        None => {
+            let state = scope::list_state(&store, layout, opts.only.as_deref());
+            let state = before_run_deadline(run_deadline, opts, state)
+                .await?
+                .map_err(list_error)?;
+            (state, None)
+        }
+    };
     // The bucket clock from that answer's `Date` where the store keeps it (no request of its
     // own); nothing before this point looks at a time. Only a fresh answer: a monotonic clock
     // may drift from the store's over hours (a daemon keeps its store between runs).
@@ -176,6 +202,14 @@ async fn collect_all(
     // Deletions wait for complete facts where keys elsewhere can keep a blob alive: a link or
     // placeholder listed after a repository may be what keeps its blob.
     let links = layout.links_across_repositories();
+    // The global unit's roots (or objects) are in every slice; links anywhere keep blobs
+    // alive. A shard that needs the other slices only for links lists them when one of its
+    // repositories hands its decisions back for want of them (`facts_later`).
+    let owns_global = shard.is_none_or(|s| s.index == 0);
+    let global_everywhere =
+        owns_global && (key_space.global.is_some() || layout.global_in_listing());
+    let facts_later = links && shard.is_some() && !global_everywhere;
+    let needs_all = links || global_everywhere;
     let now = clock.now();
     let inputs_for = |repo: &Repository, facts_complete: bool, cache: Option<UnitCache>| {
         let name = repo.name.as_str();
@@ -205,6 +239,7 @@ async fn collect_all(
             roots: None,
             placeholders: facts.placeholders.clone(),
             defer_deletions: links && !facts_complete,
+            defer_candidates: facts_later && !facts_complete,
             primed: None,
             retained: None,
         }
@@ -212,17 +247,6 @@ async fn collect_all(
 
     // The listing, streamed: each repository is collected as soon as its keys are complete,
     // and dropped when done.
-    let key_space = layout.key_space();
-    let prefix = scope::objects_prefix(layout, &key_space, opts.only.as_deref());
-    let shard = opts.shard.filter(|_| opts.only.is_none());
-    // The global unit's roots (or objects) are in every slice; links anywhere keep blobs
-    // alive. A shard that needs the other slices for links only lists them when one of its
-    // repositories would delete something (see `facts_later`).
-    let owns_global = shard.is_none_or(|s| s.index == 0);
-    let global_everywhere =
-        owns_global && (key_space.global.is_some() || layout.global_in_listing());
-    let facts_later = links && shard.is_some() && !global_everywhere;
-    let needs_all = links || global_everywhere;
     // Units a layout does not collect one by one are still handed out where retention
     // applies to them (distribution without --delete-untagged: tags only), and for `du` and
     // `explain`, which show every repository (its tags, its share of the global blobs).
@@ -242,6 +266,7 @@ async fn collect_all(
             ),
             shard,
             others: needs_all,
+            first,
         };
         let planned = parts::plan(&store, layout, request);
         before_run_deadline(run_deadline, opts, planned)
@@ -255,8 +280,8 @@ async fn collect_all(
         parts::Listing::Sequential(pages) => (Some(pages), Vec::new()),
         parts::Listing::Parts(planned) => (None, planned),
     };
-    // Other slices held back: listed only if a repository of this shard defers a deletion
-    // for want of their facts, so that shards with nothing to delete list their slice alone.
+    // Other slices held back: listed only if a repository of this shard is deferred for
+    // want of their facts, so that a shard that changes nothing lists its slice alone.
     let later: Vec<parts::PlannedPart> = if facts_later {
         let (own, others) = planned.into_iter().partition(|p| p.own);
         planned = own;
@@ -351,7 +376,8 @@ async fn collect_all(
             .map(|p| Box::pin(shared.units(p.pages(&store), partitioner(layout), false)));
         let learnt = stream::select_all(feeds).for_each(|_| futures::future::ready(()));
         before_run_deadline(run_deadline, opts, learnt).await?;
-        // Only the error is this shard's: other slices' rejected keys are theirs to report.
+        // Only the error is this shard's: the other slices' rejected keys are reported by
+        // their own shards.
         if let Some(e) = std::mem::take(&mut *lock(&shared.tail)).error {
             return Err(list_error(e));
         }
@@ -510,6 +536,7 @@ async fn collect_all(
             roots,
             placeholders,
             defer_deletions: false,
+            defer_candidates: false,
             cache,
             primed: None,
             retained: None,
@@ -547,6 +574,35 @@ async fn collect_all(
         "gc run finished"
     );
     Ok(report)
+}
+
+/// The first page of the listing of `prefix`, and the rest of that listing.
+async fn first_page<'a>(
+    store: &'a dyn Store,
+    prefix: &'a str,
+) -> Result<parts::FirstPage<'a>, StoreError> {
+    let mut pages = store.list(prefix);
+    let page = match pages.next().await {
+        Some(page) => page?,
+        None => Vec::new(),
+    };
+    Ok((page, pages))
+}
+
+/// ocigc's state objects in a first page of the key space, if the page holds all of them:
+/// its last key sorts after every state key, so no state object is left for a later page
+/// (in byte order, and in the directory store's order by path component alike). A short
+/// page is not taken as the end: some stores truncate pages early.
+fn state_within(page: &[ObjectMeta]) -> Option<Vec<ObjectMeta>> {
+    let complete = page
+        .last()
+        .is_some_and(|o| o.key.as_str() > STATE_PREFIX && !namespace::is_state(&o.key));
+    complete.then(|| {
+        page.iter()
+            .filter(|o| namespace::is_state(&o.key))
+            .cloned()
+            .collect()
+    })
 }
 
 /// Cross-repository facts (placeholders and their content copies, mount links), grown as the
@@ -1006,6 +1062,7 @@ async fn list_whole(
         parts: list_parts,
         shard: None,
         others: false,
+        first: None,
     };
     let pages: Vec<Vec<ObjectMeta>> = match parts::plan(store, layout, request).await? {
         parts::Listing::Sequential(pages) => pages.try_collect().await?,
