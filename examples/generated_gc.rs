@@ -3,7 +3,7 @@
 //! [`GeneratedStore`]. Deletes are counted and applied to nothing.
 //!
 //! Usage: `generated_gc 'generated:?repos=N&tags=T&layers=L&garbage=G&seed=S' [--layout oci]
-//! [--dry-run] [--grace D] [--delay D] [--concurrency N] [--clock-offset D]`; prints the JSON
+//! [--dry-run] [--grace D] [--delay D] [--concurrency N] [--clock-offset D] [--shard I/N]`; prints the JSON
 //! report on stdout, plus `"generated_deletes"`, the generated keys the run asked to delete.
 //! With `--write-dir PATH` it writes the generated bucket there as files instead (a
 //! directory-store bucket of identical content) and prints `{"written": N}`.
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
-use ocigc::gc::{run_gc, GcOptions};
+use ocigc::gc::{run_gc, GcOptions, Shard};
 use ocigc::layout::{self, LayoutOptions};
 use ocigc::store::{GeneratedSpec, GeneratedStore, Store};
 
@@ -83,6 +83,10 @@ async fn main() -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow!("--concurrency needs a value"))?
                     .parse()
                     .context("--concurrency")?
+            }
+            "--shard" => {
+                let value = it.next().ok_or_else(|| anyhow!("--shard needs a value"))?;
+                opts.shard = Some(Shard::parse(value).map_err(|e| anyhow!("--shard {e}"))?);
             }
             "--layout" => {
                 layout_name = it
