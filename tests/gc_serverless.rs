@@ -868,3 +868,47 @@ both_stores!(
     shards_keep_blobs_mounted_from_other_slices,
     a_shard_never_holds_a_mounted_layer_pending
 );
+
+/// A preview that would delete an abandoned upload scans for referrers as the real run does,
+/// even where no blob could go yet (first observation, `--delay 1h`): here the scan finds an
+/// untagged referrer (its subject tagged) that lists a missing manifest, which fails the
+/// repository closed, so neither run deletes the upload. (With `--delete-untagged`.)
+async fn a_preview_with_an_upload_to_delete_scans(t: TestStore) {
+    let w = SrWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let img = f.image("a", "v1").await;
+    w.tag("a", "v1", &img).await;
+    let ghost = Desc {
+        media_type: OCI_MANIFEST.into(),
+        digest: sha256(b"ghost manifest"),
+        size: 14,
+        subtree: vec![],
+    };
+    let doc = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [ghost.json()],
+        "subject": img.json(),
+        "artifactType": "application/vnd.example.sbom",
+    });
+    f.doc("a", OCI_INDEX, &doc, &[]).await;
+    f.put(&format!("a/uploads/{OPEN}"), b"chunk").await;
+    let wait = GcOptions {
+        delay: Duration::from_secs(3600),
+        no_cache: true,
+        ..eager()
+    };
+    let dry = GcOptions {
+        dry_run: true,
+        ..wait.clone()
+    };
+    let preview = srgc(&t.store, &dry, true).await;
+    let real = srgc(&t.store, &wait, true).await;
+    let (p, r) = (repo_report(&preview, "a"), repo_report(&real, "a"));
+    assert_eq!(r.status, RepoStatus::Failed, "{r:#?}");
+    assert_eq!(p.status, r.status, "preview {p:#?}");
+    assert!(all_deleted_keys(&real).is_empty(), "{real:#?}");
+    assert_eq!(all_deleted_keys(&preview), all_deleted_keys(&real));
+}
+
+both_stores!(a_preview_with_an_upload_to_delete_scans);

@@ -20,7 +20,7 @@ use std::time::SystemTime;
 use futures::{stream, StreamExt};
 
 use crate::digest::Digest;
-use crate::layout::{ContentCopy, Layout, Repository};
+use crate::layout::{ContentCopy, KeyKind, Layout, Repository};
 use crate::manifest::{self, ContentKind, Descriptor, References, MAX_MANIFEST_SIZE};
 use crate::report::UnitShare;
 use crate::store::{ObjectMeta, Store, StoreError};
@@ -135,16 +135,20 @@ pub struct Marker<'a> {
     /// When asked for (`explain`), the first parent each digest was reached from, and how:
     /// one path from a root. `None` in a normal run, which keeps nothing more.
     pub parents: Option<HashMap<Digest, Parent>>,
-    /// Where set (a dry run), whether an unreferenced blob could be deleted by this run: the
-    /// referrer scan runs only if one could. The scan only ever keeps blobs, so where none
-    /// could go it changes no deletion, and a preview of a first observation reads none of
-    /// the small garbage blobs the real run will read (once, remembering its verdicts).
+    /// Where set (a dry run), whether a key of the repository could be deleted by this run if
+    /// nothing reaches it (a blob, with its digest, or an abandoned upload): the referrer scan
+    /// runs only if one could. What the scan finds only keeps blobs, so where nothing could
+    /// go it changes no deletion, and a preview of a first observation reads none of the small
+    /// garbage blobs the real run will read (once, remembering its verdicts). It may still
+    /// fail the real run closed (a found referrer naming a missing manifest), which such a
+    /// preview does not see.
     pub scan_only_if_deletable: Option<Deletable<'a>>,
 }
 
-/// Whether an unreferenced blob could be deleted by this run (see
-/// [`Marker::scan_only_if_deletable`]).
-pub type Deletable<'a> = Box<dyn Fn(&Digest, &ObjectMeta) -> bool + Send + Sync + 'a>;
+/// Whether a key could be deleted by this run if unreferenced (see
+/// [`Marker::scan_only_if_deletable`]): `Some(digest)` for a blob, `None` for an abandoned
+/// upload's scratch object.
+pub type Deletable<'a> = Box<dyn Fn(Option<&Digest>, &ObjectMeta) -> bool + Send + Sync + 'a>;
 
 /// The first parent a digest was reached from (see [`Marker::parents`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -608,11 +612,18 @@ impl<'a> Marker<'a> {
     /// (most garbage) are dropped, and read again should they become reachable.
     async fn scan_for_referrers(&mut self, seen: &HashSet<Digest>) -> Result<(), FailClosed> {
         if let Some(deletable) = &self.scan_only_if_deletable {
-            let blobs = self.ctx.blobs.iter();
-            if !blobs
-                .filter(|(d, _)| !seen.contains(*d))
-                .any(|(d, o)| deletable(d, o))
-            {
+            // Every key, not the digest map: a digest may be stored under two keys of
+            // different ages, and the plan decides each.
+            let (repo, layout) = (self.ctx.repo, self.ctx.layout);
+            let any = repo
+                .objects
+                .iter()
+                .any(|o| match layout.classify(repo, &o.key) {
+                    KeyKind::Blob(d) => !seen.contains(&d) && deletable(Some(&d), o),
+                    KeyKind::Scratch => deletable(None, o),
+                    KeyKind::Other => false,
+                });
+            if !any {
                 return Ok(());
             }
         }

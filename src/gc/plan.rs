@@ -186,10 +186,10 @@ pub fn plan(
             let (digest, decision) = match layout.classify(repo, &o.key) {
                 KeyKind::Other => (None, Decision::Keep(Reason::NotABlob)),
                 KeyKind::Scratch => {
-                    let decision = if age(policy, o.last_modified) < policy.grace {
-                        Decision::Keep(Reason::WithinGrace)
-                    } else {
+                    let decision = if deletes_scratch(o.last_modified, policy) {
                         Decision::Delete(Reason::AbandonedUpload)
+                    } else {
+                        Decision::Keep(Reason::WithinGrace)
                     };
                     (None, decision)
                 }
@@ -226,6 +226,12 @@ pub fn deletes_unreferenced(
         decide(false, last_modified, first_seen, policy),
         Decision::Delete(_)
     )
+}
+
+/// Whether an abandoned upload's object last modified at `last_modified` is deleted under
+/// `policy` (the decision [`plan`] makes for it).
+pub fn deletes_scratch(last_modified: SystemTime, policy: PlanPolicy) -> bool {
+    age(policy, last_modified) >= policy.grace
 }
 
 /// Age on the store's clock; a modification time in the future (clock skew) is age zero.

@@ -529,14 +529,20 @@ impl RepoRun<'_> {
         };
         // A deletion may remove what a link or placeholder listed later keeps alive; `du`'s
         // unique bytes (and `explain`'s paths) need every such link too.
-        let candidates = || {
-            (obs.plan.items.iter())
-                .any(|i| i.decision == Decision::Keep(Reason::AwaitingSecondObservation))
+        // New candidates only: one pending since an earlier run was recorded on complete
+        // facts, and waits for them again only once it matures (as a deletion).
+        let new_candidates = || {
+            obs.plan.items.iter().any(|i| {
+                i.decision == Decision::Keep(Reason::AwaitingSecondObservation)
+                    && i.digest
+                        .as_ref()
+                        .is_some_and(|d| !obs.pending.first_seen.contains_key(d))
+            })
         };
         if defer
             && (self.detail
                 || obs.plan.deletions().next().is_some()
-                || (inputs_defer_candidates && candidates()))
+                || (inputs_defer_candidates && new_candidates()))
         {
             return Err(Deferral(
                 cache::Contents::learned(&marker, Vec::new()),
@@ -889,12 +895,13 @@ impl RepoRun<'_> {
         // is the only one (`du` and `explain` need the scan's reachability in full).
         if self.dry_run && !self.detail && self.explain.is_none() {
             let (first_seen, policy) = (pending.first_seen.clone(), self.policy);
-            marker.scan_only_if_deletable = Some(Box::new(move |d, o| {
-                super::plan::deletes_unreferenced(
+            marker.scan_only_if_deletable = Some(Box::new(move |d, o| match d {
+                Some(d) => super::plan::deletes_unreferenced(
                     o.last_modified,
                     first_seen.get(d).copied(),
                     policy,
-                )
+                ),
+                None => super::plan::deletes_scratch(o.last_modified, policy),
             }));
         }
         marker.prime(roots.documents);
