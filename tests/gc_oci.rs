@@ -590,15 +590,7 @@ async fn a_preview_that_deletes_nothing_reads_no_garbage(t: TestStore) {
     let garbage = f.image("app", "garbage").await;
     let sig = f.referrer("app", &img, "signature").await;
     let reused = f.blob("app", OCI_LAYER, b"layer reused later").await;
-    let wait = GcOptions {
-        delay: Duration::from_secs(3600),
-        no_cache: true,
-        ..eager()
-    };
-    let dry = GcOptions {
-        dry_run: true,
-        ..wait.clone()
-    };
+    let (wait, dry) = (first_observation(false), first_observation(true));
     let fetched = |r: &Report| repo_report(r, "app").manifests_fetched;
     let preview = gc(&t.store, &dry).await;
     assert!(all_deleted_keys(&preview).is_empty());

@@ -893,15 +893,7 @@ async fn a_preview_with_an_upload_to_delete_scans(t: TestStore) {
     });
     f.doc("a", OCI_INDEX, &doc, &[]).await;
     f.put(&format!("a/uploads/{OPEN}"), b"chunk").await;
-    let wait = GcOptions {
-        delay: Duration::from_secs(3600),
-        no_cache: true,
-        ..eager()
-    };
-    let dry = GcOptions {
-        dry_run: true,
-        ..wait.clone()
-    };
+    let (wait, dry) = (first_observation(false), first_observation(true));
     let preview = srgc(&t.store, &dry, true).await;
     let real = srgc(&t.store, &wait, true).await;
     let (p, r) = (repo_report(&preview, "a"), repo_report(&real, "a"));

@@ -349,6 +349,16 @@ pub async fn keys(store: &dyn Store) -> BTreeSet<String> {
         .collect()
 }
 
+/// Options for a first observation (`--delay 1h`, no incremental cache), real or dry.
+pub fn first_observation(dry_run: bool) -> GcOptions {
+    GcOptions {
+        dry_run,
+        delay: Duration::from_secs(3600),
+        no_cache: true,
+        ..eager()
+    }
+}
+
 /// Options for a run that deletes unreferenced blobs immediately.
 pub fn eager() -> GcOptions {
     GcOptions {
