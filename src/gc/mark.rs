@@ -19,6 +19,7 @@ use std::time::SystemTime;
 
 use futures::{stream, StreamExt};
 
+use super::plan::{deletes_scratch, deletes_unreferenced, PlanPolicy};
 use crate::digest::Digest;
 use crate::layout::{ContentCopy, KeyKind, Layout, Repository};
 use crate::manifest::{self, ContentKind, Descriptor, References, MAX_MANIFEST_SIZE};
@@ -135,20 +136,24 @@ pub struct Marker<'a> {
     /// When asked for (`explain`), the first parent each digest was reached from, and how:
     /// one path from a root. `None` in a normal run, which keeps nothing more.
     pub parents: Option<HashMap<Digest, Parent>>,
-    /// Where set (a dry run), whether a key of the repository could be deleted by this run if
-    /// nothing reaches it (a blob, with its digest, or an abandoned upload): the referrer scan
-    /// runs only if one could. What the scan finds only keeps blobs, so where nothing could
-    /// go it changes no deletion, and a preview of a first observation reads none of the small
-    /// garbage blobs the real run will read (once, remembering its verdicts). It may still
-    /// fail the real run closed (a found referrer naming a missing manifest), which such a
-    /// preview does not see.
-    pub scan_only_if_deletable: Option<Deletable<'a>>,
+    /// Where set (a dry run), what this run could delete: the referrer scan runs only if a
+    /// key of the repository that nothing reaches could go (a blob, or an abandoned upload).
+    /// What the scan finds only keeps blobs, so where nothing could go it changes no
+    /// deletion, and a preview of a first observation reads none of the small garbage blobs
+    /// the real run will read (once, remembering its verdicts). It may still fail the real
+    /// run closed (a found referrer naming a missing manifest), which such a preview does not
+    /// see.
+    pub scan_only_if_deletable: Option<Deletable>,
 }
 
-/// Whether a key could be deleted by this run if unreferenced (see
-/// [`Marker::scan_only_if_deletable`]): `Some(digest)` for a blob, `None` for an abandoned
-/// upload's scratch object.
-pub type Deletable<'a> = Box<dyn Fn(Option<&Digest>, &ObjectMeta) -> bool + Send + Sync + 'a>;
+/// What decides whether a dry run could delete an unreferenced key (see
+/// [`Marker::scan_only_if_deletable`]).
+pub struct Deletable {
+    /// The run's grace and delay.
+    pub policy: PlanPolicy,
+    /// When each pending candidate was first seen unreferenced.
+    pub first_seen: HashMap<Digest, SystemTime>,
+}
 
 /// The first parent a digest was reached from (see [`Marker::parents`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -611,16 +616,23 @@ impl<'a> Marker<'a> {
     /// or the verify pass can follow them even once deleted; configs and other leaf documents
     /// (most garbage) are dropped, and read again should they become reachable.
     async fn scan_for_referrers(&mut self, seen: &HashSet<Digest>) -> Result<(), FailClosed> {
-        if let Some(deletable) = &self.scan_only_if_deletable {
+        if let Some(Deletable { policy, first_seen }) = &self.scan_only_if_deletable {
             // Every key, not the digest map: a digest may be stored under two keys of
             // different ages, and the plan decides each.
-            let (repo, layout) = (self.ctx.repo, self.ctx.layout);
+            let (repo, layout, policy) = (self.ctx.repo, self.ctx.layout, *policy);
             let any = repo
                 .objects
                 .iter()
                 .any(|o| match layout.classify(repo, &o.key) {
-                    KeyKind::Blob(d) => !seen.contains(&d) && deletable(Some(&d), o),
-                    KeyKind::Scratch => deletable(None, o),
+                    KeyKind::Blob(d) => {
+                        !seen.contains(&d)
+                            && deletes_unreferenced(
+                                o.last_modified,
+                                first_seen.get(&d).copied(),
+                                policy,
+                            )
+                    }
+                    KeyKind::Scratch => deletes_scratch(o.last_modified, policy),
                     KeyKind::Other => false,
                 });
             if !any {

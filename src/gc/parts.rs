@@ -23,6 +23,19 @@ const FULL_PAGE: usize = 1000;
 /// A listing's first page, already read, and the rest of that listing.
 pub(super) type FirstPage<'a> = (Vec<ObjectMeta>, BoxStream<'a, StoreResult<Vec<ObjectMeta>>>);
 
+/// The first page of the listing of `prefix`, and the rest of that listing.
+pub(super) async fn first_page<'a>(
+    store: &'a dyn Store,
+    prefix: &'a str,
+) -> Result<FirstPage<'a>, StoreError> {
+    let mut pages = store.list(prefix);
+    let page = match pages.next().await {
+        Some(page) => page?,
+        None => Vec::new(),
+    };
+    Ok((page, pages))
+}
+
 /// The layout's answer to "may this prefix be listed in parts" ([`Layout::may_split`]).
 pub(super) struct LayoutSplit<'a>(pub &'a dyn Layout);
 
@@ -110,14 +123,7 @@ pub(super) async fn plan<'a>(
     let Some(shard) = req.shard else {
         let (first, pages) = match req.first {
             Some(read) => read,
-            None => {
-                let mut pages = store.list(req.prefix);
-                let first = match pages.next().await {
-                    Some(page) => page?,
-                    None => Vec::new(),
-                };
-                (first, pages)
-            }
+            None => first_page(store, req.prefix).await?,
         };
         if req.parts <= 1 || first.len() < FULL_PAGE {
             return Ok(Listing::Sequential(

@@ -217,7 +217,7 @@ pub fn plan(
 
 /// Whether an unreferenced blob last modified at `last_modified`, first seen unreferenced at
 /// `first_seen`, is deleted under `policy` (the decision [`plan`] makes for it).
-pub fn deletes_unreferenced(
+pub(crate) fn deletes_unreferenced(
     last_modified: SystemTime,
     first_seen: Option<SystemTime>,
     policy: PlanPolicy,
@@ -230,7 +230,7 @@ pub fn deletes_unreferenced(
 
 /// Whether an abandoned upload's object last modified at `last_modified` is deleted under
 /// `policy` (the decision [`plan`] makes for it).
-pub fn deletes_scratch(last_modified: SystemTime, policy: PlanPolicy) -> bool {
+pub(crate) fn deletes_scratch(last_modified: SystemTime, policy: PlanPolicy) -> bool {
     age(policy, last_modified) >= policy.grace
 }
 

@@ -12,7 +12,7 @@ use super::budget::Budget;
 use super::cache;
 use super::clock::BucketClock;
 use super::lease::{Acquired, Leases};
-use super::mark::{MarkContext, Marker};
+use super::mark::{Deletable, MarkContext, Marker};
 use super::plan::{plan, Decision, PlanPolicy, Reason, RepoPlan};
 use super::recheck::RepoGuard;
 use super::state::{self, Pending};
@@ -377,7 +377,7 @@ impl RepoRun<'_> {
     ) -> Result<(), Deferral> {
         let leftovers = inputs.leftovers;
         let defer = inputs.defer_deletions;
-        let inputs_defer_candidates = inputs.defer_candidates;
+        let defer_candidates = inputs.defer_candidates;
         let defects: Vec<String> = (repo.objects.iter())
             .filter_map(|o| Some(format!("{} ({})", o.key, o.defect.as_deref()?)))
             .collect();
@@ -542,7 +542,7 @@ impl RepoRun<'_> {
         if defer
             && (self.detail
                 || obs.plan.deletions().next().is_some()
-                || (inputs_defer_candidates && new_candidates()))
+                || (defer_candidates && new_candidates()))
         {
             return Err(Deferral(
                 cache::Contents::learned(&marker, Vec::new()),
@@ -894,15 +894,10 @@ impl RepoRun<'_> {
         // A preview persists no verdict: where it would delete nothing, the real run's scan
         // is the only one (`du` and `explain` need the scan's reachability in full).
         if self.dry_run && !self.detail && self.explain.is_none() {
-            let (first_seen, policy) = (pending.first_seen.clone(), self.policy);
-            marker.scan_only_if_deletable = Some(Box::new(move |d, o| match d {
-                Some(d) => super::plan::deletes_unreferenced(
-                    o.last_modified,
-                    first_seen.get(d).copied(),
-                    policy,
-                ),
-                None => super::plan::deletes_scratch(o.last_modified, policy),
-            }));
+            marker.scan_only_if_deletable = Some(Deletable {
+                policy: self.policy,
+                first_seen: pending.first_seen.clone(),
+            });
         }
         marker.prime(roots.documents);
         marker.prime(trashed_documents);

@@ -78,29 +78,22 @@ async fn collect_all(
     // when the listing hands it out. Where the key space holds it and no repository sorts
     // before it, the listing's first page usually holds all of it: no LIST of its own.
     let first = if shard.is_none() && opts.only.is_none() && STATE_PREFIX.starts_with(&prefix) {
-        let first = first_page(&store, &prefix);
-        Some(before_run_deadline(run_deadline, opts, first).await?)
+        let first = parts::first_page(&store, &prefix);
+        Some(
+            before_run_deadline(run_deadline, opts, first)
+                .await?
+                .map_err(list_error)?,
+        )
     } else {
         None
     };
-    let (state, first) = match first {
-        Some(Ok((page, rest))) => match state_within(&page) {
-            Some(state) => (state, Some((page, rest))),
-            None => {
-                let state = scope::list_state(&store, layout, None);
-                let state = before_run_deadline(run_deadline, opts, state)
-                    .await?
-                    .map_err(list_error)?;
-                (state, Some((page, rest)))
-            }
-        },
-        Some(Err(e)) => return Err(list_error(e)),
+    let state = match first.as_ref().and_then(|(page, _)| state_within(page)) {
+        Some(state) => state,
         None => {
             let state = scope::list_state(&store, layout, opts.only.as_deref());
-            let state = before_run_deadline(run_deadline, opts, state)
+            before_run_deadline(run_deadline, opts, state)
                 .await?
-                .map_err(list_error)?;
-            (state, None)
+                .map_err(list_error)?
         }
     };
     // The bucket clock from that answer's `Date` where the store keeps it (no request of its
@@ -574,19 +567,6 @@ async fn collect_all(
         "gc run finished"
     );
     Ok(report)
-}
-
-/// The first page of the listing of `prefix`, and the rest of that listing.
-async fn first_page<'a>(
-    store: &'a dyn Store,
-    prefix: &'a str,
-) -> Result<parts::FirstPage<'a>, StoreError> {
-    let mut pages = store.list(prefix);
-    let page = match pages.next().await {
-        Some(page) => page?,
-        None => Vec::new(),
-    };
-    Ok((page, pages))
 }
 
 /// ocigc's state objects in a first page of the key space, if the page holds all of them:
