@@ -289,6 +289,7 @@ async fn mark_with(
         blobs: &blobs,
         placeholders: &placeholders,
         concurrency: 4,
+        listed_later: false,
     });
     if let Some(c) = cached {
         marker.prime_cached(c.documents.clone(), c.not_referrers.clone());

@@ -352,7 +352,87 @@ async fn recheck_and_verify_see_a_manifest_pushed_during_the_run(t: TestStore) {
     }
 }
 
+/// A blob space longer than a page, listed in parts. The global unit is marked before it is
+/// listed and the listing streamed against the reachable set (reachable blobs are counted and
+/// dropped as their page goes by): exactly the unreferenced blobs go, and the report is the
+/// one a run that lists the blob space whole (`du`'s detail) makes of the same bucket.
+async fn a_blob_space_of_many_pages_streams_in_parts(t: TestStore) {
+    use futures::StreamExt as _;
+    let w = DistWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let layers: Vec<Desc> = futures::stream::iter(0..1050)
+        .map(|i| {
+            let f = &f;
+            async move {
+                f.blob("a", OCI_LAYER, format!("layer {i}").as_bytes())
+                    .await
+            }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    let (kept, gone) = layers.split_at(600);
+    let cfg = f.blob("a", OCI_CONFIG, b"{\"kept\":1}").await;
+    let tagged = f
+        .manifest("a", &cfg, &kept.iter().collect::<Vec<_>>(), None)
+        .await;
+    w.tag("a", "1.0", &tagged).await;
+    let cfg = f.blob("a", OCI_CONFIG, b"{\"gone\":1}").await;
+    let untagged = f
+        .manifest("a", &cfg, &gone.iter().collect::<Vec<_>>(), None)
+        .await;
+    let blob_keys = (keys(t.store.as_ref()).await.into_iter())
+        .filter(|k| k.starts_with(&format!("{V2}/blobs/")))
+        .count() as u64;
+    assert!(blob_keys > 1000, "more than a page: {blob_keys}");
+    let opts = GcOptions {
+        list_parts: 4,
+        ..eager()
+    };
+    let whole = GcOptions {
+        dry_run: true,
+        detail: true,
+        ..opts.clone()
+    };
+    let whole = dgc(&t.store, &whole, true).await;
+    let preview = dgc(
+        &t.store,
+        &GcOptions {
+            dry_run: true,
+            ..opts.clone()
+        },
+        true,
+    )
+    .await;
+    let report = dgc(&t.store, &opts, true).await;
+    let expected: BTreeSet<String> = (untagged.subtree.iter())
+        .filter(|d| !tagged.subtree.contains(d))
+        .map(|d| data_key(d))
+        .collect();
+    for r in [&whole, &preview, &report] {
+        let g = repo_report(r, GLOBAL_REPOSITORY);
+        assert_eq!(g.status, RepoStatus::Ok, "{g:#?}");
+        let deleted: BTreeSet<String> = g.deleted.iter().map(|d| d.key.clone()).collect();
+        assert_eq!(deleted, expected, "{}", t.kind);
+        assert_eq!(g.reachable.blobs, tagged.subtree.len() as u64);
+        assert_eq!(g.objects, blob_keys);
+    }
+    let (g, w) = (
+        repo_report(&report, GLOBAL_REPOSITORY),
+        repo_report(&whole, GLOBAL_REPOSITORY),
+    );
+    assert_eq!(
+        (g.bytes, g.reachable, g.pending),
+        (w.bytes, w.reachable, w.pending)
+    );
+    let k = keys(t.store.as_ref()).await;
+    assert_all(&k, &tagged, true, "tagged image");
+    assert!(expected.is_disjoint(&k));
+    assert!(dist_dangling(t.store.as_ref()).await.is_empty());
+}
+
 both_stores!(
+    a_blob_space_of_many_pages_streams_in_parts,
     recheck_and_verify_see_a_manifest_pushed_during_the_run,
     shared_layers_and_multi_arch,
     untagged_manifests_only_on_request,

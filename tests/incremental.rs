@@ -485,11 +485,13 @@ fn at(offset: Duration, base: &GcOptions) -> GcOptions {
 // ---- an unchanged re-run ----
 
 /// What a run of a bucket whose units are all unchanged costs: the listing pages (the bucket
-/// clock is the first one's `Date`).
+/// clock is the first one's `Date`), and on `distribution` the global unit's cache read: its
+/// blob space is marked before it is listed (streamed against the reachable set), from the
+/// documents that entry holds, so it is read before the listing can tell it unchanged.
 async fn again_cost(reg: &Registry) -> RequestCounts {
     RequestCounts {
         list: reg.listing_pages().await,
-        get: 0,
+        get: u64::from(reg.kind == Kind::Distribution),
         head: 0,
         put: 0,
         delete: 0,
@@ -576,8 +578,13 @@ async fn unchanged_rerun(t: TestStore, kind: Kind) {
         })
         .collect();
     assert_eq!(listed, reg.listed_prefixes(), "{kind:?}");
+    // Beyond the listing, only the global unit's cache entry is read (see `again_cost`).
     assert!(
-        reqs.iter().all(|r| matches!(r, Req::List(_) | Req::Clock)),
+        reqs.iter().all(|r| match r {
+            Req::List(_) | Req::Clock => true,
+            Req::Get(k) => kind == Kind::Distribution && k.starts_with(CACHE_PREFIX),
+            _ => false,
+        }),
         "{reqs:#?}"
     );
     assert_eq!(again.totals.manifests_fetched, 0);
@@ -1061,6 +1068,89 @@ async fn manifest_rewritten_behind_the_cache(t: TestStore) {
     }
 }
 
+/// The global unit of a report.
+fn global_of(report: &Report) -> &ocigc::report::RepoReport {
+    (report.repositories.iter())
+        .find(|r| r.name == GLOBAL_REPOSITORY)
+        .expect("a global unit")
+}
+
+/// A `distribution` bucket whose tagged manifest `m` is in the global unit's cache entry,
+/// with a second image `x` of the same size pushed and untagged. Returns the two images and
+/// the options of a run that may delete (the clock two hours on).
+async fn cached_global(reg: &Registry) -> (Desc, Desc, GcOptions) {
+    let f = reg.fixture();
+    let m = f.image("app", "image-m").await;
+    let x = f.image("app", "image-x").await;
+    assert_eq!(m.size, x.size);
+    reg.tag("app", "v1", &m).await;
+    let young = GcOptions {
+        grace: HOUR,
+        ..eager()
+    };
+    reg.gc(&young).await;
+    let again = reg.gc(&young).await;
+    assert!(
+        unchanged_units(&again).contains(GLOBAL_REPOSITORY),
+        "the global unit has a cache entry: {again:#?}"
+    );
+    (m, x, at(2 * HOUR, &young))
+}
+
+/// The global blob space is marked from its cached documents before it is listed (streamed
+/// against the reachable set). A cached manifest's data rewritten with another manifest of
+/// the same size shows in that listing: the document is read again, and the blobs the data
+/// references now are kept, as a run without the cache keeps them.
+async fn manifest_rewritten_behind_the_streamed_cache(t: TestStore) {
+    let reg = Registry::new(&t, Kind::Distribution);
+    let (m, x, later) = cached_global(&reg).await;
+    let body = (t.store.get(&data_key(&x.digest)).await)
+        .expect("x's manifest")
+        .body;
+    overwrite(t.store.as_ref(), &data_key(&m.digest), body.to_vec()).await;
+    let reference = reg.gc(&uncached_dry(&later)).await;
+    let report = reg.gc(&later).await;
+    assert!(report.all_ok(), "{report:#?}");
+    assert!(!global_of(&report).unchanged);
+    assert_eq!(all_deleted_keys(&report), all_deleted_keys(&reference));
+    let k = keys(t.store.as_ref()).await;
+    for d in &x.subtree[1..] {
+        assert!(
+            k.contains(&data_key(d)),
+            "{}: {d}, referenced by what the tag's manifest key holds now, was deleted",
+            t.kind
+        );
+    }
+    for d in &m.subtree[1..] {
+        assert!(!k.contains(&data_key(d)), "{d}: no longer referenced");
+    }
+}
+
+/// A cached manifest whose data is deleted behind the cache: the streamed listing does not
+/// show it, the document is read again and found missing, and the global unit fails closed
+/// with nothing deleted, as a run without the cache does.
+async fn manifest_deleted_behind_the_streamed_cache(t: TestStore) {
+    let reg = Registry::new(&t, Kind::Distribution);
+    let (m, _x, later) = cached_global(&reg).await;
+    let failed = (t.store.delete_batch(&[data_key(&m.digest)]).await).expect("delete");
+    assert!(failed.is_empty(), "{failed:?}");
+    let before = keys(t.store.as_ref()).await;
+    let reference = reg.gc(&uncached_dry(&later)).await;
+    let report = reg.gc(&later).await;
+    let (global, expected) = (global_of(&report), global_of(&reference));
+    assert_eq!(global.status, expected.status, "{report:#?}");
+    assert_ne!(global.status, ocigc::report::RepoStatus::Ok, "{report:#?}");
+    assert!(global.deleted.is_empty(), "{report:#?}");
+    let after = keys(t.store.as_ref()).await;
+    for d in &m.subtree[1..] {
+        assert!(
+            after.contains(&data_key(d)),
+            "{d} of the tagged image was deleted"
+        );
+    }
+    assert!(after.is_subset(&before));
+}
+
 fn reg_units(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
@@ -1070,6 +1160,8 @@ both_stores!(
     tag_moved_behind_the_cache_serverless,
     tag_moved_behind_the_cache_distribution,
     manifest_rewritten_behind_the_cache,
+    manifest_rewritten_behind_the_streamed_cache,
+    manifest_deleted_behind_the_streamed_cache,
 );
 
 // ---- (d) shards running at once ----

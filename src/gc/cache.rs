@@ -102,38 +102,98 @@ pub fn fingerprint<'a>(
             .then(a.last_modified.cmp(&b.last_modified))
     });
     let mut h = sha2::Sha256::new();
-    // Every variable-length field is length-prefixed, so no two inputs hash the same bytes.
-    fn field(h: &mut sha2::Sha256, bytes: &[u8]) {
-        h.update((bytes.len() as u64).to_be_bytes());
-        h.update(bytes);
-    }
     field(&mut h, b"ocigc-cache-fingerprint-v1");
     field(&mut h, context.as_bytes());
     h.update((sorted.len() as u64).to_be_bytes());
     for o in sorted {
-        field(&mut h, o.key.as_bytes());
-        h.update(o.size.to_be_bytes());
-        match &o.etag {
-            Some(e) => {
-                h.update([1]);
-                field(&mut h, e.as_bytes());
-            }
-            None => h.update([0]),
-        }
-        let nanos: i128 = match o.last_modified.duration_since(UNIX_EPOCH) {
-            Ok(d) => d.as_nanos() as i128,
-            Err(e) => -(e.duration().as_nanos() as i128),
-        };
-        h.update(nanos.to_be_bytes());
-        match &o.defect {
-            Some(d) => {
-                h.update([1]);
-                field(&mut h, d.as_bytes());
-            }
-            None => h.update([0]),
-        }
+        hash_object(&mut h, o);
     }
     Fingerprint(h.finalize().into())
+}
+
+/// Every variable-length field is length-prefixed, so no two inputs hash the same bytes.
+fn field(h: &mut sha2::Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_be_bytes());
+    h.update(bytes);
+}
+
+/// One listed object's part of a fingerprint: key, size, ETag, last-modified nanoseconds and
+/// defect.
+fn hash_object(h: &mut sha2::Sha256, o: &ObjectMeta) {
+    field(h, o.key.as_bytes());
+    h.update(o.size.to_be_bytes());
+    match &o.etag {
+        Some(e) => {
+            h.update([1]);
+            field(h, e.as_bytes());
+        }
+        None => h.update([0]),
+    }
+    let nanos: i128 = match o.last_modified.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    };
+    h.update(nanos.to_be_bytes());
+    match &o.defect {
+        Some(d) => {
+            h.update([1]);
+            field(h, d.as_bytes());
+        }
+        None => h.update([0]),
+    }
+}
+
+/// A fingerprint built from a listing that arrives in any order and is never held whole (a
+/// streamed unit): the sum, lane by lane, of every object's own sha256, so adding objects in
+/// any order, or taking deleted ones out again, gives the same value. Only a unit that is
+/// always streamed uses it, so its values never meet those of [`fingerprint`].
+#[derive(Clone, Debug, Default)]
+pub struct StreamedFingerprint {
+    lanes: [u64; 4],
+    count: u64,
+}
+
+impl StreamedFingerprint {
+    fn lanes_of(o: &ObjectMeta) -> [u64; 4] {
+        let mut h = sha2::Sha256::new();
+        hash_object(&mut h, o);
+        let d: [u8; 32] = h.finalize().into();
+        let mut lanes = [0u64; 4];
+        for (lane, chunk) in lanes.iter_mut().zip(d.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *lane = u64::from_be_bytes(b);
+        }
+        lanes
+    }
+
+    /// Counts one listed object in.
+    pub fn add(&mut self, o: &ObjectMeta) {
+        for (l, x) in self.lanes.iter_mut().zip(Self::lanes_of(o)) {
+            *l = l.wrapping_add(x);
+        }
+        self.count += 1;
+    }
+
+    /// Takes one counted object out again (one this run deleted).
+    pub fn remove(&mut self, o: &ObjectMeta) {
+        for (l, x) in self.lanes.iter_mut().zip(Self::lanes_of(o)) {
+            *l = l.wrapping_sub(x);
+        }
+        self.count = self.count.saturating_sub(1);
+    }
+
+    /// The fingerprint of what was counted in, under `context`.
+    pub fn finish(&self, context: &str) -> Fingerprint {
+        let mut h = sha2::Sha256::new();
+        field(&mut h, b"ocigc-cache-fingerprint-streamed-v1");
+        field(&mut h, context.as_bytes());
+        h.update(self.count.to_be_bytes());
+        for l in self.lanes {
+            h.update(l.to_be_bytes());
+        }
+        Fingerprint(h.finalize().into())
+    }
 }
 
 /// The numbers of a unit's report, kept in the entry so that an unchanged unit is reported
@@ -1106,5 +1166,36 @@ mod tests {
         for v in &variants {
             assert_ne!(base, fingerprint([v, &b].into_iter(), "ctx"), "{v:?}");
         }
+    }
+
+    #[test]
+    fn a_streamed_fingerprint_ignores_order_and_takes_deletions_out() {
+        let objs: Vec<ObjectMeta> = (0..5).map(|i| object(&format!("k{i}"), i)).collect();
+        let sum = |it: &mut dyn Iterator<Item = &ObjectMeta>| {
+            let mut f = StreamedFingerprint::default();
+            it.for_each(|o| f.add(o));
+            f
+        };
+        let forward = sum(&mut objs.iter()).finish("ctx");
+        assert_eq!(forward, sum(&mut objs.iter().rev()).finish("ctx"));
+        assert_ne!(forward, sum(&mut objs.iter()).finish("other"));
+        // Taking one out is listing without it.
+        let mut less = sum(&mut objs.iter());
+        less.remove(&objs[2]);
+        let without: Vec<&ObjectMeta> = objs.iter().filter(|o| o.key != "k2").collect();
+        assert_eq!(
+            less.finish("ctx"),
+            sum(&mut without.into_iter()).finish("ctx")
+        );
+        assert_ne!(less.finish("ctx"), forward);
+        // Any field of any object changes it, and so does an object listed twice.
+        let mut touched = objs.clone();
+        touched[4].etag = Some("\"e\"".into());
+        assert_ne!(forward, sum(&mut touched.iter()).finish("ctx"));
+        let mut twice = sum(&mut objs.iter());
+        twice.add(&objs[0]);
+        assert_ne!(forward, twice.finish("ctx"));
+        // Never equal to the sorted fingerprint of the same listing.
+        assert_ne!(forward, fingerprint(objs.iter(), "ctx"));
     }
 }

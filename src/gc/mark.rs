@@ -79,6 +79,10 @@ pub struct MarkContext<'a> {
     pub placeholders: &'a HashMap<Digest, Option<ContentCopy>>,
     /// Reads in flight at most.
     pub concurrency: usize,
+    /// `blobs` is empty and the unit is listed after marking, against what marking found
+    /// (the global blob space, see [`Marker::begin_listing`]): a blob not in `blobs` is not
+    /// missing yet, and cached documents are checked against that listing.
+    pub listed_later: bool,
 }
 
 /// `addressed` says the content hashed to its digest: such a blob can never change, and
@@ -133,6 +137,14 @@ pub struct Marker<'a> {
     pub manifests_fetched: u64,
     /// Non-fatal findings.
     pub warnings: BTreeSet<String>,
+    /// With [`MarkContext::listed_later`]: reachable digests not listed yet, while the
+    /// listing goes by.
+    unseen: HashSet<Digest>,
+    /// With [`MarkContext::listed_later`]: documents taken from the cache, with the version
+    /// of the object each was read from then.
+    cached_then: HashMap<Digest, Option<ListedVersion>>,
+    /// With [`MarkContext::listed_later`]: the listed version of each document's object.
+    listed_late: HashMap<Digest, ListedVersion>,
     /// When asked for (`explain`), the first parent each digest was reached from, and how:
     /// one path from a root. `None` in a normal run, which keeps nothing more.
     pub parents: Option<HashMap<Digest, Parent>>,
@@ -198,6 +210,9 @@ impl<'a> Marker<'a> {
             reachable: HashSet::new(),
             manifests_fetched: 0,
             warnings: BTreeSet::new(),
+            unseen: HashSet::new(),
+            cached_then: HashMap::new(),
+            listed_late: HashMap::new(),
             parents: None,
             scan_only_if_deletable: None,
         }
@@ -220,14 +235,21 @@ impl<'a> Marker<'a> {
     /// behaves exactly as a read would.
     pub fn prime_cached(&mut self, documents: Vec<CachedDocument>, not_referrers: Vec<Digest>) {
         for doc in documents {
-            if !self.cache_still_valid(&doc) {
+            // Checked once the unit has been listed (`end_listing`), before any decision.
+            let later = self.ctx.listed_later;
+            if !later && !self.cache_still_valid(&doc) {
                 continue;
             }
             let CachedDocument {
-                digest, references, ..
+                digest,
+                references,
+                listed,
             } = doc;
             match self.docs.get(&digest) {
                 None => {
+                    if later {
+                        self.cached_then.insert(digest.clone(), listed);
+                    }
                     self.docs.insert(digest.clone(), Some(references));
                     self.addressed.insert(digest);
                 }
@@ -251,16 +273,19 @@ impl<'a> Marker<'a> {
             .filter_map(|(d, refs)| {
                 let refs = refs.as_ref()?;
                 let listed = self.ctx.blobs.get(d);
+                let version = listed
+                    .map(|o| ListedVersion::of(o))
+                    .or_else(|| self.listed_late.get(d).cloned());
                 if !self.addressed.contains(d)
                     || listed.is_some_and(|o| self.ctx.layout.is_placeholder(o, d))
-                    || (listed.is_none() && !self.reachable.contains(d))
+                    || (version.is_none() && !self.reachable.contains(d))
                 {
                     return None;
                 }
                 Some(CachedDocument {
                     digest: d.clone(),
                     references: refs.clone(),
-                    listed: listed.map(|o| ListedVersion::of(o)),
+                    listed: version,
                 })
             })
             .collect();
@@ -284,16 +309,89 @@ impl<'a> Marker<'a> {
     /// when read, or it was not in the listing then and its content is kept outside this
     /// repository (a global blob space), where the repository's listing cannot tell.
     fn cache_still_valid(&self, doc: &CachedDocument) -> bool {
-        match (self.ctx.blobs.get(&doc.digest), &doc.listed) {
-            (Some(o), _) if self.ctx.layout.is_placeholder(o, &doc.digest) => false,
-            (Some(o), Some(then)) => ListedVersion::of(o) == *then,
+        match self.ctx.blobs.get(&doc.digest) {
+            Some(o) if self.ctx.layout.is_placeholder(o, &doc.digest) => false,
+            listed => self.listed_as_cached(
+                &doc.digest,
+                listed.map(|o| ListedVersion::of(o)).as_ref(),
+                &doc.listed,
+            ),
+        }
+    }
+
+    /// The rule of [`Marker::cache_still_valid`] for an object listed as `now` whose
+    /// document was cached from `then`.
+    fn listed_as_cached(
+        &self,
+        digest: &Digest,
+        now: Option<&ListedVersion>,
+        then: &Option<ListedVersion>,
+    ) -> bool {
+        match (now, then) {
+            (Some(now), Some(then)) => now == then,
             (None, None) => !self
                 .ctx
                 .layout
-                .content_key(self.ctx.repo, &doc.digest, None)
+                .content_key(self.ctx.repo, digest, None)
                 .starts_with(&self.ctx.repo.prefix),
             _ => false,
         }
+    }
+
+    /// Forgets what was marked, before anything is decided on it: a streamed unit whose
+    /// cached documents went stale is marked again from scratch.
+    pub fn restart(&mut self) {
+        self.reachable.clear();
+        self.listed_late.clear();
+    }
+
+    /// Starts the listing of a unit marked before it was listed
+    /// ([`MarkContext::listed_later`]): every digest reachable so far is unseen.
+    pub fn begin_listing(&mut self) {
+        self.unseen = std::mem::take(&mut self.reachable);
+    }
+
+    /// One blob of that listing: whether it is reachable. Only the reachable set is held;
+    /// what a document was read from is remembered for the cache.
+    pub fn listed(&mut self, digest: &Digest, o: &ObjectMeta) -> bool {
+        if self.docs.contains_key(digest) {
+            self.listed_late
+                .insert(digest.clone(), ListedVersion::of(o));
+        }
+        match self.unseen.take(digest) {
+            Some(d) => {
+                self.reachable.insert(d);
+                true
+            }
+            None => self.reachable.contains(digest),
+        }
+    }
+
+    /// Ends that listing. A reachable blob it did not show, and that was not read, is
+    /// referenced but missing (a warning, as for a listed unit). A cached document whose
+    /// object is not listed as it was when cached is forgotten, to be read when the roots are
+    /// marked again (failing closed on a manifest that is gone), as it would have been
+    /// without the cache; returns whether any was.
+    pub fn end_listing(&mut self) -> bool {
+        let unseen = std::mem::take(&mut self.unseen);
+        for d in &unseen {
+            if !self.docs.contains_key(d) {
+                self.warnings
+                    .insert(format!("blob {d} is referenced but missing"));
+            }
+        }
+        self.reachable.extend(unseen);
+        let cached = std::mem::take(&mut self.cached_then);
+        let stale: Vec<Digest> = cached
+            .into_iter()
+            .filter(|(d, then)| !self.listed_as_cached(d, self.listed_late.get(d), then))
+            .map(|(d, _)| d)
+            .collect();
+        for d in &stale {
+            self.docs.remove(d);
+            self.addressed.remove(d);
+        }
+        !stale.is_empty()
     }
 
     /// Reachable digests read as documents with references (manifests and indexes).
@@ -395,7 +493,12 @@ impl<'a> Marker<'a> {
     /// Adds everything reachable from `roots` to [`Marker::reachable`].
     pub async fn mark(&mut self, roots: &[Descriptor]) -> Result<(), FailClosed> {
         let seen = self.closure(roots).await?;
-        self.reachable.extend(seen);
+        // Moved, not copied, where nothing is marked yet: a unit's reachable set is held once.
+        if self.reachable.is_empty() {
+            self.reachable = seen;
+        } else {
+            self.reachable.extend(seen);
+        }
         Ok(())
     }
 
@@ -567,7 +670,7 @@ impl<'a> Marker<'a> {
                 let size = listed.map(|o| o.size).or(d.size);
                 if manifest::should_read(kind, d.media_type.as_deref(), size) {
                     *wanted.entry(d.digest).or_default() |= must_parse;
-                } else if listed.is_none() {
+                } else if listed.is_none() && !self.ctx.listed_later {
                     self.warnings
                         .insert(format!("blob {} is referenced but missing", d.digest));
                 }

@@ -20,6 +20,7 @@ mod run;
 mod scope;
 pub mod state;
 pub mod stop;
+mod streamed;
 pub mod sweep;
 mod verify;
 

@@ -321,6 +321,45 @@ impl<T> Backlog<T> {
     }
 }
 
+/// Every object under `prefix`, handed to `page` one page at a time as the parts deliver them:
+/// in key order within a part, in no order across parts. Nothing is held beyond the pages in
+/// flight, so a caller that keeps only what it needs lists any number of keys in bounded
+/// memory (the global blob space, streamed against its reachable set).
+pub(super) async fn each_page(
+    store: &dyn Store,
+    layout: &dyn Layout,
+    prefix: &str,
+    list_parts: usize,
+    concurrency: usize,
+    mut page: impl FnMut(Vec<ObjectMeta>),
+) -> Result<(), StoreError> {
+    let request = Request {
+        prefix,
+        exclude: &[],
+        parts: list_parts,
+        shard: None,
+        others: false,
+        first: None,
+    };
+    match plan(store, layout, request).await? {
+        Listing::Sequential(mut pages) => {
+            while let Some(p) = pages.next().await {
+                page(p?);
+            }
+        }
+        Listing::Parts(planned) => {
+            // Streams built first: a closure over `&PlannedPart` in the stream would make the
+            // run's future not provably `Send`.
+            let streams: Vec<_> = planned.iter().map(|p| p.pages(store)).collect();
+            let mut pages = stream::iter(streams).flatten_unordered(concurrency.max(1));
+            while let Some(p) = pages.next().await {
+                page(p?);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

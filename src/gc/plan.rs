@@ -59,8 +59,11 @@ pub struct PlanItem {
 /// The plan for one repository.
 #[derive(Clone, Debug, Default)]
 pub struct RepoPlan {
-    /// Every object of the repository with its decision.
+    /// Every object of the repository with its decision, but those in `streamed_reachable`.
     pub items: Vec<PlanItem>,
+    /// Reachable blobs of a streamed unit (the global blob space): decided (kept) as the
+    /// listing went by, counted, and not held.
+    pub streamed_reachable: Tally,
 }
 
 /// Time parameters of planning.
@@ -85,6 +88,10 @@ impl RepoPlan {
     /// Blobs kept for one of `reasons`.
     pub fn tally(&self, reasons: &[Reason]) -> Tally {
         let mut t = Tally::default();
+        if reasons.contains(&Reason::Reachable) {
+            t.blobs += self.streamed_reachable.blobs;
+            t.bytes += self.streamed_reachable.bytes;
+        }
         for i in &self.items {
             if let Decision::Keep(r) = i.decision {
                 if reasons.contains(&r) {
@@ -149,7 +156,11 @@ impl Exposure {
 impl RepoPlan {
     /// What the plan deletes, against all the repository's blobs (see [`Exposure`]).
     pub fn exposure(&self) -> Exposure {
-        let mut e = Exposure::default();
+        let mut e = Exposure {
+            blobs: self.streamed_reachable.blobs,
+            blob_bytes: self.streamed_reachable.bytes,
+            ..Exposure::default()
+        };
         for i in &self.items {
             let deleted = matches!(i.decision, Decision::Delete(_));
             if deleted {
@@ -212,7 +223,10 @@ pub fn plan(
             }
         })
         .collect();
-    RepoPlan { items }
+    RepoPlan {
+        items,
+        streamed_reachable: Tally::default(),
+    }
 }
 
 /// Whether an unreferenced blob last modified at `last_modified`, first seen unreferenced at
@@ -334,6 +348,7 @@ mod tests {
                 // index.json: neither deleted nor weighed.
                 item(10_000, Decision::Keep(Reason::NotABlob)),
             ],
+            ..Default::default()
         };
         let e = plan.exposure();
         assert_eq!(
@@ -357,6 +372,7 @@ mod tests {
     fn an_all_garbage_repository_exceeds_any_fraction_below_one() {
         let plan = RepoPlan {
             items: vec![item(7, Decision::Delete(Reason::Unreferenced))],
+            ..Default::default()
         };
         assert!(plan.exposure().exceeds(0.999));
         assert!(!plan.exposure().exceeds(1.0));
@@ -367,6 +383,30 @@ mod tests {
     }
 
     #[test]
+    fn streamed_reachable_blobs_weigh_and_count_as_reachable() {
+        // The global blob space: 9 reachable blobs counted as the listing went by, 1 to go.
+        let plan = RepoPlan {
+            items: vec![item(1000, Decision::Delete(Reason::Unreferenced))],
+            streamed_reachable: Tally {
+                blobs: 9,
+                bytes: 9000,
+            },
+        };
+        let e = plan.exposure();
+        assert_eq!((e.blobs, e.blob_bytes, e.deleted_blobs), (10, 10_000, 1));
+        assert!((e.fraction() - 0.1).abs() < 1e-9);
+        assert!(!e.exceeds(0.1) && e.exceeds(0.09));
+        assert_eq!(
+            plan.tally(&[Reason::Reachable]),
+            Tally {
+                blobs: 9,
+                bytes: 9000
+            }
+        );
+        assert_eq!(plan.tally(&[Reason::WithinGrace]), Tally::default());
+    }
+
+    #[test]
     fn stale_uploads_alone_are_not_weighed() {
         // serverless-registry's unit of stale temp objects at the bucket root: all go.
         let plan = RepoPlan {
@@ -374,6 +414,7 @@ mod tests {
                 item(50, Decision::Delete(Reason::AbandonedUpload)),
                 item(60, Decision::Delete(Reason::AbandonedUpload)),
             ],
+            ..Default::default()
         };
         assert!(!plan.exposure().exceeds(0.1));
         assert_eq!(plan.exposure().deleted_bytes, 110);
@@ -388,6 +429,7 @@ mod tests {
                 item(0, Decision::Delete(Reason::Unreferenced)),
                 item(0, Decision::Keep(Reason::Reachable)),
             ],
+            ..Default::default()
         };
         assert!(plan.exposure().exceeds(0.5));
         assert!(!plan.exposure().exceeds(0.7));

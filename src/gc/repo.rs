@@ -17,6 +17,7 @@ use super::plan::{plan, Decision, PlanPolicy, Reason, RepoPlan};
 use super::recheck::RepoGuard;
 use super::state::{self, Pending};
 use super::stop::{Phase, Stop};
+use super::streamed::Streamed;
 use super::{intent, sweep};
 use crate::digest::Digest;
 use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, TagSet};
@@ -80,6 +81,14 @@ pub(super) struct RepoInputs {
     /// Retention as a first look at the unit already applied it (a deferred repository):
     /// applied once per run.
     pub(super) retained: Option<Retained>,
+    /// The unit's objects are not listed yet: it is listed after marking, against the
+    /// reachable set (the global blob space). With a cache, [`UnitCache::unchanged`] then
+    /// says only that nothing outside the listing keeps the unit from being skipped; the
+    /// fingerprint is the listing's, known once it has gone by.
+    pub(super) streamed: Option<Streamed>,
+    /// The roots were marked already (a streamed unit, before its listing): observing marks
+    /// only what else keeps blobs, so the reachable set is not walked twice over.
+    pub(super) roots_marked: bool,
 }
 
 /// Retention as applied to one unit this run.
@@ -110,6 +119,9 @@ pub(super) struct UnitCache {
     /// This run's decisions depend on keys outside the unit's listing (push intents, links or
     /// placeholders elsewhere): its entry must not let the next run skip it.
     pub(super) volatile: bool,
+    /// A streamed unit's listing as summed up (see [`cache::StreamedFingerprint`]): what it
+    /// deletes is taken out of it for the entry written after.
+    pub(super) streamed: Option<cache::StreamedFingerprint>,
 }
 
 impl UnitCache {
@@ -129,6 +141,7 @@ impl UnitCache {
             contents: None,
             links: Vec::new(),
             volatile,
+            streamed: None,
         }
     }
 }
@@ -174,6 +187,41 @@ struct Observation {
     /// A global unit's blobs split by the repositories whose roots reach them (only for
     /// `du`, `explain`).
     shares: Vec<crate::report::UnitShare>,
+}
+
+/// `roots` less those repositories collected earlier in this run deleted.
+pub(super) fn without_dropped(mut roots: Roots, dropped: &HashSet<String>) -> Roots {
+    if !dropped.is_empty() && roots.sources.len() == roots.descriptors.len() {
+        // Both together: the sources name the descriptors (explain's labels, du's shares).
+        (roots.sources, roots.descriptors) = std::mem::take(&mut roots.sources)
+            .into_iter()
+            .zip(std::mem::take(&mut roots.descriptors))
+            .filter(|(k, _)| !dropped.contains(k))
+            .unzip();
+    }
+    roots
+}
+
+/// Fails a unit closed: what it could not read or decide may be what an image needs.
+fn fail_closed(repo: &Repository, report: &mut RepoReport, marker: &Marker<'_>, reason: String) {
+    tracing::error!(repo = %repo.name, %reason, "repository failed closed");
+    report.stopped(&Stop::FailedClosed(reason));
+    report.warnings.extend(marker.warnings.iter().cloned());
+}
+
+/// Reports a unit the cache tells unchanged from its entry's summary, reading nothing.
+fn unchanged(report: &mut RepoReport, entry: &cache::IndexEntry) {
+    let sm = &entry.summary;
+    report.unchanged = true;
+    report.reachable = crate::report::Tally {
+        blobs: sm.reachable_blobs,
+        bytes: sm.reachable_bytes,
+    };
+    report.pending = crate::report::Tally {
+        blobs: sm.pending_blobs,
+        bytes: sm.pending_bytes,
+    };
+    report.other_keys = sm.other_keys;
 }
 
 fn deletions_of(plan: &RepoPlan) -> Vec<Deleted> {
@@ -435,24 +483,15 @@ impl RepoRun<'_> {
         // written (its version is in the unit's context) and no entry of it has expired.
         // `du` and `explain` need the plan itself: the cache primes the marker, no more.
         let skip = |c: &&UnitCache| c.unchanged && !retained.changed && !self.detail;
-        if let Some(c) = inputs.cache.as_ref().filter(skip) {
+        let streamed = inputs.streamed.is_some();
+        if let Some(c) = inputs.cache.as_ref().filter(skip).filter(|_| !streamed) {
             if let Some(e) = &c.entry {
-                let sm = &e.summary;
-                report.unchanged = true;
-                report.reachable = crate::report::Tally {
-                    blobs: sm.reachable_blobs,
-                    bytes: sm.reachable_bytes,
-                };
-                report.pending = crate::report::Tally {
-                    blobs: sm.pending_blobs,
-                    bytes: sm.pending_bytes,
-                };
-                report.other_keys = sm.other_keys;
+                unchanged(report, e);
                 return Ok(());
             }
         }
         let placeholders = inputs.placeholders.clone();
-        let unit_cache = inputs.cache.clone();
+        let mut unit_cache = inputs.cache.clone();
         let primed = inputs.primed.clone();
         let blobs: HashMap<Digest, &ObjectMeta> = repo
             .objects
@@ -469,6 +508,7 @@ impl RepoRun<'_> {
             blobs: &blobs,
             placeholders: &placeholders,
             concurrency: self.concurrency,
+            listed_later: inputs.streamed.is_some(),
         });
         if self.explain.is_some() {
             marker.parents = Some(HashMap::new());
@@ -492,41 +532,75 @@ impl RepoRun<'_> {
         }
 
         // Observing has no side effects, so a time-out may cancel it anywhere.
+        let mut inputs = inputs;
+        if let Some(roots) = inputs.roots.take() {
+            inputs.roots = Some(without_dropped(roots, &inputs.dropped_roots));
+        }
+        // A streamed unit is marked from its roots, then listed against what they reach
+        // (see `streamed`): only then are its size and fingerprint known (so only now can the
+        // cache tell it unchanged), and the objects it kept are the unit from here on.
+        let kept_unit;
+        let mut streamed_reachable = crate::report::Tally::default();
+        let repo = match inputs.streamed.take() {
+            Some(s) => {
+                let dropped = &inputs.dropped_roots;
+                let listed = self.mark_and_list(repo, &s, &mut marker, &mut inputs.roots, dropped);
+                let (unit, listing) = match self.bounded(deadline, listed).await {
+                    Ok(Ok(listed)) => listed,
+                    Ok(Err(reason)) => {
+                        fail_closed(repo, report, &marker, reason);
+                        return Ok(());
+                    }
+                    Err(stop) => {
+                        report.stopped(&stop);
+                        return Ok(());
+                    }
+                };
+                report.objects = listing.listed.blobs;
+                report.bytes = listing.listed.bytes;
+                streamed_reachable = listing.reachable;
+                if let Some(c) = unit_cache.as_mut() {
+                    let fingerprint = listing.fingerprint.finish(&c.context);
+                    let now = self.clock.now();
+                    c.unchanged = c.unchanged
+                        && !retained.changed
+                        && (c.entry.as_ref()).is_some_and(|e| {
+                            e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
+                        });
+                    c.fingerprint = fingerprint;
+                    c.streamed = Some(listing.fingerprint);
+                    if let Some(e) = c.entry.as_ref().filter(|_| c.unchanged) {
+                        unchanged(report, e);
+                        return Ok(());
+                    }
+                }
+                inputs.roots_marked = true;
+                kept_unit = unit;
+                &kept_unit
+            }
+            None => repo,
+        };
         let observed = self.observe(repo, &mut marker, leftovers.pending, tag_set, inputs);
-        let limit = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        let observed = tokio::select! {
-            r = observed => r,
-            () = limit => {
-                report.stopped(&Stop::Timeout(Phase::Marking));
-                return Ok(());
-            }
-            () = self.stop.cancelled() => {
-                report.stopped(&Stop::Shutdown(Phase::Marking));
-                return Ok(());
-            }
-        };
-        let mut obs = match observed {
-            Ok(o) => o,
+        let mut obs = match self.bounded(deadline, observed).await {
+            Ok(Ok(o)) => o,
             // Facts other repositories hold (a content copy listed later) may be what was
             // missing: the second pass decides with all of them.
-            Err(_) if defer => {
+            Ok(Err(_)) if defer => {
                 return Err(Deferral(
                     cache::Contents::learned(&marker, Vec::new()),
                     retained,
                 ))
             }
-            Err(reason) => {
-                tracing::error!(repo = %repo.name, %reason, "repository failed closed");
-                report.stopped(&Stop::FailedClosed(reason));
-                report.warnings.extend(marker.warnings.iter().cloned());
+            Ok(Err(reason)) => {
+                fail_closed(repo, report, &marker, reason);
+                return Ok(());
+            }
+            Err(stop) => {
+                report.stopped(&stop);
                 return Ok(());
             }
         };
+        obs.plan.streamed_reachable = streamed_reachable;
         // A deletion may remove what a link or placeholder listed later keeps alive; `du`'s
         // unique bytes (and `explain`'s paths) need every such link too.
         // New candidates only: one pending since an earlier run was recorded on complete
@@ -617,6 +691,12 @@ impl RepoRun<'_> {
         let deleted: HashSet<&str> = report.deleted.iter().map(|d| d.key.as_str()).collect();
         let fingerprint = if deleted.is_empty() {
             c.fingerprint
+        } else if let Some(sum) = &c.streamed {
+            let mut sum = sum.clone();
+            for o in (repo.objects.iter()).filter(|o| deleted.contains(o.key.as_str())) {
+                sum.remove(o);
+            }
+            sum.finish(&c.context)
         } else {
             cache::fingerprint(
                 repo.objects
@@ -807,6 +887,25 @@ impl RepoRun<'_> {
         }
     }
 
+    /// Runs `fut` until the unit's deadline or the run's shutdown, whichever comes first.
+    async fn bounded<T>(
+        &self,
+        deadline: Option<Instant>,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, Stop> {
+        let limit = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = fut => Ok(r),
+            () = limit => Err(Stop::Timeout(Phase::Marking)),
+            () = self.stop.cancelled() => Err(Stop::Shutdown(Phase::Marking)),
+        }
+    }
+
     /// Reads roots, intents, the trash and pending state, marks, and plans.
     async fn observe(
         &self,
@@ -821,25 +920,17 @@ impl RepoRun<'_> {
             dropped_roots,
             linked,
             roots,
+            roots_marked,
             ..
         } = inputs;
         let intents = intents.as_slice();
-        let mut roots = match roots {
+        let roots = match roots {
             Some(r) => r,
-            None => self
-                .layout
-                .read_roots(self.store, repo)
-                .await
-                .map_err(|e| e.to_string())?,
+            None => without_dropped(
+                (self.layout.read_roots(self.store, repo).await).map_err(|e| e.to_string())?,
+                &dropped_roots,
+            ),
         };
-        if !dropped_roots.is_empty() && roots.sources.len() == roots.descriptors.len() {
-            // Both together: the sources name the descriptors (explain's labels, du's shares).
-            (roots.sources, roots.descriptors) = std::mem::take(&mut roots.sources)
-                .into_iter()
-                .zip(std::mem::take(&mut roots.descriptors))
-                .filter(|(k, _)| !dropped_roots.contains(k))
-                .unzip();
-        }
         // After the roots: retention writes the trash before it removes a root, so a root
         // missing from them is in the trash read now.
         let mut trashed_documents = Vec::new();
@@ -944,7 +1035,11 @@ impl RepoRun<'_> {
                 .map(|(o, ds)| (o.to_string(), ds))
                 .collect();
         }
-        let mut descriptors = roots.descriptors;
+        let mut descriptors = if roots_marked {
+            Vec::new()
+        } else {
+            roots.descriptors
+        };
         descriptors.extend(read.roots);
         descriptors.extend(trashed.into_iter().map(|digest| Descriptor {
             media_type: Some(UNTYPED_MANIFEST.into()),

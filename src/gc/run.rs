@@ -13,6 +13,7 @@ use super::lease::Leases;
 use super::plan::PlanPolicy;
 use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, Retained, UnitCache};
 use super::stop::Stop;
+use super::streamed::Streamed;
 use super::BucketClock;
 use super::{
     before_run_deadline, finish_report, intent, lease, new_report, parts, probe_clock, scope,
@@ -235,6 +236,8 @@ async fn collect_all(
             defer_candidates: facts_later && !facts_complete,
             primed: None,
             retained: None,
+            streamed: None,
+            roots_marked: false,
         }
     };
 
@@ -463,24 +466,43 @@ async fn collect_all(
 
     // The global blob space last, so that its roots are read after the repositories dropped
     // what they dropped (untagged manifests), and what only those used goes in this same run.
-    let mut global_objects = tail.global_objects;
-    if let (Some(g), None, true) = (&key_space.global, &opts.only, owns_global) {
-        let listed = list_whole(&store, layout, g, opts.list_parts, opts.concurrency);
-        global_objects.extend(
-            before_run_deadline(run_deadline, opts, listed)
-                .await?
-                .map_err(list_error)?,
-        );
-    }
+    // Where its roots are all it needs to be marked, it is listed as it is collected, after
+    // marking, and only what could go is held (see `streamed`).
+    let placeholders = lock(&shared.facts).placeholders.clone();
+    let blob_space = key_space
+        .global
+        .as_ref()
+        .filter(|_| opts.only.is_none() && owns_global);
     let global = Repository {
         kind: UnitKind::Global,
         name: GLOBAL_REPOSITORY.into(),
         prefix: (key_space.global.clone())
             .or(tail.global_prefix)
             .unwrap_or_default(),
-        objects: global_objects,
+        objects: tail.global_objects,
     };
-    if !global.objects.is_empty() && wanted(&global) {
+    let streamed = blob_space
+        .filter(|_| {
+            global.objects.is_empty()
+                && placeholders.is_empty()
+                && !layout.scans_for_referrers(&global)
+                && !opts.detail
+                && opts.explain.is_none()
+        })
+        .map(|prefix| Streamed {
+            prefix: prefix.clone(),
+            list_parts: opts.list_parts,
+        });
+    let mut global = global;
+    if let (Some(g), None) = (blob_space, &streamed) {
+        let listed = list_whole(&store, layout, g, opts.list_parts, opts.concurrency);
+        global.objects.extend(
+            before_run_deadline(run_deadline, opts, listed)
+                .await?
+                .map_err(list_error)?,
+        );
+    }
+    if (streamed.is_some() || !global.objects.is_empty()) && wanted(&global) {
         // Roots the repositories dropped (a dry run: would have dropped) are not roots here
         // either, so that the dry run reports what the real run does.
         let dropped_roots: HashSet<String> = report
@@ -490,11 +512,12 @@ async fn collect_all(
             .collect();
         // Global blobs are shared by every repository: any repository's intent protects them.
         let all_intents: Vec<ObjectMeta> = lock(intents).values().flatten().cloned().collect();
-        let placeholders = lock(&shared.facts).placeholders.clone();
         let roots = merge_roots(tail.global_roots);
         let leftover = leftovers(&global.name);
         // Cached like a repository, with its roots (held by the repositories) as context; an
-        // intent anywhere, or roots that must be read, mean a full look.
+        // intent anywhere, or roots that must be read, mean a full look. A streamed unit's
+        // fingerprint is known once it is listed: until then, `unchanged` says only that
+        // nothing else keeps it from being skipped.
         let cache = match (&shared.cache, &roots) {
             (Some(index), Some(roots)) => {
                 let context = format!(
@@ -502,14 +525,17 @@ async fn collect_all(
                     shared.context,
                     roots_fingerprint(roots, &dropped_roots)
                 );
-                let fingerprint = cache::fingerprint(global.objects.iter(), &context);
+                let fingerprint = match &streamed {
+                    Some(_) => cache::Fingerprint([0; 32]),
+                    None => cache::fingerprint(global.objects.iter(), &context),
+                };
                 let entry = index.entry(&global.name).cloned();
-                let unchanged = all_intents.is_empty()
-                    && !leftover.announcement
-                    && !leftover.lease
-                    && entry.as_ref().is_some_and(|e| {
-                        e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
-                    });
+                let quiet = all_intents.is_empty() && !leftover.announcement && !leftover.lease;
+                let unchanged = quiet
+                    && (streamed.is_some()
+                        || entry.as_ref().is_some_and(|e| {
+                            e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
+                        }));
                 let volatile = !all_intents.is_empty();
                 Some(UnitCache::new(
                     fingerprint,
@@ -533,10 +559,16 @@ async fn collect_all(
             cache,
             primed: None,
             retained: None,
+            streamed: streamed.clone(),
+            roots_marked: false,
         };
         if let Collected::Done(r) = run.collect(global, inputs).await {
-            done(&r);
-            report.repositories.push(r);
+            // A blob space listed empty is no unit, as when it was listed beforehand.
+            let empty = streamed.is_some() && r.objects == 0 && r.status == RepoStatus::Ok;
+            if !empty {
+                done(&r);
+                report.repositories.push(r);
+            }
         }
     }
     // Entries older runs left twice (collectors racing on a unit) or malformed: the newest
@@ -1026,8 +1058,7 @@ fn cache_context(layout: &dyn Layout, opts: &GcOptions) -> String {
     )
 }
 
-/// Every object under `prefix`, listed in parts at once where it is long (the global blob
-/// space), in key order.
+/// Every object under `prefix`, listed in parts at once where it is long, in key order.
 async fn list_whole(
     store: &dyn Store,
     layout: &dyn Layout,
@@ -1035,32 +1066,11 @@ async fn list_whole(
     list_parts: usize,
     concurrency: usize,
 ) -> Result<Vec<ObjectMeta>, StoreError> {
-    use futures::TryStreamExt as _;
-    let request = parts::Request {
-        prefix,
-        exclude: &[],
-        parts: list_parts,
-        shard: None,
-        others: false,
-        first: None,
-    };
-    let pages: Vec<Vec<ObjectMeta>> = match parts::plan(store, layout, request).await? {
-        parts::Listing::Sequential(pages) => pages.try_collect().await?,
-        parts::Listing::Parts(planned) => {
-            // Futures built first: a closure over `&PlannedPart` in the stream would make
-            // the run's future not provably `Send`.
-            let lists: Vec<_> = planned
-                .iter()
-                .map(|p| p.pages(store).try_collect::<Vec<_>>())
-                .collect();
-            let lists: Vec<Vec<Vec<ObjectMeta>>> = stream::iter(lists)
-                .buffer_unordered(concurrency.max(1))
-                .try_collect()
-                .await?;
-            lists.into_iter().flatten().collect()
-        }
-    };
-    let mut objects: Vec<ObjectMeta> = pages.into_iter().flatten().collect();
+    let mut objects = Vec::new();
+    parts::each_page(store, layout, prefix, list_parts, concurrency, |p| {
+        objects.extend(p)
+    })
+    .await?;
     objects.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(objects)
 }
