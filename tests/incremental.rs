@@ -1151,6 +1151,33 @@ async fn manifest_deleted_behind_the_streamed_cache(t: TestStore) {
     assert!(after.is_subset(&before));
 }
 
+/// A cached manifest the run deletes (untagged, `--delete-untagged`) is in the entry that run
+/// writes; the next run's listing does not show it, and as it is no longer reachable that is
+/// no reason to list the blob space again: one listing, and nothing read twice.
+async fn a_deleted_cached_manifest_costs_no_second_listing(t: TestStore) {
+    let reg = Registry::new(&t, Kind::Distribution);
+    let (_m, x, later) = cached_global(&reg).await;
+    reg.tag("app", "v2", &x).await;
+    reg.gc(&later).await;
+    reg.untag("app", "v2").await;
+    let report = reg.gc(&at(HOUR, &later)).await;
+    assert!(report.all_ok(), "{report:#?}");
+    let k = keys(t.store.as_ref()).await;
+    assert!(
+        !k.contains(&data_key(&x.digest)),
+        "x's manifest was collected"
+    );
+    let log = Log::new(t.store.clone());
+    let next = reg.gc_on(log.clone(), &at(2 * HOUR, &later)).await;
+    assert!(next.all_ok(), "{next:#?}");
+    let blob_space = format!("{V2}/blobs/");
+    let reqs = log.take();
+    let listings = (reqs.iter())
+        .filter(|r| matches!(r, Req::List(p) if *p == blob_space))
+        .count();
+    assert_eq!(listings, 1, "{reqs:#?}");
+}
+
 fn reg_units(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
@@ -1162,6 +1189,7 @@ both_stores!(
     manifest_rewritten_behind_the_cache,
     manifest_rewritten_behind_the_streamed_cache,
     manifest_deleted_behind_the_streamed_cache,
+    a_deleted_cached_manifest_costs_no_second_listing,
 );
 
 // ---- (d) shards running at once ----

@@ -131,7 +131,9 @@ pub struct Marker<'a> {
     /// Blobs known not to be referrers (content-addressed, and opaque or without `subject`):
     /// the scan skips them, and adds the ones it reads and finds so.
     not_referrers: HashSet<Digest>,
-    /// Everything found reachable by any [`Marker::mark`] call of this run (never shrinks).
+    /// Everything found reachable by any [`Marker::mark`] call of this run. It never shrinks
+    /// once anything is decided; before that, a streamed unit's listing holds it aside
+    /// ([`Marker::begin_listing`]) and a restart clears it ([`Marker::restart`]).
     pub reachable: HashSet<Digest>,
     /// Documents read.
     pub manifests_fetched: u64,
@@ -143,7 +145,8 @@ pub struct Marker<'a> {
     /// With [`MarkContext::listed_later`]: documents taken from the cache, with the version
     /// of the object each was read from then.
     cached_then: HashMap<Digest, Option<ListedVersion>>,
-    /// With [`MarkContext::listed_later`]: the listed version of each document's object.
+    /// With [`MarkContext::listed_later`]: the listed version of each document's object,
+    /// and of every blob the listing kept (what is marked after it reads their sizes).
     listed_late: HashMap<Digest, ListedVersion>,
     /// When asked for (`explain`), the first parent each digest was reached from, and how:
     /// one path from a root. `None` in a normal run, which keeps nothing more.
@@ -276,9 +279,11 @@ impl<'a> Marker<'a> {
                 let version = listed
                     .map(|o| ListedVersion::of(o))
                     .or_else(|| self.listed_late.get(d).cloned());
+                // A streamed unit's document read without a listed version (pushed during the
+                // run) would make the next run's listing look changed: read again instead.
                 if !self.addressed.contains(d)
                     || listed.is_some_and(|o| self.ctx.layout.is_placeholder(o, d))
-                    || (version.is_none() && !self.reachable.contains(d))
+                    || (version.is_none() && (self.ctx.listed_later || !self.reachable.contains(d)))
                 {
                     return None;
                 }
@@ -349,6 +354,8 @@ impl<'a> Marker<'a> {
     /// ([`MarkContext::listed_later`]): every digest reachable so far is unseen.
     pub fn begin_listing(&mut self) {
         self.unseen = std::mem::take(&mut self.reachable);
+        // Grown once to its size rather than doubled as the listing goes by.
+        self.reachable.reserve(self.unseen.len());
     }
 
     /// One blob of that listing: whether it is reachable. Only the reachable set is held;
@@ -367,31 +374,47 @@ impl<'a> Marker<'a> {
         }
     }
 
-    /// Ends that listing. A reachable blob it did not show, and that was not read, is
-    /// referenced but missing (a warning, as for a listed unit). A cached document whose
-    /// object is not listed as it was when cached is forgotten, to be read when the roots are
-    /// marked again (failing closed on a manifest that is gone), as it would have been
-    /// without the cache; returns whether any was.
-    pub fn end_listing(&mut self) -> bool {
+    /// Ends that listing; `complete` says it went through. A cached document whose object
+    /// it does not show as when cached is forgotten; returns whether one of those was
+    /// reachable, in which case what it said decided what the listing dropped, and the unit
+    /// must be marked and listed again (reading it, failing closed on a manifest that is
+    /// gone). Otherwise, after a complete listing, a reachable blob it did not show and that
+    /// was not read is referenced but missing (a warning, as for a listed unit).
+    pub fn end_listing(&mut self, complete: bool) -> bool {
         let unseen = std::mem::take(&mut self.unseen);
-        for d in &unseen {
-            if !self.docs.contains_key(d) {
-                self.warnings
-                    .insert(format!("blob {d} is referenced but missing"));
-            }
-        }
-        self.reachable.extend(unseen);
         let cached = std::mem::take(&mut self.cached_then);
         let stale: Vec<Digest> = cached
             .into_iter()
             .filter(|(d, then)| !self.listed_as_cached(d, self.listed_late.get(d), then))
             .map(|(d, _)| d)
             .collect();
+        let restart = stale
+            .iter()
+            .any(|d| unseen.contains(d) || self.reachable.contains(d));
+        if complete && !restart {
+            for d in &unseen {
+                if !self.docs.contains_key(d) {
+                    self.warnings
+                        .insert(format!("blob {d} is referenced but missing"));
+                }
+            }
+        }
+        self.reachable.extend(unseen);
         for d in &stale {
             self.docs.remove(d);
             self.addressed.remove(d);
         }
-        !stale.is_empty()
+        restart
+    }
+
+    /// The keys a streamed unit's listing kept: their sizes and versions stand in for the
+    /// listing's when what is marked after it (intents, the trash, the re-check) reaches them.
+    pub fn kept_after_listing(&mut self, objects: &[ObjectMeta]) {
+        for o in objects {
+            if let KeyKind::Blob(d) = self.ctx.layout.classify(self.ctx.repo, &o.key) {
+                self.listed_late.insert(d, ListedVersion::of(o));
+            }
+        }
     }
 
     /// Reachable digests read as documents with references (manifests and indexes).
@@ -667,7 +690,14 @@ impl<'a> Marker<'a> {
                     continue;
                 }
                 let listed = self.ctx.blobs.get(&d.digest);
-                let size = listed.map(|o| o.size).or(d.size);
+                // A streamed unit knows sizes only of the keys its listing kept: a declared
+                // size is no stand-in for the object's (unknown is read, capped).
+                let late = || self.listed_late.get(&d.digest).map(|v| v.size);
+                let size = match listed {
+                    Some(o) => Some(o.size),
+                    None if self.ctx.listed_later => late(),
+                    None => d.size,
+                };
                 if manifest::should_read(kind, d.media_type.as_deref(), size) {
                     *wanted.entry(d.digest).or_default() |= must_parse;
                 } else if listed.is_none() && !self.ctx.listed_later {

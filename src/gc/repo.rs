@@ -562,8 +562,11 @@ impl RepoRun<'_> {
                 if let Some(c) = unit_cache.as_mut() {
                     let fingerprint = listing.fingerprint.finish(&c.context);
                     let now = self.clock.now();
+                    // Skipped only where the entry's documents did all the marking: one whose
+                    // body could not be read is collected (and its manifests read) in full.
                     c.unchanged = c.unchanged
                         && !retained.changed
+                        && marker.manifests_fetched == 0
                         && (c.entry.as_ref()).is_some_and(|e| {
                             e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
                         });
@@ -1117,6 +1120,7 @@ impl RepoRun<'_> {
         match state::read_pending(self.store, &repo.name, &mut warnings).await {
             Ok(fresh) => {
                 if fresh.etag != obs.pending.etag {
+                    let streamed_reachable = obs.plan.streamed_reachable;
                     obs.plan = plan(
                         self.layout,
                         repo,
@@ -1124,6 +1128,7 @@ impl RepoRun<'_> {
                         &fresh.first_seen,
                         self.policy,
                     );
+                    obs.plan.streamed_reachable = streamed_reachable;
                     self.summarise(report, &obs.plan);
                     // A new plan is a new decision: admitted against the budget again.
                     match self.budget.admit(obs.plan.exposure(), obs.admitted) {

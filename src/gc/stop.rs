@@ -11,7 +11,8 @@ pub enum Phase {
     Start,
     /// Applying retention (reading, deciding and removing tags).
     Retention,
-    /// Reading roots, intents and state, and marking.
+    /// Reading roots, intents and state, and marking (and listing the global blob space,
+    /// which is streamed against what marking found).
     Marking,
     /// The re-check before a delete batch.
     Recheck,

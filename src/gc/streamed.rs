@@ -88,9 +88,10 @@ impl RepoRun<'_> {
             )
             .await;
             // Even a failed listing ends: the marker holds the reachable set whole again.
-            let forgot = marker.end_listing();
+            let restart = marker.end_listing(listed.is_ok());
             listed.map_err(|e| format!("listing {}: {e}", streamed.prefix))?;
-            if !forgot {
+            if !restart {
+                marker.kept_after_listing(&kept);
                 break (kept, listing);
             }
             // A cached document's object changed behind the cache: what it said decided what
