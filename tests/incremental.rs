@@ -1027,16 +1027,7 @@ async fn tag_moved_behind_the_cache_distribution(t: TestStore) {
 /// without the cache does, and keeps the blobs that content references.
 async fn manifest_rewritten_behind_the_cache(t: TestStore) {
     let reg = Registry::new(&t, Kind::Oci);
-    let f = reg.fixture();
-    let m = f.image("app", "image-m").await;
-    let x = f.image("app", "image-x").await;
-    assert_eq!(m.size, x.size);
-    reg.tag("app", "v1", &m).await;
-    let young = GcOptions {
-        grace: HOUR,
-        ..eager()
-    };
-    reg.gc(&young).await;
+    let (m, x, young) = two_images_cached(&reg).await;
     assert_eq!(unchanged_units(&reg.gc(&young).await), reg_units(&["app"]));
 
     let body = t
@@ -1075,10 +1066,9 @@ fn global_of(report: &Report) -> &ocigc::report::RepoReport {
         .expect("a global unit")
 }
 
-/// A `distribution` bucket whose tagged manifest `m` is in the global unit's cache entry,
-/// with a second image `x` of the same size pushed and untagged. Returns the two images and
-/// the options of a run that may delete (the clock two hours on).
-async fn cached_global(reg: &Registry) -> (Desc, Desc, GcOptions) {
+/// Two images `m` (tagged `app:v1`) and `x` (untagged) of the same size, and a first run that
+/// caches them, with an hour's grace (its options are returned): nothing is deleted yet.
+async fn two_images_cached(reg: &Registry) -> (Desc, Desc, GcOptions) {
     let f = reg.fixture();
     let m = f.image("app", "image-m").await;
     let x = f.image("app", "image-x").await;
@@ -1089,6 +1079,14 @@ async fn cached_global(reg: &Registry) -> (Desc, Desc, GcOptions) {
         ..eager()
     };
     reg.gc(&young).await;
+    (m, x, young)
+}
+
+/// A `distribution` bucket whose tagged manifest `m` is in the global unit's cache entry,
+/// with a second image `x` of the same size pushed and untagged. Returns the two images and
+/// the options of a run that may delete (the clock two hours on).
+async fn cached_global(reg: &Registry) -> (Desc, Desc, GcOptions) {
+    let (m, x, young) = two_images_cached(reg).await;
     let again = reg.gc(&young).await;
     assert!(
         unchanged_units(&again).contains(GLOBAL_REPOSITORY),

@@ -202,11 +202,28 @@ pub(super) fn without_dropped(mut roots: Roots, dropped: &HashSet<String>) -> Ro
     roots
 }
 
-/// Fails a unit closed: what it could not read or decide may be what an image needs.
-fn fail_closed(repo: &Repository, report: &mut RepoReport, marker: &Marker<'_>, reason: String) {
-    tracing::error!(repo = %repo.name, %reason, "repository failed closed");
-    report.stopped(&Stop::FailedClosed(reason));
-    report.warnings.extend(marker.warnings.iter().cloned());
+/// What an observing step came to: its value, or `None` with the unit stopped in `report`,
+/// failed closed where it could not read or decide (what it missed may be what an image
+/// needs), or out of time.
+fn settled<T>(
+    repo: &Repository,
+    report: &mut RepoReport,
+    marker: &Marker<'_>,
+    outcome: Result<Result<T, String>, Stop>,
+) -> Option<T> {
+    match outcome {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(reason)) => {
+            tracing::error!(repo = %repo.name, %reason, "repository failed closed");
+            report.stopped(&Stop::FailedClosed(reason));
+            report.warnings.extend(marker.warnings.iter().cloned());
+            None
+        }
+        Err(stop) => {
+            report.stopped(&stop);
+            None
+        }
+    }
 }
 
 /// Reports a unit the cache tells unchanged from its entry's summary, reading nothing.
@@ -545,16 +562,9 @@ impl RepoRun<'_> {
             Some(s) => {
                 let dropped = &inputs.dropped_roots;
                 let listed = self.mark_and_list(repo, &s, &mut marker, &mut inputs.roots, dropped);
-                let (unit, listing) = match self.bounded(deadline, listed).await {
-                    Ok(Ok(listed)) => listed,
-                    Ok(Err(reason)) => {
-                        fail_closed(repo, report, &marker, reason);
-                        return Ok(());
-                    }
-                    Err(stop) => {
-                        report.stopped(&stop);
-                        return Ok(());
-                    }
+                let listed = self.bounded(deadline, listed).await;
+                let Some((unit, listing)) = settled(repo, report, &marker, listed) else {
+                    return Ok(());
                 };
                 report.objects = listing.listed.blobs;
                 report.bytes = listing.listed.bytes;
@@ -584,8 +594,7 @@ impl RepoRun<'_> {
             None => repo,
         };
         let observed = self.observe(repo, &mut marker, leftovers.pending, tag_set, inputs);
-        let mut obs = match self.bounded(deadline, observed).await {
-            Ok(Ok(o)) => o,
+        let observed = match self.bounded(deadline, observed).await {
             // Facts other repositories hold (a content copy listed later) may be what was
             // missing: the second pass decides with all of them.
             Ok(Err(_)) if defer => {
@@ -594,14 +603,10 @@ impl RepoRun<'_> {
                     retained,
                 ))
             }
-            Ok(Err(reason)) => {
-                fail_closed(repo, report, &marker, reason);
-                return Ok(());
-            }
-            Err(stop) => {
-                report.stopped(&stop);
-                return Ok(());
-            }
+            observed => observed,
+        };
+        let Some(mut obs) = settled(repo, report, &marker, observed) else {
+            return Ok(());
         };
         obs.plan.streamed_reachable = streamed_reachable;
         // A deletion may remove what a link or placeholder listed later keeps alive; `du`'s
