@@ -135,6 +135,14 @@ async fn a_new_fingerprint_replaces_the_old_entry(t: TestStore) {
 
     let second = write_entry(store, "app", 2, &Contents::default(), Some(&previous)).await;
     assert_ne!(second, first);
+    // Superseded, and deleted at the run's end with the stale entries (never a neighbour's,
+    // nor the entry just written).
+    assert!(cache::superseded(&previous, "app", &second));
+    assert!(!cache::superseded(&previous, "app", &first));
+    assert!(!cache::superseded(&previous, "app/tools", &second));
+    // (The run's index is the one it listed before it wrote: it has no stale keys here.)
+    let deleted = cache::delete_stale(store, &index, std::slice::from_ref(&first)).await;
+    assert_eq!(deleted.expect("delete"), 1);
     let k = all_keys(store).await;
     assert!(!k.contains(&first), "{}: old entry left behind", t.kind);
     assert!(k.contains(&second) && k.contains(&neighbour));
@@ -206,7 +214,12 @@ async fn stale_duplicates_are_reported_and_removed(t: TestStore) {
         t.kind
     );
 
-    assert_eq!(cache::delete_stale(store, &index).await.expect("delete"), 2);
+    assert_eq!(
+        cache::delete_stale(store, &index, &[])
+            .await
+            .expect("delete"),
+        2
+    );
     let k = all_keys(store).await;
     assert!(k.contains(&winner) && k.contains(&other_version));
     assert!(!k.contains(loser) && !k.contains(&malformed));

@@ -478,27 +478,30 @@ pub async fn write(
     store
         .put(&key, Bytes::from(body), PutCondition::IfNoneMatch)
         .await?;
-    if let Some(p) = previous {
-        // Only ever a cache key of this unit: a cache bug must not delete anything else.
-        if parse_entry_key(&p.key).is_some_and(|e| e.unit == unit) && p.key != key {
-            let failures = store.delete_batch(std::slice::from_ref(&p.key)).await?;
-            for f in failures {
-                tracing::warn!(key = %f.key, message = %f.message, "old cache entry not deleted");
-            }
-        }
-    }
     Ok(key)
 }
 
-/// Deletes `index`'s stale keys (never anything outside [`CACHE_PREFIX`]); returns how many
-/// were deleted.
-pub async fn delete_stale(store: &dyn Store, index: &CacheIndex) -> StoreResult<usize> {
-    let keys: Vec<String> = index
-        .stale
-        .iter()
+/// Whether `previous`, the unit's entry before `written` was written, is now superseded and
+/// to be deleted: only ever a cache key of this same unit (a cache bug must not delete
+/// anything else). The run deletes superseded entries together at its end, with the stale
+/// ones ([`delete_stale`]); one left by a run that died is stale to the next run's index.
+pub fn superseded(previous: &IndexEntry, unit: &str, written: &str) -> bool {
+    previous.key != written && parse_entry_key(&previous.key).is_some_and(|e| e.unit == unit)
+}
+
+/// Deletes `index`'s stale keys and the entries this run superseded (never anything outside
+/// [`CACHE_PREFIX`]), a thousand to a request; returns how many were deleted.
+pub async fn delete_stale(
+    store: &dyn Store,
+    index: &CacheIndex,
+    superseded: &[String],
+) -> StoreResult<usize> {
+    let mut keys: Vec<String> = (index.stale.iter().chain(superseded))
         .filter(|k| k.starts_with(CACHE_PREFIX))
         .cloned()
         .collect();
+    keys.sort();
+    keys.dedup();
     let mut deleted = 0;
     for batch in keys.chunks(MAX_DELETE_BATCH) {
         let failures = store.delete_batch(batch).await?;

@@ -15,6 +15,7 @@ use super::lease::{Acquired, Leases};
 use super::mark::{Deletable, MarkContext, Marker};
 use super::plan::{plan, Decision, PlanPolicy, Reason, RepoPlan};
 use super::recheck::RepoGuard;
+use super::run::lock;
 use super::state::{self, Pending};
 use super::stop::{Phase, Stop};
 use super::streamed::Streamed;
@@ -46,6 +47,8 @@ pub(super) struct RepoRun<'a> {
     pub(super) detail: bool,
     /// Digests to explain.
     pub(super) explain: Option<Arc<HashSet<Digest>>>,
+    /// Cache entries this run's units superseded, deleted together at the run's end.
+    pub(super) superseded: std::sync::Mutex<Vec<String>>,
 }
 
 /// What the run found for one repository before collecting it.
@@ -735,7 +738,7 @@ impl RepoRun<'_> {
         };
         let has_links = !c.links.is_empty();
         let contents = cache::Contents::learned(marker, c.links);
-        if let Err(e) = cache::write(
+        let written = cache::write(
             self.store,
             &repo.name,
             &fingerprint,
@@ -745,11 +748,15 @@ impl RepoRun<'_> {
             &contents,
             c.entry.as_ref(),
         )
-        .await
-        {
-            report
+        .await;
+        match (written, c.entry) {
+            (Ok(key), Some(previous)) if cache::superseded(&previous, &repo.name, &key) => {
+                lock(&self.superseded).push(previous.key)
+            }
+            (Ok(_), _) => {}
+            (Err(e), _) => report
                 .warnings
-                .push(format!("writing the incremental cache: {e}"));
+                .push(format!("writing the incremental cache: {e}")),
         }
     }
 
