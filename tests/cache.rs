@@ -74,6 +74,11 @@ async fn index_of(store: &dyn Store) -> CacheIndex {
     CacheIndex::from_listing(&state_listing(store).await)
 }
 
+async fn write_object(store: &dyn Store, key: &str) {
+    let put = store.put(key, Bytes::from_static(b"x"), PutCondition::None);
+    put.await.expect("put");
+}
+
 async fn write_entry(
     store: &dyn Store,
     unit: &str,
@@ -141,8 +146,12 @@ async fn a_new_fingerprint_replaces_the_old_entry(t: TestStore) {
     assert!(!cache::superseded(&previous, "app", &first));
     assert!(!cache::superseded(&previous, "app/tools", &second));
     // (The run's index is the one it listed before it wrote: it has no stale keys here.)
-    let deleted = cache::delete_stale(store, &index, std::slice::from_ref(&first)).await;
+    // Only cache keys: a key outside the cache that a bug put among them stays.
+    let outside = "app/blobs/sha256/0000".to_string();
+    write_object(store, &outside).await;
+    let deleted = cache::delete_stale(store, &index, &[first.clone(), outside.clone()]).await;
     assert_eq!(deleted.expect("delete"), 1);
+    assert!(all_keys(store).await.contains(&outside));
     let k = all_keys(store).await;
     assert!(!k.contains(&first), "{}: old entry left behind", t.kind);
     assert!(k.contains(&second) && k.contains(&neighbour));
