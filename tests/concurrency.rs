@@ -220,7 +220,7 @@ async fn pushes_and_collections_race(t: TestStore) {
                 max_delete_fraction: 1.0,
                 ..GcOptions::default()
             };
-            let mut dangling_seen = 0;
+            let (mut dangling_seen, mut named_by_intents) = (0, 0);
             for _ in 0..MAX_COLLECTOR_RUNS {
                 if done.load(Ordering::SeqCst) {
                     break;
@@ -232,10 +232,16 @@ async fn pushes_and_collections_race(t: TestStore) {
                 deleted.fetch_add(r.totals.blobs_deleted, Ordering::SeqCst);
                 conflicts.fetch_add(r.totals.lease_conflicts, Ordering::SeqCst);
                 dangling_seen += r.totals.dangling_references;
+                named_by_intents += r
+                    .repositories
+                    .iter()
+                    .flat_map(|repo| &repo.warnings)
+                    .filter(|w| w.contains("named by a push intent"))
+                    .count();
                 // The collectors' schedule: a run every 50 ms.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            dangling_seen
+            (dangling_seen, named_by_intents)
         }));
     }
     let pushes = Arc::new(AtomicU64::new(0));
@@ -272,9 +278,11 @@ async fn pushes_and_collections_race(t: TestStore) {
         p.await.expect("pusher");
     }
     done.store(true, Ordering::SeqCst);
-    let mut reported_dangling = 0;
+    let (mut reported_dangling, mut named_by_intents) = (0, 0);
     for c in collectors {
-        reported_dangling += c.await.expect("collector");
+        let (reported, named) = c.await.expect("collector");
+        reported_dangling += reported;
+        named_by_intents += named;
     }
     let broken = dangling(store.as_ref()).await;
     let concurrent_deletes = deleted.load(Ordering::SeqCst);
@@ -297,7 +305,8 @@ async fn pushes_and_collections_race(t: TestStore) {
         .collect();
     eprintln!(
         "{}: pushes {}, collector runs {}, deleted while pushing {}, lease conflicts {}, \
-         dangling references {} (reported by ocigc {}), final run deleted {}, garbage left {}",
+         dangling references {} (reported by ocigc {}), deleted blobs named by a later intent {}, \
+         final run deleted {}, garbage left {}",
         t.kind,
         pushes.load(Ordering::SeqCst),
         runs.load(Ordering::SeqCst),
@@ -305,6 +314,7 @@ async fn pushes_and_collections_race(t: TestStore) {
         conflicts.load(Ordering::SeqCst),
         broken.len(),
         reported_dangling,
+        named_by_intents,
         fin.totals.blobs_deleted,
         garbage_left.len()
     );

@@ -16,7 +16,7 @@ use ocigc::gc::intent::{self, ReuseError};
 use ocigc::gc::lease::lease_key;
 use ocigc::gc::state::pending_key;
 use ocigc::gc::GcOptions;
-use ocigc::report::RepoStatus;
+use ocigc::report::{RepoReport, RepoStatus};
 use ocigc::store::{PutCondition, Store};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -214,6 +214,112 @@ async fn verify_ignores_blobs_uploaded_again(t: TestStore) {
     );
     assert_intact(&keys(t.store.as_ref()).await, "app", &g, "uploaded again");
     assert!(dangling(t.store.as_ref()).await.is_empty());
+}
+
+/// Runs `gc` with `after` done right after the first batch delete of `app`'s blobs.
+async fn gc_then(t: &TestStore, after: futures::future::BoxFuture<'static, ()>) -> RepoReport {
+    let store: Arc<dyn Store> = Arc::new(Hooked::new(
+        t.store.clone(),
+        When::AfterDelete("/blobs/"),
+        after,
+    ));
+    let report = gc(&store, &eager()).await;
+    repo_report(&report, "app").clone()
+}
+
+/// A cooperating pusher whose intent came after the batch's re-check waits for the batch,
+/// then finds the blobs missing and uploads them: an intent naming a deleted blob is not a
+/// dangling reference (this was the false alarm of the concurrency suite).
+async fn verify_trusts_an_intent_to_upload_what_it_names(t: TestStore) {
+    let (_, g) = tagged_and_untagged(&t).await;
+    let inner = t.store.clone();
+    let named: Vec<Digest> = digests(&g);
+    let pusher = async move {
+        intent::write_intent(inner.as_ref(), "app", &named, HOUR)
+            .await
+            .expect("intent");
+    }
+    .boxed();
+    let r = gc_then(&t, pusher).await;
+    assert_eq!(r.deleted.len(), 3, "{r:#?}");
+    assert!(r.dangling_references.is_empty(), "{r:#?}");
+    assert_eq!(r.status, RepoStatus::Ok, "{r:#?}");
+    let warned = r
+        .warnings
+        .iter()
+        .filter(|w| w.contains("named by a push intent"))
+        .count();
+    assert_eq!(warned, 3, "{r:#?}");
+}
+
+/// What an intent reaches only through a manifest it names is not covered by the pusher's
+/// own look, and what a tag references is dangling whatever intents name.
+async fn verify_reports_what_an_intent_does_not_name(t: TestStore) {
+    let (img, g) = tagged_and_untagged(&t).await;
+    let manifest = t
+        .store
+        .get(&blob_key("app", &g.digest))
+        .await
+        .expect("manifest")
+        .body;
+    let inner = t.store.clone();
+    let only_manifest = vec![Digest::parse(&g.digest).expect("digest")];
+    // The pusher names the manifest alone and uploads it again, not its config and layer.
+    let pusher = async move {
+        intent::write_intent(inner.as_ref(), "app", &only_manifest, HOUR)
+            .await
+            .expect("intent");
+        let key = blob_key("app", &only_manifest[0].to_string());
+        inner
+            .put(&key, manifest, PutCondition::None)
+            .await
+            .expect("manifest again");
+    }
+    .boxed();
+    let r = gc_then(&t, pusher).await;
+    assert_eq!(r.status, RepoStatus::Failed, "{r:#?}");
+    let mut found: Vec<String> = r
+        .dangling_references
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    found.sort();
+    let mut want: Vec<String> = g
+        .subtree
+        .iter()
+        .filter(|d| **d != g.digest)
+        .cloned()
+        .collect();
+    want.sort();
+    assert_eq!(found, want, "{r:#?}");
+
+    // Tagged and named by an intent: the tag is a reference, the intent excuses nothing.
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    let g = f.image("app", "second").await;
+    f.layout("app", &[(Some("v1"), &img)]).await;
+    let inner = t.store.clone();
+    let named = digests(&g);
+    let tag = tag_later(&t, &img, &g);
+    let pusher = async move {
+        intent::write_intent(inner.as_ref(), "app", &named, HOUR)
+            .await
+            .expect("intent");
+        tag.await;
+    }
+    .boxed();
+    let r = gc_then(&t, pusher).await;
+    assert_eq!(r.status, RepoStatus::Failed, "{r:#?}");
+    let mut found: Vec<String> = r
+        .dangling_references
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    found.sort();
+    let mut want = g.subtree.clone();
+    want.sort();
+    assert_eq!(found, want, "{r:#?}");
 }
 
 async fn intents_protect_until_they_expire(t: TestStore) {
@@ -530,6 +636,8 @@ both_stores!(
     recheck_keeps_a_blob_tagged_before_the_batch,
     verify_reports_a_reference_to_a_deleted_blob,
     verify_ignores_blobs_uploaded_again,
+    verify_trusts_an_intent_to_upload_what_it_names,
+    verify_reports_what_an_intent_does_not_name,
     intents_protect_until_they_expire,
     the_first_page_ends_before_the_state,
     the_first_page_ends_inside_the_state,

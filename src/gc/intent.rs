@@ -232,7 +232,8 @@ pub enum ReuseError {
 /// writes an intent for `digests`, then waits (at most `wait`) while a collector's batch in
 /// flight names any of them. When it returns `Ok(key)`, HEAD the blobs: those present stay
 /// until the intent expires or is removed (delete `key` once the manifest is written); upload
-/// those that are missing.
+/// those that are missing. Name every digest the new manifest relies on, including the config
+/// and layers under a reused manifest: the wait covers named digests only.
 pub async fn begin_reuse(
     store: &dyn Store,
     repo: &str,
