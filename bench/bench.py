@@ -551,19 +551,25 @@ def clean_spec(keys):
     return "generated:?" + "&".join(f"{k}={v}" for k, v in spec.items()), repos * per_repo
 
 
+def fitting_keys(what, work, keys, bytes_per_key, least):
+    """How many of `keys` files fit under `work` leaving 10 GiB free (at least `least`)."""
+    free = shutil.disk_usage(work).free
+    need = keys * bytes_per_key
+    if free - need >= 10 * 2**30:
+        return keys
+    fit = max(least, int((free - 10 * 2**30) / bytes_per_key))
+    print(f"-- {what}: {keys} files need ~{need / 2**30:.1f} GiB, leaving under 10 GiB free: "
+          f"using {fit} keys", flush=True)
+    return fit
+
+
 def stage_rss(args, work, results):
     gen = generated_gc(args.bin)
     out = {}
     # The directory store: measured on disk first. ~4 KiB of blocks per small file.
-    keys = args.rss_keys
-    free = shutil.disk_usage(work).free
-    need = keys * 4300
-    if free - need < 10 * 2**30:
-        fit = max(10_000, int((free - 10 * 2**30) / 4300))
-        print(f"-- rss: {keys} files need ~{need / 2**30:.1f} GiB, leaving under 10 GiB free: "
-              f"using {fit} keys", flush=True)
-        out["dir_reduced_from"] = keys
-        keys = fit
+    keys = fitting_keys("rss", work, args.rss_keys, 4300, 10_000)
+    if keys < args.rss_keys:
+        out["dir_reduced_from"] = args.rss_keys
     url, n_keys, n_garbage = gen_spec(keys)
     root = os.path.join(work, "rss-bucket")
     t0 = time.monotonic()
@@ -645,18 +651,12 @@ def file_writer(root):
 def stage_dist_rss(args, work, results):
     """g: one dry run of the `distribution` layout over a directory bucket of --dist-keys keys,
     with --bin's ocigc and, given --base-bin, an older one on the same files."""
-    keys = args.dist_keys
     out = {}
     # ~4 KiB of blocks per small file and as much per directory (one per blob and per link):
     # 9.3 KB a key measured with du.
-    free = shutil.disk_usage(work).free
-    need = keys * 9400
-    if free - need < 10 * 2**30:
-        fit = max(2000, int((free - 10 * 2**30) / 9400))
-        print(f"-- dist rss: {keys} files need ~{need / 2**30:.1f} GiB, leaving under 10 GiB free: "
-              f"using {fit} keys", flush=True)
-        out["reduced_from"] = keys
-        keys = fit
+    keys = fitting_keys("dist rss", work, args.dist_keys, 9400, 2000)
+    if keys < args.dist_keys:
+        out["reduced_from"] = args.dist_keys
     root = os.path.join(work, "dist-bucket")
     os.makedirs(root)
     try:

@@ -358,20 +358,23 @@ impl<'a> Marker<'a> {
         self.reachable.reserve(self.unseen.len());
     }
 
-    /// One blob of that listing: whether it is reachable. Only the reachable set is held;
-    /// what a document was read from is remembered for the cache.
+    /// One blob of that listing: whether it is reachable. Only the reachable set is held,
+    /// and the listed version of what a document was read from (for the cache) and of every
+    /// blob the listing keeps (whose size stands in for the listing's when what is marked
+    /// after it, intents, the trash or the re-check, reaches it).
     pub fn listed(&mut self, digest: &Digest, o: &ObjectMeta) -> bool {
-        if self.docs.contains_key(digest) {
-            self.listed_late
-                .insert(digest.clone(), ListedVersion::of(o));
-        }
-        match self.unseen.take(digest) {
+        let reachable = match self.unseen.take(digest) {
             Some(d) => {
                 self.reachable.insert(d);
                 true
             }
             None => self.reachable.contains(digest),
+        };
+        if !reachable || self.docs.contains_key(digest) {
+            self.listed_late
+                .insert(digest.clone(), ListedVersion::of(o));
         }
+        reachable
     }
 
     /// Ends that listing; `complete` says it went through. A cached document whose object
@@ -405,16 +408,6 @@ impl<'a> Marker<'a> {
             self.addressed.remove(d);
         }
         restart
-    }
-
-    /// The keys a streamed unit's listing kept: their sizes and versions stand in for the
-    /// listing's when what is marked after it (intents, the trash, the re-check) reaches them.
-    pub fn kept_after_listing(&mut self, objects: &[ObjectMeta]) {
-        for o in objects {
-            if let KeyKind::Blob(d) = self.ctx.layout.classify(self.ctx.repo, &o.key) {
-                self.listed_late.insert(d, ListedVersion::of(o));
-            }
-        }
     }
 
     /// Reachable digests read as documents with references (manifests and indexes).
@@ -692,10 +685,11 @@ impl<'a> Marker<'a> {
                 let listed = self.ctx.blobs.get(&d.digest);
                 // A streamed unit knows sizes only of the keys its listing kept: a declared
                 // size is no stand-in for the object's (unknown is read, capped).
-                let late = || self.listed_late.get(&d.digest).map(|v| v.size);
                 let size = match listed {
                     Some(o) => Some(o.size),
-                    None if self.ctx.listed_later => late(),
+                    None if self.ctx.listed_later => {
+                        self.listed_late.get(&d.digest).map(|v| v.size)
+                    }
                     None => d.size,
                 };
                 if manifest::should_read(kind, d.media_type.as_deref(), size) {

@@ -147,6 +147,13 @@ impl UnitCache {
             streamed: None,
         }
     }
+
+    /// The unit's entry was written for the unit as it is now listed, and no decision of it
+    /// has come due since (`now`, on the bucket clock).
+    pub(super) fn entry_current(&self, now: std::time::SystemTime) -> bool {
+        (self.entry.as_ref())
+            .is_some_and(|e| e.fingerprint == self.fingerprint && e.wake_at.is_none_or(|w| now < w))
+    }
 }
 
 /// ocigc state of a repository seen in the listing.
@@ -190,6 +197,15 @@ struct Observation {
     /// A global unit's blobs split by the repositories whose roots reach them (only for
     /// `du`, `explain`).
     shares: Vec<crate::report::UnitShare>,
+}
+
+/// Why a unit fails closed for keys the store cannot serve as objects, if it has any: what
+/// cannot be read may be a manifest or a blob some image needs.
+pub(super) fn not_objects(objects: &[ObjectMeta]) -> Option<String> {
+    let defects: Vec<String> = (objects.iter())
+        .filter_map(|o| Some(format!("{} ({})", o.key, o.defect.as_deref()?)))
+        .collect();
+    (!defects.is_empty()).then(|| format!("not objects: {}", defects.join("; ")))
 }
 
 /// `roots` less those repositories collected earlier in this run deleted.
@@ -446,16 +462,9 @@ impl RepoRun<'_> {
         let leftovers = inputs.leftovers;
         let defer = inputs.defer_deletions;
         let defer_candidates = inputs.defer_candidates;
-        let defects: Vec<String> = (repo.objects.iter())
-            .filter_map(|o| Some(format!("{} ({})", o.key, o.defect.as_deref()?)))
-            .collect();
-        if !defects.is_empty() {
-            // What cannot be read may be a manifest or a blob some image needs.
-            tracing::error!(repo = %repo.name, ?defects, "repository failed closed");
-            report.stopped(&Stop::FailedClosed(format!(
-                "not objects: {}",
-                defects.join("; ")
-            )));
+        if let Some(reason) = not_objects(&repo.objects) {
+            tracing::error!(repo = %repo.name, %reason, "repository failed closed");
+            report.stopped(&Stop::FailedClosed(reason));
             return Ok(());
         }
         let now = Instant::now();
@@ -573,17 +582,13 @@ impl RepoRun<'_> {
                 report.bytes = listing.listed.bytes;
                 streamed_reachable = listing.reachable;
                 if let Some(c) = unit_cache.as_mut() {
-                    let fingerprint = listing.fingerprint.finish(&c.context);
-                    let now = self.clock.now();
+                    c.fingerprint = listing.fingerprint.finish(&c.context);
                     // Skipped only where the entry's documents did all the marking: one whose
                     // body could not be read is collected (and its manifests read) in full.
                     c.unchanged = c.unchanged
                         && !retained.changed
                         && marker.manifests_fetched == 0
-                        && (c.entry.as_ref()).is_some_and(|e| {
-                            e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
-                        });
-                    c.fingerprint = fingerprint;
+                        && c.entry_current(self.clock.now());
                     c.streamed = Some(listing.fingerprint);
                     if let Some(e) = c.entry.as_ref().filter(|_| c.unchanged) {
                         unchanged(report, e);

@@ -217,9 +217,7 @@ async fn collect_all(
         let quiet = intents.is_empty() && !leftover.announcement && !leftover.lease;
         let cache = cache.map(|mut c| {
             // Unchanged only while nothing waits on the clock or on ocigc's own state.
-            c.unchanged = c.unchanged
-                && quiet
-                && (c.entry.as_ref()).is_some_and(|e| e.wake_at.is_none_or(|w| now < w));
+            c.unchanged = c.unchanged && quiet && c.entry_current(now);
             // Decided by keys outside its listing: looked at again next run, whatever its
             // listing says then (they may be gone).
             c.volatile = !intents.is_empty() || !linked.is_empty();
@@ -474,7 +472,7 @@ async fn collect_all(
         .global
         .as_ref()
         .filter(|_| opts.only.is_none() && owns_global);
-    let global = Repository {
+    let mut global = Repository {
         kind: UnitKind::Global,
         name: GLOBAL_REPOSITORY.into(),
         prefix: (key_space.global.clone())
@@ -494,7 +492,6 @@ async fn collect_all(
             prefix: prefix.clone(),
             list_parts: opts.list_parts,
         });
-    let mut global = global;
     if let (Some(g), None) = (blob_space, &streamed) {
         let listed = list_whole(&store, layout, g, opts.list_parts, opts.concurrency);
         global.objects.extend(
@@ -532,19 +529,10 @@ async fn collect_all(
                 };
                 let entry = index.entry(&global.name).cloned();
                 let quiet = all_intents.is_empty() && !leftover.announcement && !leftover.lease;
-                let unchanged = quiet
-                    && (streamed.is_some()
-                        || entry.as_ref().is_some_and(|e| {
-                            e.fingerprint == fingerprint && e.wake_at.is_none_or(|w| now < w)
-                        }));
                 let volatile = !all_intents.is_empty();
-                Some(UnitCache::new(
-                    fingerprint,
-                    context,
-                    entry,
-                    unchanged,
-                    volatile,
-                ))
+                let mut c = UnitCache::new(fingerprint, context, entry, false, volatile);
+                c.unchanged = quiet && (streamed.is_some() || c.entry_current(now));
+                Some(c)
             }
             _ => None,
         };

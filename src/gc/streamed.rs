@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use super::cache::StreamedFingerprint;
 use super::mark::Marker;
 use super::parts;
-use super::repo::{without_dropped, RepoRun};
+use super::repo::{not_objects, without_dropped, RepoRun};
 use crate::layout::{KeyKind, Repository, Roots};
 use crate::report::Tally;
 
@@ -91,7 +91,6 @@ impl RepoRun<'_> {
             let restart = marker.end_listing(listed.is_ok());
             listed.map_err(|e| format!("listing {}: {e}", streamed.prefix))?;
             if !restart {
-                marker.kept_after_listing(&kept);
                 break (kept, listing);
             }
             // A cached document's object changed behind the cache: what it said decided what
@@ -100,12 +99,8 @@ impl RepoRun<'_> {
             // as one without the cache; it costs a second listing, only here.
             marker.restart();
         };
-        let defects: Vec<String> = (kept.iter())
-            .filter_map(|o| Some(format!("{} ({})", o.key, o.defect.as_deref()?)))
-            .collect();
-        if !defects.is_empty() {
-            // What cannot be read may be a blob some image needs.
-            return Err(format!("not objects: {}", defects.join("; ")));
+        if let Some(reason) = not_objects(&kept) {
+            return Err(reason);
         }
         kept.sort_by(|a, b| a.key.cmp(&b.key));
         let unit = Repository {
