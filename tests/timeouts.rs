@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::*;
+use futures::stream::BoxStream;
 use ocigc::gc::GcOptions;
 use ocigc::metrics::Metrics;
 use ocigc::report::RepoStatus;
-use ocigc::store::{Object, Store, StoreResult};
+use ocigc::store::{Level, Object, ObjectMeta, Store, StoreResult};
 
 /// Reads of keys under `prefix` never answer.
 struct Stall {
@@ -154,6 +155,68 @@ async fn request_timeout_fails_the_repository_closed(t: TestStore) {
     );
 }
 
+/// Listings of the `distribution` blob space never answer (the repositories' do).
+struct StallBlobListing(Arc<dyn Store>);
+
+const BLOB_SPACE: &str = "docker/registry/v2/blobs";
+
+#[async_trait]
+impl Intercept for StallBlobListing {
+    fn inner(&self) -> &Arc<dyn Store> {
+        &self.0
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        self.list_after(prefix, None)
+    }
+    fn list_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxStream<'a, StoreResult<Vec<ObjectMeta>>> {
+        if prefix.starts_with(BLOB_SPACE) {
+            return Box::pin(futures::stream::pending());
+        }
+        self.0.list_after(prefix, start_after)
+    }
+    fn list_level_pages<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, StoreResult<Level>> {
+        if prefix.starts_with(BLOB_SPACE) {
+            return Box::pin(futures::stream::pending());
+        }
+        self.0.list_level_pages(prefix)
+    }
+}
+
+/// The `distribution` blob space is marked first and then listed against its marks: a
+/// time-out there says so, and nothing is deleted.
+async fn repo_timeout_while_listing_the_blob_space(t: TestStore) {
+    let w = common::dist::DistWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    let img = f.image("a", "v1").await;
+    w.tag("a", "v1", &img).await;
+    let garbage = f.image("a", "untagged").await;
+    let stalled: Arc<dyn Store> = Arc::new(Wrapped(StallBlobListing(t.store.clone())));
+    let opts = GcOptions {
+        repo_timeout: Some(Duration::from_millis(500)),
+        ..eager()
+    };
+    let layout = ocigc::layout::by_name("distribution", Default::default()).expect("layout");
+    let report = ocigc::gc::run_gc(stalled, layout, &opts)
+        .await
+        .expect("gc run");
+    let global = repo_report(&report, ocigc::layout::GLOBAL_REPOSITORY);
+    assert_eq!(global.status, RepoStatus::Timeout, "{global:#?}");
+    assert_eq!(
+        global.errors,
+        vec!["timed out while listing the blob space against its marks; nothing deleted"],
+        "{global:#?}"
+    );
+    assert!(global.deleted.is_empty());
+    let k = keys(t.store.as_ref()).await;
+    for d in &garbage.subtree {
+        assert!(k.contains(&common::dist::data_key(d)), "{d} deleted");
+    }
+}
+
 async fn metrics_match_the_report(t: TestStore) {
     populate(&t, &["a", "b/c"]).await;
     let metrics = Arc::new(Metrics::new());
@@ -195,6 +258,7 @@ async fn metrics_match_the_report(t: TestStore) {
 
 both_stores!(
     repo_timeout_abandons_only_the_stalled_repository,
+    repo_timeout_while_listing_the_blob_space,
     run_timeout_stops_new_work,
     request_timeout_fails_the_repository_closed,
     metrics_match_the_report,

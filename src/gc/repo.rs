@@ -574,7 +574,7 @@ impl RepoRun<'_> {
             Some(s) => {
                 let dropped = &inputs.dropped_roots;
                 let listed = self.mark_and_list(repo, &s, &mut marker, &mut inputs.roots, dropped);
-                let listed = self.bounded(deadline, listed).await;
+                let listed = self.bounded(deadline, Phase::Listing, listed).await;
                 let Some((unit, listing)) = settled(repo, report, &marker, listed) else {
                     return Ok(());
                 };
@@ -602,7 +602,7 @@ impl RepoRun<'_> {
             None => repo,
         };
         let observed = self.observe(repo, &mut marker, leftovers.pending, tag_set, inputs);
-        let observed = match self.bounded(deadline, observed).await {
+        let observed = match self.bounded(deadline, Phase::Marking, observed).await {
             // Facts other repositories hold (a content copy listed later) may be what was
             // missing: the second pass decides with all of them.
             Ok(Err(_)) if defer => {
@@ -907,10 +907,12 @@ impl RepoRun<'_> {
         }
     }
 
-    /// Runs `fut` until the unit's deadline or the run's shutdown, whichever comes first.
+    /// Runs `fut` (the unit's `phase`) until the unit's deadline or the run's shutdown,
+    /// whichever comes first.
     async fn bounded<T>(
         &self,
         deadline: Option<Instant>,
+        phase: Phase,
         fut: impl std::future::Future<Output = T>,
     ) -> Result<T, Stop> {
         let limit = async {
@@ -921,8 +923,8 @@ impl RepoRun<'_> {
         };
         tokio::select! {
             r = fut => Ok(r),
-            () = limit => Err(Stop::Timeout(Phase::Marking)),
-            () = self.stop.cancelled() => Err(Stop::Shutdown(Phase::Marking)),
+            () = limit => Err(Stop::Timeout(phase)),
+            () = self.stop.cancelled() => Err(Stop::Shutdown(phase)),
         }
     }
 

@@ -11,9 +11,10 @@ pub enum Phase {
     Start,
     /// Applying retention (reading, deciding and removing tags).
     Retention,
-    /// Reading roots, intents and state, and marking (and listing the global blob space,
-    /// which is streamed against what marking found).
+    /// Reading roots, intents and state, and marking.
     Marking,
+    /// Listing the global blob space against what marking found (streamed `distribution`).
+    Listing,
     /// The re-check before a delete batch.
     Recheck,
     /// Between delete batches.
@@ -30,6 +31,7 @@ impl Phase {
             Phase::Start => "before this repository started",
             Phase::Retention => "while applying retention",
             Phase::Marking => "while marking",
+            Phase::Listing => "while listing the blob space against its marks",
             Phase::Recheck => "during a re-check before a delete batch",
             Phase::Sweeping => "between delete batches",
             Phase::State => "while writing the pending state",
@@ -88,10 +90,14 @@ impl Stop {
             Stop::Timeout(Phase::Start) => {
                 "run time-out reached before this repository started".into()
             }
-            Stop::Timeout(Phase::Marking) => "timed out while marking; nothing deleted".into(),
+            Stop::Timeout(p @ (Phase::Marking | Phase::Listing)) => {
+                format!("timed out {}; nothing deleted", p.describe())
+            }
             Stop::Timeout(p) => format!("timed out {}", p.describe()),
             Stop::Shutdown(Phase::Start) => "shutting down; not started".into(),
-            Stop::Shutdown(Phase::Marking) => "shutting down while marking; nothing deleted".into(),
+            Stop::Shutdown(p @ (Phase::Marking | Phase::Listing)) => {
+                format!("shutting down {}; nothing deleted", p.describe())
+            }
             Stop::Shutdown(p) => format!("shutting down {}", p.describe()),
             Stop::LeaseHeld { owner, expires_at } => {
                 format!("lease held by {owner} until {expires_at}; nothing deleted")
