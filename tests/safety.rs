@@ -68,7 +68,14 @@ async fn two_observations_an_hour_apart(t: TestStore) {
 
     let late = gc(&t.store, &at(HOUR + Duration::from_secs(60))).await;
     assert_eq!(repo_report(&late, "app").deleted.len(), 3);
+    // The batch; the emptied pending state with the batch announcement, in one request; the
+    // lease; the cache entry the run superseded.
+    assert_eq!(late.requests.delete, 4, "{late:#?}");
     let k = keys(t.store.as_ref()).await;
+    assert!(
+        !k.iter().any(|k| k.starts_with("_ocigc/deleting/")),
+        "announcement left: {k:?}"
+    );
     assert_gone(&k, "app", &garbage, "after two observations");
     assert_intact(&k, "app", &img, "reachable");
     assert!(!k.contains(&pending_key("app")), "empty state not removed");
@@ -320,6 +327,39 @@ async fn verify_reports_what_an_intent_does_not_name(t: TestStore) {
     let mut want = g.subtree.clone();
     want.sort();
     assert_eq!(found, want, "{r:#?}");
+}
+
+/// A repository complete before the listing is waits with its deletions for the listing's
+/// end, and its second look marks from what its first look read after its listing. A tag
+/// written in between is not in that snapshot: the re-check before the batch must find it.
+async fn tag_written_while_a_repository_waits_for_the_second_pass(t: TestStore) {
+    let (img, g) = tagged_and_untagged(&t).await;
+    let f = Fixture {
+        store: t.store.as_ref(),
+    };
+    // A repository after `app`, so that `app` is complete before the listing ends.
+    let other = f.image("zz", "v1").await;
+    f.layout("zz", &[(Some("v1"), &other)]).await;
+    // The second look reads nothing, so the tag lands just before the lease is taken: after
+    // the snapshot the second look decides on, before the re-check.
+    let hooked = Arc::new(Hooked::new(
+        t.store.clone(),
+        When::BeforePut("_ocigc/leases/"),
+        tag_later(&t, &img, &g),
+    ));
+    let store: Arc<dyn Store> = hooked.clone();
+    let report = gc(&store, &eager()).await;
+    assert!(hooked.fired(), "no lease taken: {report:#?}");
+    let r = repo_report(&report, "app");
+    assert!(r.deleted.is_empty(), "{r:#?}");
+    assert_eq!(r.rescued, 3, "{r:#?}");
+    assert!(r.dangling_references.is_empty(), "{r:#?}");
+    assert_intact(
+        &keys(t.store.as_ref()).await,
+        "app",
+        &g,
+        "tagged while waiting for the second pass",
+    );
 }
 
 async fn intents_protect_until_they_expire(t: TestStore) {
@@ -638,6 +678,7 @@ both_stores!(
     verify_ignores_blobs_uploaded_again,
     verify_trusts_an_intent_to_upload_what_it_names,
     verify_reports_what_an_intent_does_not_name,
+    tag_written_while_a_repository_waits_for_the_second_pass,
     intents_protect_until_they_expire,
     the_first_page_ends_before_the_state,
     the_first_page_ends_inside_the_state,

@@ -65,7 +65,7 @@ pub async fn write_intent(
 }
 
 /// Intents of one repository as read at one moment.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Intents {
     /// Roots contributed by unexpired intents.
     pub roots: Vec<Descriptor>,
@@ -191,7 +191,8 @@ pub struct Deleting {
 }
 
 /// Announces a batch (written before the collector's last intent check, removed after the
-/// delete returns). Together with [`begin_reuse`] this is a two-sided handshake: of a pusher
+/// delete returns; after a sweep's last batch, together with the pending state where that
+/// is removed too). Together with [`begin_reuse`] this is a two-sided handshake: of a pusher
 /// and a collector acting at the same moment, at least one sees the other's object.
 pub async fn announce_deletion(
     store: &dyn Store,

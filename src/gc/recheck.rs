@@ -26,6 +26,7 @@ pub(super) struct RepoGuard<'g, 'm, 'r> {
     pub(super) roots_version: Option<String>,
     pub(super) intents_seen: HashSet<String>,
     pub(super) rescued: u64,
+    /// A batch announcement of this run stands (`intent::announce_deletion`).
     pub(super) announced: bool,
     /// The layout's registry protocol, and whether it was begun.
     pub(super) protocol: Option<(Box<dyn DeletionProtocol>, bool)>,
@@ -128,8 +129,10 @@ impl sweep::Guard for RepoGuard<'_, '_, '_> {
         Ok(safe)
     }
 
-    async fn after_batch(&mut self) {
-        if std::mem::take(&mut self.announced) {
+    async fn after_batch(&mut self, last: bool) {
+        // After the last batch the announcement stays until the sweep's end removes it,
+        // with the pending state where that goes too (one request, not two).
+        if !last && std::mem::take(&mut self.announced) {
             if let Err(e) = intent::clear_deletion(self.run.store, &self.repo.name).await {
                 // Pushers treat it as stale once its expiry passes.
                 tracing::warn!(repo = %self.repo.name, error = %e, "could not remove the batch announcement");

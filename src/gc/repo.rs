@@ -79,11 +79,9 @@ pub(super) struct RepoInputs {
     pub(super) defer_candidates: bool,
     /// What the incremental cache knows of the unit, if the run uses it.
     pub(super) cache: Option<UnitCache>,
-    /// Documents a first look at the unit this run already read (a deferred repository).
-    pub(super) primed: Option<cache::Contents>,
-    /// Retention as a first look at the unit already applied it (a deferred repository):
-    /// applied once per run.
-    pub(super) retained: Option<Retained>,
+    /// What a first look at the unit this run already did (a deferred repository): its
+    /// documents, its retention (applied once per run) and what it read.
+    pub(super) first_look: Option<FirstLook>,
     /// The unit's objects are not listed yet: it is listed after marking, against the
     /// reachable set (the global blob space). With a cache, [`UnitCache::unchanged`] then
     /// says only that nothing outside the listing keeps the unit from being skipped; the
@@ -101,6 +99,57 @@ pub(super) struct Retained {
     pub(super) report: Option<RetentionReport>,
     /// Roots were removed: the listing is stale, and the trash holds new roots.
     pub(super) changed: bool,
+}
+
+/// What a deferred repository's first look did, so that its second look (with every link
+/// and placeholder of the bucket known) does none of it again.
+#[derive(Debug, Default)]
+pub(super) struct FirstLook {
+    /// The documents marking read.
+    pub(super) learnt: cache::Contents,
+    /// Retention as applied.
+    pub(super) retained: Retained,
+    /// Roots, trash, intents and pending state as read, where the look got that far. The
+    /// second look marks from this snapshot as the first did: what changed since is the
+    /// re-check's to find (roots by their version, intents listed again) and the pending
+    /// state is read again under the lease, as for any unit.
+    pub(super) reads: Option<Box<Reads>>,
+}
+
+impl FirstLook {
+    /// Roughly how many documents' worth of memory it holds.
+    pub(super) fn weight(&self) -> usize {
+        self.learnt.documents.len() + self.reads.as_ref().map_or(0, |r| r.weight())
+    }
+}
+
+/// What observing a unit reads before it marks.
+#[derive(Clone, Debug)]
+pub(super) struct Reads {
+    roots: Roots,
+    trashed: Vec<Digest>,
+    trash_expiry: Option<std::time::SystemTime>,
+    /// Manifests the trash keeps the content of (deleted with their root).
+    trashed_documents: Vec<(Digest, crate::manifest::References)>,
+    /// Trashed roots by repository (a global unit, for `du`).
+    trashed_by_owner: Vec<(String, Digest)>,
+    intents: intent::Intents,
+    pending: Pending,
+    /// Said while reading the pending state.
+    warnings: Vec<String>,
+}
+
+impl Reads {
+    fn weight(&self) -> usize {
+        // Documents and descriptors weigh alike; a pending candidate about a third as much.
+        self.roots.descriptors.len()
+            + self.roots.documents.len()
+            + self.trashed.len()
+            + self.trashed_documents.len()
+            + self.trashed_by_owner.len()
+            + self.intents.roots.len()
+            + self.pending.first_seen.len() / 3
+    }
 }
 
 /// The incremental cache's view of one unit.
@@ -197,6 +246,8 @@ struct Observation {
     /// A global unit's blobs split by the repositories whose roots reach them (only for
     /// `du`, `explain`).
     shares: Vec<crate::report::UnitShare>,
+    /// What was read, kept where the unit may be deferred.
+    reads: Option<Box<Reads>>,
 }
 
 /// Why a unit fails closed for keys the store cannot serve as objects, if it has any: what
@@ -388,13 +439,12 @@ pub(super) enum Collected {
     /// Its report.
     Done(RepoReport),
     /// Handed back unobserved-for-good: the run collects it again once every repository has
-    /// been listed (see [`RepoInputs::defer_deletions`]), with what retention did.
-    Deferred(Repository, cache::Contents, Retained),
+    /// been listed (see [`RepoInputs::defer_deletions`]), with what its first look did.
+    Deferred(Repository, FirstLook),
 }
 
-/// The repository must wait for the second pass; what marking learnt so far, so that the
-/// second pass reads none of it again, and what retention did, so that it is not done twice.
-struct Deferral(cache::Contents, Retained);
+/// The repository must wait for the second pass, with what its first look did.
+struct Deferral(FirstLook);
 
 /// Runs `work` until `deadline`; `None` if the deadline came first.
 async fn within<T>(
@@ -435,9 +485,7 @@ impl RepoRun<'_> {
         let defer = inputs.defer_deletions;
         match self.collect_inner(&repo, inputs, &mut report).await {
             Ok(()) => {}
-            Err(Deferral(learnt, retained)) if defer => {
-                return Collected::Deferred(repo, learnt, retained)
-            }
+            Err(Deferral(look)) if defer => return Collected::Deferred(repo, look),
             // Only a run that asked for deferral gets one.
             Err(Deferral(..)) => {}
         }
@@ -456,7 +504,7 @@ impl RepoRun<'_> {
     async fn collect_inner(
         &self,
         repo: &Repository,
-        inputs: RepoInputs,
+        mut inputs: RepoInputs,
         report: &mut RepoReport,
     ) -> Result<(), Deferral> {
         let leftovers = inputs.leftovers;
@@ -482,7 +530,8 @@ impl RepoRun<'_> {
         };
         // Retention first (before the cache may skip the unit): time alone can change what
         // it decides, so a unit a table applies to always has its tags read.
-        let retained = match inputs.retained.clone() {
+        let first_look = inputs.first_look.take();
+        let retained = match first_look.as_ref().map(|l| l.retained.clone()) {
             Some(r) => r,
             None => match self.retain(repo, deadline, report).await {
                 Some(r) => r,
@@ -521,7 +570,10 @@ impl RepoRun<'_> {
         }
         let placeholders = inputs.placeholders.clone();
         let mut unit_cache = inputs.cache.clone();
-        let primed = inputs.primed.clone();
+        let (primed, first_reads) = match first_look {
+            Some(l) => (Some(l.learnt), l.reads),
+            None => (None, None),
+        };
         let blobs: HashMap<Digest, &ObjectMeta> = repo
             .objects
             .iter()
@@ -601,15 +653,23 @@ impl RepoRun<'_> {
             }
             None => repo,
         };
-        let observed = self.observe(repo, &mut marker, leftovers.pending, tag_set, inputs);
+        let observed = self.observe(
+            repo,
+            &mut marker,
+            leftovers.pending,
+            tag_set,
+            inputs,
+            first_reads,
+        );
         let observed = match self.bounded(deadline, Phase::Marking, observed).await {
             // Facts other repositories hold (a content copy listed later) may be what was
             // missing: the second pass decides with all of them.
             Ok(Err(_)) if defer => {
-                return Err(Deferral(
-                    cache::Contents::learned(&marker, Vec::new()),
+                return Err(Deferral(FirstLook {
+                    learnt: cache::Contents::learned(&marker, Vec::new()),
                     retained,
-                ))
+                    reads: None,
+                }))
             }
             observed => observed,
         };
@@ -634,10 +694,11 @@ impl RepoRun<'_> {
                 || obs.plan.deletions().next().is_some()
                 || (defer_candidates && new_candidates()))
         {
-            return Err(Deferral(
-                cache::Contents::learned(&marker, Vec::new()),
+            return Err(Deferral(FirstLook {
+                learnt: cache::Contents::learned(&marker, Vec::new()),
                 retained,
-            ));
+                reads: obs.reads.take(),
+            }));
         }
         obs.deadline = deadline;
         obs.leftovers = leftovers;
@@ -928,29 +989,21 @@ impl RepoRun<'_> {
         }
     }
 
-    /// Reads roots, intents, the trash and pending state, marks, and plans.
-    async fn observe(
+    /// Reads what marking a unit starts from: its roots (unless the listing gave them), its
+    /// trash, its push intents and its pending state.
+    async fn read_unit(
         &self,
         repo: &Repository,
-        marker: &mut Marker<'_>,
+        roots: Option<Roots>,
+        dropped_roots: &HashSet<String>,
+        intents: &[ObjectMeta],
         has_pending: bool,
-        tag_set: Option<TagSet>,
-        inputs: RepoInputs,
-    ) -> Result<Observation, String> {
-        let RepoInputs {
-            intents,
-            dropped_roots,
-            linked,
-            roots,
-            roots_marked,
-            ..
-        } = inputs;
-        let intents = intents.as_slice();
+    ) -> Result<Reads, String> {
         let roots = match roots {
             Some(r) => r,
             None => without_dropped(
                 (self.layout.read_roots(self.store, repo).await).map_err(|e| e.to_string())?,
-                &dropped_roots,
+                dropped_roots,
             ),
         };
         // After the roots: retention writes the trash before it removes a root, so a root
@@ -1002,6 +1055,60 @@ impl RepoRun<'_> {
         } else {
             Pending::default()
         };
+        Ok(Reads {
+            roots,
+            trashed,
+            trash_expiry,
+            trashed_documents,
+            trashed_by_owner,
+            intents: read,
+            pending,
+            warnings,
+        })
+    }
+
+    /// Reads roots, intents, the trash and pending state (unless a first look read them),
+    /// marks, and plans.
+    async fn observe(
+        &self,
+        repo: &Repository,
+        marker: &mut Marker<'_>,
+        has_pending: bool,
+        tag_set: Option<TagSet>,
+        inputs: RepoInputs,
+        first_reads: Option<Box<Reads>>,
+    ) -> Result<Observation, String> {
+        let keep_reads = inputs.defer_deletions;
+        let RepoInputs {
+            intents,
+            dropped_roots,
+            linked,
+            roots,
+            roots_marked,
+            ..
+        } = inputs;
+        let intents = intents.as_slice();
+        let reads = match first_reads {
+            Some(r) => Reads {
+                roots: without_dropped(r.roots, &dropped_roots),
+                ..*r
+            },
+            None => {
+                self.read_unit(repo, roots, &dropped_roots, intents, has_pending)
+                    .await?
+            }
+        };
+        let kept_reads = keep_reads.then(|| Box::new(reads.clone()));
+        let Reads {
+            roots,
+            trashed,
+            trash_expiry,
+            trashed_documents,
+            trashed_by_owner,
+            intents: read,
+            pending,
+            warnings,
+        } = reads;
         marker.warnings.extend(warnings);
         marker.assume_not_referrers(pending.not_referrers.iter().cloned());
         // A preview persists no verdict: where it would delete nothing, the real run's scan
@@ -1099,6 +1206,7 @@ impl RepoRun<'_> {
             root_labels,
             linked,
             shares,
+            reads: kept_reads,
         })
     }
 
@@ -1198,6 +1306,7 @@ impl RepoRun<'_> {
             rescued,
             lease,
             protocol,
+            announced,
             ..
         } = guard;
         report.rescued = rescued;
@@ -1220,14 +1329,26 @@ impl RepoRun<'_> {
 
         if lease.is_lost() {
             // The repository is another collector's now: its state is not ours to write.
+            if announced {
+                self.clear_announcement(repo, report).await;
+            }
             self.verify_within(obs.deadline, repo, marker, report).await;
             return;
         }
         crate::failpoint::hit("before-state-write");
         // Bounded like every phase: an unwritten state only delays later deletions.
-        let wrote = self.write_state(repo, marker, obs, report);
-        if within(obs.deadline, wrote).await.is_none() {
-            report.stopped(&Stop::Timeout(Phase::State));
+        let wrote = self.write_state(repo, marker, obs, announced, report);
+        let cleared = match within(obs.deadline, wrote).await {
+            Some(cleared) => cleared,
+            None => {
+                report.stopped(&Stop::Timeout(Phase::State));
+                false
+            }
+        };
+        // The batch announcement, where it did not go with the state (and a stale one a run
+        // that died mid-batch left: that batch is long over).
+        if (announced || obs.leftovers.announcement) && !cleared {
+            self.clear_announcement(repo, report).await;
         }
         crate::failpoint::hit("after-state-write");
         if !obs.expired_intents.is_empty() {
@@ -1239,14 +1360,6 @@ impl RepoRun<'_> {
                 Err(e) => report
                     .warnings
                     .push(format!("removing expired intents: {e}")),
-            }
-        }
-        // An announcement left by a run that died mid-batch: that batch is long over.
-        if obs.leftovers.announcement {
-            if let Err(e) = intent::clear_deletion(self.store, &repo.name).await {
-                report
-                    .warnings
-                    .push(format!("removing a stale batch announcement: {e}"));
             }
         }
         self.verify_within(obs.deadline, repo, marker, report).await;
@@ -1271,13 +1384,26 @@ impl RepoRun<'_> {
     }
 
     /// Persists the candidates still pending after the sweep, keeping first-seen times.
+    /// Removes the repository's batch announcement; pushers treat one left behind as stale
+    /// once its expiry passes.
+    async fn clear_announcement(&self, repo: &Repository, report: &mut RepoReport) {
+        if let Err(e) = intent::clear_deletion(self.store, &repo.name).await {
+            report
+                .warnings
+                .push(format!("removing the batch announcement: {e}"));
+        }
+    }
+
+    /// Writes the pending state after the sweep. Where the state goes, the batch announcement
+    /// (`announced`, or one a dead run left) goes in the same request: returns whether it did.
     async fn write_state(
         &self,
         repo: &Repository,
         marker: &Marker<'_>,
         obs: &Observation,
+        announced: bool,
         report: &mut RepoReport,
-    ) {
+    ) -> bool {
         let deleted: HashSet<&str> = report.deleted.iter().map(|d| d.key.as_str()).collect();
         let now = self.clock.now();
         let candidates: Vec<state::Candidate> = obs
@@ -1304,21 +1430,32 @@ impl RepoRun<'_> {
                 })
             })
             .collect();
-        match state::write_pending(
+        let along = (announced || obs.leftovers.announcement)
+            && candidates.is_empty()
+            && obs.pending.etag.is_some();
+        let announcement = along.then(|| intent::deleting_key(&repo.name));
+        match state::write_pending_along(
             self.store,
             &repo.name,
             &self.run_id,
             now,
             &obs.pending,
             &candidates,
+            announcement.as_slice(),
         )
         .await
         {
-            Ok(true) => {}
-            Ok(false) => report.stopped(&Stop::LeaseLost(
-                "pending state changed underneath this run".into(),
-            )),
-            Err(e) => report.stopped(&Stop::Store(format!("writing pending state: {e}"))),
+            Ok(true) => along,
+            Ok(false) => {
+                report.stopped(&Stop::LeaseLost(
+                    "pending state changed underneath this run".into(),
+                ));
+                along
+            }
+            Err(e) => {
+                report.stopped(&Stop::Store(format!("writing pending state: {e}")));
+                false
+            }
         }
     }
 }

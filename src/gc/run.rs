@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::cache::{self, CacheIndex};
 use super::lease::Leases;
 use super::plan::PlanPolicy;
-use super::repo::{Collected, Leftovers, RepoInputs, RepoRun, Retained, UnitCache};
+use super::repo::{Collected, FirstLook, Leftovers, RepoInputs, RepoRun, UnitCache};
 use super::stop::Stop;
 use super::streamed::Streamed;
 use super::BucketClock;
@@ -233,8 +233,7 @@ async fn collect_all(
             placeholders: facts.placeholders.clone(),
             defer_deletions: links && !facts_complete,
             defer_candidates: facts_later && !facts_complete,
-            primed: None,
-            retained: None,
+            first_look: None,
             streamed: None,
             roots_marked: false,
         }
@@ -337,18 +336,24 @@ async fn collect_all(
             }
             // Held while memory allows; beyond that, listed again (and its documents read
             // again) when its turn comes: more requests, never less safety.
-            Collected::Deferred(repo, learnt, retained) => {
-                let learnt = if held_documents + learnt.documents.len() <= DEFERRED_DOCUMENTS {
-                    held_documents += learnt.documents.len();
-                    learnt
+            Collected::Deferred(repo, mut look) => {
+                let hold = held + repo.objects.len() <= DEFERRED_BUDGET && !look.retained.changed;
+                // Its reads came after its listing; with a listing taken later they could
+                // miss a root of a blob that listing shows, so they go with the listing.
+                if !hold {
+                    look.reads = None;
+                }
+                if held_documents + look.weight() <= DEFERRED_DOCUMENTS {
+                    held_documents += look.weight();
                 } else {
-                    cache::Contents::default()
-                };
-                if held + repo.objects.len() <= DEFERRED_BUDGET {
+                    look.learnt = cache::Contents::default();
+                    look.reads = None;
+                }
+                if hold {
                     held += repo.objects.len();
-                    deferred.push(Waiting::Held(repo, learnt, retained));
+                    deferred.push(Waiting::Held(repo, look));
                 } else {
-                    deferred.push(Waiting::Named(repo.name, learnt, retained));
+                    deferred.push(Waiting::Named(repo.name, look));
                 }
             }
         }
@@ -392,13 +397,9 @@ async fn collect_all(
     let again = stream::iter(deferred)
         .map(|waiting| async move {
             let (store, run, inputs_for) = (store_ref, run_ref, inputs_ref);
-            let (name, held, learnt, retained) = match waiting {
-                // Retention removed roots: the listing held is stale, list it again.
-                Waiting::Held(repo, learnt, retained) if !retained.changed => {
-                    (repo.name.clone(), Some(repo), learnt, retained)
-                }
-                Waiting::Held(repo, learnt, retained) => (repo.name, None, learnt, retained),
-                Waiting::Named(name, learnt, retained) => (name, None, learnt, retained),
+            let (name, held, look) = match waiting {
+                Waiting::Held(repo, look) => (repo.name.clone(), Some(repo), look),
+                Waiting::Named(name, look) => (name, None, look),
             };
             let fresh = match held {
                 Some(repo) => Ok(Some(repo)),
@@ -423,8 +424,7 @@ async fn collect_all(
                         }
                     };
                     let mut inputs = inputs_for(&repo, true, cache);
-                    inputs.primed = Some(learnt);
-                    inputs.retained = Some(retained);
+                    inputs.first_look = Some(look);
                     match run.collect(repo, inputs).await {
                         Collected::Done(r) => Some(r),
                         Collected::Deferred(..) => None,
@@ -546,8 +546,7 @@ async fn collect_all(
             defer_deletions: false,
             defer_candidates: false,
             cache,
-            primed: None,
-            retained: None,
+            first_look: None,
             streamed: streamed.clone(),
             roots_marked: false,
         };
@@ -976,23 +975,23 @@ impl Shared<'_> {
 const BACKLOG_BUDGET: usize = 20_000;
 
 /// Listed objects that deferred repositories may hold in memory until the second pass; the
-/// rest are listed again then, which costs a LIST page per thousand keys (about 200 bytes
-/// each as held: some 1 MiB).
-const DEFERRED_BUDGET: usize = 5_000;
+/// rest are listed again then (a LIST page per thousand keys), and read again: reads taken
+/// after one listing do not go with another. About 200 bytes each as held: some 4 MiB.
+const DEFERRED_BUDGET: usize = 20_000;
 
-/// Documents that deferred repositories' first looks may keep for the second pass; beyond
-/// this they are read again then. Measured at about 1.4 KiB each (an image manifest's
-/// references as strings), so some 5.5 MiB: over 1M keys with every tenth repository dirty,
-/// 10,000 held 8 MiB more at peak and saved 4.6% of the GETs. Without a bound, such a bucket
-/// holds a tenth of its manifests.
+/// Documents (and what else a first look read, by [`FirstLook::weight`]) that deferred
+/// repositories may keep for the second pass; beyond this they are read again then. Measured
+/// at about 1.4 KiB each (an image manifest's references as strings), so some 5.5 MiB: over
+/// 1M keys with every tenth repository dirty, 10,000 held 8 MiB more at peak and saved 4.6%
+/// of the GETs. Without a bound, such a bucket holds a tenth of its manifests.
 const DEFERRED_DOCUMENTS: usize = 4_000;
 
-/// A repository waiting for the second pass, with the documents its first look read.
+/// A repository waiting for the second pass, with what its first look did.
 enum Waiting {
-    /// With its listing.
-    Held(Repository, cache::Contents, Retained),
-    /// By name: listed again.
-    Named(String, cache::Contents, Retained),
+    /// With its listing, and the reads that came after that listing.
+    Held(Repository, FirstLook),
+    /// By name: listed again (retention changed it, or memory did not allow), and read again.
+    Named(String, FirstLook),
 }
 
 /// A digest of the global unit's roots as listed (their keys and what they name), less those

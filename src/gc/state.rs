@@ -129,11 +129,31 @@ pub async fn write_pending(
     previous: &Pending,
     candidates: &[Candidate],
 ) -> Result<bool, StoreError> {
+    write_pending_along(store, repo, run_id, now, previous, candidates, &[]).await
+}
+
+/// Like [`write_pending`]; where the state is deleted, `along` (other keys of the run's own,
+/// no longer needed) goes in the same request. Whether one of those could not be deleted
+/// does not count.
+pub async fn write_pending_along(
+    store: &dyn Store,
+    repo: &str,
+    run_id: &str,
+    now: SystemTime,
+    previous: &Pending,
+    candidates: &[Candidate],
+    along: &[String],
+) -> Result<bool, StoreError> {
     let key = pending_key(repo);
     if candidates.is_empty() {
         if previous.etag.is_some() {
-            let failures = store.delete_batch(std::slice::from_ref(&key)).await?;
-            return Ok(failures.is_empty());
+            let mut keys = vec![key.clone()];
+            keys.extend(along.iter().cloned());
+            let failures = store.delete_batch(&keys).await?;
+            for f in failures.iter().filter(|f| f.key != key) {
+                tracing::warn!(key = %f.key, error = %f.message, "not deleted with the pending state");
+            }
+            return Ok(failures.iter().all(|f| f.key != key));
         }
         return Ok(true);
     }

@@ -21,8 +21,10 @@ pub trait Guard: Send {
     /// Filters `batch`; an error stops the sweep before this batch.
     async fn before_batch(&mut self, batch: Vec<Deleted>) -> Result<Vec<Deleted>, Stop>;
 
-    /// Runs after each delete request returned, whatever its outcome.
-    async fn after_batch(&mut self) {}
+    /// Runs after each delete request returned, whatever its outcome; `last` when no batch
+    /// follows in this sweep (what it would undo may then be left to whoever ends the sweep,
+    /// to go with its own requests).
+    async fn after_batch(&mut self, _last: bool) {}
 }
 
 /// A guard that lets every batch through.
@@ -78,13 +80,13 @@ pub async fn sweep(
         let round = match checked {
             Ok(b) => b,
             Err(why) => {
-                guard.after_batch().await;
+                guard.after_batch(true).await;
                 out.stopped = Some(why);
                 break;
             }
         };
         if round.is_empty() {
-            guard.after_batch().await;
+            guard.after_batch(rest.peek().is_none()).await;
             continue;
         }
         crate::failpoint::hit("before-delete-batch");
@@ -93,7 +95,7 @@ pub async fn sweep(
             (batch, store.delete_batch(&keys).await)
         }))
         .await;
-        guard.after_batch().await;
+        guard.after_batch(rest.peek().is_none()).await;
         let mut failed_whole = false;
         for (batch, result) in results {
             match result {

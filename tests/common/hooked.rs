@@ -4,9 +4,12 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use ocigc::store::{DeleteFailure, Level, Metadata, ObjectMeta, Store, StoreResult};
+use ocigc::store::{
+    DeleteFailure, Level, Metadata, ObjectMeta, PutCondition, PutOutcome, Store, StoreResult,
+};
 
 use super::wrap::{Intercept, Wrapped};
 
@@ -23,6 +26,8 @@ pub enum When {
     BeforeNthLevel(&'static str, usize),
     /// After the first batch delete that removes a key containing this.
     AfterDelete(&'static str),
+    /// Before the first PUT of a key starting with this.
+    BeforePut(&'static str),
 }
 
 pub struct Hooked {
@@ -100,6 +105,20 @@ impl Intercept for Hooked {
             }
         }
         self.inner.head_with_metadata(key).await
+    }
+    async fn put_with_metadata(
+        &self,
+        key: &str,
+        body: Bytes,
+        c: PutCondition,
+        m: Metadata,
+    ) -> StoreResult<PutOutcome> {
+        if let When::BeforePut(prefix) = self.when {
+            if key.starts_with(prefix) {
+                self.fire().await;
+            }
+        }
+        self.inner.put_with_metadata(key, body, c, m).await
     }
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<Vec<DeleteFailure>> {
         let out = self.inner.delete_batch(keys).await;
