@@ -1434,7 +1434,7 @@ impl RepoRun<'_> {
             && candidates.is_empty()
             && obs.pending.etag.is_some();
         let announcement = along.then(|| intent::deleting_key(&repo.name));
-        match state::write_pending_along(
+        match state::write_pending(
             self.store,
             &repo.name,
             &self.run_id,

@@ -120,22 +120,10 @@ pub struct Candidate {
 
 /// Replaces a repository's pending state with `candidates` (deletes the file when empty).
 /// Conditional on the ETag read earlier, so two writers can never interleave unnoticed;
-/// returns false when the file changed underneath (the caller's lease was lost).
+/// returns false when the file changed underneath (the caller's lease was lost). Where the
+/// file is deleted, `along` (other keys of the run's own, no longer needed) goes in the same
+/// request; whether one of those could not be deleted does not count.
 pub async fn write_pending(
-    store: &dyn Store,
-    repo: &str,
-    run_id: &str,
-    now: SystemTime,
-    previous: &Pending,
-    candidates: &[Candidate],
-) -> Result<bool, StoreError> {
-    write_pending_along(store, repo, run_id, now, previous, candidates, &[]).await
-}
-
-/// Like [`write_pending`]; where the state is deleted, `along` (other keys of the run's own,
-/// no longer needed) goes in the same request. Whether one of those could not be deleted
-/// does not count.
-pub async fn write_pending_along(
     store: &dyn Store,
     repo: &str,
     run_id: &str,
@@ -222,7 +210,7 @@ mod tests {
         ];
         let empty = Pending::default();
         assert!(
-            write_pending(&store, "app", "run", now, &empty, &candidates)
+            write_pending(&store, "app", "run", now, &empty, &candidates, &[])
                 .await
                 .expect("write")
         );
