@@ -257,7 +257,7 @@ async fn oci_clauses_trash_restore_and_expiry(t: TestStore) {
     let back = restore(t.store.as_ref(), oci.as_ref(), &target("team/app:pr-1"), at)
         .await
         .expect("restored");
-    assert_eq!(back.as_str(), pr1.digest);
+    assert_eq!(back.to_string(), pr1.digest);
     assert_eq!(oci_tags(t.store.as_ref(), repo).await["pr-1"], pr1.digest);
     assert!(matches!(
         restore(t.store.as_ref(), oci.as_ref(), &target("team/app:pr-1"), at).await,
@@ -564,7 +564,7 @@ async fn distribution_untagged_older_than(t: TestStore) {
     )
     .await
     .expect("restored");
-    assert_eq!(back.as_str(), stale.digest);
+    assert_eq!(back.to_string(), stale.digest);
     let link = t
         .store
         .get(&revision_key(repo, &stale.digest))
@@ -740,7 +740,7 @@ async fn serverless_untagged_older_than(t: TestStore) {
     )
     .await
     .expect("restored");
-    assert_eq!(back.as_str(), stale.digest);
+    assert_eq!(back.to_string(), stale.digest);
     let body = (t.store.get(&sr_manifest(repo, &stale.digest)).await)
         .expect("manifest back")
         .body;

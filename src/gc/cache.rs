@@ -784,7 +784,7 @@ impl Writer {
         };
         self.0.push(tag);
         // A Digest is always valid lower-case hex of its algorithm's length.
-        self.0.extend(unhex(d.hex()).unwrap_or_default());
+        self.0.extend_from_slice(d.bytes());
     }
 }
 

@@ -991,12 +991,7 @@ pub(crate) fn content_matches(digest: &Digest, body: &[u8]) -> bool {
         "sha512" => sha2::Sha512::digest(body).to_vec(),
         _ => return false,
     };
-    let hex = digest.hex().as_bytes();
-    hex.len() == hash.len() * 2
-        && hash.iter().zip(hex.chunks(2)).all(|(b, pair)| {
-            const DIGITS: &[u8; 16] = b"0123456789abcdef";
-            pair == [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]]
-        })
+    hash == digest.bytes()
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ fn revision(rest: &str) -> Option<Digest> {
 /// The global key of a blob's (or manifest's) content.
 fn data_key(digest: &Digest) -> String {
     let hex = digest.hex();
+    let hex: &str = &hex;
     format!(
         "{BLOBS}{}/{}/{hex}/data",
         digest.algorithm(),

@@ -57,7 +57,7 @@ fn blob_digest(rest: &str) -> Option<Digest> {
 
 fn is_placeholder(object: &ObjectMeta, digest: &Digest) -> bool {
     // A defect (a FIFO, a symlink) lists as 0 bytes too, and is no placeholder.
-    object.size == 0 && object.defect.is_none() && !EMPTY_CONTENT.contains(&digest.as_str())
+    object.size == 0 && object.defect.is_none() && !EMPTY_CONTENT.contains(&&*digest.as_str())
 }
 
 /// The OCI Image Layout per repository.
@@ -284,15 +284,13 @@ impl Layout for OciLayout {
         if now.as_deref() != Some(version.as_str()) {
             return Err(TagError::Conflict);
         }
-        let doomed_set: HashSet<(Option<&str>, &str)> = doomed
+        let doomed_set: HashSet<(Option<&str>, &Digest)> = doomed
             .iter()
-            .map(|d| (d.tag.as_deref(), d.digest.as_str()))
+            .map(|d| (d.tag.as_deref(), &d.digest))
             .collect();
         if let Some(list) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) {
             list.retain(|e| {
-                let digest = entry_digest(e);
-                let id = (entry_tag(e), digest.as_ref().map_or("", |d| d.as_str()));
-                !doomed_set.contains(&id)
+                !entry_digest(e).is_some_and(|d| doomed_set.contains(&(entry_tag(e), &d)))
             });
         }
         let body = serde_json::to_vec(&doc)
@@ -319,13 +317,13 @@ impl Layout for OciLayout {
         let entry = entry.cloned().unwrap_or_else(|| {
             serde_json::json!({
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": digest.as_str(),
+                "digest": digest.to_string(),
             })
         });
         if entry_digest(&entry).as_ref() != Some(digest) || entry_tag(&entry) != tag {
             return Err(TagError::Unsupported(format!(
                 "the trashed entry of {} does not name it",
-                tag.unwrap_or(digest.as_str())
+                tag.map_or_else(|| digest.to_string(), str::to_string)
             )));
         }
         for _ in 0..INDEX_ATTEMPTS {
@@ -340,7 +338,9 @@ impl Layout for OciLayout {
                 None => entry_tag(e).is_none() && entry_digest(e).as_ref() == Some(digest),
             });
             if exists {
-                return Err(TagError::Exists(tag.unwrap_or(digest.as_str()).to_string()));
+                return Err(TagError::Exists(
+                    tag.map_or_else(|| digest.to_string(), str::to_string),
+                ));
             }
             let Some(list) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) else {
                 return Err(TagError::Roots(RootsError::Invalid {

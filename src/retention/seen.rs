@@ -107,7 +107,7 @@ impl Seen {
 
     /// When the untagged root `digest` was added, at the latest.
     pub fn untagged_since(&self, digest: &Digest, moved_by: SystemTime) -> SystemTime {
-        (self.file.untagged.get(digest.as_str()))
+        (self.file.untagged.get(&*digest.as_str()))
             .and_then(|s| parse(s))
             .map_or(moved_by, |t| t.min(moved_by))
     }

@@ -920,7 +920,7 @@ mod tests {
             let head = store.head(&o.key).await.expect("head").expect("exists");
             assert_eq!(head, o);
             if let Some((_, hex)) = o.key.split_once("/blobs/sha256/") {
-                assert_eq!(Digest::sha256_of(&got.body).hex(), hex, "{}", o.key);
+                assert_eq!(&*Digest::sha256_of(&got.body).hex(), hex, "{}", o.key);
                 if got.body.starts_with(
                     br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest"#,
                 ) {
