@@ -22,11 +22,34 @@ pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 /// document is not JSON to any Go registry.
 pub const MAX_NESTING_DEPTH: usize = 10_000;
 
+/// A media type, shared: a run holds one per descriptor it has read, and a registry uses a
+/// handful of them.
+pub type MediaType = std::sync::Arc<str>;
+
+/// Distinct media types shared at most; beyond, each is held on its own (a bucket full of
+/// made-up types costs memory, never correctness).
+const MAX_INTERNED: usize = 1024;
+
+/// The shared copy of `text`.
+pub fn media_type(text: &str) -> MediaType {
+    static SEEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<MediaType>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = seen.get(text) {
+        return t.clone();
+    }
+    let t: MediaType = text.into();
+    if seen.len() < MAX_INTERNED {
+        seen.insert(t.clone());
+    }
+    t
+}
+
 /// A reference to content: media type, digest and size.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Descriptor {
     /// Declared media type, if any.
-    pub media_type: Option<String>,
+    pub media_type: Option<MediaType>,
     /// Content digest.
     pub digest: Digest,
     /// Declared size, if any.
@@ -495,7 +518,7 @@ fn lenient_digest(raw: &str) -> Option<Digest> {
 
 /// Of the media types one descriptor declares, the one that asks the most of the marker: a
 /// manifest type (read it, fail closed if unreadable) over an unknown one over a blob type.
-fn most_demanding(types: &[String]) -> Option<String> {
+fn most_demanding(types: &[String]) -> Option<MediaType> {
     types
         .iter()
         .max_by_key(|t| match content_kind(Some(t)) {
@@ -503,7 +526,7 @@ fn most_demanding(types: &[String]) -> Option<String> {
             ContentKind::Unknown => 1,
             ContentKind::Manifest => 2,
         })
-        .cloned()
+        .map(|t| media_type(t))
 }
 
 impl References {
@@ -620,7 +643,7 @@ pub fn references(body: &[u8]) -> Result<References, ManifestError> {
     // impossible, rather than skip a child that calls itself a blob or something unknown.
     for d in &mut refs.children {
         if content_kind(d.media_type.as_deref()) != ContentKind::Manifest {
-            d.media_type = Some(UNTYPED_MANIFEST.to_string());
+            d.media_type = Some(media_type(UNTYPED_MANIFEST));
         }
     }
     refs.subjects = refs.follow_single("subject", doc.subject);
@@ -772,6 +795,14 @@ mod tests {
         );
         assert_eq!(r.subjects.len(), 2);
         assert!(r.unsupported.is_empty(), "{:?}", r.unsupported);
+    }
+
+    #[test]
+    fn media_types_are_shared() {
+        let a = media_type("application/vnd.oci.image.layer.v1.tar+gzip");
+        let b = media_type("application/vnd.oci.image.layer.v1.tar+gzip");
+        assert!(std::sync::Arc::ptr_eq(&a, &b));
+        assert_eq!(&*a, "application/vnd.oci.image.layer.v1.tar+gzip");
     }
 
     #[test]

@@ -655,7 +655,7 @@ pub fn decode(body: &[u8]) -> Result<(String, Fingerprint, Contents), &'static s
     let n = r.count(4)?;
     let mut media = Vec::with_capacity(n);
     for _ in 0..n {
-        media.push(r.str()?);
+        media.push(crate::manifest::media_type(&r.str()?));
     }
     // The smallest document: a digest, no listed version, four empty lists and a flag.
     let n = r.count(33 + 1 + 17)?;
@@ -881,7 +881,7 @@ mod tests {
 
     fn desc(n: u8, media_type: Option<&str>, size: Option<u64>) -> Descriptor {
         Descriptor {
-            media_type: media_type.map(str::to_string),
+            media_type: media_type.map(crate::manifest::media_type),
             digest: digest(n),
             size,
         }

@@ -178,7 +178,7 @@ pub struct Parent {
     /// How it leads here.
     pub via: Via,
     /// The media type the parent's descriptor gives this digest, if any.
-    pub media_type: Option<String>,
+    pub media_type: Option<crate::manifest::MediaType>,
 }
 
 /// How a digest was reached from its parent.

@@ -240,7 +240,7 @@ struct Observation {
     /// Bytes of the plan the budget admitted.
     admitted: u64,
     /// Labels of the roots by digest, with their media types (only when explaining).
-    root_labels: HashMap<Digest, (String, Option<String>)>,
+    root_labels: HashMap<Digest, (String, Option<crate::manifest::MediaType>)>,
     /// Blobs kept by links or placeholders in other repositories (only for `du`, `explain`).
     linked: HashSet<Digest>,
     /// A global unit's blobs split by the repositories whose roots reach them (only for
@@ -1171,7 +1171,7 @@ impl RepoRun<'_> {
         };
         descriptors.extend(read.roots);
         descriptors.extend(trashed.into_iter().map(|digest| Descriptor {
-            media_type: Some(UNTYPED_MANIFEST.into()),
+            media_type: Some(crate::manifest::media_type(UNTYPED_MANIFEST)),
             digest,
             size: None,
         }));

@@ -123,7 +123,7 @@ fn revision_roots(revisions: Vec<(ObjectMeta, Digest)>) -> Roots {
 
 fn untyped_root(digest: Digest) -> Descriptor {
     Descriptor {
-        media_type: Some(UNTYPED_MANIFEST.into()),
+        media_type: Some(crate::manifest::media_type(UNTYPED_MANIFEST)),
         digest,
         size: None,
     }

@@ -573,7 +573,7 @@ impl Layout for ServerlessRegistryLayout {
                 Some(d) if !self.delete_untagged => {
                     if seen.insert(d.clone()) {
                         roots.descriptors.push(Descriptor {
-                            media_type: Some(UNTYPED_MANIFEST.into()),
+                            media_type: Some(crate::manifest::media_type(UNTYPED_MANIFEST)),
                             digest: d,
                             size: Some(o.size),
                         });
@@ -598,7 +598,7 @@ impl Layout for ServerlessRegistryLayout {
             let digest = Digest::sha256_of(&body);
             if seen.insert(digest.clone()) {
                 roots.descriptors.push(Descriptor {
-                    media_type: Some(UNTYPED_MANIFEST.into()),
+                    media_type: Some(crate::manifest::media_type(UNTYPED_MANIFEST)),
                     digest: digest.clone(),
                     size: Some(body.len() as u64),
                 });
