@@ -768,9 +768,10 @@ def stage_list(args, weed, proxy, work, results):
     check(not deleted_keys(report) and report.get("unowned_objects") == n,
           "list: ocigc listed every key and owns none", f"unowned {report.get('unowned_objects')} vs {n}")
     cores = os.cpu_count() or 1
-    # Busy CPU per second of the sequential listing: the cores' worth it keeps busy. A parallel
-    # listing of the same pages cannot run faster than `cores` divided by that.
-    busy = sum(seq_cpu.spent.values()) / floor["seconds"]
+    # Cores' worth of CPU ocigc's listing keeps busy (store, proxy and client together): the
+    # store spends less a page on parts than on one long listing, so the sequential listing's
+    # CPU bounds nothing; what ocigc's own listing leaves idle is what it could still gain here.
+    busy = sum(par_cpu.spent.values()) / seconds if seconds else 0.0
     ceiling = cores / busy if busy else float("inf")
     results["list"] = {"keys": n, "seq_seconds": floor["seconds"], "seq_lists": seq["list"],
                        "seq_cpu": seq_cpu.spent, "one_part_seconds": one_part, "seconds": seconds,
@@ -780,8 +781,8 @@ def stage_list(args, weed, proxy, work, results):
     ratio = floor["seconds"] / seconds
     goal("c", f"listing {n:,} keys through the {proxy.latency_ms:g} ms proxy: one sequential "
          f"listing (floor.rs) / ocigc{'' if parts else ' (no --list-parts in this build)'}", ">= 8x",
-         f"{ratio:.2f}x ({floor['seconds']:.1f} s / {seconds:.1f} s; this machine's CPU ceiling "
-         f"{ceiling:.1f}x)", ratio >= 8)
+         f"{ratio:.2f}x ({floor['seconds']:.1f} s / {seconds:.1f} s; ocigc keeps {busy:.2f} of "
+         f"{cores} cores busy, at most {ratio * ceiling:.1f}x on this machine)", ratio >= 8)
 
 
 def stage_oci(args, weed, proxy, work, results):
@@ -967,9 +968,10 @@ def table(results, cmdline, latency_ms):
             out.append(f"| {x['keys']:,} | ocigc --list-parts 1 | {x['one_part_seconds']:.1f} s | | |")
         out += [f"| {x['keys']:,} | ocigc{'' if x['parallel_flag'] else ' (no --list-parts in this build)'} "
                 f"| {x['seconds']:.1f} s | {x['lists']} | {cpu(x['cpu'])} |", "",
-                f"Sequential / ocigc: {x['seq_seconds'] / x['seconds']:.2f}x. The sequential listing keeps "
-                f"{x['cores'] / x['ceiling']:.2f} cores busy, so on {x['cores']} cores no listing of the same "
-                f"pages can beat it by more than {x['ceiling']:.1f}x.", ""]
+                f"Sequential / ocigc: {x['seq_seconds'] / x['seconds']:.2f}x. ocigc's listing keeps "
+                f"{x['cores'] / x['ceiling']:.2f} of {x['cores']} cores busy (store, proxy and client), so "
+                f"with the same CPU a page no listing here beats the sequential one by more than "
+                f"{x['seq_seconds'] / x['seconds'] * x['ceiling']:.1f}x.", ""]
     if "observe" in results:
         x = results["observe"]
         out += [f"### d. Observations of one oci bucket (SeaweedFS, {latency_ms:g} ms proxy): "

@@ -352,6 +352,72 @@ async fn recheck_and_verify_see_a_manifest_pushed_during_the_run(t: TestStore) {
     }
 }
 
+/// Roots gathered from a listing in parts carry one version, the sum of the parts' versions,
+/// so an unchanged bucket's re-check lists the links once instead of reading them again. An
+/// image pushed after that listing and before the first batch changes the sum: the re-check
+/// reads the roots again and keeps every blob of the image.
+async fn recheck_sees_a_push_when_the_roots_came_from_parts(t: TestStore) {
+    use futures::StreamExt as _;
+    let w = DistWriter::new(t.store.clone());
+    let f = Fixture { store: &w };
+    // Repositories over several parts, and unreferenced blobs for more than a page.
+    let tagged: Vec<Desc> = futures::stream::iter(0..24)
+        .map(|i| {
+            let (f, w) = (&f, &w);
+            async move {
+                let repo = format!("r{i:02}");
+                let img = f.image(&repo, &format!("image {i}")).await;
+                w.tag(&repo, "v1", &img).await;
+                img
+            }
+        })
+        .buffered(8)
+        .collect()
+        .await;
+    let junk: Vec<Desc> = futures::stream::iter(0..1000)
+        .map(|i| {
+            let f = &f;
+            async move {
+                f.blob("junk", OCI_LAYER, format!("junk {i}").as_bytes())
+                    .await
+            }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    let pushed = f.image("late", "pushed after the listing").await;
+    let push = {
+        let w = DistWriter::new(t.store.clone());
+        let pushed = pushed.clone();
+        Box::pin(async move { w.tag("late", "new", &pushed).await })
+    };
+    // The global unit's lease is taken after its marking and listing, before its first batch.
+    let hooked = Arc::new(Hooked::new(
+        t.store.clone(),
+        When::BeforePut("_ocigc/leases/"),
+        push,
+    ));
+    let store: Arc<dyn Store> = hooked.clone();
+    let opts = GcOptions {
+        list_parts: 8,
+        ..eager()
+    };
+    let report = dgc(&store, &opts, false).await;
+    assert!(hooked.fired());
+    let g = repo_report(&report, GLOBAL_REPOSITORY);
+    assert_eq!(g.status, RepoStatus::Ok, "{g:#?}");
+    assert_eq!(g.rescued, 3, "{g:#?}");
+    let deleted: BTreeSet<String> = g.deleted.iter().map(|d| d.key.clone()).collect();
+    let expected: BTreeSet<String> = junk.iter().flat_map(data_keys).collect();
+    assert_eq!(deleted, expected);
+    let k = keys(t.store.as_ref()).await;
+    assert_all(&k, &pushed, true, "pushed");
+    for img in &tagged {
+        assert_all(&k, img, true, "tagged");
+    }
+    assert!(dist_dangling(t.store.as_ref()).await.is_empty());
+}
+
 /// A blob space longer than a page, listed in parts. The global unit is marked before it is
 /// listed and the listing streamed against the reachable set (reachable blobs are counted and
 /// dropped as their page goes by): exactly the unreferenced blobs go, and the report is the
@@ -433,6 +499,7 @@ async fn a_blob_space_of_many_pages_streams_in_parts(t: TestStore) {
 
 both_stores!(
     a_blob_space_of_many_pages_streams_in_parts,
+    recheck_sees_a_push_when_the_roots_came_from_parts,
     recheck_and_verify_see_a_manifest_pushed_during_the_run,
     shared_layers_and_multi_arch,
     untagged_manifests_only_on_request,

@@ -23,7 +23,7 @@ use crate::digest::Digest;
 use crate::gc::mark::{CachedDocument, ListedVersion, Marker};
 use crate::manifest::{Descriptor, References};
 use crate::store::{
-    ObjectMeta, Op, PutCondition, Store, StoreError, StoreResult, MAX_DELETE_BATCH,
+    ListingSum, ObjectMeta, Op, PutCondition, Store, StoreError, StoreResult, MAX_DELETE_BATCH,
 };
 
 /// Where every version of the cache lives; versions other than [`CACHE_PREFIX`]'s are ignored.
@@ -148,39 +148,23 @@ fn hash_object(h: &mut sha2::Sha256, o: &ObjectMeta) {
 /// any order, or taking deleted ones out again, gives the same value. Only a unit that is
 /// always streamed uses it, so its values never meet those of [`fingerprint`].
 #[derive(Clone, Debug, Default)]
-pub struct StreamedFingerprint {
-    lanes: [u64; 4],
-    count: u64,
-}
+pub struct StreamedFingerprint(ListingSum);
 
 impl StreamedFingerprint {
-    fn lanes_of(o: &ObjectMeta) -> [u64; 4] {
+    fn hash_of(o: &ObjectMeta) -> [u8; 32] {
         let mut h = sha2::Sha256::new();
         hash_object(&mut h, o);
-        let d: [u8; 32] = h.finalize().into();
-        let mut lanes = [0u64; 4];
-        for (lane, chunk) in lanes.iter_mut().zip(d.chunks_exact(8)) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            *lane = u64::from_be_bytes(b);
-        }
-        lanes
+        h.finalize().into()
     }
 
     /// Counts one listed object in.
     pub fn add(&mut self, o: &ObjectMeta) {
-        for (l, x) in self.lanes.iter_mut().zip(Self::lanes_of(o)) {
-            *l = l.wrapping_add(x);
-        }
-        self.count += 1;
+        self.0.add(Self::hash_of(o));
     }
 
     /// Takes one counted object out again (one this run deleted).
     pub fn remove(&mut self, o: &ObjectMeta) {
-        for (l, x) in self.lanes.iter_mut().zip(Self::lanes_of(o)) {
-            *l = l.wrapping_sub(x);
-        }
-        self.count = self.count.saturating_sub(1);
+        self.0.remove(Self::hash_of(o));
     }
 
     /// The fingerprint of what was counted in, under `context`.
@@ -188,10 +172,7 @@ impl StreamedFingerprint {
         let mut h = sha2::Sha256::new();
         field(&mut h, b"ocigc-cache-fingerprint-streamed-v1");
         field(&mut h, context.as_bytes());
-        h.update(self.count.to_be_bytes());
-        for l in self.lanes {
-            h.update(l.to_be_bytes());
-        }
+        h.update(self.0.to_bytes());
         Fingerprint(h.finalize().into())
     }
 }

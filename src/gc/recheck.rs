@@ -12,7 +12,7 @@ use super::{intent, sweep};
 use crate::digest::Digest;
 use crate::gc::lease::Lease;
 use crate::gc::mark::Marker;
-use crate::layout::{DeletionProtocol, ProtocolError, Repository};
+use crate::layout::{DeletionProtocol, ProtocolError, Repository, RootsVersion};
 use crate::manifest::Descriptor;
 use crate::report::Deleted;
 use crate::store::ObjectMeta;
@@ -23,7 +23,7 @@ pub(super) struct RepoGuard<'g, 'm, 'r> {
     pub(super) repo: &'g Repository,
     pub(super) marker: &'g mut Marker<'m>,
     pub(super) lease: Lease,
-    pub(super) roots_version: Option<String>,
+    pub(super) roots_version: Option<RootsVersion>,
     pub(super) intents_seen: HashSet<String>,
     pub(super) rescued: u64,
     /// A batch announcement of this run stands (`intent::announce_deletion`).

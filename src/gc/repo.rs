@@ -21,7 +21,7 @@ use super::stop::{Phase, Stop};
 use super::streamed::Streamed;
 use super::{intent, sweep};
 use crate::digest::Digest;
-use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, TagSet};
+use crate::layout::{ContentCopy, KeyKind, Layout, Repository, Roots, RootsVersion, TagSet};
 use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
 use crate::report::{Deleted, RepoReport, RepoStatus};
 use crate::retention::{self, trash, RetentionOptions, RetentionReport};
@@ -230,7 +230,7 @@ enum Mode {
 struct Observation {
     deadline: Option<Instant>,
     leftovers: Leftovers,
-    roots_version: Option<String>,
+    roots_version: Option<RootsVersion>,
     intents_seen: HashSet<String>,
     expired_intents: Vec<String>,
     pending: Pending,

@@ -22,11 +22,11 @@ use super::{
 use crate::digest::Digest;
 use crate::layout::{
     list_prefix, partitioner, ContentCopy, Layout, Partition, Partitioner, Rejected, Repository,
-    Roots, UnitKind, GLOBAL_REPOSITORY, STATE_PREFIX,
+    Roots, RootsVersion, UnitKind, GLOBAL_REPOSITORY, STATE_PREFIX,
 };
 use crate::namespace::{self, StateKey};
 use crate::report::{timestamp, RepoReport, RepoStatus, Report};
-use crate::store::{Instrumented, ObjectMeta, Store, StoreError};
+use crate::store::{Instrumented, ListingSum, ObjectMeta, Store, StoreError};
 
 /// How old an answer's `Date` may be to set the bucket clock without a request of its own.
 const FRESH_ANSWER: std::time::Duration = std::time::Duration::from_secs(60);
@@ -1019,13 +1019,23 @@ fn merge_roots(mut all: Vec<Roots>) -> Option<Roots> {
         return all.pop();
     }
     let mut out = Roots::default();
+    // Roots that are objects of their own, gathered from the parts of one listing, add up to
+    // the version a listing of them all gives: the re-check reads them again only if that
+    // changed. Any other version covers its own part only, and then none covers them all.
+    let mut sum = Some(ListingSum::default());
     for r in all {
+        sum = match (sum, &r.version) {
+            (Some(mut s), Some(RootsVersion::Listing(part))) => {
+                s.merge(part);
+                Some(s)
+            }
+            _ => None,
+        };
         out.descriptors.extend(r.descriptors);
         out.sources.extend(r.sources);
         out.documents.extend(r.documents);
     }
-    // No single version covers roots read in several parts: the re-check reads them again.
-    out.version = None;
+    out.version = sum.map(RootsVersion::Listing);
     Some(out)
 }
 
@@ -1067,4 +1077,59 @@ async fn list_whole(
     .await?;
     objects.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::listing_version;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn link(i: u64) -> ObjectMeta {
+        ObjectMeta::new(
+            format!("links/{i}"),
+            71,
+            UNIX_EPOCH + Duration::from_secs(i),
+            Some(format!("\"e{i}\"")),
+        )
+    }
+
+    fn part(links: &[ObjectMeta]) -> Roots {
+        Roots {
+            version: Some(RootsVersion::Listing(listing_version(links.iter()))),
+            sources: links.iter().map(|o| o.key.clone()).collect(),
+            ..Roots::default()
+        }
+    }
+
+    #[test]
+    fn roots_from_parts_have_the_version_of_one_listing_of_them_all() {
+        let links: Vec<ObjectMeta> = (0..7).map(link).collect();
+        let whole = Some(RootsVersion::Listing(listing_version(links.iter())));
+        let parts = vec![part(&links[4..]), part(&links[..1]), part(&links[1..4])];
+        let merged = merge_roots(parts).expect("roots");
+        assert_eq!(merged.version, whole);
+        assert_eq!(merged.sources.len(), 7);
+        // A link more, or one rewritten: another version, so the re-check reads them again.
+        let more: Vec<ObjectMeta> = (0..8).map(link).collect();
+        assert_ne!(
+            merged.version,
+            Some(RootsVersion::Listing(listing_version(more.iter())))
+        );
+        let mut rewritten = links.clone();
+        rewritten[2].etag = Some("\"other\"".into());
+        assert_ne!(
+            merged.version,
+            Some(RootsVersion::Listing(listing_version(rewritten.iter())))
+        );
+        // A part versioned otherwise, or not at all: no version covers them all.
+        let etag = Roots {
+            version: Some(RootsVersion::Etag("\"x\"".into())),
+            ..Roots::default()
+        };
+        let merged = merge_roots(vec![part(&links[..3]), etag]).expect("roots");
+        assert_eq!(merged.version, None);
+        let merged = merge_roots(vec![part(&links[..3]), Roots::default()]).expect("roots");
+        assert_eq!(merged.version, None);
+    }
 }

@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use super::{
     list_prefix as list, list_prefix_in_parts, listing_version, partition_all, Doomed, Held,
     KeyKind, KeySpace, Layout, OpenRepos, Order, Partition, Partitioner, Rejected, Removal,
-    Repository, Roots, RootsError, StoredTag, StoredUntagged, TagError, TagSet, UnitKind,
-    GLOBAL_REPOSITORY,
+    Repository, Roots, RootsError, RootsVersion, StoredTag, StoredUntagged, TagError, TagSet,
+    UnitKind, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, UNTYPED_MANIFEST};
@@ -111,7 +111,9 @@ fn revision_link(key: &str) -> Option<Digest> {
 /// The roots of the global sweep, from the revision links of every repository.
 fn revision_roots(revisions: Vec<(ObjectMeta, Digest)>) -> Roots {
     Roots {
-        version: Some(listing_version(revisions.iter().map(|(o, _)| o))),
+        version: Some(RootsVersion::Listing(listing_version(
+            revisions.iter().map(|(o, _)| o),
+        ))),
         sources: revisions.iter().map(|(o, _)| o.key.clone()).collect(),
         documents: Vec::new(),
         descriptors: revisions
@@ -244,7 +246,7 @@ impl DistributionLayout {
         }
         Ok(Roots {
             descriptors,
-            version: Some(listing_version(current.into_iter())),
+            version: Some(RootsVersion::Listing(listing_version(current.into_iter()))),
             ..Roots::default()
         })
     }
@@ -476,29 +478,26 @@ impl Layout for DistributionLayout {
         &self,
         store: &dyn Store,
         repo: &Repository,
-    ) -> Result<Option<String>, RootsError> {
+    ) -> Result<Option<RootsVersion>, RootsError> {
         // Listing is the cheapest way to see a new revision or a moved tag; the links' own
         // contents never change without their listing entry changing too.
-        if repo.is_global() {
+        let sum = if repo.is_global() {
             let links = list_prefix_in_parts(store, REPOSITORIES).await?;
-            Ok(Some(listing_version(
-                links.iter().filter(|o| revision_link(&o.key).is_some()),
-            )))
+            listing_version(links.iter().filter(|o| revision_link(&o.key).is_some()))
         } else {
             let tags = list(store, &format!("{}{TAGS}", repo.prefix)).await?;
-            Ok(Some(listing_version(
-                tags.iter().filter(|o| o.key.ends_with("/current/link")),
-            )))
-        }
+            listing_version(tags.iter().filter(|o| o.key.ends_with("/current/link")))
+        };
+        Ok(Some(RootsVersion::Listing(sum)))
     }
 
     async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError> {
         let prefix = format!("{}{TAGS}", repo.prefix);
         let listed = list(store, &prefix).await?;
         let mut set = TagSet {
-            version: Some(listing_version(
-                listed.iter().filter(|o| o.key.ends_with(CURRENT)),
-            )),
+            version: Some(
+                listing_version(listed.iter().filter(|o| o.key.ends_with(CURRENT))).to_string(),
+            ),
             ..TagSet::default()
         };
         for o in &listed {

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, References};
-use crate::store::{ObjectMeta, Store, StoreError};
+use crate::store::{ListingSum, ObjectMeta, Store, StoreError};
 
 pub use name::validate_repository_name;
 
@@ -332,8 +332,8 @@ pub enum KeyKind {
 pub struct Roots {
     /// Descriptors everything reachable hangs off.
     pub descriptors: Vec<Descriptor>,
-    /// Version marker of the roots (e.g. the ETag of `index.json`), when the store gives one.
-    pub version: Option<String>,
+    /// Version marker of the roots, when the store gives one.
+    pub version: Option<RootsVersion>,
     /// The key each descriptor was read from, where roots are objects of their own
     /// (distribution revision links); empty otherwise.
     pub sources: Vec<String>,
@@ -745,13 +745,13 @@ pub trait Layout: Send + Sync {
     /// Reads the roots of `repo`.
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError>;
 
-    /// The current version of the roots (e.g. the ETag of `index.json`) in one cheap request;
-    /// `None` when the store gives none (the caller must then re-read the roots).
+    /// The current version of the roots (e.g. the ETag of `index.json`), as cheaply as the
+    /// layout allows; `None` when the store gives none (the caller must then re-read the roots).
     async fn roots_version(
         &self,
         store: &dyn Store,
         repo: &Repository,
-    ) -> Result<Option<String>, RootsError>;
+    ) -> Result<Option<RootsVersion>, RootsError>;
 
     /// Every tag of `repo` (and its untagged roots where they can be removed apart), read now.
     async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError>;
@@ -863,24 +863,34 @@ pub(crate) async fn list_prefix_in_parts(
     Ok(out)
 }
 
+/// What the re-check compares to see whether a unit's roots changed since they were read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootsVersion {
+    /// The ETag of the one object that holds the roots (`index.json`).
+    Etag(String),
+    /// The roots are objects of their own (links, manifests): the sum of their listing, so
+    /// roots gathered from the parts of one listing have the version a listing of them all
+    /// gives ([`listing_version`]).
+    Listing(ListingSum),
+}
+
 /// A version of a set of listed objects, for roots that are objects of their own: it changes
-/// whenever one is added, removed or rewritten (key, size, ETag or modification time).
-pub(crate) fn listing_version<'a>(objects: impl Iterator<Item = &'a ObjectMeta>) -> String {
-    let mut lines: Vec<String> = objects
-        .map(|o| {
-            let modified = o
-                .last_modified
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos();
-            let etag = o.etag.as_deref().unwrap_or("");
-            format!("{} {} {etag} {modified}", o.key, o.size)
-        })
-        .collect();
-    lines.sort_unstable();
-    Digest::sha256_of(lines.join("\n").as_bytes())
-        .hex()
-        .to_string()
+/// whenever one is added, removed or rewritten (key, size, ETag or modification time), and
+/// does not depend on the order they are listed in.
+pub(crate) fn listing_version<'a>(objects: impl Iterator<Item = &'a ObjectMeta>) -> ListingSum {
+    use sha2::Digest as _;
+    let mut sum = ListingSum::default();
+    for o in objects {
+        let modified = o
+            .last_modified
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let etag = o.etag.as_deref().unwrap_or("");
+        let line = format!("{} {} {etag} {modified}", o.key, o.size);
+        sum.add(sha2::Sha256::digest(line.as_bytes()).into());
+    }
+    sum
 }
 
 #[cfg(test)]

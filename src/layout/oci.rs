@@ -14,7 +14,8 @@ use bytes::Bytes;
 
 use super::{
     partition_all, unit, ContentCopy, Doomed, KeyKind, Layout, Order, Partition, Partitioner,
-    Rejected, Removal, Repository, Roots, RootsError, StoredTag, StoredUntagged, TagError, TagSet,
+    Rejected, Removal, Repository, Roots, RootsError, RootsVersion, StoredTag, StoredUntagged,
+    TagError, TagSet,
 };
 use crate::digest::Digest;
 use crate::manifest;
@@ -204,7 +205,7 @@ impl Layout for OciLayout {
         }
         Ok(Roots {
             descriptors: refs.children,
-            version: object.etag,
+            version: object.etag.map(RootsVersion::Etag),
             ..Roots::default()
         })
     }
@@ -213,10 +214,10 @@ impl Layout for OciLayout {
         &self,
         store: &dyn Store,
         repo: &Repository,
-    ) -> Result<Option<String>, RootsError> {
+    ) -> Result<Option<RootsVersion>, RootsError> {
         let key = format!("{}{INDEX}", repo.prefix);
         match store.head(&key).await? {
-            Some(meta) => Ok(meta.etag),
+            Some(meta) => Ok(meta.etag.map(RootsVersion::Etag)),
             None => Err(RootsError::Missing(key)),
         }
     }

@@ -25,11 +25,11 @@ use super::serverless_protocol::ServerlessProtocol;
 use super::{
     list_prefix, listing_version, partition_all, DeletionProtocol, Doomed, Held, KeyKind, Layout,
     OpenRepos, Order, Partition, Partitioner, Rejected, Removal, Repository, Roots, RootsError,
-    StoredTag, StoredUntagged, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
+    RootsVersion, StoredTag, StoredUntagged, TagError, TagSet, UnitKind, GLOBAL_REPOSITORY,
 };
 use crate::digest::Digest;
 use crate::manifest::{self, Descriptor, UNTYPED_MANIFEST};
-use crate::store::{ObjectMeta, PutCondition, PutOutcome, Store, StoreError};
+use crate::store::{ListingSum, ObjectMeta, PutCondition, PutOutcome, Store, StoreError};
 
 /// Second-to-last path components that end a repository name.
 const KINDS: [&str; 5] = ["blobs", "manifests", "uploads", "gc", "insertion"];
@@ -551,14 +551,15 @@ impl Layout for ServerlessRegistryLayout {
 
     async fn read_roots(&self, store: &dyn Store, repo: &Repository) -> Result<Roots, RootsError> {
         if repo.is_global() {
+            // No roots: the empty listing's version, which never changes.
             return Ok(Roots {
-                version: Some(String::new()),
+                version: Some(RootsVersion::Listing(ListingSum::default())),
                 ..Roots::default()
             });
         }
         let listed = self.list_manifests(store, repo).await?;
         let mut roots = Roots {
-            version: Some(listing_version(listed.iter())),
+            version: Some(RootsVersion::Listing(listing_version(listed.iter()))),
             ..Roots::default()
         };
         let mut seen = HashSet::new();
@@ -612,18 +613,18 @@ impl Layout for ServerlessRegistryLayout {
         &self,
         store: &dyn Store,
         repo: &Repository,
-    ) -> Result<Option<String>, RootsError> {
+    ) -> Result<Option<RootsVersion>, RootsError> {
         if repo.is_global() {
-            return Ok(Some(String::new()));
+            return Ok(Some(RootsVersion::Listing(ListingSum::default())));
         }
         let listed = self.list_manifests(store, repo).await?;
-        Ok(Some(listing_version(listed.iter())))
+        Ok(Some(RootsVersion::Listing(listing_version(listed.iter()))))
     }
 
     async fn read_tags(&self, store: &dyn Store, repo: &Repository) -> Result<TagSet, TagError> {
         let listed = self.list_manifests(store, repo).await?;
         let mut set = TagSet {
-            version: Some(listing_version(listed.iter())),
+            version: Some(listing_version(listed.iter()).to_string()),
             ..TagSet::default()
         };
         for o in &listed {

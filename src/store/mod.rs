@@ -7,6 +7,7 @@ mod instrumented;
 pub mod listing;
 mod rate;
 mod s3;
+mod sum;
 mod url;
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ pub use instrumented::{Instrumented, Outcome, RequestCounts, RequestObserver};
 pub use listing::{list_part, plan_parts, plan_shards, Part, SplitPolicy};
 pub use rate::{backoff, RateLimit, BACKOFF_BASE, BACKOFF_CAP};
 pub use s3::{S3Settings, S3Store, StaticCredentials};
+pub use sum::ListingSum;
 pub use url::BucketUrl;
 
 /// Most keys a single batch delete may carry (the S3 `DeleteObjects` limit).
