@@ -899,28 +899,37 @@ def stage_classic(args, weed, proxy, work, results):
                    garbage=0.25, extras=True)
     objects = {}
     keys, garbage, _, _ = generate(reg, "distribution", objects.update)
-    a, b = weed.bucket(objects), weed.bucket(objects)
+    # ocigc's run lasts seconds, so one run is at the mercy of whatever else the 2 cores do
+    # at that moment: it runs on three copies of the bucket and the median counts.
+    copies = [weed.bucket(objects) for _ in range(3)]
+    b = weed.bucket(objects)
     env = child_env(AWS_ENDPOINT_URL=proxy.endpoint)
-    proxy.reset()
-    report, o_seconds = run_ocigc(args.bin, s3_args(a), env, "distribution")
-    o_req = proxy.counts()
+    times = []
+    for a in copies:
+        proxy.reset()
+        _, t = run_ocigc(args.bin, s3_args(a), env, "distribution")
+        times.append(t)
+        o_req = proxy.counts()
+        o_gone = keys - weed.keys(a)
+        check(o_gone == garbage, "classic stage: ocigc deleted exactly the garbage",
+              f"extra {sorted(o_gone - garbage)[:5]} missing {sorted(garbage - o_gone)[:5]}")
+    o_seconds = sorted(times)[1]
     proxy.reset()
     c_seconds = classic_gc(proxy.endpoint, b, work, False)
     c_req = proxy.counts()
-    o_gone, c_gone = keys - weed.keys(a), keys - weed.keys(b)
+    c_gone = keys - weed.keys(b)
     o_data = {k for k in o_gone if k.startswith(f"{V2}/blobs/")}
     c_data = {k for k in c_gone if k.startswith(f"{V2}/blobs/")}
-    check(o_gone == garbage, "classic stage: ocigc deleted exactly the garbage",
-          f"extra {sorted(o_gone - garbage)[:5]} missing {sorted(garbage - o_gone)[:5]}")
     check(c_data == o_data, "classic stage: docker-registry garbage-collect deleted the same blobs",
           f"classic only {sorted(c_data - o_data)[:5]}, ocigc only {sorted(o_data - c_data)[:5]}")
     results["classic"] = {"repos": args.classic_repos, "tags": args.classic_tags, "objects": len(keys),
-                          "ocigc_seconds": o_seconds, "classic_seconds": c_seconds,
+                          "ocigc_seconds": o_seconds, "ocigc_runs": times, "classic_seconds": c_seconds,
                           "ocigc_requests": o_req, "classic_requests": c_req, "deleted": len(o_data)}
     print("-- classic", json.dumps(results["classic"]), flush=True)
     ratio = c_seconds / o_seconds
     goal("e", f"distribution, {args.classic_repos} x {args.classic_tags}: classic / ocigc wall time",
-         ">= 150x", f"{ratio:.1f}x ({c_seconds:.1f} s / {o_seconds:.2f} s)", ratio >= 150)
+         ">= 150x", f"{ratio:.1f}x ({c_seconds:.1f} s / {o_seconds:.2f} s, ocigc's median of three)",
+         ratio >= 150)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1007,7 +1016,8 @@ def table(results, cmdline, latency_ms):
                 f"{latency_ms:g} ms proxy)", "",
                 "| repos x tags | objects | ocigc time | classic time | classic / ocigc | ocigc requests "
                 "| classic requests | blobs deleted (both) |", "|---|---:|---:|---:|---:|---|---|---:|",
-                f"| {x['repos']} x {x['tags']} | {x['objects']:,} | {x['ocigc_seconds']:.2f} s "
+                f"| {x['repos']} x {x['tags']} | {x['objects']:,} | {x['ocigc_seconds']:.2f} s (median of "
+                f"{', '.join(f'{t:.2f}' for t in x['ocigc_runs'])}) "
                 f"| {x['classic_seconds']:.1f} s | {x['classic_seconds'] / x['ocigc_seconds']:.1f}x "
                 f"| {total(x['ocigc_requests'])} ({ops(x['ocigc_requests'])}) "
                 f"| {total(x['classic_requests'])} ({ops(x['classic_requests'])}) | {x['deleted']} |", ""]
