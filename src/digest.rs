@@ -75,7 +75,8 @@ impl DigestText {
     }
 }
 
-fn unhex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+/// Decodes exactly `N` bytes of lower-case hex.
+pub(crate) fn unhex<const N: usize>(hex: &str) -> Option<[u8; N]> {
     let nibble = |c: u8| match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),
@@ -104,6 +105,17 @@ impl Digest {
         match alg {
             "sha256" => unhex::<32>(hex).map(|b| Digest(Raw::Sha256(b))),
             "sha512" => unhex::<64>(hex).map(|b| Digest(Raw::Sha512(Box::new(b)))),
+            _ => None,
+        }
+    }
+
+    /// Builds a digest from its algorithm and its bytes (as [`Digest::bytes`] gives them).
+    pub fn from_bytes(alg: &str, raw: &[u8]) -> Option<Digest> {
+        match alg {
+            "sha256" => raw.try_into().ok().map(|b| Digest(Raw::Sha256(b))),
+            "sha512" => <[u8; 64]>::try_from(raw)
+                .ok()
+                .map(|b| Digest(Raw::Sha512(Box::new(b)))),
             _ => None,
         }
     }
@@ -201,6 +213,21 @@ mod tests {
         assert_eq!(round, texts);
         assert_eq!(&*digests[0].hex(), &texts[0]["sha256:".len()..]);
         assert_eq!(std::mem::size_of::<Digest>(), 40);
+    }
+
+    #[test]
+    fn builds_from_its_bytes() {
+        let d = Digest::parse(&format!("sha256:{HEX}")).expect("valid");
+        assert_eq!(Digest::from_bytes("sha256", d.bytes()), Some(d.clone()));
+        assert_eq!(
+            Digest::from_bytes("sha512", d.bytes()),
+            None,
+            "32 bytes are no sha512"
+        );
+        assert_eq!(Digest::from_bytes("sha256", &d.bytes()[1..]), None);
+        assert_eq!(Digest::from_bytes("md5", d.bytes()), None);
+        let long = Digest::parse(&format!("sha512:{HEX}{HEX}")).expect("valid");
+        assert_eq!(Digest::from_bytes("sha512", long.bytes()), Some(long));
     }
 
     #[test]

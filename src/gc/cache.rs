@@ -67,8 +67,7 @@ impl Fingerprint {
 
     /// Parses 64 lower-case hex digits.
     pub fn from_hex(s: &str) -> Option<Fingerprint> {
-        let bytes = unhex(s)?;
-        bytes.try_into().ok().map(Fingerprint)
+        crate::digest::unhex::<32>(s).map(Fingerprint)
     }
 }
 
@@ -814,7 +813,7 @@ impl<'a> Reader<'a> {
             _ => return Err("unknown digest algorithm"),
         };
         let raw = self.take(len)?;
-        Digest::from_parts(alg, &hex(raw)).ok_or("bad digest")
+        Digest::from_bytes(alg, raw).ok_or("bad digest")
     }
 }
 
@@ -826,24 +825,6 @@ fn hex(bytes: &[u8]) -> String {
         s.push(char::from(DIGITS[usize::from(b & 15)]));
     }
     s
-}
-
-/// Decodes lower-case hex only.
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        }
-    }
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.as_bytes()
-        .chunks(2)
-        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
-        .collect()
 }
 
 #[cfg(test)]
